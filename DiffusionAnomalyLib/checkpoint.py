@@ -1,0 +1,155 @@
+"""Checkpoints: one ``.safetensors`` file per model, weights plus the JSON model card.
+
+The model card lives in the safetensors header metadata (key ``model_card``), so a checkpoint
+is one file, and loading it never executes code (safetensors holds only tensors and strings).
+The card is the single source of truth for the architecture, noise schedule, preprocessing,
+label map, modality, default inference parameters and provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .networks import build_model
+
+FORMAT = "diffusion-anomaly-checkpoint"
+FORMAT_VERSION = 1
+METHODS = ("igconda", "classifier_guided", "cdm", "latent3d")
+MODALITIES = ("PT", "CT")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+_REQUIRED = {
+    "format": str,
+    "format_version": int,
+    "id": str,
+    "method": str,
+    "modality": str,
+    "network": dict,
+    "scheduler": dict,
+    "preprocessing": dict,
+    "labels": dict,
+    "inference_defaults": dict,
+    "provenance": dict,
+}
+
+
+def validate_card(card: Any) -> dict[str, Any]:
+    """Check the card's structure; raise CheckpointError naming the first problem."""
+    if not isinstance(card, dict):
+        raise CheckpointError("the model card is not a JSON object.")
+    for key, kind in _REQUIRED.items():
+        if key not in card:
+            raise CheckpointError(f"the model card has no '{key}' entry.")
+        if not isinstance(card[key], kind):
+            raise CheckpointError(f"model card entry '{key}' should be a {kind.__name__}.")
+    if card["format"] != FORMAT:
+        raise CheckpointError(f"not a DiffusionAnomaly model card (format {card['format']!r}).")
+    if card["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format version {card['format_version']} is newer than this software "
+            f"understands ({FORMAT_VERSION}); update DiffusionAnomaly."
+        )
+    if card["method"] not in METHODS:
+        raise CheckpointError(f"unknown method {card['method']!r}; expected one of {METHODS}.")
+    if card["modality"] not in MODALITIES:
+        raise CheckpointError(f"unknown modality {card['modality']!r}; expected one of {MODALITIES}.")
+    if "unet" not in card["network"]:
+        raise CheckpointError("the model card's network section has no 'unet' arguments.")
+    sched = card["scheduler"]
+    for key in ("num_train_timesteps", "schedule"):
+        if key not in sched:
+            raise CheckpointError(f"the model card's scheduler section has no '{key}'.")
+    return card
+
+
+def save_checkpoint(model: torch.nn.Module, card: dict[str, Any], path: str | Path) -> Path:
+    """Write weights + card to ``path`` atomically (temp file then rename)."""
+    validate_card(card)
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(tensors, str(tmp), metadata={"model_card": json.dumps(card, sort_keys=True)})
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """Read only the model card of a checkpoint (cheap: no weights are loaded)."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path.name} is not a readable safetensors checkpoint ({exc}). If it is an IgCONDA-PET "
+            "reference .pth file, convert it with 'diffusion-anomaly import-checkpoint'."
+        ) from exc
+    if "model_card" not in meta:
+        raise CheckpointError(f"{path.name} holds tensors but no DiffusionAnomaly model card.")
+    try:
+        card = json.loads(meta["model_card"])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"the model card in {path.name} is not valid JSON ({exc}).") from exc
+    return validate_card(card)
+
+
+def load_weights(path: str | Path, card: dict[str, Any]) -> torch.nn.Module:
+    """Build the network the card describes and load the file's weights into it, strictly."""
+    path = Path(path)
+    model = build_model(card)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"the weights in {path.name} cannot be read ({exc}); the file may be corrupted.") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise CheckpointError(
+            f"the weights in {path.name} do not match the network its model card describes: {' '.join(first)}"
+        ) from exc
+    return model.eval()
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file (.safetensors).")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str = "auto"):
+    """Load a checkpoint and return the method object its card names (e.g. an IgCONDA model).
+
+    Accepts the project's ``.safetensors`` format, and an IgCONDA-PET reference ``.pth``
+    (converted in memory with weights-only unpickling; see :mod:`.reference_import`).
+    """
+    from .methods import method_class
+
+    path = _existing(path)
+    if path.suffix.lower() in (".pth", ".pt", ".ckpt"):
+        from .reference_import import convert_reference_checkpoint
+
+        model, card = convert_reference_checkpoint(path)
+    else:
+        card = read_card(path)
+        model = load_weights(path, card)
+    return method_class(card["method"])(model, copy.deepcopy(card), device=device, source=str(path))

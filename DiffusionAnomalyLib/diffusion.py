@@ -1,0 +1,81 @@
+"""Diffusion building blocks shared by the methods (METHODS.md, "Shared building blocks").
+
+Noise schedules come from MONAI's schedulers; the deterministic DDIM step and its reversal
+("noise encoding") are written out here because the reference loops need exact control over
+which timestep the network sees and no sample clipping (MONAI's DDIM clips by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from monai.networks.schedulers import DDPMScheduler
+
+Progress = Callable[[float, str], None]
+
+
+class Cancelled(RuntimeError):
+    """The user cancelled a long-running operation; nothing was changed."""
+
+
+def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
+    """alpha_bar_t for t = 0..T-1 (float64) from a model card's scheduler section."""
+    kwargs = {"num_train_timesteps": int(scheduler["num_train_timesteps"]), "schedule": scheduler["schedule"]}
+    for key in ("beta_start", "beta_end"):
+        if key in scheduler:
+            kwargs[key] = float(scheduler[key])
+    sched = DDPMScheduler(**kwargs)
+    return torch.cumprod(1.0 - sched.betas.double(), dim=0)
+
+
+def timestep_grid(noise_level: int, steps: int | None) -> list[int]:
+    """The grid 0 = t_0 < t_1 < ... < t_K = D (METHODS.md).
+
+    ``steps=None`` is the reference stride-1 grid (K = D); an integer gives K = steps points
+    spaced as evenly as integers allow (duplicates removed, so K <= D).
+    """
+    d = int(noise_level)
+    if d < 1:
+        raise ValueError("noise level must be >= 1")
+    if steps is None:
+        return list(range(d + 1))
+    k = int(steps)
+    if k < 1:
+        raise ValueError("steps must be >= 1 (or None for the stride-1 reference loop)")
+    return sorted({int(round(n * d / k)) for n in range(k + 1)})
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_from: float, abar_to: float) -> torch.Tensor:
+    """Deterministic DDIM move between noise levels (eta = 0); also the inversion step.
+
+    x0_hat = (x - sqrt(1 - abar_from) eps) / sqrt(abar_from);  x' = sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps
+    """
+    x0 = (x - (1.0 - abar_from) ** 0.5 * eps) / abar_from**0.5
+    return abar_to**0.5 * x0 + (1.0 - abar_to) ** 0.5 * eps
+
+
+def batched_eval(
+    fn: Callable[[torch.Tensor, slice], torch.Tensor], x: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """Apply ``fn(x[batch], batch_slice)`` over the first axis in batches; results concatenated."""
+    out = [fn(x[i : i + batch_size], slice(i, min(i + batch_size, len(x)))) for i in range(0, len(x), batch_size)]
+    return torch.cat(out, dim=0)
+
+
+def memory_batch_size(bytes_per_item: float, device: torch.device, cap: int, fraction: float = 0.25) -> int:
+    """How many items fit in ``fraction`` of the free memory of ``device`` (at least 1, at most cap)."""
+    free = None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            import os
+
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = None
+    if not free:
+        return max(1, cap)
+    return int(np.clip(free * fraction // max(bytes_per_item, 1), 1, cap))

@@ -1,0 +1,351 @@
+"""Results -> files: Slicer ``.seg.nrrd`` segmentations, label maps, CSV lesion tables, JSON.
+
+Every writer is atomic: it writes a uniquely named temporary file in the destination folder and
+renames it over the target, so a failure (full disk, bad input, interrupted run) never leaves a
+partial or corrupt file behind. Failures to write are raised as :class:`OutputError` with a
+sentence naming the file or folder.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import csv
+import json
+import math
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .postprocessing import LESION_TABLE_COLUMNS
+from .volume import Volume, lps_ras_flip, write_volume
+
+__all__ = [
+    "LESION_PALETTE",
+    "OutputError",
+    "check_writable_dir",
+    "format_number",
+    "lesion_colors",
+    "to_jsonable",
+    "write_json",
+    "write_labelmap",
+    "write_segmentation",
+    "write_table_csv",
+]
+
+
+class OutputError(OSError):
+    """An output file or folder that cannot be written; the message names it and says why."""
+
+
+#: Distinct lesion colours (RGB in [0, 1]); more lesions get golden-angle hues.
+LESION_PALETTE: tuple[tuple[float, float, float], ...] = (
+    (0.902, 0.098, 0.294),  # red
+    (0.235, 0.706, 0.294),  # green
+    (0.000, 0.510, 0.784),  # blue
+    (0.961, 0.510, 0.188),  # orange
+    (0.569, 0.118, 0.706),  # purple
+    (0.275, 0.941, 0.941),  # cyan
+    (0.941, 0.196, 0.902),  # magenta
+    (0.824, 0.961, 0.235),  # lime
+    (0.980, 0.745, 0.831),  # pink
+    (0.000, 0.502, 0.502),  # teal
+    (0.667, 0.431, 0.157),  # brown
+    (1.000, 0.882, 0.098),  # yellow
+)
+
+#: Slicer terminology of every lesion segment (3D Slicer General Anatomy list: Lesion).
+LESION_TERMINOLOGY: dict[str, Any] = {
+    "contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
+    "category": ["SCT", "49755003", "Morphologically Altered Structure"],
+    "type": ["SCT", "52988006", "Lesion"],
+    "anatomicContextName": "Anatomic codes - DICOM master list",
+}
+
+
+# ---- atomic writing --------------------------------------------------------------------------
+@contextmanager
+def _atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it.
+
+    ``suffix`` keeps the extension writers look at (e.g. ``.seg.nrrd`` for pynrrd).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"Cannot write {path}: the folder {path.parent} does not exist.")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"Cannot write {path}: {reason}. Choose a writable output folder.") from exc
+    finally:
+        try:
+            tmp.unlink()  # only still there if something failed
+        except OSError:
+            pass
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) if missing and check a file can be created there.
+
+    Returns the folder as a :class:`Path`; raises :class:`OutputError` naming the folder otherwise.
+    """
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"The output folder {folder} cannot be created ({exc.strerror or exc}); choose another folder."
+        ) from exc
+    probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"The output folder {folder} is not writable ({exc.strerror or exc}); choose another folder."
+        ) from exc
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return folder
+
+
+# ---- segmentation ----------------------------------------------------------------------------
+def lesion_colors(n: int) -> list[tuple[float, float, float]]:
+    """``n`` distinct RGB colours in [0, 1]: :data:`LESION_PALETTE`, then golden-angle hues."""
+    colors = list(LESION_PALETTE[:n])
+    golden = 0.618033988749895
+    for m in range(n - len(colors)):
+        hue = (0.05 + m * golden) % 1.0
+        value = (0.95, 0.75, 0.55)[(m // 7) % 3]
+        colors.append(tuple(round(c, 4) for c in colorsys.hsv_to_rgb(hue, 0.8, value)))
+    return colors
+
+
+def _geometry_string(ijk_to_ras: np.ndarray, shape_ijk: Sequence[int]) -> str:
+    """Slicer's "Reference image geometry" conversion parameter: IJK->RAS row-major; extent."""
+    values = [repr(float(v)) for v in np.asarray(ijk_to_ras, dtype=np.float64).ravel()]
+    extent = [str(v) for n in shape_ijk for v in (0, int(n) - 1)]
+    return ";".join(values + extent) + ";"
+
+
+def _conversion_parameters(reference: Volume) -> list[dict[str, str]]:
+    geometry = _geometry_string(reference.ijk_to_ras, reference.shape_ijk)
+    return [
+        {"name": "Collapse labelmaps", "value": "1",
+         "description": "Merge the labelmaps into as few shared labelmaps as possible."},
+        {"name": "Compute surface normals", "value": "1", "description": "Compute surface normals."},
+        {"name": "Crop to reference image geometry", "value": "0",
+         "description": "Crop the model to the extent of reference geometry."},
+        {"name": "Oversampling factor", "value": "1",
+         "description": "Oversampling of the reference image geometry (1 = none)."},
+        {"name": "Reference image geometry", "value": geometry,
+         "description": "Image geometry description string determining the geometry of the labelmap."},
+        {"name": "Smoothing factor", "value": "0.5", "description": "Smoothing factor of the surface."},
+    ]
+
+
+def write_segmentation(
+    labels: np.ndarray,
+    reference: Volume,
+    path: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    colors: Sequence[Sequence[float]] | None = None,
+) -> Path:
+    """Write a lesion label image as a 3D Slicer segmentation (``.seg.nrrd``) on ``reference``'s grid.
+
+    One binary-labelmap layer holding every lesion: segment ``n`` (sorted label values) is named
+    ``names[n]`` (default "Lesion <label>"), has label value = its label, ID ``lesion_<label>``,
+    colour ``colors[n]`` (RGB in [0, 1]; default :func:`lesion_colors`), the Slicer "Lesion"
+    terminology and its voxel extent. Geometry is exactly the reference's: the file stores
+    IJK->LPS (``space: left-posterior-superior``), converted once from IJK->RAS by
+    :func:`~DiffusionAnomalyLib.volume.lps_ras_flip`. With no lesions the file holds the empty
+    labelmap and no segments (slicerio and SimpleITK read it back; Slicer loads it as an empty
+    segmentation).
+    """
+    if not isinstance(reference, Volume):
+        raise ValueError("write_segmentation() needs the reference image as a Volume.")
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        raise ValueError(f"a Slicer segmentation file name must end with .seg.nrrd, got {path.name!r}.")
+    labels = np.asarray(labels)
+    if labels.shape != reference.voxels.shape[:3] or labels.ndim != 3:
+        raise ValueError(
+            f"label image shape {labels.shape} does not match the reference grid {reference.voxels.shape[:3]}."
+        )
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"the label image must hold integers (0 = background), got dtype {labels.dtype}.")
+    ids = np.unique(labels)
+    ids = [int(v) for v in ids if v != 0]
+    if ids and ids[0] < 0:
+        raise ValueError("the label image has negative values; use 0 for background and 1..n for lesions.")
+    max_label = max(ids, default=0)
+    if max_label > np.iinfo(np.uint16).max:
+        raise ValueError(f"label value {max_label} is too large for a segmentation file (at most 65535).")
+    dtype = np.uint8 if max_label <= np.iinfo(np.uint8).max else np.uint16
+
+    if names is None:
+        names = [f"Lesion {v}" for v in ids]
+    else:
+        names = [str(n) for n in names]
+        if len(names) != len(ids):
+            raise ValueError(f"{len(names)} segment names given for {len(ids)} lesions (label values {ids}).")
+        if any(not n.strip() for n in names):
+            raise ValueError("segment names must not be empty.")
+    if colors is None:
+        colors = lesion_colors(len(ids))
+    else:
+        colors = [tuple(float(c) for c in rgb) for rgb in colors]
+        if len(colors) != len(ids):
+            raise ValueError(f"{len(colors)} colours given for {len(ids)} lesions.")
+        for rgb in colors:
+            if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
+                raise ValueError(f"a segment colour must be 3 numbers (R, G, B) in [0, 1], got {rgb}.")
+
+    voxels_ijk = np.asarray(labels.transpose(2, 1, 0), dtype=dtype)  # slicerio / NRRD: [i, j, k]
+    segments = []
+    for value, name, rgb in zip(ids, names, colors):
+        idx = np.nonzero(voxels_ijk == value)
+        segments.append(
+            {
+                "id": f"lesion_{value}",
+                "name": name,
+                "nameAutoGenerated": False,
+                "color": [round(float(c), 6) for c in rgb],
+                "colorAutoGenerated": False,
+                "labelValue": value,
+                "layer": 0,
+                "extent": [int(v) for axis in idx for v in (axis.min(), axis.max())],
+                "terminology": LESION_TERMINOLOGY,
+            }
+        )
+    segmentation = {
+        "voxels": voxels_ijk,
+        "ijkToLPS": lps_ras_flip(reference.ijk_to_ras),
+        "encoding": "gzip",
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "conversionParameters": _conversion_parameters(reference),
+        "segments": segments,
+    }
+
+    import slicerio  # imported here: only this writer needs it
+
+    with _atomic_path(path, suffix=".seg.nrrd") as tmp:
+        slicerio.write_segmentation(str(tmp), segmentation)
+    return path
+
+
+def write_labelmap(labels: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
+    """Write the label image as a plain label map (``.nrrd``/``.nii.gz``) on ``reference``'s grid."""
+    labels = np.asarray(labels)
+    if labels.shape != reference.voxels.shape[:3]:
+        raise ValueError(
+            f"label image shape {labels.shape} does not match the reference grid {reference.voxels.shape[:3]}."
+        )
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"Cannot write {path}: the folder {path.parent} does not exist.")
+    volume = reference.with_voxels(labels.astype(np.uint16 if labels.max(initial=0) > 255 else np.uint8),
+                                   units=None, modality="SEG")
+    try:
+        return write_volume(volume, path)
+    except (OSError, RuntimeError) as exc:  # SimpleITK reports I/O failures as RuntimeError
+        raise OutputError(f"Cannot write {path}: {exc}") from exc
+
+
+# ---- tables and JSON -------------------------------------------------------------------------
+def format_number(value: Any) -> str:
+    """A table cell: integers as is; floats rounded to 4 decimals (4 significant digits below 0.01).
+
+    ``nan``/``inf`` are written as such (``float()`` and pandas read them back); strings pass through.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        x = float(value)
+        if not math.isfinite(x):
+            return str(x)  # "nan", "inf", "-inf"
+        if x == 0.0:
+            return "0"
+        if abs(x) >= 0.01:
+            text = f"{x:.4f}".rstrip("0").rstrip(".")
+            return "0" if text in ("-0", "") else text
+        return f"{x:.4g}"
+    return str(value)
+
+
+def write_table_csv(
+    rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None
+) -> Path:
+    """Write rows as CSV with a fixed column order (default: the lesion table's columns).
+
+    The header is written even with no rows. Every row must have exactly these keys, so nothing
+    is silently dropped. Numbers are formatted by :func:`format_number`.
+    """
+    columns = list(LESION_TABLE_COLUMNS if columns is None else columns)
+    for n, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        extra = [k for k in row if k not in columns]
+        if missing or extra:
+            raise ValueError(
+                f"table row {n} does not match the columns: missing {missing or 'none'}, unexpected {extra or 'none'}."
+            )
+    with _atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow([format_number(row[c]) for c in columns])
+    return Path(path)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars/arrays, paths, tuples and sets made JSON-native.
+
+    Non-finite floats become ``None`` (``null``), because NaN is not valid JSON.
+    """
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, str) else k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [to_jsonable(v) for v in sorted(obj, key=repr)]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return x if math.isfinite(x) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    raise TypeError(f"cannot write a {type(obj).__name__} to JSON.")
+
+
+def write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
+    """Write ``obj`` as UTF-8 JSON (numpy types converted by :func:`to_jsonable`), atomically."""
+    text = json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
+    with _atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return Path(path)

@@ -1,0 +1,172 @@
+"""IgCONDA-PET: implicit (classifier-free) guidance counterfactuals (METHODS.md section 1).
+
+1. encode: DDIM-invert the input from t = 0 to the noise level D with the unconditional model;
+2. decode: from D to 0, evaluate the unconditional and healthy-conditioned model in one batch,
+   eps = eps_u + w (eps_healthy - eps_u), take a DDIM step;
+3. anomaly map = |input - counterfactual|  (paper sections 2.3-2.4, eq. 9-10).
+
+``steps=None`` reproduces the reference loop exactly (network at t = 0..D-1 while encoding,
+t = D..1 while decoding, stride 1, no clipping); an integer uses a strided grid.
+The inverted latents of a case are cached, keyed by (input, D, steps), so a new guidance scale
+only re-decodes; the counterfactual is cached by (input, D, steps, w), so a repeated run with
+unchanged parameters does no network work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..diffusion import Progress, alphas_cumprod, ddim_step, memory_batch_size, timestep_grid
+from ..volume import Volume
+from .base import MethodResult, SliceMethod, array_key, check_cancel, report, timer
+
+_UNSET = object()
+
+
+class IgcondaModel(SliceMethod):
+    """A loaded IgCONDA-PET model: ``counterfactual`` on image batches, ``run`` on volumes."""
+
+    def __init__(self, model, card, device="auto", source=None):
+        super().__init__(model, card, device=device, source=source)
+        self.abar = alphas_cumprod(card["scheduler"]).tolist()
+        labels = card["labels"]
+        self.null_label = int(labels.get("null", 0))
+        self.healthy_label = int(labels.get("healthy", 1))
+        if self.model.embed is None:
+            raise ValueError("an IgCONDA model needs a class embedding (network.class_embedding in the card)")
+
+    # ---- sizing -----------------------------------------------------------------------------
+    def batch_size(self, image_shape: tuple[int, ...]) -> int:
+        """Slices per network call: the card's batch size, reduced if memory is short."""
+        unet = self.card["network"]["unet"]
+        per_image = 4.0 * float(np.prod(image_shape)) * float(unet["channels"][0]) * 24.0 * 2  # pairs in decode
+        cap = int(self.card["inference_defaults"].get("batch_size", 32))
+        return memory_batch_size(per_image, self.device, cap)
+
+    def _eps(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        tt = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
+        self.network_evaluations += int(x.shape[0])
+        return self.model(x, tt, self.model.context(labels)).float()
+
+    def _labels(self, n: int, label: int) -> torch.Tensor:
+        return torch.full((n,), label, device=self.device, dtype=torch.long)
+
+    # ---- the two halves ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, noise_level: int, steps: int | None,
+               progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """DDIM inversion with the unconditional model from t = 0 to D (reference: t = 0..D-1)."""
+        grid = timestep_grid(noise_level, steps)
+        bs = self.batch_size(tuple(images.shape[1:]))
+        out = []
+        total = max(1, (len(grid) - 1) * len(images))
+        done = 0
+        for start in range(0, len(images), bs):
+            x = images[start : start + bs].to(self.device, torch.float32)
+            null = self._labels(len(x), self.null_label)
+            for t_from, t_to in zip(grid[:-1], grid[1:]):
+                check_cancel(cancel)
+                eps = self._eps(x, t_from, null)
+                x = ddim_step(x, eps, self.abar[t_from], self.abar[t_to])
+                done += len(x)
+                report(progress, done / total, f"encoding to noise level {noise_level}")
+            out.append(x.cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, noise_level: int, guidance_scale: float, steps: int | None,
+               progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Guided DDIM decoding from D to 0 (reference: t = D..1), uncond + healthy in one batch."""
+        grid = timestep_grid(noise_level, steps)
+        bs = self.batch_size(tuple(latents.shape[1:]))
+        w = float(guidance_scale)
+        out = []
+        total = max(1, (len(grid) - 1) * len(latents))
+        done = 0
+        for start in range(0, len(latents), bs):
+            x = latents[start : start + bs].to(self.device, torch.float32)
+            n = len(x)
+            labels = torch.cat([self._labels(n, self.null_label), self._labels(n, self.healthy_label)])
+            for t_from, t_to in zip(grid[:0:-1], grid[-2::-1]):
+                check_cancel(cancel)
+                eps_u, eps_h = self._eps(torch.cat([x, x]), t_from, labels).chunk(2)
+                eps = eps_u + w * (eps_h - eps_u)
+                x = ddim_step(x, eps, self.abar[t_from], self.abar[t_to])
+                done += n
+                report(progress, done / total, f"decoding towards healthy (w = {w:g})")
+            out.append(x.cpu())
+        return torch.cat(out)
+
+    def counterfactual(self, images: torch.Tensor, noise_level: int = 400, guidance_scale: float = 3.0,
+                       steps: int | None = None, progress: Progress | None = None,
+                       cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Healthy counterfactual of ``images`` (B, 1, H, W) in model intensity space; same shape."""
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must be (B, 1, H, W); got {tuple(images.shape)}")
+        split = None if progress is None else (lambda f, m: progress(0.5 * f, m))
+        latents = self.encode(images, noise_level, steps, split, cancel)
+        split = None if progress is None else (lambda f, m: progress(0.5 + 0.5 * f, m))
+        return self.decode(latents, noise_level, guidance_scale, steps, split, cancel)
+
+    # ---- volumes ----------------------------------------------------------------------------
+    def resolve(self, noise_level=None, guidance_scale=None, steps: Any = _UNSET) -> dict[str, Any]:
+        d = self.defaults
+        params = {
+            "noise_level": int(d["noise_level"] if noise_level is None else noise_level),
+            "guidance_scale": float(d["guidance_scale"] if guidance_scale is None else guidance_scale),
+            "steps": d.get("steps") if steps is _UNSET else steps,
+        }
+        if not 1 <= params["noise_level"] < int(self.card["scheduler"]["num_train_timesteps"]):
+            raise ValueError(
+                f"noise level must be between 1 and {int(self.card['scheduler']['num_train_timesteps']) - 1}"
+            )
+        if params["guidance_scale"] < 0:
+            raise ValueError("guidance scale must be >= 0")
+        return params
+
+    def run(self, volume: Volume, noise_level: int | None = None, guidance_scale: float | None = None,
+            steps: Any = _UNSET, progress: Progress | None = None,
+            cancel: Callable[[], bool] | None = None) -> MethodResult:
+        """Counterfactual and heat map of a whole volume, back on its exact grid."""
+        params = self.resolve(noise_level, guidance_scale, steps)
+        evals_before = self.network_evaluations
+        timings: dict[str, float] = {}
+        clock = timer()
+        report(progress, 0.0, "preprocessing")
+        x, grid = self.prepare(volume)
+        timings["preprocess"] = clock()
+        case = array_key(x, grid)
+        enc_key = (case, params["noise_level"], params["steps"])
+        dec_key = enc_key + (params["guidance_scale"],)
+        cf = self.cache.get_item(("cf",) + dec_key)
+        if cf is None:
+            latents = self.cache.get_item(("latent",) + enc_key)
+            images = torch.from_numpy(x).unsqueeze(1)
+            if latents is None:
+                clock = timer()
+                latents = self.encode(images, params["noise_level"], params["steps"],
+                                      (lambda f, m: report(progress, 0.02 + 0.45 * f, m)), cancel)
+                timings["encode"] = clock()
+                self.cache.put(("latent",) + enc_key, latents)
+            clock = timer()
+            cf = self.decode(latents, params["noise_level"], params["guidance_scale"], params["steps"],
+                             (lambda f, m: report(progress, 0.47 + 0.45 * f, m)), cancel)
+            timings["decode"] = clock()
+            cf = cf.squeeze(1).numpy()
+            self.cache.put(("cf",) + dec_key, cf)
+        clock = timer()
+        heat = np.abs(x - cf)
+        report(progress, 0.93, "resampling onto the input grid")
+        heat_vol, cf_vol = self.to_input_grid(heat, cf, grid, volume)
+        timings["postprocess"] = clock()
+        report(progress, 1.0, "done")
+        return MethodResult(
+            heatmap=heat_vol, counterfactual=cf_vol, model_input=x, model_counterfactual=cf, model_heat=heat,
+            grid=grid, parameters=params, timings=timings,
+            network_evaluations=self.network_evaluations - evals_before,
+        )

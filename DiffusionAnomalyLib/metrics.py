@@ -1,0 +1,317 @@
+"""Evaluation metrics for anomaly maps and lesion masks (IgCONDA-PET section 3.4; thesis 5.3.2).
+
+Everything works on 2D slices or 3D volumes given as numpy arrays: masks (bool, or numbers where
+nonzero means lesion) and float anomaly maps. Slice-level metrics: Dice / optimal Dice and HD95;
+pixel-level: AUPRC; lesion-level: detection sensitivity (criterion 2) and precision / recall /
+F1 at an IoU threshold.
+
+Typical per-slice evaluation, as in IgCONDA-PET section 3.4::
+
+    dsc, t = optimal_dice(amap, truth)                 # DSC_opt and its threshold
+    h = hd95(scale_to_unit(amap) >= t, truth)          # HD95 at the DSC-optimal threshold
+    ap = auprc(amap, truth)
+    tp, n = detection_sensitivity(scale_to_unit(amap) >= t, truth)
+
+Aggregate Dice/HD95/AUPRC by their mean over slices (HD95 with ``np.nanmean``: it is undefined
+when exactly one mask is empty); aggregate detection by pooling lesions,
+``sensitivity(sum of tp, sum of n)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.measure import label as _label
+
+__all__ = [
+    "scale_to_unit",
+    "dice",
+    "optimal_dice",
+    "hd95",
+    "auprc",
+    "detection_sensitivity",
+    "sensitivity",
+    "match_lesions",
+]
+
+#: Thresholds swept for DSC_opt (IgCONDA-PET section 3.4, eq. 12): 0.1, 0.2, ..., 0.9.
+DEFAULT_THRESHOLDS: np.ndarray = np.round(np.arange(0.1, 1.0, 0.1), 10)
+
+# Decimals thresholds are rounded to, so that np.arange's 0.30000000000000004 acts as 0.3.
+_THRESHOLD_DECIMALS = 10
+
+
+# --------------------------------------------------------------------------------------------
+# input validation
+# --------------------------------------------------------------------------------------------
+def _check_array(a: np.ndarray, name: str) -> np.ndarray:
+    """Return ``a`` as an ndarray after checking it is a non-empty 2D/3D array without NaN/inf."""
+    arr = np.asarray(a)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"{name} must be a 2D slice or a 3D volume, got an array of shape {arr.shape}.")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); there is nothing to evaluate.")
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must hold booleans or numbers, got dtype {arr.dtype}.")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values; fix or mask them before scoring.")
+    return arr
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two arrays and require equal shapes (metrics compare them voxel by voxel)."""
+    arr_a = _check_array(a, name_a)
+    arr_b = _check_array(b, name_b)
+    if arr_a.shape != arr_b.shape:
+        raise ValueError(
+            f"{name_a} has shape {arr_a.shape} but {name_b} has shape {arr_b.shape}; "
+            "they must be on the same grid."
+        )
+    return arr_a, arr_b
+
+
+def _as_mask(arr: np.ndarray) -> np.ndarray:
+    """Boolean view of a validated array: nonzero is lesion (so label maps count as masks)."""
+    return arr if arr.dtype == bool else arr != 0
+
+
+def _masks(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a prediction/truth pair and return both as boolean masks."""
+    p, t = _check_pair(pred, truth, "pred", "truth")
+    return _as_mask(p), _as_mask(t)
+
+
+def _check_iou_threshold(iou_threshold: float) -> float:
+    """IoU thresholds must lie in (0, 1]: at 0 every non-overlapping pair would 'match'."""
+    thr = float(iou_threshold)
+    if not 0.0 < thr <= 1.0:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}.")
+    return thr
+
+
+# --------------------------------------------------------------------------------------------
+# slice-level: Dice, DSC_opt, HD95
+# --------------------------------------------------------------------------------------------
+def scale_to_unit(anomaly_map: np.ndarray) -> np.ndarray:
+    """Min-max scale a map to [0, 1] (IgCONDA-PET 3.4 thresholds maps in [0, 1]); constant -> zeros."""
+    m = _check_array(anomaly_map, "anomaly_map").astype(np.float64)
+    lo, hi = float(m.min()), float(m.max())
+    if hi <= lo:
+        return np.zeros_like(m)
+    return (m - lo) / (hi - lo)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two masks, 2|P∩T|/(|P|+|T|) (IgCONDA-PET 3.4, eq. 11); both empty -> 1, one empty -> 0."""
+    p, t = _masks(pred, truth)
+    denom = int(p.sum()) + int(t.sum())
+    if denom == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(p, t).sum()) / denom
+
+
+def optimal_dice(
+    anomaly_map: np.ndarray,
+    truth: np.ndarray,
+    thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS,
+) -> tuple[float, float]:
+    """Best Dice of ``scale_to_unit(map) >= t`` over thresholds and that t (IgCONDA-PET 3.4, eq. 12-13).
+
+    Thresholds are rounded to 10 decimals (so 0.30000000000000004 acts as 0.3) and tried in
+    ascending order; ties keep the smallest threshold.
+    """
+    m, t = _check_pair(anomaly_map, truth, "anomaly_map", "truth")
+    truth_mask = _as_mask(t)
+    ths = np.unique(np.round(np.asarray(thresholds, dtype=np.float64).ravel(), _THRESHOLD_DECIMALS))
+    if ths.size == 0 or not np.all(np.isfinite(ths)):
+        raise ValueError(f"thresholds must be a non-empty list of finite numbers, got {thresholds!r}.")
+    scaled = scale_to_unit(m)
+    n_truth = int(truth_mask.sum())
+    best_dice, best_t = -1.0, float(ths[0])
+    for th in ths:  # ascending; strict '>' keeps the smallest threshold on ties
+        pred = scaled >= th
+        denom = int(pred.sum()) + n_truth
+        d = 1.0 if denom == 0 else 2.0 * int(np.logical_and(pred, truth_mask).sum()) / denom
+        if d > best_dice:
+            best_dice, best_t = d, float(th)
+    return best_dice, best_t
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Mask voxels with a face-neighbour in the background; the image border counts as background."""
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def hd95(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float] | None = None,
+) -> float:
+    """95th percentile of pooled symmetric boundary-to-boundary distances (IgCONDA-PET 3.4, eq. 14).
+
+    Boundaries are mask voxels with a background face-neighbour (MONAI/medpy convention);
+    distances are in pixels unless ``spacing`` (per array axis) is given. Both masks empty -> 0.0;
+    exactly one empty -> NaN, because a distance to a surface that does not exist is undefined
+    (average over slices with ``np.nanmean`` or report such slices separately).
+    """
+    p, t = _masks(pred, truth)
+    if spacing is None:
+        sampling = np.ones(p.ndim)
+    else:
+        sampling = np.asarray(spacing, dtype=np.float64).ravel()
+        if sampling.size != p.ndim or not np.all(np.isfinite(sampling)) or np.any(sampling <= 0):
+            raise ValueError(
+                f"spacing must be {p.ndim} positive numbers (one per array axis), got {spacing!r}."
+            )
+    has_p, has_t = bool(p.any()), bool(t.any())
+    if not has_p and not has_t:
+        return 0.0
+    if has_p != has_t:
+        return float("nan")
+    return float(np.percentile(_surface_distances(p, t, sampling), 95))
+
+
+def _surface_distances(p: np.ndarray, t: np.ndarray, sampling: np.ndarray) -> np.ndarray:
+    """Pooled distances boundary(p) -> nearest boundary(t) and back; both masks non-empty."""
+    bp, bt = _boundary(p), _boundary(t)
+    # Distance of every voxel to the nearest boundary voxel of the other mask.
+    dist_to_t = ndimage.distance_transform_edt(~bt, sampling=sampling)
+    dist_to_p = ndimage.distance_transform_edt(~bp, sampling=sampling)
+    return np.concatenate([dist_to_t[bp], dist_to_p[bt]])
+
+
+# --------------------------------------------------------------------------------------------
+# pixel-level: AUPRC
+# --------------------------------------------------------------------------------------------
+def auprc(anomaly_map: np.ndarray, truth: np.ndarray) -> float:
+    """Average precision of the unthresholded map, sum_k (R_k - R_{k-1}) P_k (IgCONDA-PET 3.4, eq. 16).
+
+    Each distinct map value is one threshold (equal scores form one group, as in
+    ``sklearn.metrics.average_precision_score``). Empty truth -> NaN (recall is undefined).
+    """
+    m, t = _check_pair(anomaly_map, truth, "anomaly_map", "truth")
+    y = _as_mask(t).ravel()
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return float("nan")
+    scores = m.ravel().astype(np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    s_sorted = scores[order]
+    y_sorted = y[order]
+    # Last index of each group of equal scores: thresholds sit between distinct values.
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), s_sorted.size - 1]
+    tps = np.cumsum(y_sorted, dtype=np.int64)[last]
+    n_pred = last + 1
+    precision = tps / n_pred
+    recall = tps / n_pos
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+# --------------------------------------------------------------------------------------------
+# lesion-level: detection sensitivity, precision / recall / F1 at an IoU threshold
+# --------------------------------------------------------------------------------------------
+def _components(mask: np.ndarray, connectivity: int | None) -> tuple[np.ndarray, int]:
+    """Label connected components; connectivity as in skimage (1 = faces, ndim = full, None = ndim)."""
+    if connectivity is not None and not 1 <= int(connectivity) <= mask.ndim:
+        raise ValueError(
+            f"connectivity must be between 1 and {mask.ndim} for a {mask.ndim}D array, got {connectivity!r}."
+        )
+    labels, n = _label(mask, connectivity=connectivity, return_num=True)
+    return labels, int(n)
+
+
+def _greedy_matches(
+    pred: np.ndarray, truth: np.ndarray, iou_threshold: float, connectivity: int | None
+) -> tuple[int, int, int]:
+    """(matched pairs, #predicted components, #truth lesions): one-to-one, highest IoU first."""
+    lp, n_p = _components(pred, connectivity)
+    lt, n_t = _components(truth, connectivity)
+    if n_p == 0 or n_t == 0:
+        return 0, n_p, n_t
+    # Joint histogram of (truth label, pred label) gives every intersection at once.
+    joint = np.bincount((lt.ravel().astype(np.int64) * (n_p + 1) + lp.ravel()), minlength=(n_t + 1) * (n_p + 1))
+    joint = joint.reshape(n_t + 1, n_p + 1)
+    area_t = joint.sum(axis=1)[1:]
+    area_p = joint.sum(axis=0)[1:]
+    inter = joint[1:, 1:]
+    union = area_t[:, None] + area_p[None, :] - inter
+    iou = inter / union
+    ti, pi = np.nonzero((inter > 0) & (iou >= iou_threshold))
+    if ti.size == 0:
+        return 0, n_p, n_t
+    # Highest IoU first; ties broken by truth then prediction label for determinism.
+    order = np.lexsort((pi, ti, -iou[ti, pi]))
+    used_t = np.zeros(n_t, dtype=bool)
+    used_p = np.zeros(n_p, dtype=bool)
+    matched = 0
+    for k in order:
+        a, b = ti[k], pi[k]
+        if not used_t[a] and not used_p[b]:
+            used_t[a] = used_p[b] = True
+            matched += 1
+    return matched, n_p, n_t
+
+
+def detection_sensitivity(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    iou_threshold: float = 0.5,
+    connectivity: int = 1,
+) -> tuple[int, int]:
+    """(TP, number of truth lesions) under detection criterion 2 (IgCONDA-PET 3.4, eq. 15).
+
+    Lesions are connected components (connectivity=1: 4-neighbour in 2D, 6 in 3D); a truth
+    lesion is detected when a predicted component, matched one-to-one by highest IoU, has
+    IoU >= ``iou_threshold``. For thresholds >= 0.5 the one-to-one constraint never binds, so
+    this equals "each predicted component scored against its best-matching lesion".
+    Aggregate with ``sensitivity(sum(tp), sum(n))`` over slices (pooled lesions).
+    """
+    p, t = _masks(pred, truth)
+    thr = _check_iou_threshold(iou_threshold)
+    tp, _, n_t = _greedy_matches(p, t, thr, connectivity)
+    return tp, n_t
+
+
+def sensitivity(tp: int | Sequence[int] | np.ndarray, n: int | Sequence[int] | np.ndarray) -> float:
+    """TP / number of lesions, summing sequences first (pooled over slices); no lesions -> NaN."""
+    total_tp = int(np.sum(tp))
+    total_n = int(np.sum(n))
+    if total_tp < 0 or total_n < 0 or total_tp > total_n:
+        raise ValueError(f"need 0 <= tp <= n, got tp={total_tp}, n={total_n}.")
+    if total_n == 0:
+        return float("nan")
+    return total_tp / total_n
+
+
+def match_lesions(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    iou_threshold: float = 0.2,
+    connectivity: int | None = None,
+) -> dict[str, float]:
+    """Lesion-level tp/fp/fn, precision, recall, F1 at IoU >= threshold (METHODS 4; thesis 5.3.2).
+
+    One match per lesion and per prediction, highest IoU wins. ``connectivity`` defaults to full
+    (8 in 2D, 26 in 3D; skimage's default) since the thesis labels 3D components without saying
+    which; use the post-processing's connectivity. Undefined ratios are NaN: precision without
+    predictions, recall without lesions, F1 (= 2tp/(2tp+fp+fn)) when both are empty.
+    """
+    p, t = _masks(pred, truth)
+    thr = _check_iou_threshold(iou_threshold)
+    tp, n_p, n_t = _greedy_matches(p, t, thr, connectivity)
+    fp, fn = n_p - tp, n_t - tp
+    precision = tp / n_p if n_p else float("nan")
+    recall = tp / n_t if n_t else float("nan")
+    denom = 2 * tp + fp + fn
+    f1 = 2 * tp / denom if denom else float("nan")
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+    }

@@ -1,0 +1,75 @@
+"""MONAI network builders driven by the model card (the card is the only source of architecture).
+
+A conditional diffusion model (METHODS.md, shared building blocks) is a 2D/3D
+``DiffusionModelUNet`` with cross-attention plus a learned class embedding (3 x 64, index 0 =
+null fixed at zero) whose output is fed as a context sequence of length 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+#: DiffusionModelUNet arguments a card may set (anything else is refused, so a typo is not ignored).
+UNET_ARGS = {
+    "spatial_dims", "in_channels", "out_channels", "num_res_blocks", "channels", "attention_levels",
+    "norm_num_groups", "norm_eps", "resblock_updown", "num_head_channels", "with_conditioning",
+    "transformer_num_layers", "cross_attention_dim", "num_class_embeds", "upcast_attention",
+    "dropout_cattn", "include_fc", "use_combined_linear",
+}
+
+
+class ConditionalDiffusionModel(nn.Module):
+    """UNet eps(x, t, c) plus the class embedding f(c) used as cross-attention context."""
+
+    def __init__(self, unet: nn.Module, embedding: nn.Embedding | None):
+        super().__init__()
+        self.unet = unet
+        self.embed = embedding
+
+    def context(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class labels (B,) -> context (B, 1, dim)."""
+        return self.embed(labels.long()).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, timesteps=t, context=context)
+
+
+def build_unet(args: dict[str, Any]) -> DiffusionModelUNet:
+    unknown = set(args) - UNET_ARGS
+    if unknown:
+        raise ValueError(f"model card names unknown network arguments: {sorted(unknown)}")
+    kwargs = dict(args)
+    for key in ("channels", "attention_levels", "num_res_blocks"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    # scaled-dot-product attention: same maths, faster on CPU and GPU
+    return DiffusionModelUNet(**kwargs, use_flash_attention=True)
+
+
+def build_model(card: dict[str, Any]) -> ConditionalDiffusionModel:
+    """Build the (untrained) network described by a model card's ``network`` section."""
+    net = card["network"]
+    unet = build_unet(net["unet"])
+    emb_cfg = net.get("class_embedding")
+    embed = None
+    if emb_cfg is not None:
+        embed = nn.Embedding(int(emb_cfg["num_classes"]), int(emb_cfg["dim"]), padding_idx=0)
+    return ConditionalDiffusionModel(unet, embed)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' uses CUDA when present, else CPU; 'cpu'/'cuda' force a device (clear error if absent)."""
+    requested = (requested or "auto").lower()
+    if requested in ("auto", ""):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested in ("gpu", "cuda") or requested.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("a GPU was requested but PyTorch sees no CUDA device; choose 'auto' or 'cpu'.")
+        return torch.device("cuda" if requested == "gpu" else requested)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda")

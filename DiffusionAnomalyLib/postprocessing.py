@@ -1,0 +1,401 @@
+"""Anomaly map -> lesion label image -> lesion table (no torch).
+
+The steps follow METHODS.md: a threshold on the map (fraction of its maximum, an absolute value,
+or Otsu), optional restriction to an ROI, optional morphology (section 4: opening, closing, hole
+filling), 3D connected components, size filters, then lesion 1 = the most anomalous lesion.
+:func:`suv_threshold_baseline` is the 41 % SUVmax baseline every learned method must beat.
+
+Convention used everywhere in this module: a voxel is *selected* when its value is strictly
+greater than the threshold (scikit-image's ``image > threshold_otsu(image)`` convention), so an
+all-zero map selects nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+from scipy import ndimage as ndi
+from scipy import signal
+from skimage import measure
+from skimage.filters import threshold_otsu
+
+from .volume import Volume
+
+__all__ = [
+    "LESION_TABLE_COLUMNS",
+    "SUV_PEAK_RADIUS_MM",
+    "THRESHOLD_METHODS",
+    "lesion_table",
+    "segment",
+    "suv_threshold_baseline",
+    "threshold_value",
+    "voxel_volume_ml",
+]
+
+#: Columns of :func:`lesion_table`, in the order the CSV export and the Slicer table use.
+LESION_TABLE_COLUMNS: tuple[str, ...] = (
+    "id",
+    "voxels",
+    "volume_ml",
+    "suv_max",
+    "suv_mean",
+    "suv_peak",
+    "tlg",
+    "max_heat",
+    "centroid_r",
+    "centroid_a",
+    "centroid_s",
+)
+
+#: Radius of the sphere of volume 1 cm^3 used for SUVpeak: (3 * 1000 / (4 pi))^(1/3) = 6.2035 mm.
+SUV_PEAK_RADIUS_MM: float = (3000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+
+THRESHOLD_METHODS: tuple[str, ...] = ("fraction", "absolute", "otsu")
+
+#: Connectivity (neighbours of a voxel) -> scikit-image ``connectivity`` argument for 3D arrays.
+_CONNECTIVITY = {6: 1, 18: 2, 26: 3}
+
+#: Histogram bins of the Otsu threshold (scikit-image's default).
+_OTSU_BINS = 256
+
+#: Above this many kernel voxels the SUVpeak mean is computed by FFT (same result, faster).
+_FFT_KERNEL_VOXELS = 343
+
+
+# ---- validation helpers ----------------------------------------------------------------------
+def _as_voxels(obj: Volume | np.ndarray, what: str) -> np.ndarray:
+    arr = obj.voxels if isinstance(obj, Volume) else np.asarray(obj)
+    if arr.ndim != 3:
+        raise ValueError(f"{what} must be a 3D array indexed [k, j, i], got shape {arr.shape}.")
+    return arr
+
+
+def _check_finite(arr: np.ndarray, what: str) -> None:
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{what} must hold real numbers, got dtype {arr.dtype}.")
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            n_nan = int(np.isnan(arr).sum())
+            n_inf = int(arr.size - finite.sum() - n_nan)
+            raise ValueError(
+                f"{what} contains {n_nan} NaN and {n_inf} infinite voxels; "
+                "replace them (e.g. with 0) before post-processing."
+            )
+
+
+def _check_same_shape(**arrays: np.ndarray) -> None:
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        described = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"arrays must share one voxel grid but their shapes differ: {described}.")
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"the label image must be 3D [k, j, i], got shape {labels.shape}.")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"the label image must hold integers (0 = background), got dtype {labels.dtype}.")
+    if labels.size and labels.min() < 0:
+        raise ValueError("the label image has negative values; use 0 for background and 1..n for lesions.")
+    return labels
+
+
+def voxel_volume_ml(ijk_to_ras: np.ndarray) -> float:
+    """Volume of one voxel in ml (|det| of the 3x3 IJK->RAS part, mm^3 / 1000); exact for oblique grids."""
+    return abs(float(np.linalg.det(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+# ---- thresholds ------------------------------------------------------------------------------
+def threshold_value(heat: np.ndarray, method: str, value: float | None = None) -> float:
+    """The threshold (in map units) above which a voxel is anomalous.
+
+    ``"fraction"``: ``value * max(heat)``, value in (0, 1] (the classifier-guided papers use 0.35;
+    1.0 selects nothing because selection is strictly above the threshold).
+    ``"absolute"``: ``value`` itself, in map units.
+    ``"otsu"``: scikit-image's Otsu split (``threshold_otsu``, 256-bin histogram) of the map's
+    non-zero voxels (zeros are the background outside the body / ROI patches and would drag the
+    threshold to 0); if those are all equal, of all voxels; a constant map returns its value,
+    which selects nothing. The value returned is the upper edge of Otsu's last background bin,
+    not scikit-image's bin centre, so that ``map > threshold`` reproduces Otsu's two classes
+    exactly (with the bin centre, background values in the upper half of that bin leak into the
+    foreground). ``value`` is ignored. Per METHODS.md section 4 the threshold is computed on the
+    whole map, before any ROI.
+    """
+    arr = np.asarray(heat.voxels if isinstance(heat, Volume) else heat)
+    if arr.size == 0:
+        raise ValueError("the anomaly map is empty (no voxels).")
+    _check_finite(arr, "the anomaly map")
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"unknown threshold method {method!r}; choose one of {', '.join(THRESHOLD_METHODS)}.")
+    if method == "otsu":
+        values = arr[arr != 0]
+        if values.size == 0 or values.min() == values.max():
+            values = arr.ravel()
+        if values.min() == values.max():
+            return float(values.max())
+        counts, edges = np.histogram(values.astype(np.float64), bins=_OTSU_BINS)
+        centres = (edges[:-1] + edges[1:]) / 2.0
+        idx = int(np.searchsorted(centres, threshold_otsu(hist=(counts, centres))))
+        # Otsu puts bin ``idx`` in the background; its upper edge (minus one ulp) makes
+        # ``map > threshold`` select exactly the bins above it, as np.histogram assigned them.
+        return float(np.nextafter(edges[idx + 1], -np.inf))
+    if value is None or isinstance(value, bool):
+        raise ValueError(f"the {method!r} threshold needs a numeric value.")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"the {method!r} threshold value must be a number, got {value!r}.") from None
+    if not math.isfinite(value):
+        raise ValueError(f"the {method!r} threshold value must be finite, got {value}.")
+    if method == "fraction":
+        if not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"a fractional threshold must be in (0, 1] (a fraction of the map's maximum), got {value}."
+            )
+        return value * float(arr.max())
+    return value
+
+
+# ---- segmentation ----------------------------------------------------------------------------
+def _padded(op, mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """Apply a binary morphology operation with background outside the volume, without border artefacts."""
+    pad = 1
+    out = op(np.pad(mask, pad, mode="constant", constant_values=False), structure=structure)
+    return out[pad:-pad, pad:-pad, pad:-pad]
+
+
+def segment(
+    heat: Volume,
+    *,
+    method: str = "fraction",
+    value: float | None = 0.5,
+    min_size_ml: float | None = None,
+    min_size_voxels: int | None = None,
+    roi: np.ndarray | Volume | None = None,
+    opening: bool = False,
+    connectivity: int = 26,
+    min_inplane_mm: float | None = None,
+) -> np.ndarray:
+    """Lesion label image (int32, 0 = background, 1..n) on the anomaly map's exact grid.
+
+    Steps, in the order of METHODS.md section 4: threshold (:func:`threshold_value`, strictly
+    above); keep voxels inside ``roi`` (non-zero = inside); if ``opening``, morphological opening,
+    then closing (6-connected 3x3x3 cross, one voxel radius; outside the volume is background),
+    then 3D hole filling, then the ROI is re-applied so a lesion never leaves it; connected
+    components (``connectivity`` 6, 18 or 26 neighbours); drop components below ``min_size_voxels``
+    voxels or ``min_size_ml`` ml (both apply when both are given) and, if ``min_inplane_mm``, those
+    whose largest in-plane (i, j) bounding-box side is shorter (section 4 uses 20 voxels, 3 mm).
+    Lesions are numbered by descending maximum heat, ties by size then position: lesion 1 is the
+    most anomalous. Deterministic.
+    """
+    if not isinstance(heat, Volume):
+        raise ValueError("segment() needs the anomaly map as a Volume (voxels + IJK->RAS geometry).")
+    arr = _as_voxels(heat, "the anomaly map")
+    if connectivity not in _CONNECTIVITY:
+        raise ValueError(f"connectivity must be 6, 18 or 26 (neighbours of a voxel), got {connectivity!r}.")
+    if min_size_voxels is not None and (isinstance(min_size_voxels, bool) or int(min_size_voxels) != min_size_voxels
+                                        or min_size_voxels < 0):
+        raise ValueError(f"min_size_voxels must be a non-negative integer, got {min_size_voxels!r}.")
+    for name, v in (("min_size_ml", min_size_ml), ("min_inplane_mm", min_inplane_mm)):
+        if v is not None and not (math.isfinite(float(v)) and float(v) >= 0):
+            raise ValueError(f"{name} must be a non-negative number, got {v!r}.")
+
+    threshold = threshold_value(arr, method, value)  # also rejects NaN / inf
+    mask = arr > threshold
+
+    roi_mask = None
+    if roi is not None:
+        if isinstance(roi, Volume) and not roi.same_geometry(heat, atol=1e-4):
+            raise ValueError("the ROI volume is not on the anomaly map's grid; resample it first.")
+        roi_arr = _as_voxels(roi, "the ROI mask")
+        _check_same_shape(anomaly_map=arr, roi=roi_arr)
+        roi_mask = roi_arr != 0
+        mask &= roi_mask
+
+    if opening:
+        cross = ndi.generate_binary_structure(3, 1)
+        mask = _padded(ndi.binary_opening, mask, cross)
+        mask = _padded(ndi.binary_closing, mask, cross)
+        mask = ndi.binary_fill_holes(mask)
+        if roi_mask is not None:
+            mask &= roi_mask
+
+    components = measure.label(mask, connectivity=_CONNECTIVITY[connectivity], background=0)
+    n = int(components.max())
+    out = np.zeros(arr.shape, dtype=np.int32)
+    if n == 0:
+        return out
+
+    index = np.arange(1, n + 1)
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    keep = np.ones(n, dtype=bool)
+    if min_size_voxels is not None:
+        keep &= sizes >= int(min_size_voxels)
+    if min_size_ml is not None:
+        keep &= sizes * voxel_volume_ml(heat.ijk_to_ras) >= float(min_size_ml) * (1.0 - 1e-9)
+    if min_inplane_mm is not None:
+        spacing_i, spacing_j = heat.spacing[0], heat.spacing[1]
+        for lab, sl in enumerate(ndi.find_objects(components), start=1):
+            side = max((sl[2].stop - sl[2].start) * spacing_i, (sl[1].stop - sl[1].start) * spacing_j)
+            if side < float(min_inplane_mm) * (1.0 - 1e-9):
+                keep[lab - 1] = False
+    if not keep.any():
+        return out
+
+    max_heat = np.asarray(ndi.maximum(arr, components, index), dtype=np.float64)
+    kept = index[keep]
+    # Sort by descending max heat, then descending size, then ascending original (raster) label.
+    order = np.lexsort((kept, -sizes[kept - 1], -max_heat[kept - 1]))
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[kept[order]] = np.arange(1, kept.size + 1, dtype=np.int32)
+    out[...] = lut[components]
+    return out
+
+
+# ---- lesion table ----------------------------------------------------------------------------
+def _sphere_kernel(ijk_to_ras: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Boolean [k, j, i] kernel of the voxel offsets whose physical (RAS) length is <= radius.
+
+    Built from the full 3x3 matrix, so it is a true sphere for anisotropic and oblique grids.
+    """
+    m = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    half = np.floor(radius_mm * np.linalg.norm(np.linalg.inv(m), axis=1) + 1e-9).astype(int)  # i, j, k
+    di, dj, dk = np.meshgrid(*(np.arange(-h, h + 1) for h in half), indexing="ij")
+    offsets = np.stack([di, dj, dk], axis=-1).astype(np.float64)
+    inside = np.linalg.norm(offsets @ m.T, axis=-1) <= radius_mm * (1.0 + 1e-9)
+    return inside.transpose(2, 1, 0)  # [i, j, k] -> [k, j, i]
+
+
+def _local_sum(arr: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Sum of ``arr`` over the kernel centred on each voxel, zero outside the array."""
+    if kernel.sum() > _FFT_KERNEL_VOXELS:
+        return signal.fftconvolve(arr, kernel.astype(np.float64), mode="same")  # kernel is symmetric
+    return ndi.correlate(arr, kernel.astype(np.float64), mode="constant", cval=0.0)
+
+
+def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: np.ndarray) -> list[float]:
+    """Per lesion, the largest mean of ``image`` over the kernel centred on one of its voxels.
+
+    Computed on each lesion's bounding box grown by the kernel's half-size, so the sphere around
+    every lesion voxel is inside the crop; at the volume's border the mean is over the part of
+    the sphere inside the volume (normalised convolution).
+    """
+    half = np.array(kernel.shape) // 2
+    peaks = []
+    for lab, sl in zip(ids, _boxes(labels, ids)):
+        lo = [max(s.start - h, 0) for s, h in zip(sl, half)]
+        hi = [min(s.stop + h, n) for s, h, n in zip(sl, half, labels.shape)]
+        crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+        img = image[crop].astype(np.float64)  # float64 for an exact mean of a constant region
+        lesion = labels[crop] == lab
+        sums = _local_sum(img, kernel)
+        counts = _local_sum(np.ones_like(img), kernel)
+        means = sums[lesion] / counts[lesion]
+        peaks.append(float(means.max()))
+    return peaks
+
+
+def _boxes(labels: np.ndarray, ids: np.ndarray) -> list[tuple[slice, ...]]:
+    objects = ndi.find_objects(labels, max_label=int(ids.max()))
+    return [objects[int(lab) - 1] for lab in ids]
+
+
+def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
+    """One row per lesion (ascending label value) with the :data:`LESION_TABLE_COLUMNS` keys.
+
+    - ``voxels``, ``volume_ml`` (voxel count x |det(IJK->RAS)| / 1000);
+    - ``suv_max``, ``suv_mean`` of ``image`` over the lesion;
+    - ``suv_peak``: the largest mean of ``image`` within a 1 cm^3 sphere (radius 6.2 mm, built in
+      millimetres from the IJK->RAS matrix, so anisotropic and oblique grids are handled) centred
+      on a voxel of the lesion; the sphere may extend beyond the lesion (PERCIST-like SUVpeak,
+      with the centre restricted to the lesion rather than searched around it); voxels of the
+      sphere outside the volume are left out of the mean;
+    - ``tlg`` = ``suv_mean`` x ``volume_ml`` (total lesion glycolysis, SUV.ml);
+    - ``max_heat``: maximum of the anomaly map over the lesion;
+    - ``centroid_r/a/s``: RAS mm of the mean voxel index mapped through IJK->RAS.
+
+    For an image whose ``units`` do not start with "SUV" (e.g. CT in HU) the columns keep their
+    names so Slicer and CLI tables match, but mean the same statistics in the image's units:
+    ``suv_max``/``suv_mean``/``suv_peak`` are max/mean/1 cm^3-peak intensity and ``tlg`` is
+    mean intensity x volume.
+    """
+    if not isinstance(image, Volume) or not isinstance(heat, Volume):
+        raise ValueError("lesion_table() needs the image and the anomaly map as Volume objects.")
+    labels = _check_labels(labels)
+    img = _as_voxels(image, "the image")
+    hm = _as_voxels(heat, "the anomaly map")
+    _check_same_shape(labels=labels, image=img, anomaly_map=hm)
+    if not image.same_geometry(heat, atol=1e-4):
+        raise ValueError(
+            "the image and the anomaly map have the same shape but different IJK->RAS geometry; "
+            "bring the map back onto the image's grid first."
+        )
+    _check_finite(hm, "the anomaly map")
+    _check_finite(img, "the image")
+
+    labels = labels.astype(np.int64, copy=False) if labels.dtype == bool else labels
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return []
+
+    kernel = _sphere_kernel(image.ijk_to_ras, SUV_PEAK_RADIUS_MM)
+    peaks = _peak_means(img, labels, ids, kernel)
+    voxel_ml = voxel_volume_ml(image.ijk_to_ras)
+
+    rows = []
+    for lab, box, peak in zip(ids, _boxes(labels, ids), peaks):
+        inside = labels[box] == lab
+        values = img[box][inside].astype(np.float64)
+        kji = np.argwhere(inside).mean(axis=0) + [s.start for s in box]
+        centroid = image.ijk_to_ras_points(kji[::-1])[0]
+        count = int(inside.sum())
+        volume_ml = count * voxel_ml
+        mean = float(values.mean())
+        rows.append(
+            {
+                "id": int(lab),
+                "voxels": count,
+                "volume_ml": volume_ml,
+                "suv_max": float(values.max()),
+                "suv_mean": mean,
+                "suv_peak": peak,
+                "tlg": mean * volume_ml,
+                "max_heat": float(hm[box][inside].max()),
+                "centroid_r": float(centroid[0]),
+                "centroid_a": float(centroid[1]),
+                "centroid_s": float(centroid[2]),
+            }
+        )
+    return rows
+
+
+# ---- baseline --------------------------------------------------------------------------------
+def suv_threshold_baseline(
+    image: np.ndarray | Volume, fraction: float = 0.41, axis: int | None = None
+) -> np.ndarray:
+    """The 41 % SUVmax baseline (METHODS.md): voxels strictly above ``fraction`` x SUVmax.
+
+    ``axis=None``: SUVmax is the maximum of the whole array (volume-level baseline).
+    ``axis=a``: SUVmax is taken per slice along axis ``a`` (each slice ``take(i, axis=a)`` is
+    thresholded at ``fraction`` x its own maximum) — the slice-wise evaluation of IgCONDA-PET;
+    for a [k, j, i] volume of axial slices that is ``axis=0``. A slice (or array) whose maximum
+    is <= 0 selects nothing. Returns a boolean mask of the input's shape.
+    """
+    arr = np.asarray(image.voxels if isinstance(image, Volume) else image)
+    if arr.size == 0:
+        raise ValueError("the image is empty (no voxels).")
+    _check_finite(arr, "the image")
+    if isinstance(fraction, bool) or not (math.isfinite(float(fraction)) and 0.0 < float(fraction) <= 1.0):
+        raise ValueError(f"fraction must be in (0, 1] (0.41 for the 41 % SUVmax baseline), got {fraction!r}.")
+    arr = arr.astype(np.float64, copy=False)
+    if axis is None:
+        vmax = arr.max()
+    else:
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -arr.ndim <= axis < arr.ndim:
+            raise ValueError(f"axis must be None or an integer in [-{arr.ndim}, {arr.ndim - 1}], got {axis!r}.")
+        other = tuple(a for a in range(arr.ndim) if a != axis % arr.ndim)
+        vmax = arr.max(axis=other, keepdims=True)
+    return (arr > float(fraction) * vmax) & (vmax > 0)

@@ -1,0 +1,366 @@
+"""Post-processing: thresholds, segmentation, lesion table and the 41 % SUVmax baseline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from skimage.filters import threshold_otsu
+
+from DiffusionAnomalyLib.postprocessing import (
+    LESION_TABLE_COLUMNS,
+    SUV_PEAK_RADIUS_MM,
+    lesion_table,
+    segment,
+    suv_threshold_baseline,
+    threshold_value,
+)
+from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix
+
+SHAPE = (20, 24, 28)  # k, j, i
+
+
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    """Rotation matrix from angles in degrees about x, then y, then z."""
+    ax, ay, az = np.radians([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+#: Oblique, anisotropic, non-zero origin grid.
+SPACING = (0.8, 1.1, 2.5)
+MATRIX = ijk_to_ras_matrix(SPACING, (-31.5, 17.25, 102.0), rotation(20, -15, 30))
+VOXEL_ML = 0.8 * 1.1 * 2.5 / 1000.0
+
+# Three blobs (slices [k, j, i]): base heat, peak heat at the blob's first voxel.
+BLOBS = {
+    "A": ((slice(3, 6), slice(3, 6), slice(3, 6)), 0.80, 0.90),  # 27 voxels
+    "B": ((slice(12, 14), slice(4, 6), slice(18, 20)), 0.95, 1.00),  # 8 voxels
+    "C": ((slice(10, 14), slice(15, 19), slice(5, 9)), 0.60, 0.70),  # 64 voxels
+}
+
+
+def blob_mask(name: str) -> np.ndarray:
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[BLOBS[name][0]] = True
+    return mask
+
+
+@pytest.fixture()
+def heat() -> Volume:
+    arr = np.zeros(SHAPE, dtype=np.float32)
+    for sl, base, peak in BLOBS.values():
+        arr[sl] = base
+        arr[tuple(s.start for s in sl)] = peak
+    return Volume(arr, MATRIX.copy(), units="anomaly")
+
+
+def lesion_sets(labels: np.ndarray) -> list[np.ndarray]:
+    return [labels == v for v in range(1, int(labels.max()) + 1)]
+
+
+# ---- thresholds ------------------------------------------------------------------------------
+def test_threshold_value_methods(heat):
+    arr = heat.voxels
+    assert threshold_value(arr, "fraction", 0.5) == pytest.approx(0.5)
+    assert threshold_value(arr * 4, "fraction", 0.25) == pytest.approx(1.0)
+    assert threshold_value(arr, "absolute", 0.33) == 0.33
+    otsu = threshold_value(arr, "otsu", None)
+    nonzero = arr[arr != 0].astype(np.float64)
+    reference = threshold_otsu(nonzero)  # bin centre; ours is that bin's upper edge
+    bin_width = (nonzero.max() - nonzero.min()) / 256
+    assert reference < otsu <= reference + bin_width / 2 + 1e-12
+    # Zeros (outside the body / ROI patches) are left out of Otsu: with them it would be far lower.
+    assert otsu > threshold_otsu(arr.astype(np.float64)) + 0.1
+    # The split is between blob C (0.6, peak 0.7) and A, B (>= 0.8), C's peak voxel included:
+    # scikit-image's bin centre (0.6992) would put that 0.7 voxel in the foreground.
+    assert reference < 0.7
+    assert 0.7 <= otsu < 0.8
+
+
+@pytest.mark.parametrize(
+    "method, value, message",
+    [
+        ("median", 0.5, "unknown threshold method"),
+        ("fraction", 0.0, r"\(0, 1\]"),
+        ("fraction", 1.5, r"\(0, 1\]"),
+        ("fraction", None, "numeric value"),
+        ("absolute", float("nan"), "finite"),
+        ("absolute", "high", "must be a number"),
+    ],
+)
+def test_threshold_value_rejects_bad_parameters(heat, method, value, message):
+    with pytest.raises(ValueError, match=message):
+        threshold_value(heat.voxels, method, value)
+
+
+def test_constant_or_empty_maps_select_nothing():
+    constant = Volume(np.full(SHAPE, 0.3, np.float32), MATRIX)
+    assert segment(constant, method="otsu").max() == 0
+    zeros = Volume(np.zeros(SHAPE, np.float32), MATRIX)
+    for method, value in (("otsu", None), ("fraction", 0.5), ("fraction", 1.0)):
+        assert segment(zeros, method=method, value=value).max() == 0
+
+
+def test_nan_in_map_is_rejected(heat):
+    heat.voxels[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        segment(heat)
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_value(heat.voxels, "otsu")
+
+
+# ---- segment() -------------------------------------------------------------------------------
+def test_segment_counts_shapes_and_order_by_max_heat(heat):
+    labels = segment(heat, method="fraction", value=0.5)
+    assert labels.dtype == np.int32 and labels.shape == SHAPE
+    assert labels.max() == 3
+    # Lesion 1 is the most anomalous (B, max 1.0), then A (0.9), then C (0.7); shapes are exact.
+    for lesion, name in zip(lesion_sets(labels), "BAC"):
+        np.testing.assert_array_equal(lesion, blob_mask(name))
+    assert [int(heat.voxels[labels == v].max() * 100 + 0.5) for v in (1, 2, 3)] == [100, 90, 70]
+    # Deterministic.
+    np.testing.assert_array_equal(labels, segment(heat, method="fraction", value=0.5))
+
+
+def test_absolute_and_otsu_thresholds(heat):
+    two = segment(heat, method="absolute", value=0.75)  # C (<= 0.7) is below
+    assert two.max() == 2
+    np.testing.assert_array_equal(two == 1, blob_mask("B"))
+    np.testing.assert_array_equal(two == 2, blob_mask("A"))
+    peak_only = segment(heat, method="absolute", value=0.85)  # all of B, only A's peak voxel
+    assert [(peak_only == v).sum() for v in (1, 2)] == [8, 1]
+    otsu = segment(heat, method="otsu")
+    np.testing.assert_array_equal(otsu, two)  # Otsu separates C (0.6-0.7) from A and B (>= 0.8)
+
+
+def test_min_size_in_voxels_and_ml(heat):
+    labels = segment(heat, min_size_voxels=8)  # B has exactly 8 voxels: kept (inclusive)
+    assert labels.max() == 3
+    labels = segment(heat, min_size_voxels=9)
+    assert labels.max() == 2
+    np.testing.assert_array_equal(labels == 1, blob_mask("A"))
+    np.testing.assert_array_equal(labels == 2, blob_mask("C"))
+    # In ml, through |det(IJK->RAS)| of the oblique grid: A = 27 voxels, C = 64.
+    assert segment(heat, min_size_ml=27 * VOXEL_ML).max() == 2
+    only_c = segment(heat, min_size_ml=28 * VOXEL_ML)
+    assert only_c.max() == 1
+    np.testing.assert_array_equal(only_c == 1, blob_mask("C"))
+    # Both criteria apply together.
+    assert segment(heat, min_size_voxels=9, min_size_ml=65 * VOXEL_ML).max() == 0
+    with pytest.raises(ValueError, match="min_size_voxels"):
+        segment(heat, min_size_voxels=-1)
+
+
+def test_roi_restricts_lesions(heat):
+    roi = np.zeros(SHAPE, dtype=np.uint8)
+    roi[:, :, :7] = 1  # contains A entirely, C's i in 5..6 (half of it), not B (i >= 18)
+    labels = segment(heat, roi=roi)
+    assert labels.max() == 2
+    np.testing.assert_array_equal(labels == 1, blob_mask("A"))
+    np.testing.assert_array_equal(labels == 2, blob_mask("C") & (roi > 0))
+    assert (labels == 2).sum() == 32
+    assert not labels[roi == 0].any()
+    with pytest.raises(ValueError, match=r"\(20, 24, 28\).*\(20, 24, 27\)"):
+        segment(heat, roi=roi[:, :, :-1])
+
+
+def test_connectivity_parameter():
+    arr = np.zeros(SHAPE, np.float32)
+    arr[5, 5, 5] = 1.0
+    arr[6, 6, 6] = 0.9  # touches the first voxel only at a corner
+    vol = Volume(arr, MATRIX)
+    assert segment(vol).max() == 1  # 26-connectivity (default)
+    assert segment(vol, connectivity=18).max() == 2
+    assert segment(vol, connectivity=6).max() == 2
+    with pytest.raises(ValueError, match="connectivity"):
+        segment(vol, connectivity=4)
+
+
+def test_opening_closing_and_hole_filling():
+    arr = np.zeros(SHAPE, np.float32)
+    arr[5:10, 5:10, 5:10] = 1.0
+    arr[7, 7, 7] = 0.0  # an internal hole
+    arr[7, 7, 10:13] = 1.0  # a thin spur sticking out of the cube
+    vol = Volume(arr, MATRIX)
+    raw = segment(vol)
+    assert raw[7, 7, 10:13].all() and raw[7, 7, 7] == 0
+    cleaned = segment(vol, opening=True)
+    assert cleaned.max() == 1
+    assert not cleaned[7, 7, 11:13].any()  # opening removed the spur
+    assert cleaned[7, 7, 7] == 1  # hole filling filled the cavity
+    assert cleaned[6:9, 6:9, 6:9].all()
+    # The ROI is re-applied after morphology.
+    roi = np.ones(SHAPE, bool)
+    roi[7] = False
+    assert not segment(vol, opening=True, roi=roi)[7].any()
+
+
+def test_min_inplane_extent():
+    arr = np.zeros(SHAPE, np.float32)
+    arr[2:12, 4, 4] = 1.0  # a column along k: in-plane sides 0.8 and 1.1 mm
+    arr[2:4, 10:14, 10:14] = 0.9  # in-plane sides 3.2 and 4.4 mm
+    vol = Volume(arr, MATRIX)
+    assert segment(vol).max() == 2
+    kept = segment(vol, min_inplane_mm=3.0)
+    assert kept.max() == 1 and kept[2, 10, 10] == 1
+
+
+def test_segment_requires_a_volume(heat):
+    with pytest.raises(ValueError, match="Volume"):
+        segment(heat.voxels)
+
+
+# ---- lesion_table ----------------------------------------------------------------------------
+def ras_of(matrix: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    return (matrix @ np.append(ijk, 1.0))[:3]
+
+
+def brute_force_peak(image: Volume, lesion: np.ndarray, radius: float) -> float:
+    """Max over lesion voxels of the mean image value of all voxels within ``radius`` mm (RAS)."""
+    kji = np.argwhere(np.ones(image.voxels.shape, bool))
+    ras = image.ijk_to_ras_points(kji[:, ::-1])
+    values = image.voxels.reshape(-1).astype(np.float64)
+    best = -np.inf
+    for centre in np.argwhere(lesion):
+        c = ras_of(image.ijk_to_ras, centre[::-1].astype(float))
+        near = np.linalg.norm(ras - c, axis=1) <= radius + 1e-9
+        best = max(best, values[near].mean())
+    return best
+
+
+def test_lesion_table_matches_hand_computation(heat):
+    rng = np.random.default_rng(0)
+    suv = rng.gamma(2.0, 1.5, size=SHAPE).astype(np.float32)
+    image = Volume(suv, MATRIX.copy(), modality="PT", units="SUVbw")
+    labels = segment(heat)
+    rows = lesion_table(labels, image, heat)
+    assert [r["id"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert tuple(row) == LESION_TABLE_COLUMNS
+        mask = labels == row["id"]
+        values = suv[mask].astype(np.float64)
+        assert row["voxels"] == mask.sum()
+        assert row["volume_ml"] == pytest.approx(mask.sum() * VOXEL_ML, rel=1e-9)
+        assert row["suv_max"] == pytest.approx(values.max())
+        assert row["suv_mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert row["tlg"] == pytest.approx(values.mean() * mask.sum() * VOXEL_ML, rel=1e-9)
+        assert row["max_heat"] == pytest.approx(heat.voxels[mask].max())
+        centroid = ras_of(MATRIX, np.argwhere(mask).mean(axis=0)[::-1])
+        np.testing.assert_allclose([row["centroid_r"], row["centroid_a"], row["centroid_s"]], centroid, atol=1e-9)
+        assert row["suv_max"] >= row["suv_peak"] >= 0
+    # Blob B's voxel centroid (i 18.5, j 4.5, k 12.5) through the oblique matrix.
+    np.testing.assert_allclose(
+        [rows[0]["centroid_r"], rows[0]["centroid_a"], rows[0]["centroid_s"]],
+        (MATRIX @ [18.5, 4.5, 12.5, 1.0])[:3],
+        atol=1e-9,
+    )
+    # Blob B touches no border: SUVpeak equals the direct definition on RAS distances.
+    assert rows[0]["suv_peak"] == pytest.approx(brute_force_peak(image, labels == 1, SUV_PEAK_RADIUS_MM), rel=1e-9)
+
+
+def test_suv_peak_on_constant_sphere_and_hot_spot():
+    shape = (26, 24, 22)
+    matrix = ijk_to_ras_matrix((1.5, 2.0, 2.5), (40.0, -12.0, -300.0), rotation(-25, 10, 40))
+    vol = Volume(np.ones(shape, np.float32), matrix, modality="PT", units="SUVbw")
+    kji = np.argwhere(np.ones(shape, bool))
+    centre = vol.ijk_to_ras_points(np.array(shape[::-1]) / 2.0 - 0.5)[0]
+    dist = np.linalg.norm(vol.ijk_to_ras_points(kji[:, ::-1]) - centre, axis=1).reshape(shape)
+    sphere = dist <= 14.0
+    suv = np.where(sphere, 5.0, 1.0).astype(np.float32)
+    suv[4, 4, 4] = 12.0  # an isolated hot voxel far from the sphere
+    image = vol.with_voxels(suv)
+    labels = np.zeros(shape, np.int32)
+    labels[sphere] = 1
+    labels[4, 4, 4] = 2
+    rows = lesion_table(labels, image, vol)
+    assert rows[0]["suv_peak"] == pytest.approx(5.0, rel=1e-9)
+    assert rows[0]["suv_mean"] == pytest.approx(5.0) and rows[0]["suv_max"] == pytest.approx(5.0)
+    # The hot spot: peak = (12 + (n - 1) * 1) / n with n voxel centres within 6.2 mm.
+    n_in_sphere = int((np.linalg.norm(
+        vol.ijk_to_ras_points(kji[:, ::-1]) - vol.ijk_to_ras_points([[4, 4, 4]])[0], axis=1
+    ) <= SUV_PEAK_RADIUS_MM).sum())
+    assert n_in_sphere > 5
+    assert rows[1]["suv_max"] == 12.0
+    assert rows[1]["suv_peak"] == pytest.approx((12.0 + n_in_sphere - 1) / n_in_sphere, rel=1e-9)
+    assert rows[1]["suv_peak"] < rows[1]["suv_max"]
+
+
+def test_suv_peak_fine_grid_and_border_against_brute_force():
+    """1 mm-ish voxels: the kernel has ~1000 voxels (FFT path); a lesion on the volume border."""
+    shape = (18, 20, 19)
+    matrix = ijk_to_ras_matrix((1.0, 1.2, 0.9), (5.0, 6.0, -7.0), rotation(5, 30, -20))
+    rng = np.random.default_rng(1)
+    image = Volume(rng.uniform(0.5, 8.0, size=shape).astype(np.float32), matrix, units="SUVbw")
+    labels = np.zeros(shape, np.int32)
+    labels[8:11, 9:12, 8:10] = 1
+    labels[0:2, 0:3, 17:19] = 2  # on a corner of the volume
+    rows = lesion_table(labels, image, image)
+    for row in rows:
+        expected = brute_force_peak(image, labels == row["id"], SUV_PEAK_RADIUS_MM)
+        assert row["suv_peak"] == pytest.approx(expected, rel=1e-7)
+
+
+def test_lesion_table_on_ct_keeps_columns(heat):
+    ct = Volume(np.full(SHAPE, -50.0, np.float32), MATRIX.copy(), modality="CT", units="HU")
+    rows = lesion_table(segment(heat), ct, heat)
+    assert len(rows) == 3
+    assert all(tuple(r) == LESION_TABLE_COLUMNS for r in rows)
+    assert rows[0]["suv_mean"] == -50.0 and rows[0]["suv_peak"] == pytest.approx(-50.0)
+    assert rows[0]["tlg"] == pytest.approx(-50.0 * 8 * VOXEL_ML)
+
+
+def test_lesion_table_validation(heat):
+    image = Volume(np.ones(SHAPE, np.float32), MATRIX.copy(), units="SUVbw")
+    labels = segment(heat)
+    assert lesion_table(np.zeros(SHAPE, np.int32), image, heat) == []
+    with pytest.raises(ValueError, match=r"labels \(20, 24, 27\).*image \(20, 24, 28\)"):
+        lesion_table(labels[:, :, :-1], image, heat)
+    with pytest.raises(ValueError, match="shapes differ"):
+        lesion_table(labels, image, Volume(heat.voxels[:-1], MATRIX))
+    moved = MATRIX.copy()
+    moved[0, 3] += 5.0
+    with pytest.raises(ValueError, match="geometry"):
+        lesion_table(labels, image, Volume(heat.voxels, moved))
+    nan_heat = heat.with_voxels(np.where(labels > 0, np.nan, 0).astype(np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        lesion_table(labels, image, nan_heat)
+    with pytest.raises(ValueError, match="integers"):
+        lesion_table(labels.astype(np.float32), image, heat)
+
+
+# ---- 41 % SUVmax baseline --------------------------------------------------------------------
+def test_baseline_global_vs_per_slice():
+    rng = np.random.default_rng(2)
+    img = rng.uniform(0.0, 1.0, size=(4, 6, 5))
+    img[0] *= 10.0  # one hot slice dominates the global maximum
+    global_mask = suv_threshold_baseline(img)
+    np.testing.assert_array_equal(global_mask, img > 0.41 * img.max())
+    assert global_mask[1:].sum() == 0 and global_mask[0].sum() > 0
+    per_slice = suv_threshold_baseline(img, axis=0)
+    expected = np.stack([s > 0.41 * s.max() for s in img])
+    np.testing.assert_array_equal(per_slice, expected)
+    assert per_slice[1:].sum() > 0
+    per_column = suv_threshold_baseline(img, fraction=0.5, axis=-1)
+    expected = np.stack([img[..., i] > 0.5 * img[..., i].max() for i in range(5)], axis=-1)
+    np.testing.assert_array_equal(per_column, expected)
+    # A slice without uptake selects nothing; a Volume is accepted.
+    img[2] = 0.0
+    assert not suv_threshold_baseline(img, axis=0)[2].any()
+    vol = Volume(img, MATRIX)
+    np.testing.assert_array_equal(suv_threshold_baseline(vol), img > 0.41 * img.max())
+
+
+def test_baseline_validation():
+    img = np.ones((3, 3, 3))
+    for bad in (0.0, 1.2, math.nan):
+        with pytest.raises(ValueError, match="fraction"):
+            suv_threshold_baseline(img, fraction=bad)
+    with pytest.raises(ValueError, match="axis"):
+        suv_threshold_baseline(img, axis=3)
+    img[1, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        suv_threshold_baseline(img)

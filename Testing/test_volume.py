@@ -1,0 +1,522 @@
+"""Tests of DiffusionAnomalyLib.volume: reading (NRRD, NIfTI, DICOM), PET SUV, validation,
+exact-geometry writing and physical-space resampling, on the real CT in ../shared/data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from DiffusionAnomalyLib.volume import (  # noqa: E402
+    Volume,
+    VolumeError,
+    ijk_to_ras_matrix,
+    list_dicom_series,
+    lps_ras_flip,
+    read_volume,
+    resample_to,
+    suv_bw_factor,
+    validate_volume,
+    write_volume,
+)
+
+REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
+needs_real_ct = pytest.mark.skipif(
+    not REAL_CT.is_dir(), reason=f"shared real-CT test data not found at {REAL_CT} (CI keeps shared/ beside the checkout)"
+)
+
+LIVER, SPLEEN, KIDNEY_RIGHT, KIDNEY_LEFT = 5, 1, 2, 3
+SOFT_TISSUE_HU = (0.0, 250.0)
+
+
+# =============================================================================================
+# helpers
+# =============================================================================================
+def rotation(axis, angle: float) -> np.ndarray:
+    """Rodrigues rotation matrix about an arbitrary axis."""
+    a = np.asarray(axis, dtype=np.float64)
+    a = a / np.linalg.norm(a)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def oblique_volume(dtype=np.float32, **kwargs) -> Volume:
+    rng = np.random.default_rng(1)
+    voxels = (rng.normal(size=(5, 6, 7)) * 100).astype(dtype)
+    m = ijk_to_ras_matrix([0.7, 1.3, 2.9], [12.3, -45.6, 78.9], rotation([0.3, -0.5, 0.8], 0.7))
+    return Volume(voxels, m, **kwargs)
+
+
+# Synthetic PET series: known dose/half-life/times/weight so the SUV can be computed by hand.
+DOSE_BQ, HALF_LIFE_S, WEIGHT_KG = 370e6, 6586.2, 75.0
+
+
+def make_pet_series(
+    folder: Path,
+    slopes=(1.0, 1.25, 0.5, 3.7),
+    *,
+    units="BQML",
+    decay="START",
+    weight=WEIGHT_KG,
+    series_time="100000",
+    acquisition_times=None,
+    injection_time="090000",
+    omit=(),
+    series_uid=None,
+    description="PET WB",
+    modality="PT",
+    extra=None,
+) -> np.ndarray:
+    """Write len(slopes) 8x8 PET slices; returns the stored values in slice-position order.
+
+    Files are named in the REVERSE of their position order, so a reader that trusts file
+    order instead of ImagePositionPatient gets the slices upside down.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(slopes)
+    rng = np.random.default_rng(7)
+    stored = rng.integers(100, 30000, size=(n, 8, 8)).astype(np.uint16)
+    series_uid = series_uid or generate_uid()
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.128"  # PET Image Storage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality = modality
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.PatientName, ds.PatientID = "Phantom^PET", "PHANTOM"
+        ds.SeriesDescription, ds.SeriesNumber = description, 3
+        ds.SeriesDate, ds.SeriesTime = "20240101", series_time
+        ds.AcquisitionDate = "20240101"
+        ds.AcquisitionTime = acquisition_times[k] if acquisition_times else series_time
+        ds.PatientWeight = weight
+        ds.Units, ds.DecayCorrection = units, decay
+        item = Dataset()
+        item.RadionuclideTotalDose = DOSE_BQ
+        item.RadionuclideHalfLife = HALF_LIFE_S
+        item.RadiopharmaceuticalStartTime = injection_time
+        ds.RadiopharmaceuticalInformationSequence = [item]
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [-20.0, -30.0, 40.0 + 3.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [4.0, 4.0]
+        ds.SliceThickness = 3.0
+        ds.Rows = ds.Columns = 8
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = slopes[k], 0
+        for keyword, value in (extra or {}).items():
+            setattr(ds, keyword, value)
+        for keyword in omit:
+            if keyword in ds:
+                delattr(ds, keyword)
+            elif keyword in item:
+                delattr(item, keyword)
+        ds.PixelData = stored[k].tobytes()
+        ds.save_as(folder / f"slice_{n - k:03d}.dcm", enforce_file_format=True)
+    return stored
+
+
+def expected_start_factor(elapsed_s: float = 3600.0) -> float:
+    """Hand computation: SUVbw factor = weight[g] / (dose * 2^(-elapsed/half-life))."""
+    return WEIGHT_KG * 1000.0 / (DOSE_BQ * 2.0 ** (-elapsed_s / HALF_LIFE_S))
+
+
+# =============================================================================================
+# real CT: DICOM reading, geometry, physical alignment
+# =============================================================================================
+@pytest.fixture(scope="module")
+def ct_dicom() -> Volume:
+    return read_volume(REAL_CT / "ct_dicom")
+
+
+@needs_real_ct
+def test_dicom_ct_series_reads_in_hu(ct_dicom):
+    assert ct_dicom.voxels.shape == (20, 512, 512)
+    assert ct_dicom.modality == "CT" and ct_dicom.units == "HU"
+    assert ct_dicom.meta["series_description"] == "CT Body 3.0"
+    np.testing.assert_allclose(ct_dicom.spacing, [0.9765625, 0.9765625, 2.0])
+    # air outside the body is about -1000 HU (RescaleIntercept -1024 applied)
+    assert -1100 < np.median(ct_dicom.voxels[:, :20, :20]) < -900
+
+
+@needs_real_ct
+def test_dicom_ijk_to_ras_matches_independent_pydicom_geometry(ct_dicom):
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted((REAL_CT / "ct_dicom").iterdir())]
+    row, col = np.array(headers[0].ImageOrientationPatient[:3], float), np.array(headers[0].ImageOrientationPatient[3:], float)
+    normal = np.cross(row, col)
+    positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    positions = positions[np.argsort(positions @ normal)]
+    slice_step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    dr, dc = (float(v) for v in headers[0].PixelSpacing)  # row spacing, column spacing
+    lps = np.eye(4)
+    lps[:3, 0] = row * dc  # i runs along a row: column spacing
+    lps[:3, 1] = col * dr
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = positions[0]
+    expected_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    np.testing.assert_allclose(ct_dicom.ijk_to_ras, expected_ras, atol=1e-4)
+    # and a voxel's RAS position is the LPS position of that pixel with x, y negated
+    centre = ct_dicom.ijk_to_ras_points([[100, 200, 7]])[0]
+    lps_point = positions[7] + 100 * row * dc + 200 * col * dr
+    np.testing.assert_allclose(centre, lps_point * [-1, -1, 1], atol=1e-4)
+
+
+@needs_real_ct
+def test_single_dicom_file_reads_its_whole_series(ct_dicom):
+    one_file = sorted((REAL_CT / "ct_dicom").iterdir())[5]
+    volume = read_volume(one_file)
+    assert volume.same_geometry(ct_dicom)
+    assert np.array_equal(volume.voxels, ct_dicom.voxels)
+
+
+@needs_real_ct
+def test_labels_must_be_aligned_physically_not_by_index(ct_dicom):
+    """ct_dicom_totalseg.nii.gz stores y flipped: only physical alignment puts organs on organs.
+
+    This series (z -804.5..-766.5 mm) covers liver and spleen but no kidney, so the plausibility
+    check uses liver and spleen (both soft tissue, ~60-110 HU in this contrast CT).
+    """
+    labels = read_volume(REAL_CT / "ct_dicom_totalseg.nii.gz", validate=False)
+    assert labels.voxels.shape == ct_dicom.voxels.shape  # same shape: index alignment "looks" fine
+    assert not labels.same_geometry(ct_dicom, atol=1e-3)
+
+    physical = resample_to(labels, ct_dicom, "nearest")
+    assert physical.voxels.dtype == labels.voxels.dtype and physical.same_geometry(ct_dicom)
+    # the physical resampling of a pure y flip is exactly the flipped array
+    assert np.array_equal(physical.voxels, labels.voxels[:, ::-1, :])
+    index_aligned = labels.voxels.reshape(ct_dicom.voxels.shape)  # geometry ignored on purpose
+    assert np.count_nonzero(np.isin(physical.voxels, [KIDNEY_RIGHT, KIDNEY_LEFT])) == 0
+
+    hu = ct_dicom.voxels.astype(np.float64)
+    for organ, name in ((LIVER, "liver"), (SPLEEN, "spleen")):
+        good = hu[physical.voxels == organ]
+        bad = hu[index_aligned == organ]
+        print(f"{name}: {good.size} voxels, mean HU physical {good.mean():.1f}, index-aligned {bad.mean():.1f}")
+        assert good.size > 10000
+        assert SOFT_TISSUE_HU[0] <= good.mean() <= SOFT_TISSUE_HU[1]
+        assert not SOFT_TISSUE_HU[0] <= bad.mean() <= SOFT_TISSUE_HU[1]
+        assert abs(good.mean() - bad.mean()) > 100
+
+
+@needs_real_ct
+def test_abdomen_ct_kidney_voxel_counts_and_hu():
+    ct = read_volume(REAL_CT / "ct_abdomen_3mm.nii.gz", modality="CT")
+    labels = read_volume(REAL_CT / "ct_abdomen_3mm_totalseg.nii.gz", validate=False)
+    assert ct.voxels.shape == (30, 101, 122) and ct.units == "HU"
+    assert labels.same_geometry(ct)
+    assert np.count_nonzero(labels.voxels == KIDNEY_RIGHT) == 3947
+    assert np.count_nonzero(labels.voxels == KIDNEY_LEFT) == 3676
+    kidney_hu = ct.voxels[np.isin(labels.voxels, [KIDNEY_RIGHT, KIDNEY_LEFT])].astype(float).mean()
+    print(f"abdomen CT kidney mean HU {kidney_hu:.1f}")  # ~13 HU: non-contrast, 3 mm partial volume
+    assert SOFT_TISSUE_HU[0] <= kidney_hu <= SOFT_TISSUE_HU[1]
+    # resampling onto its own grid is the identity
+    assert np.array_equal(resample_to(labels, ct, "nearest").voxels, labels.voxels)
+
+
+# =============================================================================================
+# writing: exact geometry, metadata, refusal without partial files
+# =============================================================================================
+@pytest.mark.parametrize("name, atol", [("v.nrrd", 1e-9), ("v.nhdr", 1e-9), ("v.nii", 1e-4), ("v.nii.gz", 1e-4)])
+def test_round_trip_keeps_oblique_geometry_and_metadata(tmp_path, name, atol):
+    volume = oblique_volume(modality="PT", units="SUVbw")
+    assert not np.allclose(volume.direction_ras, np.eye(3), atol=0.1)  # really oblique
+    out = write_volume(volume, tmp_path / name)
+    back = read_volume(out)
+    assert np.array_equal(back.voxels, volume.voxels) and back.voxels.dtype == volume.voxels.dtype
+    np.testing.assert_allclose(back.ijk_to_ras, volume.ijk_to_ras, atol=atol)
+    assert (back.modality, back.units) == ("PT", "SUVbw")
+    assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_nrrd_header_carries_modality_and_units_fields(tmp_path):
+    write_volume(oblique_volume(modality="CT", units="HU"), tmp_path / "ct.nrrd", compress=False)
+    header = (tmp_path / "ct.nrrd").read_bytes().split(b"\n\n", 1)[0].decode()
+    assert "modality:=CT" in header and "units:=HU" in header
+    assert read_volume(tmp_path / "ct.nrrd", modality="PT").modality == "PT"  # explicit argument wins
+
+
+def test_write_refuses_missing_folder(tmp_path):
+    with pytest.raises(VolumeError, match="does not exist"):
+        write_volume(oblique_volume(), tmp_path / "nowhere" / "v.nrrd")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_write_refuses_read_only_folder_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(VolumeError, match="not writable"):
+            write_volume(oblique_volume(), folder / "v.nii.gz")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path):
+    with pytest.raises(VolumeError, match="cannot write"):
+        write_volume(oblique_volume(), tmp_path / "v.unknown_format")
+    assert list(tmp_path.iterdir()) == []
+
+
+# =============================================================================================
+# resampling
+# =============================================================================================
+def test_resample_linear_reproduces_a_linear_field_in_physical_space():
+    source = Volume(np.zeros((40, 40, 40), np.float32), ijk_to_ras_matrix([2.0, 2.0, 2.0], [-40.0, -40.0, -40.0]))
+    ras = source.ijk_to_ras_points(np.stack(np.meshgrid(*map(np.arange, (40, 40, 40)), indexing="ij"), -1).reshape(-1, 3))
+    field = lambda p: 3.0 * p[:, 0] - 2.0 * p[:, 1] + 0.5 * p[:, 2] + 7.0  # noqa: E731
+    # voxels are [k, j, i]; meshgrid above enumerated (i, j, k) -> transpose back
+    source.voxels = field(ras).reshape(40, 40, 40).transpose(2, 1, 0).astype(np.float32)
+    reference = oblique_volume()
+    reference.ijk_to_ras[:3, 3] = [-5.0, 3.0, -8.0]  # oblique grid well inside the source
+    out = resample_to(source, reference, "linear", default=-999)
+    assert out.same_geometry(reference) and out.voxels.dtype == np.float32
+    k, j, i = np.indices(out.voxels.shape)
+    expected = field(reference.ijk_to_ras_points(np.stack([i, j, k], -1).reshape(-1, 3))).reshape(out.voxels.shape)
+    np.testing.assert_allclose(out.voxels, expected, atol=1e-2)
+    far = Volume(np.zeros((3, 3, 3), np.float32), ijk_to_ras_matrix([1, 1, 1], [500.0, 500.0, 500.0]))
+    assert np.all(resample_to(source, far, "linear", default=-999).voxels == -999)
+    with pytest.raises(VolumeError, match="interpolator"):
+        resample_to(source, far, "cubic")
+
+
+# =============================================================================================
+# PET SUV
+# =============================================================================================
+def test_pet_series_becomes_suv_with_each_slices_own_rescale_slope(tmp_path):
+    # first slice slope 1.0 (integral): SimpleITK alone would pick an integer type from it and
+    # truncate/overflow the later fractional-slope slices
+    slopes = (1.0, 1.25, 0.5, 3.7)
+    stored = make_pet_series(tmp_path / "pet", slopes)
+    volume = read_volume(tmp_path / "pet")
+    assert volume.modality == "PT" and volume.units == "SUVbw" and volume.voxels.dtype == np.float32
+    factor = expected_start_factor(3600.0)
+    expected = stored.astype(np.float64) * np.array(slopes)[:, None, None] * factor
+    np.testing.assert_allclose(volume.voxels, expected, rtol=1e-6)
+    assert volume.meta["suv_factor"] == pytest.approx(factor, rel=1e-12)
+    # files are named against position order: slice 0 must be the lowest z (40 mm -> RAS z 40)
+    np.testing.assert_allclose(volume.origin_ras, [20.0, 30.0, 40.0])
+    np.testing.assert_allclose(volume.spacing, [4.0, 4.0, 3.0])
+
+
+def test_suv_bw_factor_alone(tmp_path):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0))
+    ds = pydicom.dcmread(next((tmp_path / "pet").iterdir()))
+    assert suv_bw_factor(ds) == pytest.approx(expected_start_factor(3600.0), rel=1e-12)
+    ds.DecayCorrection = "ADMIN"  # already decay corrected to injection: dose not decayed
+    assert suv_bw_factor(ds) == pytest.approx(WEIGHT_KG * 1000.0 / DOSE_BQ, rel=1e-12)
+    ds.DecayCorrection = "START"
+    ds.SeriesTime = "113000"  # series time reset after the acquisition (which started at 10:00)
+    assert suv_bw_factor(ds) == pytest.approx(expected_start_factor(3600.0), rel=1e-12)
+    ds.AcquisitionTime = "113000"
+    assert suv_bw_factor(ds) == pytest.approx(expected_start_factor(9000.0), rel=1e-12)
+    # full injection date-time takes precedence over the time-only tag
+    ds.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalStartDateTime = "20240101093000.000000"
+    assert suv_bw_factor(ds) == pytest.approx(expected_start_factor(7200.0), rel=1e-12)
+    ds.Units = "GML"
+    assert suv_bw_factor(ds) == 1.0
+    ds.Units = "CNTS"
+    with pytest.raises(VolumeError, match="Units .0054,1001. is CNTS"):
+        suv_bw_factor(ds)
+
+
+def test_suv_injection_after_scan_is_refused(tmp_path):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0), injection_time="103000")
+    with pytest.raises(VolumeError, match="after the scan"):
+        read_volume(tmp_path / "pet")
+
+
+def test_decay_correction_none_is_corrected_per_slice(tmp_path):
+    times = ["100000", "100200", "100400", "100600"]  # each bed/slice acquired 2 min later
+    stored = make_pet_series(tmp_path / "pet", (0.5, 0.5, 0.5, 0.5), decay="NONE", acquisition_times=times)
+    volume = read_volume(tmp_path / "pet")
+    factors = np.array([expected_start_factor(3600.0 + 120.0 * k) for k in range(4)])
+    np.testing.assert_allclose(volume.voxels, stored * 0.5 * factors[:, None, None], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "omit, tag",
+    [
+        ("PatientWeight", r"PatientWeight \(0010,1030\)"),
+        ("RadionuclideTotalDose", r"RadionuclideTotalDose \(0018,1074\)"),
+        ("RadionuclideHalfLife", r"RadionuclideHalfLife \(0018,1075\)"),
+        ("RadiopharmaceuticalStartTime", r"RadiopharmaceuticalStartTime \(0018,1072\)"),
+        ("SeriesTime", r"SeriesTime \(0008,0031\)"),
+        ("DecayCorrection", r"DecayCorrection \(0054,1102\)"),
+    ],
+)
+def test_missing_suv_tag_names_the_tag_and_the_way_out(tmp_path, omit, tag):
+    make_pet_series(tmp_path / "pet", (1.0, 2.5), omit=(omit,))
+    with pytest.raises(VolumeError, match=tag) as info:
+        read_volume(tmp_path / "pet")
+    assert "suv_factor" in str(info.value)
+
+
+def test_explicit_suv_factor_skips_the_tags(tmp_path):
+    slopes = (1.0, 2.5, 0.25)
+    stored = make_pet_series(tmp_path / "pet", slopes, omit=("PatientWeight", "RadionuclideTotalDose"))
+    volume = read_volume(tmp_path / "pet", suv_factor=0.002)
+    np.testing.assert_allclose(volume.voxels, stored * np.array(slopes)[:, None, None] * 0.002, rtol=1e-6)
+    assert volume.units == "SUVbw"
+    # NRRD/NIfTI: the factor multiplies and marks SUV; our own SUV file refuses a second conversion
+    bqml = write_volume(Volume(stored.astype(np.float32), np.eye(4), modality="PT", units="BQML"), tmp_path / "b.nrrd")
+    suv = read_volume(bqml, suv_factor=0.5)
+    assert suv.units == "SUVbw" and np.allclose(suv.voxels, stored * 0.5)
+    write_volume(suv, tmp_path / "s.nrrd")
+    with pytest.raises(VolumeError, match="already in SUVbw"):
+        read_volume(tmp_path / "s.nrrd", suv_factor=0.5)
+
+
+# =============================================================================================
+# series selection
+# =============================================================================================
+def test_folder_with_two_series_needs_a_choice(tmp_path):
+    folder = tmp_path / "mixed"
+    uid_a, uid_b = generate_uid(), generate_uid()
+    stored_a = make_pet_series(folder / "a", (1.0, 1.0, 1.0), series_uid=uid_a, description="PET AC")
+    make_pet_series(folder / "b", (2.0, 2.0, 2.0), series_uid=uid_b, description="PET NAC")
+    for sub in ("a", "b"):
+        for f in (folder / sub).iterdir():
+            f.rename(folder / f"{sub}_{f.name}")
+    assert {s.uid for s in list_dicom_series(folder)} == {uid_a, uid_b}
+    with pytest.raises(VolumeError) as info:
+        read_volume(folder)
+    message = str(info.value)
+    assert uid_a in message and uid_b in message and "PET NAC" in message and "series_uid" in message
+    chosen = read_volume(folder, series_uid=uid_a)
+    np.testing.assert_allclose(chosen.voxels, stored_a * expected_start_factor(), rtol=1e-6)
+    from_file = read_volume(next(folder.glob("b_*.dcm")))
+    assert from_file.meta["series_instance_uid"] == uid_b and from_file.voxels.shape == (3, 8, 8)
+    with pytest.raises(VolumeError, match="is not in"):
+        read_volume(folder, series_uid="1.2.3.4")
+
+
+# =============================================================================================
+# bad inputs
+# =============================================================================================
+def test_missing_file_and_empty_folder(tmp_path):
+    with pytest.raises(VolumeError, match="file not found: .*absent.nrrd"):
+        read_volume(tmp_path / "absent.nrrd")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(VolumeError, match="no DICOM images found"):
+        read_volume(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name", ["garbage.nrrd", "garbage.nii.gz", "garbage.dcm"])
+def test_corrupt_file_names_file_and_reason(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"this is not an image\x00\x01" * 10)
+    with pytest.raises(VolumeError, match=f"could not read .*{name}: ") as info:
+        read_volume(path)
+    assert "Traceback" not in str(info.value) and len(str(info.value)) < 600
+
+
+def test_truncated_nifti_is_reported(tmp_path):
+    good = write_volume(oblique_volume(), tmp_path / "v.nii", compress=False)
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VolumeError, match=r"could not read .*v.nii: the file is truncated \(.* of 1,192 bytes\)"):
+        read_volume(good)
+
+
+def test_two_dimensional_inputs(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(64, dtype=np.float32).reshape(8, 8)), str(tmp_path / "2d.nii.gz"))
+    with pytest.raises(VolumeError, match="2 dimensions"):
+        read_volume(tmp_path / "2d.nii.gz")
+    single = Volume(np.arange(64, dtype=np.float32).reshape(1, 8, 8), np.eye(4))
+    write_volume(single, tmp_path / "one_slice.nrrd")
+    with pytest.raises(VolumeError, match="2D image"):
+        read_volume(tmp_path / "one_slice.nrrd")
+    make_pet_series(tmp_path / "one_dicom", (1.0,))
+    with pytest.raises(VolumeError, match="2D image"):
+        read_volume(tmp_path / "one_dicom")
+
+
+def test_validate_volume_rejects_bad_content():
+    eye = np.eye(4)
+    with pytest.raises(VolumeError, match="empty"):
+        validate_volume(Volume(np.zeros((0, 4, 4), np.float32), eye))
+    with pytest.raises(VolumeError, match="2D image"):
+        validate_volume(Volume(np.ones((4, 1, 4), np.float32), eye))
+    with pytest.raises(VolumeError, match="4 dimensions"):
+        validate_volume(Volume(np.ones((2, 4, 4, 4), np.float32), eye))
+    with pytest.raises(VolumeError, match="constant .every voxel equals 7"):
+        validate_volume(Volume(np.full((4, 4, 4), 7, np.int16), eye))
+    assert validate_volume(Volume(np.zeros((4, 4, 4), np.uint8), eye), allow_constant=True)
+    bad = np.random.default_rng(0).normal(size=(4, 4, 4)).astype(np.float32)
+    bad[0, 0, :3] = np.nan
+    bad[1, 1, 1] = np.inf
+    with pytest.raises(VolumeError, match="contains 4 NaN/Inf voxels"):
+        validate_volume(Volume(bad, eye))
+    ok = Volume(np.random.default_rng(0).normal(size=(4, 4, 4)).astype(np.float32), eye)
+    assert validate_volume(ok) is ok
+
+
+def test_validate_volume_rejects_too_large_and_says_what_to_do(tmp_path):
+    big = Volume(np.random.default_rng(0).normal(size=(10, 20, 30)).astype(np.float32), eye := np.eye(4))
+    with pytest.raises(VolumeError, match=r"too large: 6,000 voxels .*Crop it .*resample"):
+        validate_volume(big, max_voxels=5000)
+    assert validate_volume(big, max_voxels=6000)
+    write_volume(big, tmp_path / "big.nrrd")  # the reader refuses from the header, before loading
+    with pytest.raises(VolumeError, match="too large"):
+        read_volume(tmp_path / "big.nrrd", max_voxels=1000)
+    assert read_volume(tmp_path / "big.nrrd").same_geometry(Volume(big.voxels, eye))
+
+
+def test_validate_volume_rejects_degenerate_geometry():
+    voxels = np.random.default_rng(0).normal(size=(4, 4, 4)).astype(np.float32)
+    zero_spacing = np.eye(4)
+    zero_spacing[2, 2] = 0.0
+    parallel = np.eye(4)
+    parallel[:3, 1] = [1.0, 1e-6, 0.0]
+    not_finite = np.eye(4)
+    not_finite[0, 3] = np.nan
+    for matrix, pattern in ((zero_spacing, "spacing"), (parallel, "cannot be inverted"), (not_finite, "finite")):
+        with pytest.raises(VolumeError, match=pattern):
+            validate_volume(Volume(voxels, matrix))
+
+
+def test_dicom_with_duplicate_or_missing_slices_is_refused(tmp_path):
+    make_pet_series(tmp_path / "gap", (1.0, 1.0, 1.0, 1.0))
+    files = sorted((tmp_path / "gap").iterdir())
+    files[1].unlink()  # a missing slice in the middle
+    with pytest.raises(VolumeError, match="unevenly spaced"):
+        read_volume(tmp_path / "gap")
+    make_pet_series(tmp_path / "dup", (1.0, 1.0, 1.0))
+    first = sorted((tmp_path / "dup").iterdir())[0]
+    ds = pydicom.dcmread(first)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(tmp_path / "dup" / "copy.dcm")
+    with pytest.raises(VolumeError, match="share one slice position"):
+        read_volume(tmp_path / "dup")
+
+
+def test_lps_ras_flip_is_its_own_inverse():
+    m = oblique_volume().ijk_to_ras
+    np.testing.assert_allclose(lps_ras_flip(lps_ras_flip(m)), m)
+
+
+def test_truncated_nifti_gz_is_reported(tmp_path):
+    """ITK zero-fills truncated NIfTI silently; the reader must notice instead."""
+    good = write_volume(oblique_volume(), tmp_path / "v.nii.gz")
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) - 40])
+    with pytest.raises(VolumeError, match="could not read .*v.nii.gz: .*truncated"):
+        read_volume(good)
