@@ -153,3 +153,35 @@ def load_checkpoint(path: str | Path, device: str = "auto"):
         card = read_card(path)
         model = load_weights(path, card)
     return method_class(card["method"])(model, copy.deepcopy(card), device=device, source=str(path))
+
+
+def models_dir() -> Path:
+    """Where bundled checkpoints live: $DIFFUSION_ANOMALY_MODELS, else the extension's Resources/models."""
+    import os
+
+    env = os.environ.get("DIFFUSION_ANOMALY_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "models"
+
+
+def bundled_models() -> list[dict[str, Any]]:
+    """Entries of ``Resources/models/registry.json``: id, file, title (absolute ``path`` added)."""
+    registry = models_dir() / "registry.json"
+    if not registry.exists():
+        return []
+    entries = json.loads(registry.read_text())["models"]
+    for e in entries:
+        e["path"] = str(models_dir() / e["file"])
+    return entries
+
+
+def bundled_checkpoint(model_id: str | None = None) -> Path:
+    """Path of a bundled checkpoint (the first one when ``model_id`` is None)."""
+    entries = bundled_models()
+    for e in entries:
+        if model_id is None or e["id"] == model_id:
+            path = Path(e["path"])
+            if not path.exists():
+                raise CheckpointError(f"bundled model {e['id']} is listed but its file {path} is missing.")
+            return path
+    known = ", ".join(e["id"] for e in entries) or "none"
+    raise CheckpointError(f"no bundled model {model_id!r} in {models_dir()} (available: {known}).")

@@ -43,6 +43,146 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _load_model(args):
+    from .checkpoint import bundled_checkpoint, load_checkpoint
+
+    path = args.checkpoint or bundled_checkpoint()
+    return load_checkpoint(path, device=args.device)
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(round(100 * fraction))
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+
+    update.close = bar.close  # type: ignore[attr-defined]
+    return update
+
+
+def _thresholding(args, card):
+    from .pipeline import Thresholding
+
+    return Thresholding.from_card(card, method=args.threshold_method, value=args.threshold, min_size_ml=args.min_size_ml)
+
+
+def _steps(args):
+    if args.steps is None:
+        return "default"
+    return None if args.steps == 0 else args.steps
+
+
+def _print_table(rows) -> None:
+    if not rows:
+        print("no lesion candidates above the threshold")
+        return
+    cols = ["id", "voxels", "volume_ml", "suv_max", "suv_mean", "suv_peak", "tlg", "max_heat",
+            "centroid_r", "centroid_a", "centroid_s"]
+    print("  ".join(f"{c:>10}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:>10.2f}" if isinstance(r[c], float) else f"{r[c]:>10}" for c in cols))
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import analyse, write_outputs
+    from .export import check_writable_dir
+    from .volume import read_volume
+
+    out = check_writable_dir(args.out)  # fail before any computation if the results cannot be written
+    volume = read_volume(args.input, modality=args.modality, suv_factor=args.suv_factor)
+    model = _load_model(args)
+    bar = _progress_bar("diffusion")
+    try:
+        result = analyse(model, volume, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
+                         steps=_steps(args), thresholding=_thresholding(args, model.card), progress=bar)
+    finally:
+        bar.close()
+    written = write_outputs(result, model.card, out, {"input_path": str(args.input), "checkpoint": str(model.source)})
+    _print_table(result.table)
+    print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluation import evaluate
+
+    model = _load_model(args)
+    result = evaluate(model, args.phantoms, args.seed, args.out, noise_level=args.noise_level,
+                      guidance_scale=args.guidance_scale, steps=_steps(args))
+    from .evaluation import markdown_table
+
+    print(markdown_table(result))
+    print(f"wrote {args.out}/metrics.json and metrics.md")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    import time
+
+    import numpy as np
+
+    from . import metrics
+    from .export import check_writable_dir, write_segmentation
+    from .figures import overview_png
+    from .phantoms import make_phantom
+    from .pipeline import analyse, write_outputs
+    from .volume import write_volume
+
+    t0 = time.perf_counter()
+    out = check_writable_dir(args.out)
+    model = _load_model(args)
+    case = make_phantom(args.seed, n_lesions=args.lesions)
+    print(f"phantom seed {args.seed}: {len(case.lesions)} lesion(s) "
+          f"({', '.join('%s r=%.0f mm' % (les['site'], les['radius_mm']) for les in case.lesions)}); "
+          f"model {model.card['id']} on {model.device}")
+    bar = _progress_bar("diffusion")
+    try:
+        result = analyse(model, case.pet, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
+                         steps=_steps(args), thresholding=_thresholding(args, model.card), progress=bar)
+    finally:
+        bar.close()
+    truth = case.lesion_mask
+    pred = result.labels > 0
+    dsc = metrics.dice(pred, truth)
+    found = metrics.match_lesions(pred, case.lesion_labels.voxels, iou_threshold=0.2)
+    heat_dsc, _ = metrics.optimal_dice(result.method.heatmap.voxels, truth)
+    extra = {"phantom_seed": args.seed, "ground_truth_lesions": case.lesions,
+             "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc, "lesion_detection": found}
+    cf = result.method.counterfactual.voxels if result.method.counterfactual is not None else None
+    files = {
+        "input_pet.nrrd": lambda p: write_volume(case.pet, p),
+        "ground_truth.seg.nrrd": lambda p: write_segmentation(case.lesion_labels.voxels, case.pet, p,
+                                                              names=[f"True lesion {l['id']} ({l['site']})" for l in case.lesions]),
+        "overview.png": lambda p: overview_png(
+            p, case.pet.voxels, cf, result.method.heatmap.voxels, result.labels, case.lesion_labels.voxels,
+            title=f"{model.card['id']} | phantom seed {args.seed} | Dice {dsc:.2f} | NOT FOR CLINICAL USE",
+            vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0])),
+    }
+    written = write_outputs(result, model.card, out, extra, extra_files=files)
+    _print_table(result.table)
+    print(f"Dice vs ground truth: {dsc:.3f} (heat map DSC_opt {heat_dsc:.3f}); lesions found "
+          f"{found['tp']}/{found['tp'] + found['fn']} (IoU >= 0.2), false positives {found['fp']}")
+    print(f"wrote {len(written)} files to {out} in {time.perf_counter() - t0:.0f} s "
+          f"(synthetic phantom, demo model: not for clinical use)")
+    return 0
+
+
+def _add_inference_args(p, with_threshold: bool = True) -> None:
+    p.add_argument("--checkpoint", default=None, help="model file (.safetensors, or an IgCONDA-PET .pth); default: bundled demo model")
+    p.add_argument("--noise-level", type=int, default=None, help="noise level D (default: the model card's)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale w (default: the model card's)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM grid points K; 0 = stride-1 reference loop (default: the card's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    if with_threshold:
+        p.add_argument("--threshold-method", choices=("fraction", "absolute", "otsu"), default=None)
+        p.add_argument("--threshold", type=float, default=None, help="fraction of the map maximum, or absolute value")
+        p.add_argument("--min-size-ml", type=float, default=None, help="drop lesion candidates smaller than this")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffusion-anomaly", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,12 +212,47 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=int, default=2)
     tr.add_argument("--no-resume", action="store_true")
     tr.set_defaults(func=_cmd_train)
+
+    rn = sub.add_parser("run", help="analyse a PET volume (file or DICOM folder) and write the results")
+    rn.add_argument("--input", required=True, help="NRRD, NIfTI, a DICOM file or a DICOM series folder")
+    rn.add_argument("--out", required=True)
+    rn.add_argument("--modality", choices=("PT", "CT"), default=None, help="modality of a NRRD/NIfTI input")
+    rn.add_argument("--suv-factor", type=float, default=None, help="explicit SUV factor for PET DICOM without the tags")
+    _add_inference_args(rn)
+    rn.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("evaluate", help="metrics of a model and the 41%% SUVmax baseline on held-out phantoms")
+    ev.add_argument("--phantoms", type=int, default=10)
+    ev.add_argument("--seed", type=int, default=5_000_000)
+    ev.add_argument("--out", required=True)
+    _add_inference_args(ev, with_threshold=False)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    dm = sub.add_parser("demo", help="one phantom case through the bundled model, with overview.png")
+    dm.add_argument("--out", default="diffusion-anomaly-demo")
+    dm.add_argument("--seed", type=int, default=7_000_001)
+    dm.add_argument("--lesions", type=int, default=3)
+    _add_inference_args(dm)
+    dm.set_defaults(func=_cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb; expected failures print one actionable sentence and exit 2 (no traceback)."""
+    from .checkpoint import CheckpointError
+    from .diffusion import Cancelled
+    from .export import OutputError
+    from .volume import VolumeError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (VolumeError, CheckpointError, OutputError, ValueError, MemoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Cancelled):
+        print("cancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,13 +21,17 @@ class Cancelled(RuntimeError):
 
 
 def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
-    """alpha_bar_t for t = 0..T-1 (float64) from a model card's scheduler section."""
+    """alpha_bar_t for t = 0..T-1 from a model card's scheduler section.
+
+    Taken from MONAI's scheduler (float32, as the reference implementation computes it) so the
+    stride-1 loop reproduces the reference numbers, not just its timesteps.
+    """
     kwargs = {"num_train_timesteps": int(scheduler["num_train_timesteps"]), "schedule": scheduler["schedule"]}
     for key in ("beta_start", "beta_end"):
         if key in scheduler:
             kwargs[key] = float(scheduler[key])
     sched = DDPMScheduler(**kwargs)
-    return torch.cumprod(1.0 - sched.betas.double(), dim=0)
+    return sched.alphas_cumprod.clone()
 
 
 def timestep_grid(noise_level: int, steps: int | None) -> list[int]:

@@ -91,8 +91,10 @@ def normalise_intensity(values: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
     """(v - offset) / scale, clipped to the card's range: the intensity space the model was trained in."""
     spec = prep["intensity"]
     out = (values.astype(np.float32) - float(spec.get("offset", 0.0))) / float(spec["scale"])
-    lo, hi = spec.get("clip", (None, None))
-    return np.clip(out, lo, hi).astype(np.float32)
+    lo, hi = spec.get("clip", (None, None)) or (None, None)
+    if lo is not None or hi is not None:
+        out = np.clip(out, lo, hi)
+    return out.astype(np.float32)
 
 
 def model_units_to_input(diff: np.ndarray, prep: dict[str, Any]) -> np.ndarray:

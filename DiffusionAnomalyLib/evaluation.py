@@ -1,0 +1,127 @@
+"""Evaluation on held-out phantoms with the IgCONDA-PET metrics (METHODS.md, "Evaluation metrics").
+
+Protocol (IgCONDA-PET section 3.4): per unhealthy axial slice of the model's slice space (the
+paper evaluates on its 64 x 64 resampled slices too), the anomaly map is scaled to [0, 1];
+DSC_opt is the best Dice over thresholds 0.1..0.9, HD95 (pixels) and lesion detection
+(criterion 2) are taken at that slice's DSC-optimal threshold, AUPRC on the unthresholded map.
+The 41 % SUVmax baseline thresholds each slice's SUV at 0.41 x its maximum; there is nothing to
+optimise, so its DSC_opt is its Dice, and its AUPRC uses SUV / SUVmax as the score.
+Ground truth in slice space: model pixels at least half covered by a lesion.
+Seeds used for training or validation (recorded in the model card) are refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import metrics
+from .export import check_writable_dir, write_json
+from .phantoms import make_phantom
+from .postprocessing import suv_threshold_baseline
+from .preprocessing import mask_to_model_space, to_model_space
+
+METRIC_NAMES = ("dsc_opt", "hd95", "auprc", "sensitivity")
+
+
+def _slice_metrics(score: np.ndarray, truth: np.ndarray, binary: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics of one slice: ``score`` map (any range) against ``truth``; ``binary`` for fixed-threshold methods."""
+    if binary is None:
+        dsc, thr = metrics.optimal_dice(score, truth)
+        pred = metrics.scale_to_unit(score) >= thr
+    else:
+        pred, thr = binary, None
+        dsc = metrics.dice(pred, truth)
+    tp, n = metrics.detection_sensitivity(pred, truth)
+    return {"dsc_opt": dsc, "threshold": thr, "hd95": metrics.hd95(pred, truth),
+            "auprc": metrics.auprc(score, truth), "tp": tp, "lesions": n}
+
+
+def _summarise(rows: list[dict[str, Any]], seconds: list[float]) -> dict[str, float]:
+    def mean(key):
+        vals = np.array([r[key] for r in rows], dtype=np.float64)
+        return float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+
+    return {
+        "dsc_opt": mean("dsc_opt"),
+        "hd95": mean("hd95"),
+        "auprc": mean("auprc"),
+        "sensitivity": metrics.sensitivity([r["tp"] for r in rows], [r["lesions"] for r in rows]),
+        "seconds_per_volume": float(np.mean(seconds)) if seconds else float("nan"),
+        "slices": len(rows),
+    }
+
+
+def check_held_out(card: dict[str, Any], seeds: list[int]) -> None:
+    """Refuse evaluation seeds that overlap the card's training or validation seeds."""
+    prov = card.get("provenance", {})
+    for key in ("train_seeds", "val_seeds"):
+        rng = prov.get(key)
+        if rng and any(rng[0] <= s < rng[1] for s in seeds):
+            raise ValueError(
+                f"evaluation seeds {seeds[0]}..{seeds[-1]} overlap the model's {key.replace('_', ' ')} "
+                f"{rng[0]}..{rng[1] - 1}; choose held-out seeds."
+            )
+
+
+def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level=None, guidance_scale=None,
+             steps: Any = "default", phantom_kwargs: dict[str, Any] | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate ``model`` and the 41 % SUVmax baseline on ``n_cases`` phantoms from ``seed``; write results."""
+    out = check_writable_dir(out_dir)
+    seeds = list(range(int(seed), int(seed) + int(n_cases)))
+    check_held_out(model.card, seeds)
+    prep = model.card["preprocessing"]
+    raw_prep = {**prep, "intensity": {"scale": 1.0, "offset": 0.0, "clip": [None, None]}}
+    name = model.card["method"]
+    rows: dict[str, list[dict[str, Any]]] = {name: [], "suv41": []}
+    seconds: dict[str, list[float]] = {name: [], "suv41": []}
+    kwargs: dict[str, Any] = {"noise_level": noise_level, "guidance_scale": guidance_scale}
+    if steps != "default":
+        kwargs["steps"] = steps
+    params = None
+    for s in seeds:
+        case = make_phantom(s, **(phantom_kwargs or {}))
+        t0 = time.perf_counter()
+        res = model.run(case.pet, **kwargs)
+        seconds[name].append(time.perf_counter() - t0)
+        params = res.parameters
+        truth = mask_to_model_space(case.lesion_labels, res.grid) >= 0.5
+        t0 = time.perf_counter()
+        suv, _ = to_model_space(case.pet, raw_prep, res.grid)
+        baseline = suv_threshold_baseline(suv, 0.41, axis=0)
+        seconds["suv41"].append(time.perf_counter() - t0)
+        unhealthy = np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1))
+        for k in unhealthy:
+            common = {"seed": s, "slice": int(k)}
+            rows[name].append({**common, **_slice_metrics(res.model_heat[k], truth[k])})
+            rows["suv41"].append({**common, **_slice_metrics(suv[k], truth[k], binary=baseline[k])})
+        log(f"case {s}: {len(case.lesions)} lesion(s), {len(unhealthy)} unhealthy slices, "
+            f"{seconds[name][-1]:.1f} s")
+    result = {
+        "protocol": "IgCONDA-PET section 3.4 on the model's slice space; synthetic phantoms (no real PET)",
+        "checkpoint": model.card["id"],
+        "seeds": [seeds[0], seeds[-1]],
+        "parameters": params,
+        "methods": {m: _summarise(rows[m], seconds[m]) for m in rows},
+        "per_slice": rows,
+    }
+    write_json(result, out / "metrics.json")
+    (out / "metrics.md").write_text(markdown_table(result))
+    return result
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"Held-out phantom seeds {result['seeds'][0]}..{result['seeds'][1]}, parameters {result['parameters']}",
+        "",
+        "| method | DSC_opt | HD95 (px) | AUPRC | sensitivity | s / volume | slices |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, r in result["methods"].items():
+        lines.append(f"| {m} | {r['dsc_opt']:.3f} | {r['hd95']:.2f} | {r['auprc']:.3f} | {r['sensitivity']:.3f} | "
+                     f"{r['seconds_per_volume']:.1f} | {r['slices']} |")
+    return "\n".join(lines) + "\n"

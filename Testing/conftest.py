@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny IgCONDA-PET checkpoint, a small phantom and an oblique PET volume.
+
+Everything is deliberately small (32 x 32 model slices at 12 mm, 8-16 channels, 3 DDIM grid
+points, noise level 50) so the pipeline and CLI tests run in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix  # noqa: E402
+
+#: the grid of the small phantom (same 384 x 384 x 720 mm field of view as the default phantom)
+SMALL_SHAPE_IJK = (48, 48, 60)
+SMALL_SPACING = (8.0, 8.0, 12.0)
+SMALL_PHANTOM_KWARGS = {"shape_ijk": SMALL_SHAPE_IJK, "spacing": SMALL_SPACING, "n_lesions": 2}
+
+#: training/validation seed ranges ([start, stop)) recorded in the tiny card's provenance
+TRAIN_SEEDS = [1000, 1010]
+VAL_SEEDS = [900000, 900002]
+
+
+def rotation(axis, angle_deg: float) -> np.ndarray:
+    """Rodrigues rotation matrix about an arbitrary axis."""
+    a = np.asarray(axis, dtype=np.float64)
+    a = a / np.linalg.norm(a)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    t = np.radians(angle_deg)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+@pytest.fixture(scope="session")
+def tiny_card() -> dict:
+    """A model card for a tiny network; never mutate it in a test (session-scoped)."""
+    from DiffusionAnomalyLib.training import default_card
+
+    card = default_card(channels=(8, 16, 16), attention_levels=(False, False, True),
+                        spacing_mm=(12.0, 12.0, 12.0), in_plane_size=(32, 32))
+    card["network"]["unet"]["norm_num_groups"] = 8
+    card["network"]["unet"]["num_head_channels"] = 8
+    card["inference_defaults"].update(steps=3, noise_level=50)
+    card["provenance"] = {"train_seeds": list(TRAIN_SEEDS), "val_seeds": list(VAL_SEEDS),
+                          "note": "untrained test network"}
+    return card
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_card) -> Path:
+    """An untrained (seeded) tiny network saved as a real .safetensors checkpoint."""
+    import torch
+
+    from DiffusionAnomalyLib import networks
+    from DiffusionAnomalyLib.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = networks.build_model(tiny_card)
+    return save_checkpoint(model, tiny_card, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture()
+def tiny_model(tiny_checkpoint):
+    """A freshly loaded model (empty cache, evaluation counter at zero) on the CPU."""
+    from DiffusionAnomalyLib.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_phantom_case():
+    from DiffusionAnomalyLib.phantoms import make_phantom
+
+    return make_phantom(seed=11, **SMALL_PHANTOM_KWARGS)
+
+
+@pytest.fixture()
+def small_phantom(small_phantom_case) -> Volume:
+    """The small phantom's PET (SUVbw, modality PT); a copy, so tests may modify it."""
+    pet = small_phantom_case.pet
+    return pet.with_voxels(pet.voxels.copy())
+
+
+@pytest.fixture(scope="session")
+def oblique_pet(small_phantom_case) -> Volume:
+    """The small phantom's voxels on an oblique grid: rotated 20 degrees about an oblique axis, shifted origin.
+
+    Session-scoped: do not modify it in a test.
+    """
+    pet = small_phantom_case.pet
+    direction = rotation([0.3, -0.5, 0.8], 20.0) @ pet.direction_ras
+    m = ijk_to_ras_matrix(pet.spacing, [-37.5, 120.25, -410.75], direction)
+    return Volume(pet.voxels.copy(), m, modality="PT", units="SUVbw", meta={"source": "oblique test volume"})
