@@ -22,6 +22,7 @@ from .networks import build_model
 
 FORMAT = "diffusion-anomaly-checkpoint"
 FORMAT_VERSION = 1
+KNOWN_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 METHODS = ("igconda", "classifier_guided", "cdm", "latent3d")
 MODALITIES = ("PT", "CT")
 
@@ -71,6 +72,10 @@ def validate_card(card: Any) -> dict[str, Any]:
     for key in ("num_train_timesteps", "schedule"):
         if key not in sched:
             raise CheckpointError(f"the model card's scheduler section has no '{key}'.")
+    if sched["schedule"] not in KNOWN_SCHEDULES:
+        raise CheckpointError(f"unknown noise schedule {sched['schedule']!r}; expected one of {KNOWN_SCHEDULES}.")
+    if card["method"] in ("igconda", "cdm") and not card["network"].get("class_embedding"):
+        raise CheckpointError(f"a {card['method']} model needs a class embedding (network.class_embedding).")
     return card
 
 
@@ -78,11 +83,15 @@ def save_checkpoint(model: torch.nn.Module, card: dict[str, Any], path: str | Pa
     """Write weights + card to ``path`` atomically (temp file then rename)."""
     validate_card(card)
     path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save {path.name}: the folder {path.parent} does not exist.")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.partial")
     try:
         save_file(tensors, str(tmp), metadata={"model_card": json.dumps(card, sort_keys=True)})
         tmp.replace(path)
+    except SafetensorError as exc:
+        raise CheckpointError(f"cannot save the checkpoint to {path}: {exc}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -106,13 +115,19 @@ def read_card(path: str | Path) -> dict[str, Any]:
         card = json.loads(meta["model_card"])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"the model card in {path.name} is not valid JSON ({exc}).") from exc
-    return validate_card(card)
+    try:
+        return validate_card(card)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from exc
 
 
 def load_weights(path: str | Path, card: dict[str, Any]) -> torch.nn.Module:
     """Build the network the card describes and load the file's weights into it, strictly."""
     path = Path(path)
-    model = build_model(card)
+    try:
+        model = build_model(card)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"the network described by the model card in {path.name} cannot be built: {exc}") from exc
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

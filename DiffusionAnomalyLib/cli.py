@@ -120,6 +120,16 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .evaluation import sweep
+
+    model = _load_model(args)
+    sweep(model, args.phantoms, args.seed, args.out, [int(v) for v in args.noise_levels.split(",")],
+          [float(v) for v in args.guidance_scales.split(",")], steps=_steps(args))
+    print(f"wrote {args.out}/sweep.json")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     import time
 
@@ -171,10 +181,11 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _add_inference_args(p, with_threshold: bool = True) -> None:
+def _add_inference_args(p, with_threshold: bool = True, with_params: bool = True) -> None:
     p.add_argument("--checkpoint", default=None, help="model file (.safetensors, or an IgCONDA-PET .pth); default: bundled demo model")
-    p.add_argument("--noise-level", type=int, default=None, help="noise level D (default: the model card's)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale w (default: the model card's)")
+    if with_params:
+        p.add_argument("--noise-level", type=int, default=None, help="noise level D (default: the model card's)")
+        p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale w (default: the model card's)")
     p.add_argument("--steps", type=int, default=None, help="DDIM grid points K; 0 = stride-1 reference loop (default: the card's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     if with_threshold:
@@ -227,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True)
     _add_inference_args(ev, with_threshold=False)
     ev.set_defaults(func=_cmd_evaluate)
+
+    sw = sub.add_parser("sweep", help="DSC_opt over a grid of noise levels and guidance scales (unhealthy slices)")
+    sw.add_argument("--phantoms", type=int, default=3)
+    sw.add_argument("--seed", type=int, default=800_000)
+    sw.add_argument("--noise-levels", default="200,300,400,500")
+    sw.add_argument("--guidance-scales", default="0,1,3,5")
+    sw.add_argument("--out", required=True)
+    _add_inference_args(sw, with_threshold=False, with_params=False)
+    sw.set_defaults(func=_cmd_sweep)
+
+    from .reference_import import add_import_arguments
+
+    add_import_arguments(sub.add_parser("import-checkpoint", help="convert an IgCONDA-PET reference .pth to .safetensors"))
 
     dm = sub.add_parser("demo", help="one phantom case through the bundled model, with overview.png")
     dm.add_argument("--out", default="diffusion-anomaly-demo")

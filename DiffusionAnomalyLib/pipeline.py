@@ -101,6 +101,31 @@ def summary(result: CaseResult, card: dict[str, Any], extra: dict[str, Any] | No
     }
 
 
+def _move_into_place(stage: Path, out: Path) -> dict[str, Path]:
+    """Move every staged file into ``out``; on any failure restore ``out`` exactly as it was."""
+    files = sorted(f for f in stage.iterdir() if f.is_file())
+    blocked = [f.name for f in files if (out / f.name).exists() and not (out / f.name).is_file()]
+    if blocked:
+        raise OutputError(f"Cannot write the results into {out}: {', '.join(blocked)} exist(s) there as a folder.")
+    backup = stage / ".previous"
+    backup.mkdir()
+    moved: list[Path] = []
+    try:
+        for f in files:
+            target = out / f.name
+            if target.exists():
+                target.replace(backup / f.name)  # keep the previous run's file until all succeeded
+            f.replace(target)
+            moved.append(target)
+    except OSError:
+        for target in moved:
+            target.unlink(missing_ok=True)
+        for old in backup.iterdir():
+            old.replace(out / old.name)
+        raise
+    return {t.name: t for t in moved}
+
+
 def write_outputs(result: CaseResult, card: dict[str, Any], out_dir: str | Path,
                   extra_summary: dict[str, Any] | None = None, write_counterfactual: bool = True,
                   extra_files: dict[str, Callable[[Path], Any]] | None = None) -> dict[str, Path]:
@@ -121,12 +146,7 @@ def write_outputs(result: CaseResult, card: dict[str, Any], out_dir: str | Path,
         for name, writer in (extra_files or {}).items():
             writer(stage / name)
         write_json(summary(result, card, extra_summary), stage / "summary.json")
-        written = {}
-        for f in sorted(stage.iterdir()):
-            target = out / f.name
-            f.replace(target)
-            written[f.name] = target
-        return written
+        return _move_into_place(stage, out)
     except OSError as exc:
         if isinstance(exc, OutputError):
             raise

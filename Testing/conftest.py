@@ -16,6 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix  # noqa: E402
 
+
+def pytest_configure(config):
+    """One intra-op thread: the tiny networks gain nothing from more, and on a busy 2-core machine
+    (CI runs beside other jobs) oversubscribed OpenMP threads make each forward pass 10-100x slower."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 #: the grid of the small phantom (same 384 x 384 x 720 mm field of view as the default phantom)
 SMALL_SHAPE_IJK = (48, 48, 60)
 SMALL_SPACING = (8.0, 8.0, 12.0)
@@ -60,6 +69,13 @@ def tiny_checkpoint(tmp_path_factory, tiny_card) -> Path:
 
     torch.manual_seed(0)
     model = networks.build_model(tiny_card)
+    # MONAI zero-initialises the output convolution (and the residual/attention output layers), so an
+    # untrained UNet predicts eps = 0 everywhere and every counterfactual would equal its input: give
+    # those layers seeded random weights so guidance, noise level and steps change the result.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0.0, 0.1)
     return save_checkpoint(model, tiny_card, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
@@ -83,6 +99,18 @@ def small_phantom(small_phantom_case) -> Volume:
     """The small phantom's PET (SUVbw, modality PT); a copy, so tests may modify it."""
     pet = small_phantom_case.pet
     return pet.with_voxels(pet.voxels.copy())
+
+
+@pytest.fixture(scope="session")
+def pet_slab(small_phantom_case) -> Volume:
+    """20 axial slices of the small phantom (one of its lesions inside): a cheaper input for tests
+    that run the network several times. Session-scoped: do not modify it in a test."""
+    pet, labels = small_phantom_case.pet, small_phantom_case.lesion_labels
+    k0, k1 = 20, 40
+    assert labels.voxels[k0:k1].any(), "the slab should contain a lesion"
+    m = pet.ijk_to_ras.copy()
+    m[:3, 3] = pet.ijk_to_ras_points([0, 0, k0])[0]
+    return Volume(pet.voxels[k0:k1].copy(), m, modality="PT", units="SUVbw", meta={"source": "phantom slab"})
 
 
 @pytest.fixture(scope="session")

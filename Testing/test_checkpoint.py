@@ -375,13 +375,10 @@ def test_safetensors_refusals(case, message, saved, tmp_path):
         assert target.name in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, KeyError), reason=(
-    "checkpoint.load_weights does not turn build_model errors into CheckpointError: a card whose network "
-    "section cannot be built raises a bare ValueError/KeyError"))
 @pytest.mark.parametrize("patch", [
     {"channels": [30, 30, 30]},  # not a multiple of norm_num_groups (MONAI ValueError)
     {"bogus_argument": 1},  # networks.build_unet ValueError
-])
+], ids=["channels-not-multiple-of-norm-groups", "unknown-network-argument"])
 def test_unbuildable_card_is_a_checkpoint_error(patch, saved, tmp_path):
     path, model, card = saved
     card = copy.deepcopy(card)
@@ -503,9 +500,6 @@ def test_save_into_missing_folder_creates_nothing(tmp_path):
     assert files_in(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, raises=SafetensorError, reason=(
-    "checkpoint.save_checkpoint lets safetensors' SafetensorError escape instead of a CheckpointError/OSError "
-    "naming the destination"))
 def test_save_into_missing_folder_is_a_checkpoint_error(tmp_path):
     with pytest.raises((CheckpointError, OSError)):
         save_checkpoint(tiny_model(0), tiny_card(), tmp_path / "missing" / "model.safetensors")

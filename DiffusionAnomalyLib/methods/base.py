@@ -71,9 +71,9 @@ def array_key(*parts: Any) -> str:
 
 
 class LRU(OrderedDict):
-    """A tiny least-recently-used cache (a few cases' latents, not unbounded)."""
+    """A small least-recently-used cache (bounded, so memory does not grow with slider moves)."""
 
-    def __init__(self, capacity: int = 4):
+    def __init__(self, capacity: int = 16):
         super().__init__()
         self.capacity = capacity
 
@@ -102,7 +102,9 @@ class SliceMethod:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.network_evaluations = 0  # images passed through the network (for tests and benchmarks)
-        self.cache = LRU(capacity=4)
+        # latents and counterfactuals of recent (case, parameter) pairs: a 64 x 64 x 120 case is
+        # ~2 MB each, so a few dozen entries let slider moves back and forth stay free.
+        self.cache = LRU(capacity=32)
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -1,0 +1,287 @@
+"""The ``diffusion-anomaly`` command, called in-process: phantom, run, evaluate; every expected failure
+exits 2 with one ``error:`` line that names the problem and leaves no result files behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DiffusionAnomalyLib import cli, evaluation
+from DiffusionAnomalyLib.volume import Volume, read_volume, write_volume
+
+from conftest import SMALL_PHANTOM_KWARGS, TRAIN_SEEDS, VAL_SEEDS
+
+RUN_OUTPUTS = {"heatmap.nrrd", "counterfactual.nrrd", "lesions.seg.nrrd", "lesions.csv", "summary.json"}
+CSV_HEADER = "id,voxels,volume_ml,suv_max,suv_mean,suv_peak,tlg,max_heat,centroid_r,centroid_a,centroid_s"
+METRIC_KEYS = {"dsc_opt", "hd95", "auprc", "sensitivity", "seconds_per_volume"}
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    """The single ``error: ...`` line the CLI printed last (progress-bar output before it is allowed)."""
+    assert "Traceback" not in err
+    starts = [i for i in range(len(err)) if err.startswith("error:", i) and (i == 0 or err[i - 1] in "\r\n")]
+    assert len(starts) == 1, f"expected exactly one error line in {err!r}"
+    tail = err[starts[0]:]
+    assert tail.endswith("\n") and tail.count("\n") == 1 and "\r" not in tail, f"error is not one line: {tail!r}"
+    return tail.strip()
+
+
+def listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def pet_file(tmp_path_factory, small_phantom_case) -> Path:
+    """The small phantom written as NRRD with modality PT and units SUVbw in its header."""
+    pet = small_phantom_case.pet
+    assert (pet.modality, pet.units) == ("PT", "SUVbw")
+    return write_volume(pet, tmp_path_factory.mktemp("input") / "pet.nrrd")
+
+
+# =============================================================================================
+# phantom
+# =============================================================================================
+def read_phantom(folder: Path, seed: int) -> tuple[Volume, Volume, dict]:
+    stem = f"phantom_{seed:06d}"
+    assert listing(folder) == {f"{stem}_pet.nrrd", f"{stem}_lesions.nrrd", f"{stem}.json"}
+    pet = read_volume(folder / f"{stem}_pet.nrrd")
+    labels = read_volume(folder / f"{stem}_lesions.nrrd", validate=False)  # a healthy case has an all-zero map
+    return pet, labels, json.loads((folder / f"{stem}.json").read_text())
+
+
+def test_phantom_is_written_and_deterministic(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "phantom", "--out", tmp_path / "a", "--seed", 3, "--count", 1)
+    assert code == 0 and "phantom_000003" in out
+    pet, labels, facts = read_phantom(tmp_path / "a", 3)
+    assert (pet.modality, pet.units) == ("PT", "SUVbw")
+    assert pet.voxels.ndim == 3 and pet.voxels.min() >= 0 and pet.voxels.max() > 1
+    assert labels.same_geometry(pet)
+    assert facts["seed"] == 3 and isinstance(facts["lesions"], list)
+    assert set(np.unique(labels.voxels)) - {0} <= {les["id"] for les in facts["lesions"]}
+
+    assert run_cli(capsys, "phantom", "--out", tmp_path / "b", "--seed", 3)[0] == 0
+    pet_b, labels_b, facts_b = read_phantom(tmp_path / "b", 3)
+    np.testing.assert_array_equal(pet_b.voxels, pet.voxels)
+    np.testing.assert_array_equal(labels_b.voxels, labels.voxels)
+    np.testing.assert_array_equal(pet_b.ijk_to_ras, pet.ijk_to_ras)
+    assert facts_b == facts
+
+    assert run_cli(capsys, "phantom", "--out", tmp_path / "c", "--seed", 4)[0] == 0
+    pet_c, _, facts_c = read_phantom(tmp_path / "c", 4)
+    assert pet_c.voxels.shape == pet.voxels.shape
+    assert not np.array_equal(pet_c.voxels, pet.voxels)
+    assert facts_c["seed"] == 4
+
+
+def test_phantom_refuses_an_unwritable_folder(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    code, _, err = run_cli(capsys, "phantom", "--out", tmp_path / "afile" / "out", "--seed", 3)
+    assert code == 2
+    assert str(tmp_path / "afile" / "out") in error_line(err)
+
+
+# =============================================================================================
+# run
+# =============================================================================================
+def test_run_writes_the_five_outputs(tmp_path, capsys, tiny_checkpoint, pet_file):
+    out = tmp_path / "results"
+    code, stdout, _ = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out,
+                              "--steps", 2)
+    assert code == 0
+    assert listing(out) == RUN_OUTPUTS
+    assert "lesion candidate(s)" in stdout
+
+    assert (out / "lesions.csv").read_text().splitlines()[0] == CSV_HEADER
+    with open(out / "lesions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["id"] == "igconda-pet-phantom-demo"
+    params = summary["parameters"]
+    assert (params["noise_level"], params["guidance_scale"], params["steps"]) == (50, 3.0, 2)
+    assert (params["threshold_method"], params["threshold_value"], params["min_size_ml"]) == ("fraction", 0.5, 0.5)
+    assert set(summary["timings_seconds"]) == {"preprocess", "encode", "decode", "postprocess", "segment"}
+    assert all(v >= 0 for v in summary["timings_seconds"].values())
+    assert summary["checkpoint"] == str(tiny_checkpoint)
+    assert summary["input_path"] == str(pet_file)
+    assert summary["lesion_count"] == len(rows)
+    assert summary["network_evaluations"] > 0
+
+    source = read_volume(pet_file)
+    heat = read_volume(out / "heatmap.nrrd")
+    assert heat.voxels.shape == source.voxels.shape
+    np.testing.assert_allclose(heat.ijk_to_ras, source.ijk_to_ras, atol=1e-4)
+
+
+def test_run_passes_the_parameters_through(tmp_path, capsys, tiny_checkpoint, pet_file):
+    out = tmp_path / "results"
+    code, _, _ = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out,
+                         "--steps", 1, "--noise-level", 30, "--guidance-scale", 1.5,
+                         "--threshold-method", "otsu", "--min-size-ml", 2.0)
+    assert code == 0
+    params = json.loads((out / "summary.json").read_text())["parameters"]
+    assert (params["noise_level"], params["guidance_scale"], params["steps"]) == (30, 1.5, 1)
+    assert (params["threshold_method"], params["threshold_value"], params["min_size_ml"]) == ("otsu", None, 2.0)
+
+
+def _write_sitk(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _volume_file(tmp: Path, name: str, voxels: np.ndarray, **kwargs) -> Path:
+    return write_volume(Volume(voxels, np.diag([4.0, 4.0, 5.0, 1.0]), **kwargs), tmp / name)
+
+
+def _make_bad_input(kind: str, tmp: Path, pet_file: Path) -> Path:
+    rng = np.random.default_rng(0)
+    if kind == "missing":
+        return tmp / "no-such-scan.nrrd"
+    if kind == "unreadable":
+        path = tmp / "garbage.nrrd"
+        path.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        return path
+    if kind == "2d":
+        image = sitk.GetImageFromArray(rng.random((40, 40)).astype(np.float32))
+        image.SetSpacing((2.0, 2.0))
+        return _write_sitk(image, tmp / "slice.nrrd")
+    if kind == "single-slice":
+        return _volume_file(tmp, "single.nrrd", rng.random((1, 40, 40)).astype(np.float32), modality="PT", units="SUVbw")
+    if kind == "constant":
+        return _volume_file(tmp, "constant.nrrd", np.full((20, 24, 24), 1.5, np.float32), modality="PT", units="SUVbw")
+    if kind == "nan":
+        voxels = rng.random((20, 24, 24)).astype(np.float32) * 5
+        voxels[10, 12, 3:9] = np.nan
+        return _volume_file(tmp, "nan.nrrd", voxels, modality="PT", units="SUVbw")
+    if kind == "ct":
+        voxels = (rng.random((20, 24, 24)) * 1400 - 1000).astype(np.float32)
+        return _volume_file(tmp, "ct.nrrd", voxels, modality="CT", units="HU")
+    if kind == "too-large":
+        # a real NRRD header describing 1000 x 1000 x 400 float voxels (1.6 GB) with no pixel data:
+        # the size check reads the header only, so the library's real default limit is exercised
+        path = tmp / "huge.nrrd"
+        path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\n"
+                         b"sizes: 1000 1000 400\nspace directions: (4,0,0) (0,4,0) (0,0,4)\n"
+                         b"encoding: raw\nendian: little\n\n")
+        return path
+    return pet_file
+
+
+BAD_RUNS = [
+    # (id, input kind, extra arguments, words the error line must contain)
+    ("missing-input", "missing", [], ["file not found", "no-such-scan.nrrd"]),
+    ("unreadable-file", "unreadable", [], ["could not read", "garbage.nrrd"]),
+    ("2d-image", "2d", [], ["2 dimensions", "3D"]),
+    ("single-slice", "single-slice", [], ["2D image", "single slice"]),
+    ("constant-volume", "constant", [], ["constant"]),
+    ("nan-voxels", "nan", [], ["NaN", "6"]),
+    ("ct-to-pet-model", "ct", [], ["PET", "CT"]),
+    ("too-large", "too-large", [], ["too large", "400,000,000"]),
+    ("missing-checkpoint", "pet", ["--checkpoint", "{tmp}/nowhere.safetensors"], ["checkpoint not found", "nowhere.safetensors"]),
+    ("corrupt-checkpoint", "pet", ["--checkpoint", "{tmp}/corrupt.safetensors"], ["corrupt.safetensors", "not a readable"]),
+    ("noise-level-out-of-range", "pet", ["--noise-level", "5000"], ["noise level"]),
+]
+
+
+@pytest.mark.parametrize("kind, extra, words", [b[1:] for b in BAD_RUNS], ids=[b[0] for b in BAD_RUNS])
+def test_run_refuses_bad_input(tmp_path, capsys, tiny_checkpoint, pet_file, kind, extra, words):
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00\x01 not safetensors" * 50)
+    path = _make_bad_input(kind, tmp_path, pet_file)
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    if "--checkpoint" not in extra:
+        extra += ["--checkpoint", str(tiny_checkpoint)]
+    out = tmp_path / "results"
+    code, _, err = run_cli(capsys, "run", "--input", path, "--out", out, "--steps", 1, *extra)
+    assert code == 2
+    line = error_line(err)
+    for w in words:
+        assert w in line, f"{w!r} not in {line!r}"
+    assert listing(out) == set()
+
+
+def test_run_refuses_an_output_folder_that_cannot_be_created(tmp_path, capsys, tiny_checkpoint, pet_file):
+    (tmp_path / "afile").write_text("a regular file, not a folder")
+    out = tmp_path / "afile" / "out"
+    code, _, err = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out)
+    assert code == 2
+    assert str(out) in error_line(err)
+    assert not out.exists()
+    assert listing(tmp_path) == {"afile"}
+
+
+def test_run_refuses_ct_named_on_the_command_line(tmp_path, capsys, tiny_checkpoint, pet_file):
+    out = tmp_path / "results"
+    code, _, err = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out,
+                           "--modality", "CT")
+    assert code == 2
+    line = error_line(err)
+    assert "PET" in line and "CT" in line
+    assert listing(out) == set()
+
+
+# =============================================================================================
+# evaluate
+# =============================================================================================
+@pytest.mark.parametrize("phantoms, seed, which", [
+    (1, 1005, "train seeds 1000..1009"),
+    (3, TRAIN_SEEDS[0] - 2, "train seeds 1000..1009"),  # 998..1000: only the last one overlaps
+    (1, VAL_SEEDS[0] + 1, "val seeds 900000..900001"),
+])
+def test_evaluate_refuses_seeds_used_for_training(tmp_path, capsys, tiny_checkpoint, phantoms, seed, which):
+    out = tmp_path / "eval"
+    code, _, err = run_cli(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--phantoms", phantoms,
+                           "--seed", seed, "--out", out, "--steps", 1)
+    assert code == 2
+    line = error_line(err)
+    assert "overlap" in line and which in line and "held-out" in line
+    assert listing(out) == set()
+
+
+def test_evaluate_on_held_out_small_phantoms(tmp_path, tiny_model):
+    """The CLI has no option for phantom size, so the library call is tested with small phantoms."""
+    seed = TRAIN_SEEDS[1]  # the first seed after the training range [1000, 1010) is held out
+    out = tmp_path / "eval"
+    result = evaluation.evaluate(tiny_model, 1, seed, out, steps=2, phantom_kwargs=dict(SMALL_PHANTOM_KWARGS),
+                                 log=lambda message: None)
+    assert listing(out) == {"metrics.json", "metrics.md"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"] == [seed, seed]
+    assert metrics["checkpoint"] == tiny_model.card["id"]
+    assert metrics["parameters"] == {"noise_level": 50, "guidance_scale": 3.0, "steps": 2}
+    assert set(metrics["methods"]) == {"igconda", "suv41"}
+    for name, row in metrics["methods"].items():
+        assert METRIC_KEYS <= set(row), name
+        assert row["slices"] > 0, "the phantom should have unhealthy slices"
+        assert row["slices"] == len(metrics["per_slice"][name])
+        assert 0.0 <= row["dsc_opt"] <= 1.0 and 0.0 <= row["auprc"] <= 1.0 and 0.0 <= row["sensitivity"] <= 1.0
+        assert row["seconds_per_volume"] > 0
+    assert set(metrics["per_slice"]) == {"igconda", "suv41"}
+    assert all(r["seed"] == seed for r in metrics["per_slice"]["igconda"])
+    for name in ("igconda", "suv41"):  # the file holds what the call returned
+        assert metrics["methods"][name]["slices"] == result["methods"][name]["slices"]
+        assert metrics["methods"][name]["dsc_opt"] == pytest.approx(result["methods"][name]["dsc_opt"])
+    md = (out / "metrics.md").read_text()
+    assert "| igconda |" in md and "| suv41 |" in md
+
+
+def test_evaluate_cli_on_a_held_out_seed(tmp_path, capsys, tiny_checkpoint):
+    """End to end through the CLI (full-size phantom, one DDIM step)."""
+    out = tmp_path / "eval"
+    code, stdout, _ = run_cli(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--phantoms", 1,
+                              "--seed", 5_000_000, "--out", out, "--steps", 1)
+    assert code == 0
+    assert listing(out) == {"metrics.json", "metrics.md"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"igconda", "suv41"}
+    assert "| igconda |" in stdout and "metrics.json" in stdout
