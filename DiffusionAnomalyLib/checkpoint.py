@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
-from .networks import build_model
+from safetensors import SafetensorError, safe_open
+
+if TYPE_CHECKING:  # torch is imported only when weights are touched: listing models stays light
+    import torch
 
 FORMAT = "diffusion-anomaly-checkpoint"
 FORMAT_VERSION = 1
@@ -79,8 +79,10 @@ def validate_card(card: Any) -> dict[str, Any]:
     return card
 
 
-def save_checkpoint(model: torch.nn.Module, card: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint(model: "torch.nn.Module", card: dict[str, Any], path: str | Path) -> Path:
     """Write weights + card to ``path`` atomically (temp file then rename)."""
+    from safetensors.torch import save_file
+
     validate_card(card)
     path = Path(path)
     if not path.parent.is_dir():
@@ -121,8 +123,12 @@ def read_card(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path.name}: {exc}") from exc
 
 
-def load_weights(path: str | Path, card: dict[str, Any]) -> torch.nn.Module:
+def load_weights(path: str | Path, card: dict[str, Any]) -> "torch.nn.Module":
     """Build the network the card describes and load the file's weights into it, strictly."""
+    from safetensors.torch import load_file
+
+    from .networks import build_model
+
     path = Path(path)
     try:
         model = build_model(card)

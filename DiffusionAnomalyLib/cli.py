@@ -53,7 +53,7 @@ def _load_model(args):
 def _progress_bar(desc: str):
     from tqdm import tqdm
 
-    bar = tqdm(total=100, desc=desc, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+    bar = tqdm(total=100, desc=desc, unit="%", disable=None, mininterval=1.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
     def update(fraction: float, message: str) -> None:
         bar.n = int(round(100 * fraction))

@@ -244,7 +244,8 @@ def segment(
     if not keep.any():
         return out
 
-    max_heat = np.asarray(ndi.maximum(arr, components, index), dtype=np.float64)
+    fg = components > 0  # only lesion voxels: avoids sorting the whole volume (slider speed)
+    max_heat = np.asarray(ndi.maximum(arr[fg], components[fg], index), dtype=np.float64)
     kept = index[keep]
     # Sort by descending max heat, then descending size, then ascending original (raster) label.
     order = np.lexsort((kept, -sizes[kept - 1], -max_heat[kept - 1]))

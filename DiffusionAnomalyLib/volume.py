@@ -545,7 +545,7 @@ def _read_dicom(
         if suv_factor is not None:
             factors = np.full(len(files), float(suv_factor))
         else:
-            factors = _suv_factors(headers)
+            factors = suv_factors(headers)
         volume.voxels = (volume.voxels * factors[:, None, None]).astype(np.float32)
         volume.units = "SUVbw"
         volume.meta["suv_factor"] = float(factors[0]) if np.all(factors == factors[0]) else factors.tolist()
@@ -744,7 +744,7 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
     return weight_kg * 1000.0 / decayed_dose
 
 
-def _suv_factors(headers: list) -> np.ndarray:
+def suv_factors(headers: list) -> np.ndarray:
     """Per-slice SUV factors for a sorted PET series (equal unless DecayCorrection is NONE)."""
     first = headers[0]
     if str(first.get("DecayCorrection", "") or "").strip().upper() == "NONE":

@@ -514,7 +514,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_checkpoint(tmp_pa
         Path(filename).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", failing_save_file)
+    monkeypatch.setattr("safetensors.torch.save_file", failing_save_file)  # imported at call time
     with pytest.raises(OSError):
         save_checkpoint(model, card, target)
     with pytest.raises(OSError):
