@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _load_model(args):
     from .checkpoint import bundled_checkpoint, load_checkpoint
 
     path = args.checkpoint or bundled_checkpoint()
-    return load_checkpoint(path, device=args.device)
+    return load_checkpoint(path, device=args.device, precision=args.precision)
 
 
 def _progress_bar(desc: str):
@@ -124,10 +125,33 @@ def _cmd_sweep(args) -> int:
     from .evaluation import sweep
 
     model = _load_model(args)
-    sweep(model, args.phantoms, args.seed, args.out, [int(v) for v in args.noise_levels.split(",")],
-          [float(v) for v in args.guidance_scales.split(",")], steps=_steps(args))
+    if args.write_defaults is not None:
+        _check_new_checkpoint_path(args.write_defaults, model.source)
+    result = sweep(model, args.phantoms, args.seed, args.out, [int(v) for v in args.noise_levels.split(",")],
+                   [float(v) for v in args.guidance_scales.split(",")], steps=_steps(args))
     print(f"wrote {args.out}/sweep.json")
+    if args.write_defaults is not None:
+        from .checkpoint import save_checkpoint
+        from .evaluation import card_with_best_defaults
+
+        card = card_with_best_defaults(model.card, result, args.command_line)
+        save_checkpoint(model.model, card, args.write_defaults)
+        d = card["inference_defaults"]
+        print(f"wrote {args.write_defaults}: defaults noise level {d['noise_level']}, guidance scale "
+              f"{d['guidance_scale']}, steps {d['steps']}")
     return 0
+
+
+def _check_new_checkpoint_path(path: str, source: str | None) -> None:
+    from .export import OutputError
+
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise OutputError(f"cannot write {target}: the folder {target.parent} does not exist.")
+    if source is not None and target.exists() and target.resolve() == Path(source).resolve():
+        raise OutputError(f"--write-defaults must name a new file, not the checkpoint being swept ({target}).")
+
+
 
 
 def _cmd_demo(args) -> int:
@@ -188,6 +212,8 @@ def _add_inference_args(p, with_threshold: bool = True, with_params: bool = True
         p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale w (default: the model card's)")
     p.add_argument("--steps", type=int, default=None, help="DDIM grid points K; 0 = stride-1 reference loop (default: the card's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="network arithmetic: auto = bf16 on CPUs with native bf16 (about 2x faster), else fp32")
     if with_threshold:
         p.add_argument("--threshold-method", choices=("fraction", "absolute", "otsu"), default=None)
         p.add_argument("--threshold", type=float, default=None, help="fraction of the map maximum, or absolute value")
@@ -245,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--noise-levels", default="200,300,400,500")
     sw.add_argument("--guidance-scales", default="0,1,3,5")
     sw.add_argument("--out", required=True)
+    sw.add_argument("--write-defaults", default=None, metavar="NEW.safetensors",
+                    help="also write a copy of the checkpoint whose default noise level, guidance scale and "
+                         "steps are the sweep's best (by mean DSC_opt), with the sweep recorded in its provenance")
     _add_inference_args(sw, with_threshold=False, with_params=False)
     sw.set_defaults(func=_cmd_sweep)
 
@@ -268,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     from .export import OutputError
     from .volume import VolumeError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["diffusion-anomaly"] + [shlex.quote(a) for a in argv])
     try:
         return int(args.func(args) or 0)
     except (VolumeError, CheckpointError, OutputError, ValueError, MemoryError) as exc:

@@ -55,16 +55,41 @@ def _summarise(rows: list[dict[str, Any]], seconds: list[float]) -> dict[str, fl
     }
 
 
-def check_held_out(card: dict[str, Any], seeds: list[int]) -> None:
-    """Refuse evaluation seeds that overlap the card's training or validation seeds."""
+def check_held_out(card: dict[str, Any], seeds: list[int],
+                   kinds: tuple[str, ...] = ("train_seeds", "val_seeds", "tuning_seeds")) -> None:
+    """Refuse seeds that overlap the card's training, validation or parameter-tuning seeds."""
     prov = card.get("provenance", {})
-    for key in ("train_seeds", "val_seeds"):
+    for key in kinds:
         rng = prov.get(key)
         if rng and any(rng[0] <= s < rng[1] for s in seeds):
             raise ValueError(
                 f"evaluation seeds {seeds[0]}..{seeds[-1]} overlap the model's {key.replace('_', ' ')} "
                 f"{rng[0]}..{rng[1] - 1}; choose held-out seeds."
             )
+
+
+def card_with_best_defaults(card: dict[str, Any], sweep_result: dict[str, Any], command: str) -> dict[str, Any]:
+    """A copy of ``card`` whose default D, w and steps are the sweep's best by mean DSC_opt.
+
+    The sweep's phantom seeds are recorded as ``tuning_seeds`` so that ``evaluate`` refuses them:
+    parameters chosen on a set of cases are never scored on the same cases.
+    """
+    import copy
+
+    rows = [r for r in sweep_result["grid"] if np.isfinite(r["dsc_opt"])]
+    if not rows:
+        raise ValueError("the sweep produced no finite DSC_opt (no unhealthy slices?); no defaults were written.")
+    best = max(rows, key=lambda r: r["dsc_opt"])
+    card = copy.deepcopy(card)
+    card["inference_defaults"].update(
+        noise_level=int(best["noise_level"]), guidance_scale=float(best["guidance_scale"]), steps=best["steps"])
+    first, last = sweep_result["seeds"]
+    prov = card.setdefault("provenance", {})
+    prov["tuning_seeds"] = [int(first), int(last) + 1]
+    prov["inference_defaults_chosen_by"] = (
+        f"{command} (tuning phantom seeds {first}..{last}, {sweep_result['slices']} unhealthy slices); best mean "
+        f"DSC_opt {best['dsc_opt']:.3f} at D={best['noise_level']}, w={best['guidance_scale']:g}")
+    return card
 
 
 def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level=None, guidance_scale=None,
@@ -82,13 +107,13 @@ def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level
     kwargs: dict[str, Any] = {"noise_level": noise_level, "guidance_scale": guidance_scale}
     if steps != "default":
         kwargs["steps"] = steps
-    params = None
+    params, compute = None, {}
     for s in seeds:
         case = make_phantom(s, **(phantom_kwargs or {}))
         t0 = time.perf_counter()
         res = model.run(case.pet, **kwargs)
         seconds[name].append(time.perf_counter() - t0)
-        params = res.parameters
+        params, compute = res.parameters, res.compute
         truth = mask_to_model_space(case.lesion_labels, res.grid) >= 0.5
         t0 = time.perf_counter()
         suv, _ = to_model_space(case.pet, raw_prep, res.grid)
@@ -106,6 +131,7 @@ def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level
         "checkpoint": model.card["id"],
         "seeds": [seeds[0], seeds[-1]],
         "parameters": params,
+        "compute": compute,
         "methods": {m: _summarise(rows[m], seconds[m]) for m in rows},
         "per_slice": rows,
     }
@@ -116,7 +142,8 @@ def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level
 
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [
-        f"Held-out phantom seeds {result['seeds'][0]}..{result['seeds'][1]}, parameters {result['parameters']}",
+        f"Held-out phantom seeds {result['seeds'][0]}..{result['seeds'][1]}, parameters {result['parameters']}"
+        + (f", {result['compute'].get('precision')} on {result['compute'].get('device')}" if result.get("compute") else ""),
         "",
         "| method | DSC_opt | HD95 (px) | AUPRC | sensitivity | s / volume | slices |",
         "|---|---|---|---|---|---|---|",
@@ -139,7 +166,7 @@ def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: lis
 
     out = check_writable_dir(out_dir)
     seeds = list(range(int(seed), int(seed) + int(n_cases)))
-    check_held_out(model.card, seeds)
+    check_held_out(model.card, seeds, kinds=("train_seeds", "val_seeds"))  # re-tuning on tuning seeds is fine
     steps = model.defaults.get("steps") if steps == "default" else steps
     images, truths = [], []
     for s in seeds:

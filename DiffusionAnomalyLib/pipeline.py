@@ -93,6 +93,7 @@ def summary(result: CaseResult, card: dict[str, Any], extra: dict[str, Any] | No
                        "min_size_ml": th.min_size_ml},
         "lesion_count": result.lesion_count,
         "network_evaluations": result.method.network_evaluations,
+        "compute": dict(result.method.compute),
         "timings_seconds": {k: round(v, 3) for k, v in result.timings.items()},
         "input": {"shape_ijk": list(result.volume.shape_ijk), "spacing_mm": [float(s) for s in result.volume.spacing],
                   "ijk_to_ras": result.volume.ijk_to_ras.tolist(), "units": result.volume.units,

@@ -117,6 +117,20 @@ def test_run_writes_the_five_outputs(tmp_path, capsys, tiny_checkpoint, pet_file
     assert summary["input_path"] == str(pet_file)
     assert summary["lesion_count"] == len(rows)
     assert summary["network_evaluations"] > 0
+    assert summary["compute"]["device"] == "cpu" and summary["compute"]["precision"] in ("fp32", "bf16")
+
+
+def test_run_precision_is_chosen_and_recorded(tmp_path, capsys, tiny_checkpoint, pet_file):
+    heat = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        code, _, _ = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out,
+                             "--steps", 2, "--precision", precision)
+        assert code == 0
+        assert json.loads((out / "summary.json").read_text())["compute"] == {"device": "cpu", "precision": precision}
+        heat[precision] = read_volume(out / "heatmap.nrrd", validate=False)
+    assert not np.array_equal(heat["fp32"].voxels, heat["bf16"].voxels)
+    np.testing.assert_array_equal(heat["fp32"].ijk_to_ras, heat["bf16"].ijk_to_ras)
 
     source = read_volume(pet_file)
     heat = read_volume(out / "heatmap.nrrd")
@@ -259,6 +273,7 @@ def test_evaluate_on_held_out_small_phantoms(tmp_path, tiny_model):
     assert metrics["seeds"] == [seed, seed]
     assert metrics["checkpoint"] == tiny_model.card["id"]
     assert metrics["parameters"] == {"noise_level": 50, "guidance_scale": 3.0, "steps": 2}
+    assert metrics["compute"] == {"device": "cpu", "precision": tiny_model.precision}
     assert set(metrics["methods"]) == {"igconda", "suv41"}
     for name, row in metrics["methods"].items():
         assert METRIC_KEYS <= set(row), name
@@ -285,3 +300,64 @@ def test_evaluate_cli_on_a_held_out_seed(tmp_path, capsys, tiny_checkpoint):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"igconda", "suv41"}
     assert "| igconda |" in stdout and "metrics.json" in stdout
+
+
+# =============================================================================================
+# sweep --write-defaults: how the bundled model's defaults were chosen
+# =============================================================================================
+def test_sweep_writes_a_checkpoint_with_the_best_defaults(tmp_path, capsys, tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    from DiffusionAnomalyLib.checkpoint import read_card
+
+    out, tuned = tmp_path / "sweep", tmp_path / "tuned.safetensors"
+    code, stdout, _ = run_cli(capsys, "sweep", "--checkpoint", tiny_checkpoint, "--phantoms", 1, "--seed", 800_000,
+                              "--noise-levels", "20,60", "--guidance-scales", "0,5", "--steps", 2,
+                              "--out", out, "--write-defaults", tuned)
+    assert code == 0 and "tuned.safetensors" in stdout
+    grid = json.loads((out / "sweep.json").read_text())["grid"]
+    assert len(grid) == 4
+    best = max(grid, key=lambda r: r["dsc_opt"])
+    card = read_card(tuned)
+    original = read_card(tiny_checkpoint)
+    d = card["inference_defaults"]
+    assert (d["noise_level"], d["guidance_scale"], d["steps"]) == (best["noise_level"], best["guidance_scale"], 2)
+    assert d["threshold"] == original["inference_defaults"]["threshold"]
+    assert card["provenance"]["tuning_seeds"] == [800_000, 800_001]
+    assert card["provenance"]["inference_defaults_chosen_by"].startswith("diffusion-anomaly sweep --checkpoint")
+    assert card["provenance"]["train_seeds"] == original["provenance"]["train_seeds"]
+    weights, reference = load_file(str(tuned)), load_file(str(tiny_checkpoint))
+    assert weights.keys() == reference.keys()
+    assert all(np.array_equal(weights[k].numpy(), reference[k].numpy()) for k in weights)
+
+    # parameters chosen on these cases must never be scored on them
+    code, _, err = run_cli(capsys, "evaluate", "--checkpoint", tuned, "--phantoms", 1, "--seed", 800_000,
+                           "--out", tmp_path / "eval", "--steps", 1)
+    assert code == 2 and "tuning seeds 800000..800000" in error_line(err)
+    assert listing(tmp_path / "eval") == set()
+
+
+def test_sweep_refuses_to_overwrite_the_checkpoint_it_sweeps(tmp_path, capsys, tiny_checkpoint):
+    before = Path(tiny_checkpoint).read_bytes()
+    code, _, err = run_cli(capsys, "sweep", "--checkpoint", tiny_checkpoint, "--phantoms", 1, "--seed", 800_000,
+                           "--noise-levels", "20", "--guidance-scales", "0", "--steps", 1,
+                           "--out", tmp_path / "sweep", "--write-defaults", tiny_checkpoint)
+    assert code == 2 and "new file" in error_line(err)
+    assert Path(tiny_checkpoint).read_bytes() == before
+    assert listing(tmp_path / "sweep") == set()
+
+
+def test_best_defaults_ignore_grid_points_without_a_score():
+    card = {"inference_defaults": {"noise_level": 1, "guidance_scale": 1.0, "steps": 5}, "provenance": {}}
+    result = {"seeds": [7, 9], "slices": 4, "grid": [
+        {"noise_level": 100, "guidance_scale": 3.0, "steps": 5, "dsc_opt": 0.4},
+        {"noise_level": 200, "guidance_scale": 7.0, "steps": 5, "dsc_opt": float("nan")},
+        {"noise_level": 300, "guidance_scale": 1.0, "steps": 5, "dsc_opt": 0.6},
+    ]}
+    tuned = evaluation.card_with_best_defaults(card, result, "diffusion-anomaly sweep ...")
+    assert tuned["inference_defaults"] == {"noise_level": 300, "guidance_scale": 1.0, "steps": 5}
+    assert tuned["provenance"]["tuning_seeds"] == [7, 10]
+    assert card["provenance"] == {}, "the input card is not modified"
+    with pytest.raises(ValueError, match="no finite DSC_opt"):
+        evaluation.card_with_best_defaults(card, {"seeds": [7, 7], "slices": 0, "grid": [
+            {"noise_level": 1, "guidance_scale": 0.0, "steps": 5, "dsc_opt": float("nan")}]}, "x")

@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..diffusion import Cancelled, Progress
-from ..networks import pick_device
+from ..networks import pick_device, pick_precision
 from ..preprocessing import ModelGrid, from_model_space, model_units_to_input, model_values_to_input, to_model_space
 from ..volume import Volume, VolumeError, validate_volume
 
@@ -33,6 +33,7 @@ class MethodResult:
     parameters: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     network_evaluations: int = 0
+    compute: dict[str, str] = field(default_factory=dict)  # device and arithmetic precision used
 
 
 def check_modality(volume: Volume, card: dict[str, Any]) -> None:
@@ -93,10 +94,12 @@ class LRU(OrderedDict):
 class SliceMethod:
     """Base for 2D slice-wise methods: owns the network, device, counters and the case cache."""
 
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: str = "auto", source: str | None = None):
+    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: str = "auto", source: str | None = None,
+                 precision: str = "fp32"):
         self.card = card
         self.source = source
         self.device = pick_device(device)
+        self.precision = pick_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.channels_last = self.device.type == "cpu"
         if self.channels_last:

@@ -29,8 +29,8 @@ _UNSET = object()
 class IgcondaModel(SliceMethod):
     """A loaded IgCONDA-PET model: ``counterfactual`` on image batches, ``run`` on volumes."""
 
-    def __init__(self, model, card, device="auto", source=None):
-        super().__init__(model, card, device=device, source=source)
+    def __init__(self, model, card, device="auto", source=None, precision="fp32"):
+        super().__init__(model, card, device=device, source=source, precision=precision)
         self.abar = alphas_cumprod(card["scheduler"]).tolist()
         labels = card["labels"]
         self.null_label = int(labels.get("null", 0))
@@ -51,7 +51,8 @@ class IgcondaModel(SliceMethod):
             x = x.contiguous(memory_format=torch.channels_last)
         tt = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
         self.network_evaluations += int(x.shape[0])
-        return self.model(x, tt, self.model.context(labels)).float()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model(x, tt, self.model.context(labels)).float()
 
     def _labels(self, n: int, label: int) -> torch.Tensor:
         return torch.full((n,), label, device=self.device, dtype=torch.long)
@@ -169,4 +170,5 @@ class IgcondaModel(SliceMethod):
             heatmap=heat_vol, counterfactual=cf_vol, model_input=x, model_counterfactual=cf, model_heat=heat,
             grid=grid, parameters=params, timings=timings,
             network_evaluations=self.network_evaluations - evals_before,
+            compute={"device": str(self.device), "precision": self.precision},
         )
