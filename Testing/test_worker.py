@@ -1,0 +1,130 @@
+"""The worker process protocol (DiffusionAnomalyLib.worker): in-process serve() and a real subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+
+from DiffusionAnomalyLib.volume import read_volume, write_volume
+from DiffusionAnomalyLib.worker import Channel, Worker, WorkerClient, serve
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_checkpoint):
+    return Worker(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture()
+def slab_file(tmp_path, pet_slab):
+    return write_volume(pet_slab, tmp_path / "input.nrrd")
+
+
+def _serve(worker, requests):
+    out = io.StringIO()
+    lines = "".join(json.dumps(r) + "\n" for r in requests)
+    assert serve(worker, io.StringIO(lines), Channel(out)) == 0
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_protocol_run_cache_and_errors(worker, slab_file, pet_slab, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    run = {"cmd": "run", "input": str(slab_file), "out_dir": str(out_dir), "noise_level": 20, "guidance_scale": 2.0}
+    msgs = _serve(worker, [
+        {"id": 1, **run},
+        {"id": 2, **run},                               # unchanged: served from the cache
+        {"id": 3, **run, "guidance_scale": 4.0},       # new guidance: decode only
+        {"id": 4, "cmd": "stats"},
+        {"id": 5, "cmd": "run", "input": str(tmp_path / "missing.nrrd"), "out_dir": str(out_dir)},
+        {"id": 6, "cmd": "frobnicate"},
+        {"id": 7, "cmd": "quit"},
+        {"id": 8, "cmd": "stats"},                     # after quit: never answered
+    ])
+    assert msgs[0]["type"] == "ready" and msgs[0]["model_id"] == worker.model.card["id"]
+    assert msgs[0]["device"] == "cpu" and msgs[0]["gpu"] is False
+    results = {m["id"]: m for m in msgs if m["type"] == "result"}
+    assert sorted(results) == [1, 2, 3]
+    first, again, guided = results[1], results[2], results[3]
+    assert first["network_evaluations"] > 0
+    assert again["network_evaluations"] == 0
+    # tiny card: 3 grid points -> 2 encode steps x N slices, 2 decode steps x 2N (uncond + healthy)
+    assert 0 < guided["network_evaluations"] < first["network_evaluations"]
+    assert guided["network_evaluations"] == 2 * first["network_evaluations"] // 3
+    progress = [m for m in msgs if m["type"] == "progress" and m["id"] == 1]
+    assert progress and progress[-1]["fraction"] == 1.0
+    assert all(0.0 <= m["fraction"] <= 1.0 for m in progress)
+    heat = read_volume(first["heatmap"], validate=False)
+    cf = read_volume(first["counterfactual"])
+    assert heat.same_geometry(pet_slab) and cf.same_geometry(pet_slab)
+    assert float(heat.voxels.max()) > 0
+    assert first["parameters"]["noise_level"] == 20 and first["parameters"]["guidance_scale"] == 2.0
+    stats = next(m for m in msgs if m["type"] == "stats")
+    assert stats["id"] == 4 and stats["total_network_evaluations"] == guided["total_network_evaluations"]
+    errors = {m["id"]: m for m in msgs if m["type"] == "error"}
+    assert "file not found" in errors[5]["message"] and errors[5]["kind"] == "VolumeError"
+    assert "unknown worker command" in errors[6]["message"]
+    assert msgs[-1] == {"type": "bye", "id": 7}
+
+
+def test_modality_mismatch_is_a_sentence(worker, tmp_path, pet_slab):
+    ct = pet_slab.with_voxels(pet_slab.voxels * 100 - 1000, modality="CT", units="HU")
+    path = write_volume(ct, tmp_path / "ct.nrrd")
+    msgs = _serve(worker, [{"id": 1, "cmd": "run", "input": str(path), "out_dir": str(tmp_path)}])
+    err = msgs[-1]
+    assert err["type"] == "error" and "trained on PET but the input is CT" in err["message"]
+    assert "detail" not in err  # an expected failure: no traceback
+    assert not (tmp_path / "heatmap.nrrd").exists()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint):
+    c = WorkerClient(tiny_checkpoint, device="cpu", threads=1).start()
+    yield c
+    c.close()
+
+
+def test_subprocess_run_then_terminate_mid_run(client, tmp_path, pet_slab):
+    ready = client.wait_ready(timeout=180)
+    assert ready["device"] == "cpu" and ready["precision"] in ("fp32", "bf16") and client.alive
+    path = write_volume(pet_slab, tmp_path / "input.nrrd")
+    seen = []
+    res = client.request({"cmd": "run", "input": str(path), "out_dir": str(tmp_path), "noise_level": 20},
+                         progress=lambda f, m: seen.append((f, m)), timeout=300)
+    assert res["type"] == "result" and res["network_evaluations"] > 0
+    assert seen and seen[-1][0] == 1.0
+    assert read_volume(res["heatmap"], validate=False).same_geometry(pet_slab)
+    again = client.request({"cmd": "run", "input": str(path), "out_dir": str(tmp_path), "noise_level": 20}, timeout=120)
+    assert again["network_evaluations"] == 0
+
+    # a long run (stride-1 reference loop), terminated once it has started: the process is gone
+    out2 = tmp_path / "cancelled"
+    out2.mkdir()
+    client.send({"cmd": "run", "input": str(path), "out_dir": str(out2), "noise_level": 40, "steps": None})
+    deadline = time.monotonic() + 120
+    started = False
+    while not started and time.monotonic() < deadline:
+        started = any(m["type"] == "progress" and "encoding" in m["message"] for m in client.messages(timeout=0.2))
+    assert started
+    t0 = time.monotonic()
+    client.terminate()
+    assert time.monotonic() - t0 < 5.0
+    assert not client.alive
+    assert list(out2.iterdir()) == []
+    with pytest.raises(RuntimeError, match="not running"):
+        client.send({"cmd": "stats"})
+
+
+def test_bad_checkpoint_fails_with_a_sentence(tmp_path):
+    bad = tmp_path / "nothing.safetensors"
+    c = WorkerClient(bad, device="cpu", threads=1).start()
+    try:
+        with pytest.raises(RuntimeError, match="checkpoint not found"):
+            c.wait_ready(timeout=180)
+        c.process.wait(timeout=30)
+        assert c.process.returncode == 2
+    finally:
+        c.terminate()
