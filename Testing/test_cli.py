@@ -12,6 +12,9 @@ import pytest
 import SimpleITK as sitk
 
 from DiffusionAnomalyLib import cli, evaluation
+from DiffusionAnomalyLib import metrics as metrics_module
+from DiffusionAnomalyLib.phantoms import make_phantom
+from DiffusionAnomalyLib.pipeline import analyse
 from DiffusionAnomalyLib.volume import Volume, read_volume, write_volume
 
 from conftest import SMALL_PHANTOM_KWARGS, TRAIN_SEEDS, VAL_SEEDS
@@ -288,6 +291,19 @@ def test_evaluate_on_held_out_small_phantoms(tmp_path, tiny_model):
         assert metrics["methods"][name]["dsc_opt"] == pytest.approx(result["methods"][name]["dsc_opt"])
     md = (out / "metrics.md").read_text()
     assert "| igconda |" in md and "| suv41 |" in md
+    # whole-volume detection at the default threshold, checked against the ground truth directly
+    det = metrics["detection"]
+    case = make_phantom(seed, **SMALL_PHANTOM_KWARGS)
+    assert det["lesions"] == len(np.unique(case.lesion_labels.voxels)) - 1 == len(case.lesions)
+    again = analyse(tiny_model, case.pet, steps=2)  # the same run the user would make
+    expected = metrics_module.match_lesions(again.labels > 0, case.lesion_labels.voxels, iou_threshold=0.2)
+    assert (det["found"], det["false_positives"]) == (expected["tp"], expected["fp"])
+    assert det["found"] + det["false_positives"] == again.lesion_count
+    assert det["per_case"][0]["seed"] == seed
+    assert det["false_positives_per_volume"] == det["false_positives"]  # one case
+    assert 0.0 <= det["mean_volume_dice"] <= 1.0
+    assert det["threshold"] == {"method": "fraction", "value": 0.5, "min_size_ml": 0.5}
+    assert "false positives per volume" in md
 
 
 def test_evaluate_cli_on_a_held_out_seed(tmp_path, capsys, tiny_checkpoint):
