@@ -23,6 +23,7 @@ from .volume import Volume
 
 __all__ = [
     "LESION_TABLE_COLUMNS",
+    "bounding_box",
     "SUV_PEAK_RADIUS_MM",
     "THRESHOLD_METHODS",
     "lesion_table",
@@ -222,11 +223,16 @@ def segment(
         if roi_mask is not None:
             mask &= roi_mask
 
+    out = np.zeros(arr.shape, dtype=np.int32)
+    # Label only the bounding box of the candidate voxels (usually a small part of the volume: this is
+    # what keeps a threshold slider fast). Raster order inside a sub-box is the raster order of the
+    # volume, so component numbering, and with it every tie-break below, is unchanged.
+    box = bounding_box(mask)
+    if box is None:
+        return out
+    mask, arr = mask[box], arr[box]
     components = measure.label(mask, connectivity=_CONNECTIVITY[connectivity], background=0)
     n = int(components.max())
-    out = np.zeros(arr.shape, dtype=np.int32)
-    if n == 0:
-        return out
 
     index = np.arange(1, n + 1)
     sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
@@ -251,8 +257,20 @@ def segment(
     order = np.lexsort((kept, -sizes[kept - 1], -max_heat[kept - 1]))
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[kept[order]] = np.arange(1, kept.size + 1, dtype=np.int32)
-    out[...] = lut[components]
+    out[box] = lut[components]
     return out
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (tuple of slices) holding every True voxel of ``mask``; None if there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 # ---- lesion table ----------------------------------------------------------------------------
@@ -276,7 +294,8 @@ def _local_sum(arr: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return ndi.correlate(arr, kernel.astype(np.float64), mode="constant", cval=0.0)
 
 
-def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: np.ndarray) -> list[float]:
+def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: np.ndarray,
+                boxes: list[tuple[slice, ...]]) -> list[float]:
     """Per lesion, the largest mean of ``image`` over the kernel centred on one of its voxels.
 
     Computed on each lesion's bounding box grown by the kernel's half-size, so the sphere around
@@ -285,7 +304,7 @@ def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: 
     """
     half = np.array(kernel.shape) // 2
     peaks = []
-    for lab, sl in zip(ids, _boxes(labels, ids)):
+    for lab, sl in zip(ids, boxes):
         lo = [max(s.start - h, 0) for s, h in zip(sl, half)]
         hi = [min(s.stop + h, n) for s, h, n in zip(sl, half, labels.shape)]
         crop = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -296,6 +315,17 @@ def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: 
         means = sums[lesion] / counts[lesion]
         peaks.append(float(means.max()))
     return peaks
+
+
+def _label_ids(labels: np.ndarray) -> np.ndarray:
+    """The non-zero label values present, ascending (a histogram when the values are small: no sort)."""
+    top = int(labels.max(initial=0))
+    if top == 0:
+        return np.zeros(0, dtype=np.int64)
+    if top <= 1 << 20:
+        return np.flatnonzero(np.bincount(labels.ravel(), minlength=top + 1)[1:]) + 1
+    ids = np.unique(labels)
+    return ids[ids > 0]
 
 
 def _boxes(labels: np.ndarray, ids: np.ndarray) -> list[tuple[slice, ...]]:
@@ -337,17 +367,17 @@ def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
     _check_finite(img, "the image")
 
     labels = labels.astype(np.int64, copy=False) if labels.dtype == bool else labels
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
+    ids = _label_ids(labels)
     if ids.size == 0:
         return []
 
     kernel = _sphere_kernel(image.ijk_to_ras, SUV_PEAK_RADIUS_MM)
-    peaks = _peak_means(img, labels, ids, kernel)
+    boxes = _boxes(labels, ids)
+    peaks = _peak_means(img, labels, ids, kernel, boxes)
     voxel_ml = voxel_volume_ml(image.ijk_to_ras)
 
     rows = []
-    for lab, box, peak in zip(ids, _boxes(labels, ids), peaks):
+    for lab, box, peak in zip(ids, boxes, peaks):
         inside = labels[box] == lab
         values = img[box][inside].astype(np.float64)
         kji = np.argwhere(inside).mean(axis=0) + [s.start for s in box]

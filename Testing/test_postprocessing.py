@@ -364,3 +364,34 @@ def test_baseline_validation():
     img[1, 1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         suv_threshold_baseline(img)
+
+
+def test_bounding_box_is_the_smallest_box_holding_the_mask():
+    from DiffusionAnomalyLib.postprocessing import bounding_box
+
+    mask = np.zeros((5, 6, 7), dtype=bool)
+    assert bounding_box(mask) is None
+    mask[1, 2, 3] = mask[3, 4, 6] = True
+    box = bounding_box(mask)
+    assert box == (slice(1, 4), slice(2, 5), slice(3, 7))
+    assert mask[box].sum() == mask.sum()
+
+
+def test_segment_labels_only_the_candidates_box_but_numbers_as_the_whole_volume():
+    """segment() labels the candidates' bounding box only; the result must equal labelling everything."""
+    from skimage import measure as sk_measure
+
+    rng = np.random.default_rng(5)
+    arr = np.zeros((30, 40, 50), dtype=np.float32)
+    arr[5:25, 8:30, 10:45] = rng.random((20, 22, 35)).astype(np.float32)
+    heat = Volume(voxels=arr, ijk_to_ras=np.diag([2.0, 2.0, 3.0, 1.0]))
+    out = segment(heat, method="absolute", value=0.8, min_size_voxels=2)
+    full = sk_measure.label(arr > 0.8, connectivity=3)
+    sizes = np.bincount(full.ravel())
+    kept = [lab for lab in range(1, full.max() + 1) if sizes[lab] >= 2]
+    assert out.max() == len(kept)
+    # same components, each renumbered by descending max heat (ties by size, then raster label)
+    maxima = {lab: float(arr[full == lab].max()) for lab in kept}
+    order = sorted(kept, key=lambda lab: (-maxima[lab], -sizes[lab], lab))
+    for new, lab in enumerate(order, start=1):
+        np.testing.assert_array_equal(out == new, full == lab)

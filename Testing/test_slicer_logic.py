@@ -25,6 +25,7 @@ from DiffusionAnomalyModuleLib.logic import (updateVolumeNodeFromVolume, volumeF
                                              vtkMatrixToNumpy)
 
 import vtk  # noqa: E402
+from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 
 THRESHOLD = "0.3"  # fraction of the heat map maximum; low enough for the untrained tiny network to find lesions
 
@@ -134,10 +135,19 @@ def test_run_writes_nodes_on_the_input_grid(env, first_run):
     labels = env["logic"].case.labels
     for i in range(n):
         segment = segmentation.GetNthSegment(i)
+        value = int(segment.GetLabelValue())
+        assert value in np.unique(labels)
+        assert segment.GetName() == f"Lesion {value}"
         image = slicer.vtkOrientedImageData()
         seg.GetBinaryLabelmapRepresentation(segmentation.GetNthSegmentID(i), image)
-        assert image.GetScalarRange()[1] >= 1
-        assert int(segment.GetLabelValue()) in np.unique(labels)
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix), env["volume"].ijk_to_ras, atol=1e-6)
+        i0, i1, j0, j1, k0, k1 = image.GetExtent()
+        stored = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+        full = np.zeros(labels.shape, dtype=bool)
+        full[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = stored != 0
+        np.testing.assert_array_equal(full, labels == value)  # voxel for voxel, on the input grid
     # all four outputs under the input in the subject hierarchy
     sh = scene.GetSubjectHierarchyNode()
     parent = sh.GetItemByDataNode(node)

@@ -86,14 +86,19 @@ def numpyToVtkMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def _imageDataFromArray(voxels: np.ndarray, image: vtk.vtkImageData | None = None) -> vtk.vtkImageData:
-    """A vtkImageData holding a deep copy of ``voxels`` [k, j, i] (what updateVolumeFromArray does)."""
+def _imageDataFromArray(voxels: np.ndarray, image: vtk.vtkImageData | None = None,
+                        start_kji: tuple[int, int, int] = (0, 0, 0)) -> vtk.vtkImageData:
+    """A vtkImageData holding a deep copy of ``voxels`` [k, j, i] (what updateVolumeFromArray does).
+
+    ``start_kji``: index of the first voxel in the full grid (a sub-box keeps its place: extent).
+    """
     from vtk.util import numpy_support
 
     voxels = np.ascontiguousarray(voxels)
     image = image if image is not None else vtk.vtkImageData()
     k, j, i = voxels.shape
-    image.SetDimensions(i, j, k)
+    k0, j0, i0 = (int(v) for v in start_kji)
+    image.SetExtent(i0, i0 + i - 1, j0, j0 + j - 1, k0, k0 + k - 1)
     image.SetOrigin(0, 0, 0)
     image.SetSpacing(1, 1, 1)
     scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True,
@@ -803,8 +808,11 @@ class DiffusionAnomalyLogicBase:
         if n == 0:
             return
         dtype = np.uint8 if n < 256 else np.uint16
+        # only the lesions' bounding box goes to the segmentation (its extent keeps it in place on the
+        # input grid): importing the whole volume dominated a threshold-slider update
+        box = _engine()[3].bounding_box(labels > 0)
         image = slicer.vtkOrientedImageData()
-        _imageDataFromArray(labels.astype(dtype), image)
+        _imageDataFromArray(labels[box].astype(dtype), image, start_kji=tuple(s.start for s in box))
         image.SetImageToWorldMatrix(numpyToVtkMatrix(vol.ijk_to_ras))
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, segNode, "Lesion"):
             raise RuntimeError("the lesion label map could not be imported into the segmentation.")
