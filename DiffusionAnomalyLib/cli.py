@@ -152,8 +152,6 @@ def _check_new_checkpoint_path(path: str, source: str | None) -> None:
         raise OutputError(f"--write-defaults must name a new file, not the checkpoint being swept ({target}).")
 
 
-
-
 def _cmd_demo(args) -> int:
     import time
 
@@ -213,7 +211,7 @@ def _add_inference_args(p, with_threshold: bool = True, with_params: bool = True
     p.add_argument("--steps", type=int, default=None, help="DDIM grid points K; 0 = stride-1 reference loop (default: the card's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="network arithmetic: auto = bf16 on CPUs with native bf16 (about 2x faster), else fp32")
+                   help="network arithmetic: auto = bf16 on CPUs with native bf16 (1.5-2x faster), else fp32")
     if with_threshold:
         p.add_argument("--threshold-method", choices=("fraction", "absolute", "otsu"), default=None)
         p.add_argument("--threshold", type=float, default=None, help="fraction of the map maximum, or absolute value")

@@ -21,6 +21,7 @@ import numpy as np
 from . import metrics
 from .export import check_writable_dir, write_json
 from .phantoms import make_phantom
+from .pipeline import Thresholding, lesions_from_heat
 from .postprocessing import suv_threshold_baseline
 from .preprocessing import mask_to_model_space, to_model_space
 
@@ -108,8 +109,6 @@ def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level
     if steps != "default":
         kwargs["steps"] = steps
     params, compute = None, {}
-    from .pipeline import Thresholding, lesions_from_heat
-
     thresholding = Thresholding.from_card(model.card)
     detection_rows: list[dict[str, Any]] = []
     for s in seeds:
