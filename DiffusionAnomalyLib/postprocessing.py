@@ -317,20 +317,11 @@ def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: 
     return peaks
 
 
-def _label_ids(labels: np.ndarray) -> np.ndarray:
-    """The non-zero label values present, ascending (a histogram when the values are small: no sort)."""
-    top = int(labels.max(initial=0))
-    if top == 0:
-        return np.zeros(0, dtype=np.int64)
-    if top <= 1 << 20:
-        return np.flatnonzero(np.bincount(labels.ravel(), minlength=top + 1)[1:]) + 1
-    ids = np.unique(labels)
-    return ids[ids > 0]
-
-
-def _boxes(labels: np.ndarray, ids: np.ndarray) -> list[tuple[slice, ...]]:
-    objects = ndi.find_objects(labels, max_label=int(ids.max()))
-    return [objects[int(lab) - 1] for lab in ids]
+def _labels_and_boxes(labels: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+    """The non-zero label values present (ascending) and their bounding boxes, in one pass (no sort)."""
+    objects = ndi.find_objects(labels)
+    ids = np.array([lab for lab, box in enumerate(objects, start=1) if box is not None], dtype=np.int64)
+    return ids, [objects[lab - 1] for lab in ids]
 
 
 def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
@@ -367,12 +358,11 @@ def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
     _check_finite(img, "the image")
 
     labels = labels.astype(np.int64, copy=False) if labels.dtype == bool else labels
-    ids = _label_ids(labels)
+    ids, boxes = _labels_and_boxes(labels)
     if ids.size == 0:
         return []
 
     kernel = _sphere_kernel(image.ijk_to_ras, SUV_PEAK_RADIUS_MM)
-    boxes = _boxes(labels, ids)
     peaks = _peak_means(img, labels, ids, kernel, boxes)
     voxel_ml = voxel_volume_ml(image.ijk_to_ras)
 

@@ -21,8 +21,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DiffusionAnomaly"))
 
 import DiffusionAnomaly  # noqa: E402
-from DiffusionAnomalyModuleLib.logic import (updateVolumeNodeFromVolume, volumeFromNode,  # noqa: E402
-                                             vtkMatrixToNumpy)
+from DiffusionAnomalyModuleLib.logic import updateVolumeNodeFromVolume, volumeFromNode  # noqa: E402
 
 import vtk  # noqa: E402
 from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
@@ -33,7 +32,7 @@ THRESHOLD = "0.3"  # fraction of the heat map maximum; low enough for the untrai
 def ijk_to_ras(node) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    return vtkMatrixToNumpy(m)
+    return slicer.util.arrayFromVTKMatrix(m)
 
 
 def node_ids(scene) -> list[str]:
@@ -118,7 +117,7 @@ def test_run_writes_nodes_on_the_input_grid(env, first_run):
     slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, ref)
     m = vtk.vtkMatrix4x4()
     ref.GetImageToWorldMatrix(m)
-    np.testing.assert_allclose(vtkMatrixToNumpy(m), ijk_to_ras(node), atol=1e-6)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(m), ijk_to_ras(node), atol=1e-6)
     assert ref.GetDimensions() == node.GetImageData().GetDimensions()
     assert seg.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is node
     # one named, coloured segment per lesion

@@ -73,19 +73,7 @@ def _engine():
     return checkpoint, export, pipeline, postprocessing, volume, worker
 
 
-# ---- matrices and arrays ------------------------------------------------------------------------
-def vtkMatrixToNumpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
-
-
-def numpyToVtkMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
+# ---- matrices and arrays (4x4 matrices: slicer.util.arrayFromVTKMatrix / vtkMatrixFromArray) -----
 def _imageDataFromArray(voxels: np.ndarray, image: vtk.vtkImageData | None = None,
                         start_kji: tuple[int, int, int] = (0, 0, 0)) -> vtk.vtkImageData:
     """A vtkImageData holding a deep copy of ``voxels`` [k, j, i] (what updateVolumeFromArray does).
@@ -142,7 +130,7 @@ def volumeFromNode(node, modality: str | None = None):
         if factor is not None:  # Slicer loads PET DICOM in Bq/ml: convert as the engine's reader does
             voxels = (voxels * factor).astype(np.float32)
             units, meta["suv_factor"] = "SUVbw", factor
-    return volume.Volume(voxels=voxels, ijk_to_ras=vtkMatrixToNumpy(matrix), modality=modality,
+    return volume.Volume(voxels=voxels, ijk_to_ras=slicer.util.arrayFromVTKMatrix(matrix), modality=modality,
                          units=units, meta=meta)
 
 
@@ -174,12 +162,16 @@ def dicomSuvFactor(node) -> float | None:
 def updateVolumeNodeFromVolume(node, vol) -> None:
     """Write voxels and exact geometry of ``vol`` into ``node`` (IJKToRAS set as one matrix)."""
     node.SetAndObserveImageData(_imageDataFromArray(vol.voxels))
-    node.SetIJKToRASMatrix(numpyToVtkMatrix(vol.ijk_to_ras))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(vol.ijk_to_ras))
     node.Modified()
 
 
 def volumeKey(vol) -> str:
-    """Content hash of a volume (voxels, geometry, modality, units): equal inputs, equal keys."""
+    """Content hash of a volume (voxels, geometry, modality, units): equal inputs, equal keys.
+
+    The engine's methods.base.array_key does the same but imports torch, which Slicer's own
+    process should not load just to compare inputs (the worker process owns torch).
+    """
     h = hashlib.blake2b(digest_size=16)
     h.update(str(vol.voxels.shape).encode() + str(vol.voxels.dtype).encode())
     h.update(np.ascontiguousarray(vol.voxels).tobytes())
@@ -590,7 +582,7 @@ class DiffusionAnomalyLogicBase:
         reference = slicer.vtkOrientedImageData()
         k, j, i = vol.voxels.shape
         reference.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
-        reference.SetImageToWorldMatrix(numpyToVtkMatrix(vol.ijk_to_ras))
+        reference.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(vol.ijk_to_ras))
         mask = np.zeros(vol.voxels.shape, dtype=bool)
         from vtk.util import numpy_support
 
@@ -813,7 +805,7 @@ class DiffusionAnomalyLogicBase:
         box = _engine()[3].bounding_box(labels > 0)
         image = slicer.vtkOrientedImageData()
         _imageDataFromArray(labels[box].astype(dtype), image, start_kji=tuple(s.start for s in box))
-        image.SetImageToWorldMatrix(numpyToVtkMatrix(vol.ijk_to_ras))
+        image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(vol.ijk_to_ras))
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, segNode, "Lesion"):
             raise RuntimeError("the lesion label map could not be imported into the segmentation.")
         colors = export.lesion_colors(n)
