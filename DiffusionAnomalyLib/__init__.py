@@ -6,19 +6,19 @@ clinical use. Main entry points::
     from DiffusionAnomalyLib import load_checkpoint, read_volume
     model = load_checkpoint("model.safetensors")
     result = model.run(read_volume("pet.nrrd"))          # heat map + counterfactual on the input grid
-    cf = model.counterfactual(images, noise_level=400, guidance_scale=3.0, steps=None)
+    cf = model.counterfactual(images, noise_level=400, guidance_scale=3.0, steps="reference")
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["__version__", "load_checkpoint", "read_volume", "write_volume", "Volume"]
 
 
 def __getattr__(name: str):  # lazy: importing the package does not import torch
     if name == "load_checkpoint":
-        from .checkpoint import load_checkpoint
+        from .methods import load_checkpoint
 
         return load_checkpoint
     if name in ("read_volume", "write_volume", "Volume"):

@@ -1,25 +1,36 @@
-"""The ``diffusion-anomaly`` command: phantom, train, run, evaluate, demo, import-checkpoint."""
+"""The ``diffusion-anomaly`` command: phantom, train, run, evaluate, sweep, demo, import-checkpoint.
+
+Each verb imports what it needs when it runs, so ``--help`` and argument errors answer at once
+instead of waiting for torch to import.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 
+from . import phantoms
+from .figures import overview_png
+from .card import STEPS_HELP, CheckpointError, default_card, parse_steps
+from .checkpoint import bundled_checkpoint
+from .export import OutputError, check_writable_dir, write_json, write_segmentation
+from .pipeline import analyse, write_outputs
+from .postprocessing import LESION_COLUMNS, Thresholding
+from .progress import Cancelled
+from .volume import VolumeError, read_volume, write_volume
+
+
 def _cmd_phantom(args) -> int:
-    import json
-
-    from .export import check_writable_dir, write_json
-    from .phantoms import make_phantom
-    from .volume import write_volume
-
     out = check_writable_dir(args.out)
     ext = ".nrrd" if args.format == "nrrd" else ".nii.gz"
     for n in range(args.count):
         seed = args.seed + n
-        case = make_phantom(seed, n_lesions=args.lesions)
+        case = phantoms.make_phantom(seed, n_lesions=args.lesions)
         stem = f"phantom_{seed:06d}"
         write_volume(case.pet, out / f"{stem}_pet{ext}")
         write_volume(case.lesion_labels, out / f"{stem}_lesions{ext}")
@@ -31,7 +42,7 @@ def _cmd_phantom(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .training import TrainConfig, default_card, train
+    from .training import TrainConfig, train
 
     cfg = TrainConfig(
         out=Path(args.out), train_seeds=(args.train_seed, args.train_seed + args.train_cases),
@@ -45,7 +56,7 @@ def _cmd_train(args) -> int:
 
 
 def _load_model(args):
-    from .checkpoint import bundled_checkpoint, load_checkpoint
+    from .methods import load_checkpoint
 
     path = args.checkpoint or bundled_checkpoint()
     return load_checkpoint(path, device=args.device, precision=args.precision)
@@ -65,33 +76,29 @@ def _progress_bar(desc: str):
     return update
 
 
-def _thresholding(args, card):
-    from .pipeline import Thresholding
-
+def _thresholding(args, card) -> Thresholding:
     return Thresholding.from_card(card, method=args.threshold_method, value=args.threshold, min_size_ml=args.min_size_ml)
 
 
-def _steps(args):
-    if args.steps is None:
-        return "default"
-    return None if args.steps == 0 else args.steps
+def _steps_argument(text: str):
+    """argparse type of --steps: :func:`.card.parse_steps`, its sentence as the usage error."""
+    try:
+        return parse_steps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _print_table(rows) -> None:
     if not rows:
         print("no lesion candidates above the threshold")
         return
-    cols = ["id", "voxels", "volume_ml", "suv_max", "suv_mean", "suv_peak", "tlg", "max_heat",
-            "centroid_r", "centroid_a", "centroid_s"]
+    cols = [c.name for c in LESION_COLUMNS]
     print("  ".join(f"{c:>10}" for c in cols))
     for r in rows:
         print("  ".join(f"{r[c]:>10.2f}" if isinstance(r[c], float) else f"{r[c]:>10}" for c in cols))
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import analyse, write_outputs
-    from .export import check_writable_dir
-    from .volume import read_volume
 
     out = check_writable_dir(args.out)  # fail before any computation if the results cannot be written
     volume = read_volume(args.input, modality=args.modality, suv_factor=args.suv_factor)
@@ -99,23 +106,21 @@ def _cmd_run(args) -> int:
     bar = _progress_bar("diffusion")
     try:
         result = analyse(model, volume, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-                         steps=_steps(args), thresholding=_thresholding(args, model.card), progress=bar)
+                         steps=args.steps, thresholding=_thresholding(args, model.card), progress=bar)
     finally:
         bar.close()
-    written = write_outputs(result, model.card, out, {"input_path": str(args.input), "checkpoint": str(model.source)})
+    written = write_outputs(result, out, {"input_path": str(args.input), "checkpoint": str(model.source)})
     _print_table(result.table)
     print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate
+    from .evaluation import evaluate, markdown_table
 
     model = _load_model(args)
     result = evaluate(model, args.phantoms, args.seed, args.out, noise_level=args.noise_level,
-                      guidance_scale=args.guidance_scale, steps=_steps(args))
-    from .evaluation import markdown_table
-
+                      guidance_scale=args.guidance_scale, steps=args.steps)
     print(markdown_table(result))
     print(f"wrote {args.out}/metrics.json and metrics.md")
     return 0
@@ -128,11 +133,11 @@ def _cmd_sweep(args) -> int:
     if args.write_defaults is not None:
         _check_new_checkpoint_path(args.write_defaults, model.source)
     result = sweep(model, args.phantoms, args.seed, args.out, [int(v) for v in args.noise_levels.split(",")],
-                   [float(v) for v in args.guidance_scales.split(",")], steps=_steps(args))
+                   [float(v) for v in args.guidance_scales.split(",")], steps=args.steps)
     print(f"wrote {args.out}/sweep.json")
     if args.write_defaults is not None:
-        from .checkpoint import save_checkpoint
         from .evaluation import card_with_best_defaults
+        from .networks import save_checkpoint
 
         card = card_with_best_defaults(model.card, result, args.command_line)
         save_checkpoint(model.model, card, args.write_defaults)
@@ -143,8 +148,6 @@ def _cmd_sweep(args) -> int:
 
 
 def _check_new_checkpoint_path(path: str, source: str | None) -> None:
-    from .export import OutputError
-
     target = Path(path)
     if not target.parent.is_dir():
         raise OutputError(f"cannot write {target}: the folder {target.parent} does not exist.")
@@ -153,48 +156,39 @@ def _check_new_checkpoint_path(path: str, source: str | None) -> None:
 
 
 def _cmd_demo(args) -> int:
-    import time
-
-    import numpy as np
-
     from . import metrics
-    from .export import check_writable_dir, write_segmentation
-    from .figures import overview_png
-    from .phantoms import make_phantom
-    from .pipeline import analyse, write_outputs
-    from .volume import write_volume
 
     t0 = time.perf_counter()
     out = check_writable_dir(args.out)
     model = _load_model(args)
-    case = make_phantom(args.seed, n_lesions=args.lesions)
+    case = phantoms.make_phantom(args.seed, n_lesions=args.lesions)
     print(f"phantom seed {args.seed}: {len(case.lesions)} lesion(s) "
           f"({', '.join('%s r=%.0f mm' % (les['site'], les['radius_mm']) for les in case.lesions)}); "
           f"model {model.card['id']} on {model.device}")
     bar = _progress_bar("diffusion")
     try:
         result = analyse(model, case.pet, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-                         steps=_steps(args), thresholding=_thresholding(args, model.card), progress=bar)
+                         steps=args.steps, thresholding=_thresholding(args, model.card), progress=bar)
     finally:
         bar.close()
     truth = case.lesion_mask
     pred = result.labels > 0
     dsc = metrics.dice(pred, truth)
     found = metrics.match_lesions(pred, case.lesion_labels.voxels, iou_threshold=0.2)
-    heat_dsc, _ = metrics.optimal_dice(result.method.heatmap.voxels, truth)
+    heat_dsc, _ = metrics.optimal_dice(result.heatmap.voxels, truth)
     extra = {"phantom_seed": args.seed, "ground_truth_lesions": case.lesions,
              "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc, "lesion_detection": found}
-    cf = result.method.counterfactual.voxels if result.method.counterfactual is not None else None
+    cf = result.counterfactual.voxels if result.counterfactual is not None else None
     files = {
         "input_pet.nrrd": lambda p: write_volume(case.pet, p),
         "ground_truth.seg.nrrd": lambda p: write_segmentation(case.lesion_labels.voxels, case.pet, p,
                                                               names=[f"True lesion {l['id']} ({l['site']})" for l in case.lesions]),
         "overview.png": lambda p: overview_png(
-            p, case.pet.voxels, cf, result.method.heatmap.voxels, result.labels, case.lesion_labels.voxels,
+            p, case.pet.voxels, cf, result.heatmap.voxels, result.labels, case.lesion_labels.voxels,
             title=f"{model.card['id']} | phantom seed {args.seed} | Dice {dsc:.2f} | NOT FOR CLINICAL USE",
             vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0])),
     }
-    written = write_outputs(result, model.card, out, extra, extra_files=files)
+    written = write_outputs(result, out, extra, extra_files=files)
     _print_table(result.table)
     print(f"Dice vs ground truth: {dsc:.3f} (heat map DSC_opt {heat_dsc:.3f}); lesions found "
           f"{found['tp']}/{found['tp'] + found['fn']} (IoU >= 0.2), false positives {found['fp']}")
@@ -208,7 +202,7 @@ def _add_inference_args(p, with_threshold: bool = True, with_params: bool = True
     if with_params:
         p.add_argument("--noise-level", type=int, default=None, help="noise level D (default: the model card's)")
         p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale w (default: the model card's)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM grid points K; 0 = stride-1 reference loop (default: the card's)")
+    p.add_argument("--steps", type=_steps_argument, default=None, help=f"{STEPS_HELP} (default: the card's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="network arithmetic: auto = bf16 on CPUs with native bf16 (1.5-2x faster), else fp32")
@@ -290,11 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a verb; expected failures print one actionable sentence and exit 2 (no traceback)."""
-    from .checkpoint import CheckpointError
-    from .diffusion import Cancelled
-    from .export import OutputError
-    from .volume import VolumeError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = " ".join(["diffusion-anomaly"] + [shlex.quote(a) for a in argv])

@@ -7,18 +7,13 @@ which timestep the network sees and no sample clipping (MONAI's DDIM clips by de
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-Progress = Callable[[float, str], None]
-
-
-class Cancelled(RuntimeError):
-    """The user cancelled a long-running operation; nothing was changed."""
-
+from .card import REFERENCE_STEPS, Steps
 
 def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
     """alpha_bar_t for t = 0..T-1 from a model card's scheduler section.
@@ -34,20 +29,20 @@ def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
     return sched.alphas_cumprod.clone()
 
 
-def timestep_grid(noise_level: int, steps: int | None) -> list[int]:
+def timestep_grid(noise_level: int, steps: Steps) -> list[int]:
     """The grid 0 = t_0 < t_1 < ... < t_K = D (METHODS.md).
 
-    ``steps=None`` is the reference stride-1 grid (K = D); an integer gives K = steps points
-    spaced as evenly as integers allow (duplicates removed, so K <= D).
+    ``steps="reference"`` is the reference stride-1 grid (K = D); an integer gives K = steps
+    points spaced as evenly as integers allow (duplicates removed, so K <= D).
     """
     d = int(noise_level)
     if d < 1:
         raise ValueError("noise level must be >= 1")
-    if steps is None:
+    if steps == REFERENCE_STEPS:
         return list(range(d + 1))
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 or '{REFERENCE_STEPS}', got {steps!r}")
     k = int(steps)
-    if k < 1:
-        raise ValueError("steps must be >= 1 (or None for the stride-1 reference loop)")
     return sorted({int(round(n * d / k)) for n in range(k + 1)})
 
 
@@ -58,14 +53,6 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_from: float, abar_to: flo
     """
     x0 = (x - (1.0 - abar_from) ** 0.5 * eps) / abar_from**0.5
     return abar_to**0.5 * x0 + (1.0 - abar_to) ** 0.5 * eps
-
-
-def batched_eval(
-    fn: Callable[[torch.Tensor, slice], torch.Tensor], x: torch.Tensor, batch_size: int
-) -> torch.Tensor:
-    """Apply ``fn(x[batch], batch_slice)`` over the first axis in batches; results concatenated."""
-    out = [fn(x[i : i + batch_size], slice(i, min(i + batch_size, len(x)))) for i in range(0, len(x), batch_size)]
-    return torch.cat(out, dim=0)
 
 
 def memory_batch_size(bytes_per_item: float, device: torch.device, cap: int, fraction: float = 0.25) -> int:

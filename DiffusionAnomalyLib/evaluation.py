@@ -21,8 +21,9 @@ import numpy as np
 from . import metrics
 from .export import check_writable_dir, write_json
 from .phantoms import make_phantom
-from .pipeline import Thresholding, lesions_from_heat
-from .postprocessing import suv_threshold_baseline
+from .card import Steps, parse_steps
+from .pipeline import lesions_from_heat
+from .postprocessing import Thresholding, suv_threshold_baseline
 from .preprocessing import mask_to_model_space, to_model_space
 
 METRIC_NAMES = ("dsc_opt", "hd95", "auprc", "sensitivity")
@@ -94,7 +95,7 @@ def card_with_best_defaults(card: dict[str, Any], sweep_result: dict[str, Any], 
 
 
 def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level=None, guidance_scale=None,
-             steps: Any = "default", phantom_kwargs: dict[str, Any] | None = None,
+             steps: Steps | None = None, phantom_kwargs: dict[str, Any] | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate ``model`` and the 41 % SUVmax baseline on ``n_cases`` phantoms from ``seed``; write results."""
     out = check_writable_dir(out_dir)
@@ -105,9 +106,7 @@ def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level
     name = model.card["method"]
     rows: dict[str, list[dict[str, Any]]] = {name: [], "suv41": []}
     seconds: dict[str, list[float]] = {name: [], "suv41": []}
-    kwargs: dict[str, Any] = {"noise_level": noise_level, "guidance_scale": guidance_scale}
-    if steps != "default":
-        kwargs["steps"] = steps
+    kwargs: dict[str, Any] = {"noise_level": noise_level, "guidance_scale": guidance_scale, "steps": steps}
     params, compute = None, {}
     thresholding = Thresholding.from_card(model.card)
     detection_rows: list[dict[str, Any]] = []
@@ -159,8 +158,7 @@ def _detection_summary(rows: list[dict[str, Any]], thresholding) -> dict[str, An
     return {
         "criterion": "3D connected components of the whole-volume segmentation at the model's default "
                      "threshold vs true lesions, matched at IoU >= 0.2",
-        "threshold": {"method": thresholding.method, "value": thresholding.value,
-                      "min_size_ml": thresholding.min_size_ml},
+        "threshold": thresholding.as_parameters(),
         "lesions": lesions, "found": found, "false_positives": fps,
         "lesion_sensitivity": found / lesions if lesions else float("nan"),
         "false_positives_per_volume": fps / len(rows) if rows else float("nan"),
@@ -182,8 +180,9 @@ def markdown_table(result: dict[str, Any]) -> str:
                      f"{r['seconds_per_volume']:.1f} | {r['slices']} |")
     det = result.get("detection")
     if det:
-        lines += ["", f"Whole volumes at the default threshold ({det['threshold']['method']} "
-                      f"{det['threshold']['value']}, >= {det['threshold']['min_size_ml']} ml): "
+        th = det["threshold"]
+        lines += ["", f"Whole volumes at the default threshold ({th['threshold_method']} "
+                      f"{th['threshold_value']}, >= {th['min_size_ml']} ml): "
                       f"{det['found']}/{det['lesions']} lesions found (IoU >= 0.2), "
                       f"{det['false_positives_per_volume']:.1f} false positives per volume, "
                       f"mean volume Dice {det['mean_volume_dice']:.3f} on cases with lesions"]
@@ -191,7 +190,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: list[int], guidance_scales: list[float],
-          steps: Any = "default", phantom_kwargs: dict[str, Any] | None = None,
+          steps: Steps | None = None, phantom_kwargs: dict[str, Any] | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Hyperparameter sensitivity (IgCONDA-PET figure 13): mean DSC_opt / AUPRC over a (D, w) grid.
 
@@ -203,7 +202,7 @@ def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: lis
     out = check_writable_dir(out_dir)
     seeds = list(range(int(seed), int(seed) + int(n_cases)))
     check_held_out(model.card, seeds, kinds=("train_seeds", "val_seeds"))  # re-tuning on tuning seeds is fine
-    steps = model.defaults.get("steps") if steps == "default" else steps
+    steps = parse_steps(steps) or model.defaults["steps"]
     images, truths = [], []
     for s in seeds:
         case = make_phantom(s, **(phantom_kwargs or {}))

@@ -26,6 +26,7 @@ from .volume import Volume, lps_ras_flip, write_volume
 __all__ = [
     "LESION_PALETTE",
     "OutputError",
+    "atomic_path",
     "check_writable_dir",
     "format_number",
     "lesion_colors",
@@ -68,8 +69,10 @@ LESION_TERMINOLOGY: dict[str, Any] = {
 
 # ---- atomic writing --------------------------------------------------------------------------
 @contextmanager
-def _atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it.
+
+    The one way this package writes a file: checkpoints, volumes' sidecars, tables, JSON, reports.
 
     ``suffix`` keeps the extension writers look at (e.g. ``.seg.nrrd`` for pynrrd).
     """
@@ -242,7 +245,7 @@ def write_segmentation(
 
     import slicerio  # imported here: only this writer needs it
 
-    with _atomic_path(path, suffix=".seg.nrrd") as tmp:
+    with atomic_path(path, suffix=".seg.nrrd") as tmp:
         slicerio.write_segmentation(str(tmp), segmentation)
     return path
 
@@ -306,7 +309,7 @@ def write_table_csv(
             raise ValueError(
                 f"table row {n} does not match the columns: missing {missing or 'none'}, unexpected {extra or 'none'}."
             )
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
@@ -345,7 +348,7 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
     """Write ``obj`` as UTF-8 JSON (numpy types converted by :func:`to_jsonable`), atomically."""
     text = json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
     return Path(path)

@@ -7,11 +7,19 @@ null fixed at zero) whose output is fed as a context sequence of length 1.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .card import CheckpointError, validate_card
+from .checkpoint import CARD_KEY
+from .export import atomic_path
 
 #: DiffusionModelUNet arguments a card may set (anything else is refused, so a typo is not ignored).
 UNET_ARGS = {
@@ -105,3 +113,40 @@ def pick_precision(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     return requested
+
+
+# ---- weights ------------------------------------------------------------------------------------
+def load_weights(path: str | Path, card: dict[str, Any]) -> ConditionalDiffusionModel:
+    """Build the network the card describes and load the file's weights into it, strictly."""
+    path = Path(path)
+    try:
+        model = build_model(card)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"the network described by the model card in {path.name} cannot be built: {exc}") from exc
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"the weights in {path.name} cannot be read ({exc}); the file may be corrupted.") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise CheckpointError(
+            f"the weights in {path.name} do not match the network its model card describes: {' '.join(first)}"
+        ) from exc
+    return model.eval()
+
+
+def save_checkpoint(model: nn.Module, card: dict[str, Any], path: str | Path) -> Path:
+    """Write weights + card to ``path`` as one safetensors file, atomically (temp file then rename)."""
+    validate_card(card)
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save {path.name}: the folder {path.parent} does not exist.")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    try:
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={CARD_KEY: json.dumps(card, sort_keys=True)})
+    except SafetensorError as exc:
+        raise CheckpointError(f"cannot save the checkpoint to {path}: {exc}") from exc
+    return path

@@ -1,8 +1,9 @@
-"""The one path a case takes: volume -> method -> heat map -> lesions -> output files.
+"""The one path a case takes: volume -> method -> heat map -> lesions -> output files (no torch).
 
-Used by the CLI (``run``, ``demo``) and the Slicer module's logic, so both produce the same
-numbers. Thresholding and the lesion table run on the cached heat map only, which is what
-makes a threshold slider cheap (no network call).
+Used by the CLI (``run``, ``demo``), evaluation, the worker and the Slicer module's logic, so all
+produce the same numbers. The method is passed in (anything with the method interface:
+``run(volume, ...) -> MethodResult``), so this module never imports torch: thresholding and
+the lesion table run on the cached heat map only, which is what makes a threshold slider cheap.
 """
 
 from __future__ import annotations
@@ -16,47 +17,69 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
-from .diffusion import Progress
+from .card import Steps
 from .export import OutputError, check_writable_dir, write_json, write_segmentation, write_table_csv
-from .methods.base import MethodResult
-from .postprocessing import lesion_table, segment
+from .postprocessing import Thresholding, lesion_table, segment
+from .preprocessing import ModelGrid
+from .progress import Cancel, Progress
+from .version import __version__
 from .volume import Volume, write_volume
 
 
 @dataclass
-class Thresholding:
-    """How a heat map becomes lesions (METHODS.md post-processing)."""
+class MethodResult:
+    """What a method's ``run`` returns: outputs on the input's exact grid, plus its model-space arrays."""
 
-    method: str = "fraction"  # fraction | absolute | otsu
-    value: float | None = 0.5
-    min_size_ml: float | None = 0.5
-
-    @classmethod
-    def from_card(cls, card: dict[str, Any], **overrides: Any) -> "Thresholding":
-        d = card.get("inference_defaults", {})
-        th = d.get("threshold", {})
-        out = cls(method=th.get("method", "fraction"), value=th.get("value", 0.5), min_size_ml=d.get("min_size_ml", 0.5))
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(out, k, v)
-        if out.method == "otsu":
-            out.value = None
-        return out
+    heatmap: Volume
+    counterfactual: Volume | None
+    model_input: np.ndarray  # (N, H, W) model units
+    model_counterfactual: np.ndarray | None
+    model_heat: np.ndarray  # (N, H, W) model units
+    grid: ModelGrid
+    parameters: dict[str, Any]  # the method parameters as resolved (card defaults filled in)
+    timings: dict[str, float] = field(default_factory=dict)
+    network_evaluations: int = 0
+    compute: dict[str, str] = field(default_factory=dict)  # device and arithmetic precision used
 
 
 @dataclass
 class CaseResult:
+    """One analysed case, on the input's exact grid: what the CLI writes, Slicer shows and reports print.
+
+    ``method`` keeps the method's model-space arrays (evaluation, figures); it is None for a case
+    rebuilt from files or scene nodes, which can still be re-thresholded and exported.
+    """
+
     volume: Volume
-    method: MethodResult
+    heatmap: Volume
+    counterfactual: Volume | None
+    card: dict[str, Any]
+    parameters: dict[str, Any]
     thresholding: Thresholding
-    labels: np.ndarray
-    table: list[dict[str, Any]]
+    labels: np.ndarray | None = None
+    table: list[dict[str, Any]] = field(default_factory=list)
+    network_evaluations: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    compute: dict[str, str] = field(default_factory=dict)
+    checkpoint: str | None = None
+    method: MethodResult | None = None
 
     @property
     def lesion_count(self) -> int:
         return len(self.table)
+
+    def threshold(self, thresholding: Thresholding | None = None, roi: np.ndarray | None = None) -> "CaseResult":
+        """(Re)compute labels and lesion table from the heat map: no network evaluation."""
+        thresholding = thresholding or self.thresholding
+        t0 = time.perf_counter()
+        self.labels, self.table = lesions_from_heat(self.heatmap, self.volume, thresholding, roi)
+        self.thresholding = thresholding
+        self.timings["segment"] = time.perf_counter() - t0
+        return self
+
+    def parameter_record(self) -> dict[str, Any]:
+        """Every parameter that produced this result: the method's and the thresholding's."""
+        return {**self.parameters, **self.thresholding.as_parameters()}
 
 
 def lesions_from_heat(heat: Volume, image: Volume, thresholding: Thresholding,
@@ -68,32 +91,32 @@ def lesions_from_heat(heat: Volume, image: Volume, thresholding: Thresholding,
 
 
 def analyse(model, volume: Volume, *, noise_level: int | None = None, guidance_scale: float | None = None,
-            steps: Any = "default", thresholding: Thresholding | None = None, roi: np.ndarray | None = None,
-            progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> CaseResult:
-    """Run ``model`` on ``volume`` and post-process; everything on the input's exact grid."""
-    kwargs: dict[str, Any] = {"noise_level": noise_level, "guidance_scale": guidance_scale}
-    if steps != "default":
-        kwargs["steps"] = steps
-    res = model.run(volume, progress=progress, cancel=cancel, **kwargs)
-    thresholding = thresholding or Thresholding.from_card(model.card)
-    t0 = time.perf_counter()
-    labels, table = lesions_from_heat(res.heatmap, volume, thresholding, roi)
-    timings = dict(res.timings)
-    timings["segment"] = time.perf_counter() - t0
-    return CaseResult(volume=volume, method=res, thresholding=thresholding, labels=labels, table=table, timings=timings)
+            steps: Steps | None = None, thresholding: Thresholding | None = None, roi: np.ndarray | None = None,
+            progress: Progress | None = None, cancel: Cancel | None = None) -> CaseResult:
+    """Run ``model`` on ``volume`` and post-process; everything on the input's exact grid.
+
+    A parameter left as None takes the model card's default.
+    """
+    res = model.run(volume, noise_level=noise_level, guidance_scale=guidance_scale, steps=steps,
+                    progress=progress, cancel=cancel)
+    case = CaseResult(volume=volume, heatmap=res.heatmap, counterfactual=res.counterfactual, card=model.card,
+                      parameters=dict(res.parameters), thresholding=thresholding or Thresholding.from_card(model.card),
+                      network_evaluations=res.network_evaluations, timings=dict(res.timings),
+                      compute=dict(res.compute), checkpoint=getattr(model, "source", None), method=res)
+    return case.threshold(roi=roi)
 
 
-def summary(result: CaseResult, card: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    th = result.thresholding
+def summary(result: CaseResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The content of summary.json: software, model, parameters, lesion count, work done, input grid."""
+    card = result.card
     return {
         "software": f"DiffusionAnomalyLib {__version__}",
         "model": {"id": card["id"], "method": card["method"], "modality": card["modality"],
                   "not_for_clinical_use": bool(card.get("not_for_clinical_use", True))},
-        "parameters": {**result.method.parameters, "threshold_method": th.method, "threshold_value": th.value,
-                       "min_size_ml": th.min_size_ml},
+        "parameters": result.parameter_record(),
         "lesion_count": result.lesion_count,
-        "network_evaluations": result.method.network_evaluations,
-        "compute": dict(result.method.compute),
+        "network_evaluations": result.network_evaluations,
+        "compute": dict(result.compute),
         "timings_seconds": {k: round(v, 3) for k, v in result.timings.items()},
         "input": {"shape_ijk": list(result.volume.shape_ijk), "spacing_mm": [float(s) for s in result.volume.spacing],
                   "ijk_to_ras": result.volume.ijk_to_ras.tolist(), "units": result.volume.units,
@@ -127,7 +150,7 @@ def _move_into_place(stage: Path, out: Path) -> dict[str, Path]:
     return {t.name: t for t in moved}
 
 
-def write_outputs(result: CaseResult, card: dict[str, Any], out_dir: str | Path,
+def write_outputs(result: CaseResult, out_dir: str | Path,
                   extra_summary: dict[str, Any] | None = None, write_counterfactual: bool = True,
                   extra_files: dict[str, Callable[[Path], Any]] | None = None) -> dict[str, Path]:
     """Write heatmap.nrrd, counterfactual.nrrd, lesions.seg.nrrd, lesions.csv, summary.json.
@@ -139,14 +162,14 @@ def write_outputs(result: CaseResult, card: dict[str, Any], out_dir: str | Path,
     stage = out / f".staging-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        write_volume(result.method.heatmap, stage / "heatmap.nrrd")
-        if write_counterfactual and result.method.counterfactual is not None:
-            write_volume(result.method.counterfactual, stage / "counterfactual.nrrd")
+        write_volume(result.heatmap, stage / "heatmap.nrrd")
+        if write_counterfactual and result.counterfactual is not None:
+            write_volume(result.counterfactual, stage / "counterfactual.nrrd")
         write_segmentation(result.labels, result.volume, stage / "lesions.seg.nrrd")
         write_table_csv(result.table, stage / "lesions.csv")
         for name, writer in (extra_files or {}).items():
             writer(stage / name)
-        write_json(summary(result, card, extra_summary), stage / "summary.json")
+        write_json(summary(result, extra_summary), stage / "summary.json")
         return _move_into_place(stage, out)
     except OSError as exc:
         if isinstance(exc, OutputError):

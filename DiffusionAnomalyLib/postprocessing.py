@@ -13,6 +13,9 @@ all-zero map selects nothing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import signal
@@ -22,7 +25,10 @@ from skimage.filters import threshold_otsu
 from .volume import Volume
 
 __all__ = [
+    "Column",
+    "LESION_COLUMNS",
     "LESION_TABLE_COLUMNS",
+    "Thresholding",
     "bounding_box",
     "SUV_PEAK_RADIUS_MM",
     "THRESHOLD_METHODS",
@@ -33,25 +39,67 @@ __all__ = [
     "voxel_volume_ml",
 ]
 
-#: Columns of :func:`lesion_table`, in the order the CSV export and the Slicer table use.
-LESION_TABLE_COLUMNS: tuple[str, ...] = (
-    "id",
-    "voxels",
-    "volume_ml",
-    "suv_max",
-    "suv_mean",
-    "suv_peak",
-    "tlg",
-    "max_heat",
-    "centroid_r",
-    "centroid_a",
-    "centroid_s",
+@dataclass(frozen=True)
+class Column:
+    """One column of the lesion table: its key, the title a reader sees, its unit, its type."""
+
+    name: str
+    title: str
+    unit: str = ""
+    integer: bool = False
+
+
+#: The lesion table's schema, in the order of lesions.csv, the Slicer table, the report and the CLI.
+LESION_COLUMNS: tuple[Column, ...] = (
+    Column("id", "Lesion", integer=True),
+    Column("voxels", "Voxels", integer=True),
+    Column("volume_ml", "Volume", "ml"),
+    Column("suv_max", "SUVmax"),
+    Column("suv_mean", "SUVmean"),
+    Column("suv_peak", "SUVpeak"),
+    Column("tlg", "TLG", "SUV·ml"),
+    Column("max_heat", "Max. heat"),
+    Column("centroid_r", "R", "mm"),
+    Column("centroid_a", "A", "mm"),
+    Column("centroid_s", "S", "mm"),
 )
+#: The column keys of :func:`lesion_table`, in order.
+LESION_TABLE_COLUMNS: tuple[str, ...] = tuple(c.name for c in LESION_COLUMNS)
 
 #: Radius of the sphere of volume 1 cm^3 used for SUVpeak: (3 * 1000 / (4 pi))^(1/3) = 6.2035 mm.
 SUV_PEAK_RADIUS_MM: float = (3000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
 
 THRESHOLD_METHODS: tuple[str, ...] = ("fraction", "absolute", "otsu")
+
+
+@dataclass
+class Thresholding:
+    """How a heat map becomes lesions: the threshold rule, its value and the minimum lesion size.
+
+    ``method``: "fraction" (``value`` is a fraction of the map's maximum), "absolute" (``value`` in
+    the map's units) or "otsu" (no value). Defaults come from the model card.
+    """
+
+    method: str = "fraction"
+    value: float | None = 0.5
+    min_size_ml: float | None = 0.5
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any], **overrides: Any) -> "Thresholding":
+        """The card's default thresholding, with every override that is not None applied."""
+        d = card.get("inference_defaults", {})
+        th = d.get("threshold", {})
+        out = cls(method=th.get("method", "fraction"), value=th.get("value", 0.5), min_size_ml=d.get("min_size_ml", 0.5))
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(out, k, v)
+        if out.method == "otsu":
+            out.value = None
+        return out
+
+    def as_parameters(self) -> dict[str, Any]:
+        """The parameter record written into summaries, reports and evaluation results."""
+        return {"threshold_method": self.method, "threshold_value": self.value, "min_size_ml": self.min_size_ml}
 
 #: Connectivity (neighbours of a voxel) -> scikit-image ``connectivity`` argument for 3D arrays.
 _CONNECTIVITY = {6: 1, 18: 2, 26: 3}

@@ -18,7 +18,31 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .card import MODALITY_NAMES
 from .volume import Volume, VolumeError
+
+
+def check_modality(volume: Volume, card: dict[str, Any]) -> None:
+    """Refuse an input whose modality or units differ from what the card's model was trained on."""
+    want = card["modality"]
+    have = volume.modality
+    if have in MODALITY_NAMES and have != want:
+        raise VolumeError(
+            f"this model ({card['id']}) was trained on {MODALITY_NAMES[want]} but the input is "
+            f"{MODALITY_NAMES[have]}; choose a {MODALITY_NAMES[have]} model or the matching scan."
+        )
+    vmin = float(np.nanmin(volume.voxels))
+    if want == "PT" and vmin < -50:
+        raise VolumeError(
+            f"the input has strongly negative values (minimum {vmin:.0f}), which looks like CT in HU, "
+            f"but model {card['id']} expects PET in SUV; choose a CT model or a PET scan."
+        )
+    units = (volume.units or "").upper()
+    if want == "PT" and units and not units.startswith("SUV"):
+        raise VolumeError(
+            f"the PET input is in {volume.units}, but model {card['id']} expects body-weight SUV; "
+            "load it from DICOM (converted to SUV automatically) or give an SUV factor."
+        )
 
 
 @dataclass(frozen=True)

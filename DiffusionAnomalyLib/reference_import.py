@@ -39,11 +39,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, _existing, load_weights, read_card, save_checkpoint, validate_card
-from .networks import UNET_ARGS, ConditionalDiffusionModel, build_model
+from .card import CheckpointError, default_card, validate_card
+from .checkpoint import existing_file, read_card
+from .networks import UNET_ARGS, ConditionalDiffusionModel, build_model, load_weights, save_checkpoint
 
 REFERENCE_FORMAT = "IgCONDA-PET reference format"
-PTH_SUFFIXES = (".pth", ".pt", ".ckpt")
+REFERENCE_SUFFIXES = (".pth", ".pt", ".ckpt")
 
 #: METHODS.md section 1 values used when the weights cannot tell
 FALLBACK_CHANNELS = (64, 64, 64)
@@ -408,8 +409,6 @@ def _as_levels(values: Sequence[Any]) -> list[bool]:
 def reference_card(path: Path, unet_args: dict[str, Any], embed_shape: tuple[int, int], scheduler: dict[str, Any],
                    notes: dict[str, str]) -> dict[str, Any]:
     """A complete model card for an imported reference checkpoint."""
-    from .training import default_card
-
     card = default_card(
         channels=unet_args["channels"], attention_levels=unet_args["attention_levels"],
         spacing_mm=REFERENCE_SPACING_MM, in_plane_size=REFERENCE_IN_PLANE_SIZE,
@@ -460,7 +459,7 @@ def convert_reference_checkpoint(
     ``{"preprocessing": {"intensity": {"scale": 10.0}}}`` or ``{"network": {"unet":
     {"norm_num_groups": 16}}}``). Every problem raises :class:`CheckpointError`.
     """
-    path = _existing(path)
+    path = existing_file(path)
     blob = _load_pth(path)
     if not isinstance(blob, Mapping):
         raise CheckpointError(
@@ -564,7 +563,7 @@ def import_checkpoint(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
     Keyword arguments go to :func:`convert_reference_checkpoint`. The source is never overwritten,
     the destination folder must exist, and the written file is read back and checked.
     """
-    src = _existing(src)
+    src = existing_file(src)
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
         raise CheckpointError(f"the output file must end in .safetensors (got {dst.name}).")

@@ -24,55 +24,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+from .card import default_card
 from .diffusion import alphas_cumprod
-from .networks import build_model, pick_device
+from .networks import build_model, pick_device, save_checkpoint
 from .phantoms import DEFAULT_SHAPE_IJK, DEFAULT_SPACING, make_phantom
 from .preprocessing import mask_to_model_space, to_model_space
 
 #: model-space fraction of a pixel covered by lesion above which a slice counts as unhealthy
 UNHEALTHY_FRACTION = 0.25
-
-
-def default_card(
-    channels=(32, 64, 64),
-    attention_levels=(False, False, True),
-    spacing_mm=(6.0, 6.0, 6.0),
-    in_plane_size=(64, 64),
-    suv_scale=12.0,
-) -> dict[str, Any]:
-    """Model card of the demo IgCONDA-PET model (provenance is filled in by :func:`train`)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "id": "igconda-pet-phantom-demo",
-        "name": "IgCONDA-PET demo model (synthetic phantoms)",
-        "method": "igconda",
-        "modality": "PT",
-        "network": {
-            "unet": {
-                "spatial_dims": 2, "in_channels": 1, "out_channels": 1,
-                "channels": list(channels), "attention_levels": list(attention_levels),
-                "num_res_blocks": 1, "num_head_channels": 16, "with_conditioning": True,
-                "cross_attention_dim": 64, "norm_num_groups": 32,
-            },
-            "class_embedding": {"num_classes": 3, "dim": 64},
-        },
-        "scheduler": {"num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 0.02},
-        "preprocessing": {
-            "orientation": "LPS", "spacing_mm": list(spacing_mm), "in_plane_size": list(in_plane_size),
-            "antialias": True,
-            "intensity": {"input_units": "SUVbw", "offset": 0.0, "scale": suv_scale, "clip": [0.0, 1.0]},
-            "slice_axis": "S",
-        },
-        "labels": {"null": 0, "healthy": 1, "unhealthy": 2},
-        "inference_defaults": {
-            "noise_level": 400, "guidance_scale": 3.0, "steps": 10, "batch_size": 32,
-            "threshold": {"method": "fraction", "value": 0.5}, "min_size_ml": 0.5,
-        },
-        "provenance": {},
-        "not_for_clinical_use": True,
-    }
 
 
 # ---- data -----------------------------------------------------------------------------------

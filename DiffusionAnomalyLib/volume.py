@@ -14,6 +14,7 @@ engine passes :func:`validate_volume`, whose errors are sentences a clinician ca
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import re
 import shutil
@@ -150,6 +151,21 @@ class Volume:
         lps[:3, :3] = direction * spacing
         lps[:3, 3] = image.GetOrigin()
         return cls(voxels=sitk.GetArrayFromImage(image), ijk_to_ras=lps_ras_flip(lps), **kwargs)
+
+
+def array_key(*parts: Any) -> str:
+    """A content hash of arrays and plain values: equal inputs give equal keys (cache keys, re-run checks)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        if isinstance(p, Volume):
+            p = (p.voxels, np.asarray(p.ijk_to_ras, dtype=np.float64), p.modality, p.units)
+            h.update(array_key(*p).encode())
+        elif isinstance(p, np.ndarray):
+            h.update(str(p.shape).encode() + str(p.dtype).encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()
 
 
 def ijk_to_ras_matrix(spacing, origin_ras, direction_ras=None) -> np.ndarray:

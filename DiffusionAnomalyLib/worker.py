@@ -77,7 +77,7 @@ class Worker:
     """Holds the loaded model; answers requests (see the module docstring)."""
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto"):
-        from .checkpoint import load_checkpoint
+        from .methods import load_checkpoint
 
         self.model = load_checkpoint(checkpoint, device=device, precision=precision)
         self.checkpoint = str(checkpoint)
@@ -101,11 +101,11 @@ class Worker:
             volume.units = request["units"]
         if request.get("seed") is not None:
             torch.manual_seed(int(request["seed"]))
-        kwargs: dict[str, Any] = {"noise_level": request.get("noise_level"),
-                                  "guidance_scale": request.get("guidance_scale")}
-        if "steps" in request:
-            kwargs["steps"] = request["steps"]
-        result = self.model.run(volume, progress=progress, **kwargs)
+        from .card import parse_steps
+
+        result = self.model.run(volume, noise_level=request.get("noise_level"),
+                                guidance_scale=request.get("guidance_scale"),
+                                steps=parse_steps(request.get("steps")), progress=progress)
         out = Path(request["out_dir"])
         if not out.is_dir():
             raise VolumeError(f"the worker's output folder {out} does not exist.")

@@ -1,74 +1,17 @@
-"""What every method shares: input checks, model-space round trip, result type, cache."""
+"""What every slice-wise method shares: device and precision, the model-space round trip, the case cache."""
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError
-from ..diffusion import Cancelled, Progress
 from ..networks import pick_device, pick_precision
-from ..preprocessing import ModelGrid, from_model_space, model_units_to_input, model_values_to_input, to_model_space
-from ..volume import Volume, VolumeError, validate_volume
-
-MODALITY_NAMES = {"PT": "PET", "CT": "CT"}
-
-
-@dataclass
-class MethodResult:
-    """Outputs of one run, on the input's exact grid, plus what evaluation needs in model space."""
-
-    heatmap: Volume
-    counterfactual: Volume | None
-    model_input: np.ndarray  # (N, H, W) model units
-    model_counterfactual: np.ndarray | None
-    model_heat: np.ndarray  # (N, H, W) model units
-    grid: ModelGrid
-    parameters: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
-    network_evaluations: int = 0
-    compute: dict[str, str] = field(default_factory=dict)  # device and arithmetic precision used
-
-
-def check_modality(volume: Volume, card: dict[str, Any]) -> None:
-    """Refuse an input whose modality differs from the card's, with a sentence saying why."""
-    want = card["modality"]
-    have = volume.modality
-    if have in MODALITY_NAMES and have != want:
-        raise VolumeError(
-            f"this model ({card['id']}) was trained on {MODALITY_NAMES[want]} but the input is "
-            f"{MODALITY_NAMES[have]}; choose a {MODALITY_NAMES[have]} model or the matching scan."
-        )
-    vmin = float(np.nanmin(volume.voxels))
-    if want == "PT" and vmin < -50:
-        raise VolumeError(
-            f"the input has strongly negative values (minimum {vmin:.0f}), which looks like CT in HU, "
-            f"but model {card['id']} expects PET in SUV; choose a CT model or a PET scan."
-        )
-    units = (volume.units or "").upper()
-    if want == "PT" and units and not units.startswith("SUV"):
-        raise VolumeError(
-            f"the PET input is in {volume.units}, but model {card['id']} expects body-weight SUV; "
-            "load it from DICOM (converted to SUV automatically) or give an SUV factor."
-        )
-
-
-def array_key(*parts: Any) -> str:
-    """A cache key from arrays and plain values (content hash, so equal inputs share cache entries)."""
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        if isinstance(p, np.ndarray):
-            h.update(str(p.shape).encode() + str(p.dtype).encode())
-            h.update(np.ascontiguousarray(p).tobytes())
-        else:
-            h.update(repr(p).encode())
-    return h.hexdigest()
+from ..preprocessing import (ModelGrid, check_modality, from_model_space, model_units_to_input, model_values_to_input,
+                             to_model_space)
+from ..volume import Volume, validate_volume
 
 
 class LRU(OrderedDict):
@@ -129,19 +72,4 @@ class SliceMethod:
         return heat_vol, cf_vol
 
 
-def check_cancel(cancel: Callable[[], bool] | None) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("cancelled by the user")
-
-
-def report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(float(min(max(fraction, 0.0), 1.0)), message)
-
-
-def timer() -> Callable[[], float]:
-    start = time.perf_counter()
-    return lambda: time.perf_counter() - start
-
-
-__all__ = ["MethodResult", "SliceMethod", "CheckpointError", "check_modality", "array_key", "check_cancel", "report", "timer"]
+__all__ = ["LRU", "SliceMethod"]

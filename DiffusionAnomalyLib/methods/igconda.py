@@ -5,7 +5,7 @@
    eps = eps_u + w (eps_healthy - eps_u), take a DDIM step;
 3. anomaly map = |input - counterfactual|  (paper sections 2.3-2.4, eq. 9-10).
 
-``steps=None`` reproduces the reference loop exactly (network at t = 0..D-1 while encoding,
+``steps="reference"`` reproduces the reference loop exactly (network at t = 0..D-1 while encoding,
 t = D..1 while decoding, stride 1, no clipping); an integer uses a strided grid.
 The inverted latents of a case are cached, keyed by (input, D, steps), so a new guidance scale
 only re-decodes; the counterfactual is cached by (input, D, steps, w), so a repeated run with
@@ -14,16 +14,17 @@ unchanged parameters does no network work.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..diffusion import Progress, alphas_cumprod, ddim_step, memory_batch_size, timestep_grid
-from ..volume import Volume
-from .base import MethodResult, SliceMethod, array_key, check_cancel, report, timer
-
-_UNSET = object()
+from ..card import REFERENCE_STEPS, Steps, parse_steps
+from ..diffusion import alphas_cumprod, ddim_step, memory_batch_size, timestep_grid
+from ..pipeline import MethodResult
+from ..progress import Cancel, Progress, check_cancel, report, timer
+from ..volume import Volume, array_key
+from .base import SliceMethod
 
 
 class IgcondaModel(SliceMethod):
@@ -59,8 +60,8 @@ class IgcondaModel(SliceMethod):
 
     # ---- the two halves ---------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, noise_level: int, steps: int | None,
-               progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, noise_level: int, steps: Steps,
+               progress: Progress | None = None, cancel: Cancel | None = None) -> torch.Tensor:
         """DDIM inversion with the unconditional model from t = 0 to D (reference: t = 0..D-1)."""
         grid = timestep_grid(noise_level, steps)
         bs = self.batch_size(tuple(images.shape[1:]))
@@ -80,8 +81,8 @@ class IgcondaModel(SliceMethod):
         return torch.cat(out)
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, noise_level: int, guidance_scale: float, steps: int | None,
-               progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, noise_level: int, guidance_scale: float, steps: Steps,
+               progress: Progress | None = None, cancel: Cancel | None = None) -> torch.Tensor:
         """Guided DDIM decoding from D to 0 (reference: t = D..1), uncond + healthy in one batch."""
         grid = timestep_grid(noise_level, steps)
         bs = self.batch_size(tuple(latents.shape[1:]))
@@ -104,8 +105,8 @@ class IgcondaModel(SliceMethod):
         return torch.cat(out)
 
     def counterfactual(self, images: torch.Tensor, noise_level: int = 400, guidance_scale: float = 3.0,
-                       steps: int | None = None, progress: Progress | None = None,
-                       cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+                       steps: Steps = REFERENCE_STEPS, progress: Progress | None = None,
+                       cancel: Cancel | None = None) -> torch.Tensor:
         """Healthy counterfactual of ``images`` (B, 1, H, W) in model intensity space; same shape."""
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"images must be (B, 1, H, W); got {tuple(images.shape)}")
@@ -115,12 +116,15 @@ class IgcondaModel(SliceMethod):
         return self.decode(latents, noise_level, guidance_scale, steps, split, cancel)
 
     # ---- volumes ----------------------------------------------------------------------------
-    def resolve(self, noise_level=None, guidance_scale=None, steps: Any = _UNSET) -> dict[str, Any]:
+    def resolve(self, noise_level: int | None = None, guidance_scale: float | None = None,
+                steps: Steps | None = None) -> dict[str, Any]:
+        """The parameters of a run: each one given, or the model card's default when None."""
         d = self.defaults
+        steps = parse_steps(steps)
         params = {
             "noise_level": int(d["noise_level"] if noise_level is None else noise_level),
             "guidance_scale": float(d["guidance_scale"] if guidance_scale is None else guidance_scale),
-            "steps": d.get("steps") if steps is _UNSET else steps,
+            "steps": d["steps"] if steps is None else steps,
         }
         if not 1 <= params["noise_level"] < int(self.card["scheduler"]["num_train_timesteps"]):
             raise ValueError(
@@ -131,8 +135,8 @@ class IgcondaModel(SliceMethod):
         return params
 
     def run(self, volume: Volume, noise_level: int | None = None, guidance_scale: float | None = None,
-            steps: Any = _UNSET, progress: Progress | None = None,
-            cancel: Callable[[], bool] | None = None) -> MethodResult:
+            steps: Steps | None = None, progress: Progress | None = None,
+            cancel: Cancel | None = None) -> MethodResult:
         """Counterfactual and heat map of a whole volume, back on its exact grid."""
         params = self.resolve(noise_level, guidance_scale, steps)
         evals_before = self.network_evaluations
