@@ -18,7 +18,8 @@ from . import phantoms
 from .figures import overview_png
 from .card import STEPS_HELP, CheckpointError, default_card, parse_steps
 from .checkpoint import bundled_checkpoint
-from .export import OutputError, check_writable_dir, write_json, write_segmentation
+from .export import write_json, write_segmentation
+from .files import OutputError, check_writable_dir
 from .pipeline import analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled

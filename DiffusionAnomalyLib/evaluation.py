@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from . import metrics
-from .export import check_writable_dir, write_json
+from .export import write_json
+from .files import check_writable_dir
 from .phantoms import make_phantom
 from .card import Steps, parse_steps
 from .pipeline import lesions_from_heat

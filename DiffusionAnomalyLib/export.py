@@ -1,9 +1,7 @@
 """Results -> files: Slicer ``.seg.nrrd`` segmentations, label maps, CSV lesion tables, JSON.
 
-Every writer is atomic: it writes a uniquely named temporary file in the destination folder and
-renames it over the target, so a failure (full disk, bad input, interrupted run) never leaves a
-partial or corrupt file behind. Failures to write are raised as :class:`OutputError` with a
-sentence naming the file or folder.
+Every writer is atomic (:func:`.files.atomic_path`); failures raise :class:`.files.OutputError`
+with a sentence naming the file or folder.
 """
 
 from __future__ import annotations
@@ -13,21 +11,17 @@ import csv
 import json
 import math
 import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from .files import OutputError, atomic_path
 from .postprocessing import LESION_TABLE_COLUMNS
 from .volume import Volume, lps_ras_flip, write_volume
 
 __all__ = [
     "LESION_PALETTE",
-    "OutputError",
-    "atomic_path",
-    "check_writable_dir",
     "format_number",
     "lesion_colors",
     "to_jsonable",
@@ -36,10 +30,6 @@ __all__ = [
     "write_segmentation",
     "write_table_csv",
 ]
-
-
-class OutputError(OSError):
-    """An output file or folder that cannot be written; the message names it and says why."""
 
 
 #: Distinct lesion colours (RGB in [0, 1]); more lesions get golden-angle hues.
@@ -65,62 +55,6 @@ LESION_TERMINOLOGY: dict[str, Any] = {
     "type": ["SCT", "52988006", "Lesion"],
     "anatomicContextName": "Anatomic codes - DICOM master list",
 }
-
-
-# ---- atomic writing --------------------------------------------------------------------------
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it.
-
-    The one way this package writes a file: checkpoints, volumes' sidecars, tables, JSON, reports.
-
-    ``suffix`` keeps the extension writers look at (e.g. ``.seg.nrrd`` for pynrrd).
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputError(f"Cannot write {path}: the folder {path.parent} does not exist.")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        if isinstance(exc, OutputError):
-            raise
-        reason = exc.strerror or str(exc)
-        raise OutputError(f"Cannot write {path}: {reason}. Choose a writable output folder.") from exc
-    finally:
-        try:
-            tmp.unlink()  # only still there if something failed
-        except OSError:
-            pass
-
-
-def check_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) if missing and check a file can be created there.
-
-    Returns the folder as a :class:`Path`; raises :class:`OutputError` naming the folder otherwise.
-    """
-    folder = Path(path).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"The output folder {folder} cannot be created ({exc.strerror or exc}); choose another folder."
-        ) from exc
-    probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(probe, "wb"):
-            pass
-    except OSError as exc:
-        raise OutputError(
-            f"The output folder {folder} is not writable ({exc.strerror or exc}); choose another folder."
-        ) from exc
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
-    return folder
 
 
 # ---- segmentation ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 
 from .card import CheckpointError, validate_card
 from .checkpoint import CARD_KEY
-from .export import atomic_path
+from .files import atomic_path
 
 #: DiffusionModelUNet arguments a card may set (anything else is refused, so a typo is not ignored).
 UNET_ARGS = {

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .card import Steps
-from .export import OutputError, check_writable_dir, write_json, write_segmentation, write_table_csv
+from .export import write_json, write_segmentation, write_table_csv
+from .files import OutputError, check_writable_dir
 from .postprocessing import Thresholding, lesion_table, segment
 from .preprocessing import ModelGrid
 from .progress import Cancel, Progress

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .card import NOT_FOR_CLINICAL_USE, card_items
-from .export import atomic_path, format_number
+from .export import format_number
+from .files import atomic_path
 from .figures import key_slices, overview_png
 from .pipeline import CaseResult
 from .postprocessing import LESION_COLUMNS
