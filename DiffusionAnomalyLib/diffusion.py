@@ -1,32 +1,42 @@
 """Diffusion building blocks shared by the methods (METHODS.md, "Shared building blocks").
 
-Noise schedules come from MONAI's schedulers; the deterministic DDIM step and its reversal
-("noise encoding") are written out here because the reference loops need exact control over
-which timestep the network sees and no sample clipping (MONAI's DDIM clips by default).
+Noise schedules, training noising and the stride-1 ("reference") DDIM loop come from MONAI's
+schedulers (:func:`monai_scheduler`, :class:`DDIM`); only the strided DDIM move is written out
+here (:func:`ddim_step`), because MONAI's uniform stride cannot express the grid ending at D.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
-from monai.networks.schedulers import DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 
 from .card import REFERENCE_STEPS, Steps
 
-def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
+
+def monai_scheduler(section: dict[str, Any], kind: type[Scheduler] = DDPMScheduler, **options) -> Scheduler:
+    """The MONAI scheduler ``kind`` of a model card's ``scheduler`` section (the one place a card's
+    schedule becomes a MONAI scheduler: training noise, inference loops and alpha_bar all use it).
+
+    ``options`` are passed on to ``kind`` (e.g. ``clip_sample=False`` for DDIM).
+    """
+    kwargs = {"num_train_timesteps": int(section["num_train_timesteps"]), "schedule": section["schedule"]}
+    for key in ("beta_start", "beta_end"):
+        if key in section:
+            kwargs[key] = float(section[key])
+    return kind(**kwargs, **options)
+
+
+def alphas_cumprod(section: dict[str, Any]) -> torch.Tensor:
     """alpha_bar_t for t = 0..T-1 from a model card's scheduler section.
 
     Taken from MONAI's scheduler (float32, as the reference implementation computes it) so the
     stride-1 loop reproduces the reference numbers, not just its timesteps.
     """
-    kwargs = {"num_train_timesteps": int(scheduler["num_train_timesteps"]), "schedule": scheduler["schedule"]}
-    for key in ("beta_start", "beta_end"):
-        if key in scheduler:
-            kwargs[key] = float(scheduler[key])
-    sched = DDPMScheduler(**kwargs)
-    return sched.alphas_cumprod.clone()
+    return monai_scheduler(section).alphas_cumprod.clone()
 
 
 def timestep_grid(noise_level: int, steps: Steps) -> list[int]:
@@ -47,12 +57,38 @@ def timestep_grid(noise_level: int, steps: Steps) -> list[int]:
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_from: float, abar_to: float) -> torch.Tensor:
-    """Deterministic DDIM move between noise levels (eta = 0); also the inversion step.
+    """Deterministic DDIM move between any two noise levels (eta = 0); also the inversion step.
+
+    Hand-written: MONAI's DDIMScheduler strides by T // K from T - 1, not along :func:`timestep_grid` to D.
 
     x0_hat = (x - sqrt(1 - abar_from) eps) / sqrt(abar_from);  x' = sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps
     """
     x0 = (x - (1.0 - abar_from) ** 0.5 * eps) / abar_from**0.5
     return abar_to**0.5 * x0 + (1.0 - abar_to) ** 0.5 * eps
+
+
+class DDIM:
+    """The deterministic (eta = 0, no clipping) DDIM moves of a model card's schedule.
+
+    With ``steps="reference"`` a move is MONAI's ``DDIMScheduler(clip_sample=False)`` at stride 1
+    (``reversed_step`` t -> t+1 while encoding, ``step`` t -> t-1 while decoding), as in the
+    IgCONDA-PET reference code; with an integer ``steps`` it is :func:`ddim_step` between grid points.
+    Both use the same float32 alpha_bar from MONAI.
+    """
+
+    def __init__(self, section: dict[str, Any]):
+        self.scheduler = monai_scheduler(section, DDIMScheduler, clip_sample=False)  # stride 1 (K = T)
+        self.abar: list[float] = self.scheduler.alphas_cumprod.tolist()
+
+    def move(self, x: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int, steps: Steps) -> torch.Tensor:
+        """``x`` at timestep ``t_from`` moved to ``t_to`` with the noise estimate ``eps`` (on the grid of ``steps``)."""
+        if steps != REFERENCE_STEPS:
+            return ddim_step(x, eps, self.abar[t_from], self.abar[t_to])
+        if t_to == t_from + 1:
+            return self.scheduler.reversed_step(eps, t_from, x)[0]
+        if t_to == t_from - 1:
+            return self.scheduler.step(eps, t_from, x)[0]
+        raise ValueError(f"the reference loop moves by one timestep, not {t_from} -> {t_to}")
 
 
 def memory_batch_size(bytes_per_item: float, device: torch.device, cap: int, fraction: float = 0.25) -> int:
@@ -62,8 +98,6 @@ def memory_batch_size(bytes_per_item: float, device: torch.device, cap: int, fra
         free, _ = torch.cuda.mem_get_info(device)
     else:
         try:
-            import os
-
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             free = None

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .card import CheckpointError, default_card, validate_card
+from .card import REFERENCE_STEPS, CheckpointError, default_card, validate_card
 from .checkpoint import existing_file, read_card
 from .networks import UNET_ARGS, ConditionalDiffusionModel, build_model, load_weights, save_checkpoint
 
@@ -418,7 +418,7 @@ def reference_card(path: Path, unet_args: dict[str, Any], embed_shape: tuple[int
     card["network"]["unet"] = {k: v for k, v in unet_args.items() if k in UNET_ARGS}
     card["network"]["class_embedding"] = {"num_classes": int(embed_shape[0]), "dim": int(embed_shape[1])}
     card["scheduler"] = scheduler
-    card["inference_defaults"].update({"noise_level": 400, "guidance_scale": 3.0, "steps": None})
+    card["inference_defaults"].update({"noise_level": 400, "guidance_scale": 3.0, "steps": REFERENCE_STEPS})
     card["provenance"] = {
         "source": f"imported from {path.name} ({REFERENCE_FORMAT})",
         "source_file": path.name,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -22,10 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .card import default_card
-from .diffusion import alphas_cumprod
+from .diffusion import monai_scheduler
+from .files import atomic_path
 from .networks import build_model, pick_device, save_checkpoint
 from .phantoms import DEFAULT_SHAPE_IJK, DEFAULT_SPACING, make_phantom
 from .preprocessing import mask_to_model_space, to_model_space
@@ -113,14 +114,11 @@ def _save_state(path: Path, model, opt, step: int, rng: np.random.Generator, ext
             tensors[f"opt.{pid}.{name}"] = (val if torch.is_tensor(val) else torch.tensor(val)).detach().cpu().contiguous()
     tensors["torch_rng"] = torch.get_rng_state()
     meta = {"step": step, "param_groups": osd["param_groups"], "numpy_rng": rng.bit_generator.state, **extra}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta, default=int)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta, default=int)})
 
 
 def _load_state(path: Path, model, opt, rng: np.random.Generator) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
     tensors = load_file(str(path))
@@ -161,7 +159,7 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    abar = alphas_cumprod(card["scheduler"]).float().to(device)
+    noiser = monai_scheduler(card["scheduler"])  # DDPMScheduler: add_noise(x0, noise, t)
     T = int(card["scheduler"]["num_train_timesteps"])
 
     # fixed validation batch: balanced slices, fixed t and noise
@@ -186,7 +184,7 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
     def validate() -> float:
         model.eval()
         with torch.inference_mode():
-            xt = abar[vt].sqrt()[:, None, None, None] * vx + (1 - abar[vt]).sqrt()[:, None, None, None] * vnoise
+            xt = noiser.add_noise(vx, vnoise, vt)
             pred = model(xt, vt, model.context(vy))
             loss = float(torch.mean((pred.float() - vnoise) ** 2))
         model.train()
@@ -206,7 +204,7 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
         y = torch.where(torch.rand(len(y), device=device) < cfg.cond_dropout, torch.zeros_like(y), y)
         t = torch.randint(0, T, (len(x0),), device=device)
         noise = torch.randn_like(x0)
-        xt = abar[t].sqrt()[:, None, None, None] * x0 + (1 - abar[t]).sqrt()[:, None, None, None] * noise
+        xt = noiser.add_noise(x0, noise, t)
         if channels_last:
             xt = xt.contiguous(memory_format=torch.channels_last)
         loss = torch.mean((model(xt, t, model.context(y)).float() - noise) ** 2)

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "DiffusionAnomaly"))  # the Slicer module's Lib (process.py etc.): no Slicer needed
 
 from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix  # noqa: E402
 
@@ -47,7 +49,7 @@ def rotation(axis, angle_deg: float) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_card() -> dict:
     """A model card for a tiny network; never mutate it in a test (session-scoped)."""
-    from DiffusionAnomalyLib.training import default_card
+    from DiffusionAnomalyLib.card import default_card
 
     card = default_card(channels=(8, 16, 16), attention_levels=(False, False, True),
                         spacing_mm=(12.0, 12.0, 12.0), in_plane_size=(32, 32))
@@ -65,7 +67,6 @@ def tiny_checkpoint(tmp_path_factory, tiny_card) -> Path:
     import torch
 
     from DiffusionAnomalyLib import networks
-    from DiffusionAnomalyLib.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = networks.build_model(tiny_card)
@@ -76,13 +77,13 @@ def tiny_checkpoint(tmp_path_factory, tiny_card) -> Path:
         for p in model.parameters():
             if p.ndim >= 2 and not p.any():
                 p.normal_(0.0, 0.1)
-    return save_checkpoint(model, tiny_card, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    return networks.save_checkpoint(model, tiny_card, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
 @pytest.fixture()
 def tiny_model(tiny_checkpoint):
     """A freshly loaded model (empty cache, evaluation counter at zero) on the CPU."""
-    from DiffusionAnomalyLib.checkpoint import load_checkpoint
+    from DiffusionAnomalyLib.methods import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint, device="cpu")
 

@@ -24,20 +24,21 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from DiffusionAnomalyLib import checkpoint as checkpoint_module
-from DiffusionAnomalyLib.checkpoint import CheckpointError, load_checkpoint, read_card, save_checkpoint
+from DiffusionAnomalyLib.card import CheckpointError, default_card
+from DiffusionAnomalyLib.checkpoint import read_card
+from DiffusionAnomalyLib.methods import load_checkpoint
 from DiffusionAnomalyLib.methods.igconda import IgcondaModel
-from DiffusionAnomalyLib.networks import ConditionalDiffusionModel, build_model
+from DiffusionAnomalyLib.networks import ConditionalDiffusionModel, build_model, save_checkpoint
 from DiffusionAnomalyLib.reference_import import (
     add_import_arguments,
     convert_reference_checkpoint,
     import_checkpoint,
     run_import,
 )
-from DiffusionAnomalyLib.training import default_card
 
 CHANNELS = (32, 32, 32)
 ATTENTION = (False, True, True)
-CF_ARGS = {"noise_level": 5, "guidance_scale": 2.0, "steps": None}
+CF_ARGS = {"noise_level": 5, "guidance_scale": 2.0, "steps": "reference"}
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def test_load_reference_pth_directly(reference):
                                  "beta_start": 1e-4, "beta_end": 0.02}
     assert card["inference_defaults"]["noise_level"] == 400
     assert card["inference_defaults"]["guidance_scale"] == 3.0
-    assert card["inference_defaults"]["steps"] is None
+    assert card["inference_defaults"]["steps"] == "reference"
     assert card["preprocessing"]["spacing_mm"] == [6.108, 6.108, 9.0]
     assert card["preprocessing"]["in_plane_size"] == [64, 64]
     assert card["modality"] == "PT" and card["method"] == "igconda"
@@ -514,7 +515,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_checkpoint(tmp_pa
         Path(filename).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", failing_save_file)  # imported at call time
+    monkeypatch.setattr("DiffusionAnomalyLib.networks.save_file", failing_save_file)
     with pytest.raises(OSError):
         save_checkpoint(model, card, target)
     with pytest.raises(OSError):

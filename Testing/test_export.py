@@ -15,14 +15,13 @@ import SimpleITK as sitk
 import slicerio
 
 from DiffusionAnomalyLib.export import (
-    OutputError,
-    check_writable_dir,
     format_number,
     write_json,
     write_labelmap,
     write_segmentation,
     write_table_csv,
 )
+from DiffusionAnomalyLib.files import OutputError, check_writable_dir
 from DiffusionAnomalyLib.postprocessing import LESION_TABLE_COLUMNS, lesion_table, segment
 from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix, lps_ras_flip
 

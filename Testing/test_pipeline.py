@@ -14,10 +14,10 @@ import slicerio
 import torch
 
 from DiffusionAnomalyLib import pipeline
-from DiffusionAnomalyLib.checkpoint import load_checkpoint
+from DiffusionAnomalyLib.methods import load_checkpoint
 from DiffusionAnomalyLib.diffusion import timestep_grid
-from DiffusionAnomalyLib.export import OutputError
-from DiffusionAnomalyLib.postprocessing import LESION_TABLE_COLUMNS
+from DiffusionAnomalyLib.files import OutputError
+from DiffusionAnomalyLib.postprocessing import LESION_TABLE_COLUMNS, Thresholding
 from DiffusionAnomalyLib.volume import VolumeError, lps_ras_flip, read_volume
 
 OUTPUT_FILES = {"heatmap.nrrd", "counterfactual.nrrd", "lesions.seg.nrrd", "lesions.csv", "summary.json"}
@@ -46,7 +46,7 @@ def test_oblique_fixture_is_really_oblique(oblique_pet):
 
 def test_analyse_oblique_outputs_on_the_input_grid(oblique_case):
     model, volume, result = oblique_case
-    heat, cf = result.method.heatmap, result.method.counterfactual
+    heat, cf = result.heatmap, result.counterfactual
     for out in (heat, cf):
         assert out.voxels.shape == volume.voxels.shape
         np.testing.assert_array_equal(out.ijk_to_ras, volume.ijk_to_ras)
@@ -70,11 +70,11 @@ def test_analyse_oblique_outputs_on_the_input_grid(oblique_case):
 def test_write_outputs_round_trip_with_input_geometry(oblique_case, tmp_path):
     model, volume, result = oblique_case
     out = tmp_path / "results"
-    written = pipeline.write_outputs(result, model.card, out, {"input_path": "oblique.nrrd"})
+    written = pipeline.write_outputs(result, out, {"input_path": "oblique.nrrd"})
     assert set(written) == OUTPUT_FILES
     assert listing(out) == OUTPUT_FILES  # nothing else: no .staging-* folder, no temporary files
 
-    for name, expected in (("heatmap.nrrd", result.method.heatmap), ("counterfactual.nrrd", result.method.counterfactual)):
+    for name, expected in (("heatmap.nrrd", result.heatmap), ("counterfactual.nrrd", result.counterfactual)):
         back = read_volume(out / name)
         assert back.voxels.shape == volume.voxels.shape
         np.testing.assert_allclose(back.ijk_to_ras, volume.ijk_to_ras, atol=1e-4)
@@ -108,7 +108,7 @@ def test_write_failure_leaves_no_files(oblique_case, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "write_table_csv", broken)
     with pytest.raises(OutputError, match="No space left on device"):
-        pipeline.write_outputs(result, model.card, out)
+        pipeline.write_outputs(result, out)
     assert listing(out) == set()  # neither results nor the staging folder
 
 
@@ -118,7 +118,7 @@ def test_failure_while_moving_into_place_leaves_no_partial_set(oblique_case, tmp
     (out / "summary.json").mkdir(parents=True)  # the last file to be moved cannot replace a folder
     (out / "summary.json" / "keep").write_text("x")
     with pytest.raises(OutputError):
-        pipeline.write_outputs(result, model.card, out)
+        pipeline.write_outputs(result, out)
     assert listing(out) == {"summary.json"}  # only what was there before
 
 
@@ -167,11 +167,11 @@ def test_threshold_change_needs_no_network(tiny_model, pet_slab):
     result = pipeline.analyse(model, pet_slab)
     before = model.network_evaluations
     assert before > 0
-    loose = pipeline.Thresholding(method="fraction", value=0.2, min_size_ml=0.0)
-    strict = pipeline.Thresholding(method="fraction", value=0.7, min_size_ml=0.0)
-    labels_loose, table_loose = pipeline.lesions_from_heat(result.method.heatmap, pet_slab, loose)
-    labels_strict, table_strict = pipeline.lesions_from_heat(result.method.heatmap, pet_slab, strict)
-    otsu_labels, _ = pipeline.lesions_from_heat(result.method.heatmap, pet_slab, pipeline.Thresholding(method="otsu", value=None))
+    loose = Thresholding(method="fraction", value=0.2, min_size_ml=0.0)
+    strict = Thresholding(method="fraction", value=0.7, min_size_ml=0.0)
+    labels_loose, table_loose = pipeline.lesions_from_heat(result.heatmap, pet_slab, loose)
+    labels_strict, table_strict = pipeline.lesions_from_heat(result.heatmap, pet_slab, strict)
+    otsu_labels, _ = pipeline.lesions_from_heat(result.heatmap, pet_slab, Thresholding(method="otsu", value=None))
     assert model.network_evaluations == before
     assert (labels_strict > 0).sum() < (labels_loose > 0).sum()
     assert len(table_loose) == len(np.unique(labels_loose)) - 1
@@ -194,24 +194,27 @@ def test_fresh_models_give_bit_identical_heat_maps(tiny_checkpoint, pet_slab):
 def test_counterfactual_keeps_batch_shape(tiny_model):
     torch.manual_seed(1)
     images = torch.rand(2, 1, 32, 32)
-    cf = tiny_model.counterfactual(images, noise_level=4, guidance_scale=2.0, steps=None)
+    cf = tiny_model.counterfactual(images, noise_level=4, guidance_scale=2.0, steps="reference")
     assert cf.shape == images.shape
     assert torch.isfinite(cf).all()
-    # steps=None is the stride-1 reference loop: D encode evaluations and 2 D decode evaluations per image
+    # steps="reference" is the stride-1 reference loop: D encode evaluations and 2 D decode evaluations per image
     assert tiny_model.network_evaluations == 2 * 4 + 2 * 2 * 4
     # encode/decode halves compose to the same result
-    latents = tiny_model.encode(images, 4, None)
+    latents = tiny_model.encode(images, 4, "reference")
     assert latents.shape == images.shape
-    torch.testing.assert_close(tiny_model.decode(latents, 4, 2.0, None), cf)
+    torch.testing.assert_close(tiny_model.decode(latents, 4, 2.0, "reference"), cf)
+    before = tiny_model.network_evaluations
     strided = tiny_model.counterfactual(images, noise_level=20, guidance_scale=2.0, steps=2)
-    assert strided.shape == images.shape
+    # a strided grid of K = 2 steps: 2 encode and 2 x 2 decode evaluations per image, whatever D is
+    assert tiny_model.network_evaluations - before == 2 * 2 + 2 * 2 * 2
+    assert strided.shape == images.shape and not torch.equal(strided, images)
 
 
 def test_counterfactual_refuses_images_without_channel_axis(tiny_model):
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
-        tiny_model.counterfactual(torch.rand(2, 32, 32), noise_level=4, guidance_scale=2.0, steps=None)
+        tiny_model.counterfactual(torch.rand(2, 32, 32), noise_level=4, guidance_scale=2.0, steps="reference")
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
-        tiny_model.counterfactual(torch.rand(2, 3, 32, 32), noise_level=4, guidance_scale=2.0, steps=None)
+        tiny_model.counterfactual(torch.rand(2, 3, 32, 32), noise_level=4, guidance_scale=2.0, steps="reference")
     assert tiny_model.network_evaluations == 0
 
 
@@ -244,7 +247,12 @@ def test_activity_units_are_refused(tiny_model, small_phantom):
 def test_pet_without_metadata_is_accepted(tiny_model, pet_slab):
     """Unknown modality/units but PET-like values: analysed (the check must not be over-eager)."""
     plain = pet_slab.with_voxels(pet_slab.voxels, modality=None, units=None)
-    assert tiny_model.run(plain, steps=1).heatmap.voxels.shape == plain.voxels.shape
+    result = tiny_model.run(plain, steps=1)
+    assert result.network_evaluations > 0 and result.heatmap.voxels.max() > 0
+    # the metadata only gates the input: the labelled volume is the same case (served from the cache)
+    labelled = tiny_model.run(pet_slab, steps=1)
+    assert labelled.network_evaluations == 0
+    np.testing.assert_array_equal(result.heatmap.voxels, labelled.heatmap.voxels)
 
 
 @pytest.mark.parametrize("kwargs, message", [

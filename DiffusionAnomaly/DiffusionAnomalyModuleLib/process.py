@@ -1,59 +1,130 @@
 """The background process: starts the inference worker (``python -m DiffusionAnomalyLib.worker``) and talks to it.
 
-No Slicer, no torch: the Slicer module's logic drives it from the UI thread through a queue.
+No Slicer, no torch, standard library only: Slicer's own process imports this file, and the logic
+drives it from the UI thread through a queue.
+
+Cancel stops the whole process tree. In Slicer the worker is started through the ``PythonSlicer``
+launcher, which runs the real interpreter as its child, so killing the launcher alone would leave
+the worker computing. SlicerMONAIAuto3DSeg walks the tree with psutil for this; psutil is not
+guaranteed in Slicer's Python (nor in the engine's environment), so the operating system's own
+grouping is used instead, which needs no package and also reaches children that outlived their
+launcher:
+
+- POSIX: the launcher starts in a new session (``start_new_session=True``), so it and every
+  process it starts share one process group, which :meth:`WorkerClient.terminate` signals as a
+  whole (SIGTERM, then SIGKILL after a timeout).
+- Windows: the launcher starts in a new process group and ``taskkill /T /F`` ends its tree.
+  (Not tested on this project's CI, which has no Windows machine.)
+
+If the parent itself dies, the worker notices on its own (end of stdin, or the ``--parent-pid``
+process gone; see ``DiffusionAnomalyLib.worker``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import queue
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+#: how often terminate() looks whether the process tree has ended (seconds)
+POLL_INTERVAL = 0.05
+
+
+def engine_root() -> Path:
+    """The folder holding the ``DiffusionAnomalyLib`` package, for the worker's PYTHONPATH.
+
+    The worker is a new interpreter (``PythonSlicer`` or another Python) that may not see the
+    engine: ask the import system where the package is (``find_spec`` locates it without
+    importing it, so no torch), and fall back to the source-tree layout
+    (``<root>/DiffusionAnomaly/DiffusionAnomalyModuleLib/process.py``) when it is not importable here.
+    """
+    spec = importlib.util.find_spec("DiffusionAnomalyLib")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve().parent
+    return Path(__file__).resolve().parents[2]
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of the process group ``pgid`` is still running (POSIX).
+
+    Zombies count as ended: they run nothing, and an orphan's zombie may never be reaped where
+    PID 1 is not a reaping init (containers), so ``killpg(pgid, 0)``, which still succeeds for
+    them, is only the first answer; on Linux ``/proc`` tells the states apart.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return True  # no /proc (macOS): a group member is there; its parent reaps it soon
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended while we looked
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")"
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 class WorkerClient:
     """Starts and talks to a worker process (used by the Slicer module's logic; no Slicer, no torch).
 
     Messages are read by a background thread into a queue, so :meth:`messages` never blocks the
-    caller (the Slicer UI polls it from a timer). :meth:`terminate` is the cancel: the process and
-    everything it was doing end; the caller's state is untouched.
+    caller (the Slicer UI polls it from a timer). :meth:`terminate` is the cancel: the worker's
+    whole process tree ends; the caller's state is untouched.
+
+    ``python`` is the interpreter or launcher to run (``PythonSlicer`` in Slicer); ``parent_pid``
+    is the process whose end makes the worker quit by itself (default: this process).
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", python: str | None = None,
-                 threads: int = 0, env: dict[str, str] | None = None):
+                 threads: int = 0, env: dict[str, str] | None = None, parent_pid: int | None = None):
         self.checkpoint = str(checkpoint)
         self.device = device
         self.python = python or sys.executable
         self.threads = threads
         self.env = env
-        self.process = None
+        self.parent_pid = os.getpid() if parent_pid is None else parent_pid
+        self.process: subprocess.Popen | None = None
         self.ready: dict[str, Any] | None = None
         self.stderr_tail: list[str] = []
-        self._queue = None
+        self._queue: queue.Queue | None = None
         self._next_id = 0
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", "DiffusionAnomalyLib.worker", "--checkpoint", self.checkpoint, "--device", self.device]
+        cmd = [self.python, "-m", "DiffusionAnomalyLib.worker", "--checkpoint", self.checkpoint,
+               "--device", self.device, "--parent-pid", str(self.parent_pid)]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         return cmd
 
     def start(self) -> "WorkerClient":
-        import queue
-        import subprocess
-        import threading
-
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])  # the folder holding the DiffusionAnomalyLib package
+        root = str(engine_root())
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(self.env or {})
         self._queue = queue.Queue()
         kwargs: dict[str, Any] = {}
-        if os.name == "nt":  # no console window popping up on Windows
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        if os.name == "nt":  # no console window; a group of its own, ended as a tree by terminate()
+            kwargs["creationflags"] = (getattr(subprocess, "CREATE_NO_WINDOW", 0)
+                                       | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
+        else:  # a session, hence a process group, of its own: terminate() signals the whole group
+            kwargs["start_new_session"] = True
         self.process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, bufsize=1,
                                         **kwargs)
@@ -98,8 +169,6 @@ class WorkerClient:
 
     def messages(self, timeout: float = 0.0) -> list[dict[str, Any]]:
         """All messages received so far (waiting up to ``timeout`` s for the first one)."""
-        import queue
-
         out = []
         if self._queue is None:
             return out
@@ -154,30 +223,63 @@ class WorkerClient:
         return self.ready
 
     def terminate(self, timeout: float = 5.0) -> None:
-        """Stop the worker now (cancel); safe to call twice."""
-        import subprocess
-
+        """Stop the worker's whole process tree now (cancel) and wait until it has ended; safe to call twice."""
         proc = self.process
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
-        for stream in (proc.stdin,):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        if os.name == "nt":
+            self._terminate_windows(proc, timeout)
+        else:
+            self._terminate_posix(proc, timeout)
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
         self.ready = None
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Ask the worker to quit, then make sure it is gone."""
-        import subprocess
+    @staticmethod
+    def _terminate_posix(proc: subprocess.Popen, timeout: float) -> None:
+        pgid = proc.pid  # start_new_session: the launcher leads its own process group
+        if pgid == os.getpgrp():  # never signal our own group (cannot happen with start(); be safe)
+            proc.kill()
+            proc.wait(timeout=timeout)
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass  # the whole group has ended already
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                proc.poll()  # reap the launcher, so that it does not linger as a zombie of the group
+                if not _group_running(pgid):
+                    break
+                time.sleep(POLL_INTERVAL)
+            else:
+                continue  # still running after the timeout: SIGKILL
+            break
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass  # unkillable (stuck in the kernel): nothing more a user process can do
 
+    @staticmethod
+    def _terminate_windows(proc: subprocess.Popen, timeout: float) -> None:
+        # Untested here (no Windows CI). taskkill /T ends the launcher and its descendants, found
+        # through their parent ids; it cannot reach a child whose launcher has already ended, so
+        # that child relies on the worker's own parent watchdog.
+        if proc.poll() is None:
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+                           check=False)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the worker to quit, then make sure its process tree is gone."""
         if self.alive:
             try:
                 self.send({"cmd": "quit"})
@@ -185,5 +287,3 @@ class WorkerClient:
             except (OSError, RuntimeError, subprocess.TimeoutExpired):
                 pass
         self.terminate()
-
-

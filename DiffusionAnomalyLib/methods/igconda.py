@@ -5,8 +5,11 @@
    eps = eps_u + w (eps_healthy - eps_u), take a DDIM step;
 3. anomaly map = |input - counterfactual|  (paper sections 2.3-2.4, eq. 9-10).
 
-``steps="reference"`` reproduces the reference loop exactly (network at t = 0..D-1 while encoding,
-t = D..1 while decoding, stride 1, no clipping); an integer uses a strided grid.
+``steps`` is an integer K >= 1 (a strided grid of K DDIM moves per direction, :func:`timestep_grid`)
+or ``"reference"`` (:data:`REFERENCE_STEPS`): the reference loop exactly, with MONAI's
+``DDIMScheduler(clip_sample=False)`` at stride 1 (network at t = 0..D-1 while encoding, t = D..1
+while decoding). ``None`` only means "the model card's default" in :meth:`IgcondaModel.resolve`
+and :meth:`IgcondaModel.run`.
 The inverted latents of a case are cached, keyed by (input, D, steps), so a new guidance scale
 only re-decodes; the counterfactual is cached by (input, D, steps, w), so a repeated run with
 unchanged parameters does no network work.
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from ..card import REFERENCE_STEPS, Steps, parse_steps
-from ..diffusion import alphas_cumprod, ddim_step, memory_batch_size, timestep_grid
+from ..diffusion import DDIM, memory_batch_size, timestep_grid
 from ..pipeline import MethodResult
 from ..progress import Cancel, Progress, check_cancel, report, timer
 from ..volume import Volume, array_key
@@ -32,7 +35,7 @@ class IgcondaModel(SliceMethod):
 
     def __init__(self, model, card, device="auto", source=None, precision="fp32"):
         super().__init__(model, card, device=device, source=source, precision=precision)
-        self.abar = alphas_cumprod(card["scheduler"]).tolist()
+        self.ddim = DDIM(card["scheduler"])
         labels = card["labels"]
         self.null_label = int(labels.get("null", 0))
         self.healthy_label = int(labels.get("healthy", 1))
@@ -62,7 +65,10 @@ class IgcondaModel(SliceMethod):
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, noise_level: int, steps: Steps,
                progress: Progress | None = None, cancel: Cancel | None = None) -> torch.Tensor:
-        """DDIM inversion with the unconditional model from t = 0 to D (reference: t = 0..D-1)."""
+        """DDIM inversion with the unconditional model from t = 0 to D.
+
+        ``steps``: an integer K >= 1 or ``"reference"`` (network at t = 0..D-1, MONAI ``reversed_step``).
+        """
         grid = timestep_grid(noise_level, steps)
         bs = self.batch_size(tuple(images.shape[1:]))
         out = []
@@ -74,7 +80,7 @@ class IgcondaModel(SliceMethod):
             for t_from, t_to in zip(grid[:-1], grid[1:]):
                 check_cancel(cancel)
                 eps = self._eps(x, t_from, null)
-                x = ddim_step(x, eps, self.abar[t_from], self.abar[t_to])
+                x = self.ddim.move(x, eps, t_from, t_to, steps)
                 done += len(x)
                 report(progress, done / total, f"encoding to noise level {noise_level}")
             out.append(x.cpu())
@@ -83,7 +89,10 @@ class IgcondaModel(SliceMethod):
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, noise_level: int, guidance_scale: float, steps: Steps,
                progress: Progress | None = None, cancel: Cancel | None = None) -> torch.Tensor:
-        """Guided DDIM decoding from D to 0 (reference: t = D..1), uncond + healthy in one batch."""
+        """Guided DDIM decoding from D to 0, unconditional + healthy in one batch.
+
+        ``steps``: an integer K >= 1 or ``"reference"`` (network at t = D..1, MONAI ``step``).
+        """
         grid = timestep_grid(noise_level, steps)
         bs = self.batch_size(tuple(latents.shape[1:]))
         w = float(guidance_scale)
@@ -98,7 +107,7 @@ class IgcondaModel(SliceMethod):
                 check_cancel(cancel)
                 eps_u, eps_h = self._eps(torch.cat([x, x]), t_from, labels).chunk(2)
                 eps = eps_u + w * (eps_h - eps_u)
-                x = ddim_step(x, eps, self.abar[t_from], self.abar[t_to])
+                x = self.ddim.move(x, eps, t_from, t_to, steps)
                 done += n
                 report(progress, done / total, f"decoding towards healthy (w = {w:g})")
             out.append(x.cpu())
@@ -107,7 +116,10 @@ class IgcondaModel(SliceMethod):
     def counterfactual(self, images: torch.Tensor, noise_level: int = 400, guidance_scale: float = 3.0,
                        steps: Steps = REFERENCE_STEPS, progress: Progress | None = None,
                        cancel: Cancel | None = None) -> torch.Tensor:
-        """Healthy counterfactual of ``images`` (B, 1, H, W) in model intensity space; same shape."""
+        """Healthy counterfactual of ``images`` (B, 1, H, W) in model intensity space; same shape.
+
+        ``steps``: an integer K >= 1 or ``"reference"`` (no "card default" here: see :meth:`resolve`).
+        """
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"images must be (B, 1, H, W); got {tuple(images.shape)}")
         split = None if progress is None else (lambda f, m: progress(0.5 * f, m))
@@ -118,7 +130,11 @@ class IgcondaModel(SliceMethod):
     # ---- volumes ----------------------------------------------------------------------------
     def resolve(self, noise_level: int | None = None, guidance_scale: float | None = None,
                 steps: Steps | None = None) -> dict[str, Any]:
-        """The parameters of a run: each one given, or the model card's default when None."""
+        """The parameters of a run: each one given, or the model card's default when None.
+
+        ``steps`` may be anything :func:`parse_steps` reads; the result's ``steps`` is always an
+        integer >= 1 or ``"reference"``.
+        """
         d = self.defaults
         steps = parse_steps(steps)
         params = {
@@ -137,7 +153,11 @@ class IgcondaModel(SliceMethod):
     def run(self, volume: Volume, noise_level: int | None = None, guidance_scale: float | None = None,
             steps: Steps | None = None, progress: Progress | None = None,
             cancel: Cancel | None = None) -> MethodResult:
-        """Counterfactual and heat map of a whole volume, back on its exact grid."""
+        """Counterfactual and heat map of a whole volume, back on its exact grid.
+
+        ``None`` parameters take the model card's defaults (:meth:`resolve`); ``steps`` is an integer
+        >= 1 or ``"reference"``.
+        """
         params = self.resolve(noise_level, guidance_scale, steps)
         evals_before = self.network_evaluations
         timings: dict[str, float] = {}
