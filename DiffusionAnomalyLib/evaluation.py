@@ -12,17 +12,19 @@ Seeds used for training or validation (recorded in the model card) are refused.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from . import metrics
-from .export import write_json
-from .files import check_writable_dir
-from .phantoms import make_phantom
 from .card import Steps, parse_steps
+from .export import write_json
+from .files import atomic_path, check_writable_dir
+from .phantoms import make_phantom
 from .pipeline import lesions_from_heat
 from .postprocessing import Thresholding, suv_threshold_baseline
 from .preprocessing import mask_to_model_space, to_model_space
@@ -77,8 +79,6 @@ def card_with_best_defaults(card: dict[str, Any], sweep_result: dict[str, Any], 
     The sweep's phantom seeds are recorded as ``tuning_seeds`` so that ``evaluate`` refuses them:
     parameters chosen on a set of cases are never scored on the same cases.
     """
-    import copy
-
     rows = [r for r in sweep_result["grid"] if np.isfinite(r["dsc_opt"])]
     if not rows:
         raise ValueError("the sweep produced no finite DSC_opt (no unhealthy slices?); no defaults were written.")
@@ -146,7 +146,8 @@ def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level
         "detection": _detection_summary(detection_rows, thresholding),
     }
     write_json(result, out / "metrics.json")
-    (out / "metrics.md").write_text(markdown_table(result))
+    with atomic_path(out / "metrics.md") as tmp:
+        tmp.write_text(markdown_table(result), encoding="utf-8")
     return result
 
 
@@ -198,8 +199,6 @@ def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: lis
     Only the unhealthy slices go through the network (the metrics need no others), and each
     noise level is encoded once for all guidance scales: the same cache logic the sliders use.
     """
-    import torch
-
     out = check_writable_dir(out_dir)
     seeds = list(range(int(seed), int(seed) + int(n_cases)))
     check_held_out(model.card, seeds, kinds=("train_seeds", "val_seeds"))  # re-tuning on tuning seeds is fine

@@ -152,6 +152,23 @@ def test_run_passes_the_parameters_through(tmp_path, capsys, tiny_checkpoint, pe
     assert (params["threshold_method"], params["threshold_value"], params["min_size_ml"]) == ("otsu", None, 2.0)
 
 
+def test_steps_reference_runs_the_stride_1_loop_and_zero_is_refused(tmp_path, capsys, tiny_checkpoint, pet_file):
+    out = tmp_path / "results"
+    code, _, _ = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out,
+                         "--steps", "reference", "--noise-level", 4)
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parameters"]["steps"] == "reference"
+    # stride 1: D encode and 2 D decode evaluations per model slice (D = 4)
+    assert summary["network_evaluations"] % (3 * 4) == 0 and summary["network_evaluations"] > 0
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--checkpoint", str(tiny_checkpoint), "--input", str(pet_file), "--out",
+                  str(tmp_path / "zero"), "--steps", "0"])
+    assert info.value.code == 2
+    assert "steps must be >= 1 (or 'reference'" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()
+
+
 def _write_sitk(image: sitk.Image, path: Path) -> Path:
     sitk.WriteImage(image, str(path))
     return path
@@ -302,7 +319,7 @@ def test_evaluate_on_held_out_small_phantoms(tmp_path, tiny_model):
     assert det["per_case"][0]["seed"] == seed
     assert det["false_positives_per_volume"] == det["false_positives"]  # one case
     assert 0.0 <= det["mean_volume_dice"] <= 1.0
-    assert det["threshold"] == {"method": "fraction", "value": 0.5, "min_size_ml": 0.5}
+    assert det["threshold"] == {"threshold_method": "fraction", "threshold_value": 0.5, "min_size_ml": 0.5}
     assert "false positives per volume" in md
 
 
