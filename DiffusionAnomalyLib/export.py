@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .files import OutputError, atomic_path
+from .files import atomic_path
 from .postprocessing import LESION_TABLE_COLUMNS
 from .volume import Volume, lps_ras_flip, write_volume
 
@@ -108,7 +108,8 @@ def write_segmentation(
     IJK->LPS (``space: left-posterior-superior``), converted once from IJK->RAS by
     :func:`~DiffusionAnomalyLib.volume.lps_ras_flip`. With no lesions the file holds the empty
     labelmap and no segments (slicerio and SimpleITK read it back; Slicer loads it as an empty
-    segmentation).
+    segmentation). The segment list is built here rather than with ``slicerio.add_segment``, which
+    renumbers label values and scans the volume once per segment: a lesion's label value is its id.
     """
     if not isinstance(reference, Volume):
         raise ValueError("write_segmentation() needs the reference image as a Volume.")
@@ -191,15 +192,9 @@ def write_labelmap(labels: np.ndarray, reference: Volume, path: str | os.PathLik
         raise ValueError(
             f"label image shape {labels.shape} does not match the reference grid {reference.voxels.shape[:3]}."
         )
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputError(f"Cannot write {path}: the folder {path.parent} does not exist.")
     volume = reference.with_voxels(labels.astype(np.uint16 if labels.max(initial=0) > 255 else np.uint8),
                                    units=None, modality="SEG")
-    try:
-        return write_volume(volume, path)
-    except (OSError, RuntimeError) as exc:  # SimpleITK reports I/O failures as RuntimeError
-        raise OutputError(f"Cannot write {path}: {exc}") from exc
+    return write_volume(volume, path)  # atomic; an unwritable target raises OutputError
 
 
 # ---- tables and JSON -------------------------------------------------------------------------

@@ -9,6 +9,8 @@ in :func:`lps_ras_flip` so that geometry is carried, never guessed.
 Reading (:func:`read_volume`) accepts NRRD, NIfTI, a DICOM folder or one DICOM file; DICOM PET
 in Bq/ml is converted to body-weight SUV (:func:`suv_bw_factor`). Every volume that enters the
 engine passes :func:`validate_volume`, whose errors are sentences a clinician can act on.
+pydicom (about 0.25 s to import) is imported inside the DICOM functions only, so reading or
+writing NRRD/NIfTI does not pay for it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+
+from .files import OutputError, atomic_path, check_writable_dir
 
 #: diag(-1, -1, 1, 1): converts LPS <-> RAS (its own inverse).
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -427,7 +431,7 @@ def _read_sitk_file(path: Path, modality: str | None, suv_factor: float | None, 
 # ---- DICOM ----------------------------------------------------------------------------------
 @dataclass
 class DicomSeriesInfo:
-    """One image series found in a DICOM folder."""
+    """One image series found in a DICOM folder; ``files`` in GDCM's slice order."""
 
     uid: str
     modality: str
@@ -441,25 +445,27 @@ class DicomSeriesInfo:
 
 
 def list_dicom_series(directory: str | Path) -> list[DicomSeriesInfo]:
-    """The image series in ``directory`` (not recursive), from pydicom headers; non-DICOM files are ignored."""
+    """The image series in ``directory`` (not recursive) as SimpleITK's GDCM series reader groups them.
+
+    GDCM skips non-DICOM and non-image files (DICOMDIR, structured reports, RT structure sets)
+    and orders each series' files along the slice normal. The uid, modality and description come
+    from each series' first file (pydicom), so they are the tag values exactly as stored.
+    """
     import pydicom
 
-    directory = Path(directory)
-    series: dict[str, DicomSeriesInfo] = {}
-    for f in sorted(p for p in directory.iterdir() if p.is_file()):
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception:  # not DICOM, or unreadable: not part of any series
-            continue
-        if "Rows" not in ds or "Columns" not in ds:
-            continue  # DICOMDIR, structured report, RT structure set, ...
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if uid not in series:
-            series[uid] = DicomSeriesInfo(
-                uid, str(ds.get("Modality", "")), str(ds.get("SeriesDescription", "")), str(ds.get("SeriesNumber", "")), []
-            )
-        series[uid].files.append(f)
-    return list(series.values())
+    folder = str(Path(directory))
+    series = []
+    try:
+        for gdcm_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
+            files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, gdcm_id)]
+            first = pydicom.dcmread(files[0], stop_before_pixels=True)
+            series.append(DicomSeriesInfo(
+                str(first.get("SeriesInstanceUID", "")), str(first.get("Modality", "")),
+                str(first.get("SeriesDescription", "")), str(first.get("SeriesNumber", "")), files,
+            ))
+    except (RuntimeError, OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise VolumeError(f"could not list the DICOM series in {directory}: {_reader_message(exc)}") from None
+    return series
 
 
 def _tag_name(keyword: str) -> str:
@@ -477,7 +483,7 @@ def _read_dicom(
     suv_factor: float | None,
     max_voxels: int,
 ) -> Volume:
-    """One DICOM series: SimpleITK reads pixels/geometry, pydicom reads tags and orders slices."""
+    """One DICOM series: GDCM lists and orders the files, SimpleITK reads pixels/geometry, pydicom reads tags."""
     import pydicom
 
     if file is not None:
@@ -509,7 +515,8 @@ def _read_dicom(
             raise VolumeError(f"series {series_uid!r} is not in {directory}; available: {listing}.")
         chosen = matches[0]
 
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in chosen.files]
+    files = chosen.files
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     where = f"DICOM series in {directory}"
     if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
         raise VolumeError(
@@ -519,7 +526,7 @@ def _read_dicom(
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if any(keyword not in h for h in headers):
             raise VolumeError(f"the {where} lacks {_tag_name(keyword)} in some files, so its geometry is unknown.")
-    headers, files = _sort_slices(headers, chosen.files, where)
+    _check_slice_grid(headers, where)
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     _check_shape((len(files), rows, cols), f"the {where}", max_voxels)
 
@@ -558,13 +565,11 @@ def _read_dicom(
     if modality == "CT" and str(headers[0].get("RescaleType", "HU")).upper() in ("HU", ""):
         volume.units = "HU"
     if modality == "PT":
-        if suv_factor is not None:
-            factors = np.full(len(files), float(suv_factor))
-        else:
-            factors = suv_factors(headers)
+        factors = np.full(len(files), float(suv_factor)) if suv_factor is not None else suv_factors(headers)
         volume.voxels = (volume.voxels * factors[:, None, None]).astype(np.float32)
         volume.units = "SUVbw"
-        volume.meta["suv_factor"] = float(factors[0]) if np.all(factors == factors[0]) else factors.tolist()
+        single = _common_factor(factors)
+        volume.meta["suv_factor"] = factors.tolist() if single is None else single
     elif suv_factor is not None:
         raise VolumeError(f"suv_factor applies to PET only, but the {where} has Modality {modality}.")
     elif as_float:
@@ -572,41 +577,47 @@ def _read_dicom(
     return volume
 
 
-def _sort_slices(headers: list, files: list[Path], where: str) -> tuple[list, list[Path]]:
-    """Slices ordered along the slice normal (as GDCM sorts them), checked for a regular grid."""
+def _check_slice_grid(headers: list, where: str) -> None:
+    """Refuse slices (in GDCM's order) that are not one regular grid; the message says which fault.
+
+    Checked: one orientation, distinct positions, ascending order, even spacing (no missing
+    slice), no shear (gantry tilt). Hand-written because GDCM only orders the files and ITK then
+    assumes a regular grid (it merely logs a warning), giving such a series a wrong geometry.
+    """
     iop = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
     if np.abs(iop - iop[0]).max() > 1e-4:
         raise VolumeError(
             f"the slices of the {where} have different orientations (e.g. a localizer mixed in); "
             "choose a series with one orientation."
         )
+    if len(headers) < 2:
+        return
     normal = np.cross(iop[0, :3], iop[0, 3:])
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
-    order = np.argsort(positions @ normal, kind="stable")
-    headers = [headers[i] for i in order]
-    files = [files[i] for i in order]
-    positions = positions[order]
-    if len(files) > 1:
-        steps = np.diff(positions, axis=0)
-        along = steps @ normal
-        if np.any(along < 1e-3):
-            raise VolumeError(
-                f"several images of the {where} share one slice position (a dynamic, gated or multi-"
-                "acquisition series); split it into single volumes (e.g. in Slicer's DICOM module) first."
-            )
-        mean = along.mean()
-        if np.abs(along - mean).max() > max(0.01, 0.01 * mean):
-            raise VolumeError(
-                f"the slices of the {where} are unevenly spaced (from {along.min():.3f} to {along.max():.3f} mm; "
-                "missing slices?); load the complete series."
-            )
-        off_axis = np.linalg.norm(steps - np.outer(along, normal), axis=1)
-        if off_axis.max() > max(0.01, 0.01 * mean):
-            raise VolumeError(
-                f"the slices of the {where} are sheared (gantry tilt); load it in Slicer's DICOM module, "
-                "which corrects the tilt, and save it as NRRD."
-            )
-    return headers, files
+    if np.any(np.diff(np.sort(positions @ normal)) < 1e-3):
+        raise VolumeError(
+            f"several images of the {where} share one slice position (a dynamic, gated or multi-"
+            "acquisition series); split it into single volumes (e.g. in Slicer's DICOM module) first."
+        )
+    steps = np.diff(positions, axis=0)
+    along = steps @ normal
+    if np.any(along <= 0):  # GDCM fell back to instance-number or file-name order
+        raise VolumeError(
+            f"the slices of the {where} cannot be ordered by their positions; load it in Slicer's "
+            "DICOM module and save it as NRRD."
+        )
+    mean = along.mean()
+    if np.abs(along - mean).max() > max(0.01, 0.01 * mean):
+        raise VolumeError(
+            f"the slices of the {where} are unevenly spaced (from {along.min():.3f} to {along.max():.3f} mm; "
+            "missing slices?); load the complete series."
+        )
+    off_axis = np.linalg.norm(steps - np.outer(along, normal), axis=1)
+    if off_axis.max() > max(0.01, 0.01 * mean):
+        raise VolumeError(
+            f"the slices of the {where} are sheared (gantry tilt); load it in Slicer's DICOM module, "
+            "which corrects the tilt, and save it as NRRD."
+        )
 
 
 # ---- PET SUV --------------------------------------------------------------------------------
@@ -625,38 +636,45 @@ def _get(ds, keyword: str, where: str = "the PET header"):
     return value
 
 
-def _parse_date(value) -> _dt.date:
-    text = str(value).strip().replace(".", "").replace("-", "")
-    return _dt.datetime.strptime(text[:8], "%Y%m%d").date()
+def _dicom_date(value) -> _dt.date:
+    """DICOM DA via pydicom; the separators of ISO-style dates (YYYY-MM-DD) are dropped first."""
+    from pydicom.valuerep import DA
+
+    date = DA(str(value).strip().replace("-", ""))  # DA reads YYYYMMDD and legacy YYYY.MM.DD
+    if date is None:
+        raise ValueError("empty date")
+    return date
 
 
-def _parse_time(value) -> _dt.timedelta:
-    """DICOM TM (HHMMSS.FFFFFF, trailing parts optional; legacy HH:MM:SS) as time since midnight."""
-    text = str(value).strip().replace(":", "")
-    main, _, frac = text.partition(".")
-    hours = int(main[0:2])
-    minutes = int(main[2:4]) if len(main) >= 4 else 0
-    seconds = int(main[4:6]) if len(main) >= 6 else 0
-    micro = int((frac + "000000")[:6]) if frac else 0
-    return _dt.timedelta(hours=hours, minutes=minutes, seconds=seconds, microseconds=micro)
+def _dicom_time(value) -> _dt.time:
+    """DICOM TM via pydicom; the colons of legacy ACR-NEMA times (HH:MM:SS) are dropped first."""
+    from pydicom.valuerep import TM
+
+    time = TM(str(value).strip().replace(":", ""))
+    if time is None:
+        raise ValueError("empty time")
+    return time
 
 
-def _parse_datetime(value) -> _dt.datetime:
-    """DICOM DT (YYYYMMDDHHMMSS.FFFFFF&ZZXX); the UTC offset is ignored (same clock as the scanner)."""
-    text = re.split(r"[+-]", str(value).strip(), maxsplit=1)[0]
-    date = _dt.datetime.strptime(text[:8], "%Y%m%d")
-    return date + (_parse_time(text[8:]) if len(text) > 8 else _dt.timedelta())
+def _dicom_datetime(value) -> _dt.datetime:
+    """DICOM DT via pydicom; a UTC offset (&ZZXX) is dropped: all PET times are read on the scanner's clock."""
+    from pydicom.valuerep import DT
+
+    moment = DT(str(value).strip())
+    if moment is None:
+        raise ValueError("empty date-time")
+    return _dt.datetime.combine(moment.date(), moment.time())  # naive, comparable with DA + TM
 
 
 def _date_time(ds, dt_keyword: str | None, date_keyword: str, time_keyword: str) -> _dt.datetime | None:
     """A DT tag, else DA + TM tags; None when absent. Unparseable values raise VolumeError."""
     try:
         if dt_keyword and str(ds.get(dt_keyword, "") or "").strip():
-            return _parse_datetime(ds.get(dt_keyword))
+            return _dicom_datetime(ds.get(dt_keyword))
         date, time = ds.get(date_keyword, None), ds.get(time_keyword, None)
         if date is None or time is None or not str(date).strip() or not str(time).strip():
             return None
-        return _dt.datetime.combine(_parse_date(date), _dt.time()) + _parse_time(time)
+        return _dt.datetime.combine(_dicom_date(date), _dicom_time(time))
     except ValueError:
         raise VolumeError(
             f"cannot convert PET to SUV: {_tag_name(date_keyword)}/{_tag_name(time_keyword)} has an "
@@ -735,10 +753,10 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
 
     try:
         if str(item.get("RadiopharmaceuticalStartDateTime", "") or "").strip():
-            injection = _parse_datetime(item.RadiopharmaceuticalStartDateTime)
+            injection = _dicom_datetime(item.RadiopharmaceuticalStartDateTime)
         elif str(item.get("RadiopharmaceuticalStartTime", "") or "").strip():
             # the time-only tag is dated with the scan (series) date, as in the QIBA pseudo-code
-            injection = _dt.datetime.combine(scan.date(), _dt.time()) + _parse_time(item.RadiopharmaceuticalStartTime)
+            injection = _dt.datetime.combine(scan.date(), _dicom_time(item.RadiopharmaceuticalStartTime))
             if injection - scan > _dt.timedelta(hours=12):
                 injection -= _dt.timedelta(days=1)  # injected before midnight, scanned after it
         else:
@@ -761,7 +779,7 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
 
 
 def suv_factors(headers: list) -> np.ndarray:
-    """Per-slice SUV factors for a sorted PET series (equal unless DecayCorrection is NONE)."""
+    """Per-slice SUV factors for a PET series (equal unless DecayCorrection is NONE)."""
     first = headers[0]
     if str(first.get("DecayCorrection", "") or "").strip().upper() == "NONE":
         return np.array([suv_bw_factor(h) for h in headers])
@@ -769,32 +787,42 @@ def suv_factors(headers: list) -> np.ndarray:
     return np.full(len(headers), suv_bw_factor(first, earliest_acquisition=min(times) if times else None))
 
 
+def _common_factor(factors: np.ndarray) -> float | None:
+    """The one factor all slices share, or None when they differ (DecayCorrection NONE)."""
+    return float(factors[0]) if np.all(factors == factors[0]) else None
+
+
+def suv_factor_of_series(headers: list) -> float:
+    """The single body-weight SUV factor of a PET series' pydicom headers (any slice order).
+
+    For readers that scale a whole volume by one number (e.g. a PET series Slicer loaded in
+    Bq/ml). A series whose slices need different factors (DecayCorrection NONE with slices
+    acquired at different times) raises :class:`VolumeError`; :func:`read_volume` converts such a
+    series slice by slice.
+    """
+    factor = _common_factor(suv_factors(headers))
+    if factor is None:
+        raise VolumeError(
+            "this PET series needs a different SUV factor per slice (DecayCorrection NONE); "
+            "convert it with 'diffusion-anomaly run' from the DICOM folder instead."
+        )
+    return factor
+
+
 # =============================================================================================
 # Writing and resampling
 # =============================================================================================
-def _directory_writable(directory: Path) -> bool:
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return False
-    # root passes os.access everywhere; honour a folder marked read-only (no write bit) anyway
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return bool(directory.stat().st_mode & 0o222)
-    return True
-
-
 def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Path:
     """Write NRRD (``.nrrd``/``.nhdr``) or NIfTI (``.nii``/``.nii.gz``) with exact geometry.
 
     ``modality``/``units`` go into NRRD key/value fields (and the NIfTI ``descrip``) so our own
-    files read back with them. Files are written into a temporary folder beside the target and
-    then renamed, so a failure leaves no partial file; a missing or read-only output folder is
-    refused before anything is written.
+    files read back with them. A missing or read-only output folder is refused before anything
+    is written (:func:`.files.check_writable_dir`) and the file is written atomically
+    (:func:`.files.atomic_path`), so a failure leaves no partial file; failures raise
+    :class:`.files.OutputError` naming the file or folder.
     """
     path = Path(path).expanduser()
-    parent = path.parent
-    if not parent.is_dir():
-        raise VolumeError(f"cannot write {path}: the output folder {parent} does not exist; create it or choose another.")
-    if not _directory_writable(parent):
-        raise VolumeError(f"cannot write {path}: the output folder {parent} is not writable; choose another folder.")
+    check_writable_dir(path.parent, create=False)
     image = volume.to_sitk()
     if volume.modality:
         image.SetMetaData("modality", str(volume.modality))
@@ -802,19 +830,32 @@ def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Pat
         image.SetMetaData("units", str(volume.units))
     if _suffix(path) in _NIFTI_SUFFIXES and (volume.modality or volume.units):
         image.SetMetaData("ITK_FileNotes", f"modality={volume.modality or ''} units={volume.units or ''}"[:79])
-    tmpdir: Path | None = None
     try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=parent))
-        sitk.WriteImage(image, str(tmpdir / path.name), useCompression=compress)
-        written = sorted(tmpdir.iterdir(), key=lambda p: p.name == path.name)  # main file (header) last
-        for f in written:
-            os.replace(f, parent / f.name)
-    except (RuntimeError, OSError) as exc:
-        raise VolumeError(f"cannot write {path}: {_reader_message(exc)}") from None
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+        if _suffix(path) == ".nhdr":
+            _write_detached_nrrd(image, path, compress)
+        else:
+            with atomic_path(path, suffix=_suffix(path)) as tmp:
+                sitk.WriteImage(image, str(tmp), useCompression=compress)
+    except OutputError:
+        raise
+    except (RuntimeError, OSError) as exc:  # SimpleITK reports unknown formats and I/O failures as RuntimeError
+        raise OutputError(f"Cannot write {path}: {_reader_message(exc)}") from None
     return path
+
+
+def _write_detached_nrrd(image: sitk.Image, path: Path, compress: bool) -> None:
+    """Write ``.nhdr`` + data file in a staging folder beside ``path``, then move data file, header last.
+
+    Not :func:`.files.atomic_path`: ITK names the data file after the header and records that name
+    inside it, so both files must be written under their final names.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        sitk.WriteImage(image, str(stage / path.name), useCompression=compress)
+        for f in sorted(stage.iterdir(), key=lambda p: p.name == path.name):  # header last
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}

@@ -4,6 +4,9 @@ exact-geometry writing and physical-space resampling, on the real CT in ../share
 from __future__ import annotations
 
 import datetime as dt
+import gzip
+import re
+import struct
 import sys
 from pathlib import Path
 
@@ -16,15 +19,19 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from DiffusionAnomalyLib import volume as volume_module  # noqa: E402
+from DiffusionAnomalyLib.files import OutputError  # noqa: E402
 from DiffusionAnomalyLib.volume import (  # noqa: E402
     Volume,
     VolumeError,
+    array_key,
     ijk_to_ras_matrix,
     list_dicom_series,
     lps_ras_flip,
     read_volume,
     resample_to,
     suv_bw_factor,
+    suv_factor_of_series,
     validate_volume,
     write_volume,
 )
@@ -250,7 +257,7 @@ def test_nrrd_header_carries_modality_and_units_fields(tmp_path):
 
 
 def test_write_refuses_missing_folder(tmp_path):
-    with pytest.raises(VolumeError, match="does not exist"):
+    with pytest.raises(OutputError, match="nowhere does not exist"):
         write_volume(oblique_volume(), tmp_path / "nowhere" / "v.nrrd")
     assert not (tmp_path / "nowhere").exists()
 
@@ -260,7 +267,8 @@ def test_write_refuses_read_only_folder_and_leaves_nothing(tmp_path):
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        with pytest.raises(VolumeError, match="not writable"):
+        # root may write anyway, so files.check_writable_dir says "read-only" from the permission bits
+        with pytest.raises(OutputError, match="read_only is (not writable|read-only)"):
             write_volume(oblique_volume(), folder / "v.nii.gz")
         assert list(folder.iterdir()) == []
     finally:
@@ -268,9 +276,27 @@ def test_write_refuses_read_only_folder_and_leaves_nothing(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path):
-    with pytest.raises(VolumeError, match="cannot write"):
+    with pytest.raises(OutputError, match="Cannot write .*v.unknown_format: "):
         write_volume(oblique_volume(), tmp_path / "v.unknown_format")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["v.nrrd", "v.nhdr", "v.nii.gz"])
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, name):
+    old = oblique_volume()
+    write_volume(old, tmp_path / name)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+
+    def disk_full(image, filename, useCompression=False):
+        Path(filename).write_bytes(b"half a file")  # then the disk is full
+        raise RuntimeError("ITK ERROR: ImageFileWriter: No space left on device")
+
+    monkeypatch.setattr(volume_module.sitk, "WriteImage", disk_full)
+    with pytest.raises(OutputError, match=f"Cannot write .*{name}: .*No space left"):
+        write_volume(oblique_volume(dtype=np.float64), tmp_path / name)
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+    monkeypatch.undo()
+    assert np.array_equal(read_volume(tmp_path / name).voxels, old.voxels)
 
 
 # =============================================================================================
@@ -508,9 +534,27 @@ def test_dicom_with_duplicate_or_missing_slices_is_refused(tmp_path):
         read_volume(tmp_path / "dup")
 
 
-def test_lps_ras_flip_is_its_own_inverse():
-    m = oblique_volume().ijk_to_ras
-    np.testing.assert_allclose(lps_ras_flip(lps_ras_flip(m)), m)
+@needs_real_ct
+@pytest.mark.parametrize("name", ["ct_dicom_totalseg.nii.gz", "ct_abdomen_3mm.nii.gz"])
+def test_lps_ras_flip_turns_itk_lps_geometry_into_the_nifti_ras_affine(tmp_path, name):
+    """The NIfTI sform (RAS, read from the header bytes) is the flip of SimpleITK's LPS geometry."""
+    path = REAL_CT / name
+    with gzip.open(path) as f:
+        header = f.read(348)
+    assert struct.unpack("<i", header[:4])[0] == 348 and struct.unpack("<h", header[254:256])[0] > 0
+    sform = np.vstack([np.frombuffer(header, "<f4", 12, 280).reshape(3, 4), [0.0, 0.0, 0.0, 1.0]])
+    image = sitk.ReadImage(str(path))
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * image.GetSpacing()
+    lps[:3, 3] = image.GetOrigin()
+    assert not np.allclose(lps, sform, atol=1.0)  # the two spaces really differ for this file
+    np.testing.assert_allclose(lps_ras_flip(lps), sform, atol=1e-4)
+    np.testing.assert_allclose(lps_ras_flip(sform), lps, atol=1e-4)
+    volume = read_volume(path, validate=False)
+    np.testing.assert_allclose(volume.ijk_to_ras, sform, atol=1e-4)
+    with gzip.open(write_volume(volume, tmp_path / name)) as f:  # written back: the same RAS sform
+        written = f.read(348)
+    np.testing.assert_allclose(np.frombuffer(written, "<f4", 12, 280).reshape(3, 4), sform[:3], atol=1e-4)
 
 
 def test_truncated_nifti_gz_is_reported(tmp_path):
@@ -520,3 +564,111 @@ def test_truncated_nifti_gz_is_reported(tmp_path):
     good.write_bytes(data[: len(data) - 40])
     with pytest.raises(VolumeError, match="could not read .*v.nii.gz: .*truncated"):
         read_volume(good)
+
+
+# =============================================================================================
+# content keys
+# =============================================================================================
+def test_array_key_changes_with_one_voxel_or_the_geometry():
+    volume = oblique_volume(modality="PT", units="SUVbw")
+    twin = Volume(volume.voxels.copy(), volume.ijk_to_ras.copy(), modality="PT", units="SUVbw", meta={"other": 1})
+    assert array_key(volume) == array_key(twin)  # equal content, distinct objects (meta is not content)
+    assert array_key(volume, 0.5, "x") == array_key(twin, 0.5, "x") != array_key(twin, 0.6, "x")
+    one_voxel = twin.with_voxels(twin.voxels.copy())
+    one_voxel.voxels[2, 3, 4] += 1e-3
+    shifted = Volume(volume.voxels, volume.ijk_to_ras.copy(), modality="PT", units="SUVbw")
+    shifted.ijk_to_ras[0, 3] += 0.01
+    units = twin.with_voxels(twin.voxels, units="BQML")
+    keys = {array_key(v) for v in (volume, one_voxel, shifted, units)}
+    assert len(keys) == 4
+    assert array_key(volume.voxels) != array_key(volume.voxels.astype(np.float64))  # dtype is content
+
+
+# =============================================================================================
+# DICOM listing, SUV factor of a series, date/time values
+# =============================================================================================
+def test_listing_orders_by_position_and_ignores_non_images(tmp_path):
+    folder = tmp_path / "pet"
+    make_pet_series(folder, (1.0, 1.0, 1.0, 1.0))
+    (folder / "notes.txt").write_text("not DICOM")
+    sr = pydicom.dcmread(next(folder.iterdir()))  # a structured report: DICOM without pixels
+    for keyword in ("Rows", "Columns", "PixelData", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+        delattr(sr, keyword)
+    sr.Modality, sr.SeriesInstanceUID, sr.SOPInstanceUID = "SR", generate_uid(), generate_uid()
+    sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
+    sr.save_as(folder / "a_report.dcm")
+    (series,) = list_dicom_series(folder)
+    z = [float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in series.files]
+    assert z == [40.0, 43.0, 46.0, 49.0]  # file names run the other way
+    assert (series.modality, series.description) == ("PT", "PET WB")
+    assert read_volume(folder).voxels.shape == (4, 8, 8)
+
+
+def test_suv_factor_of_series(tmp_path):
+    make_pet_series(tmp_path / "start", (1.0, 2.0, 3.0), acquisition_times=["100000", "100200", "100400"])
+    headers = [pydicom.dcmread(f) for f in (tmp_path / "start").iterdir()]
+    factor = suv_factor_of_series(headers)
+    assert factor == pytest.approx(expected_start_factor(3600.0), rel=1e-12)
+    assert read_volume(tmp_path / "start").meta["suv_factor"] == factor  # the reader's own decision agrees
+
+    make_pet_series(tmp_path / "none", (1.0, 1.0), decay="NONE", acquisition_times=["100000", "100200"])
+    headers = [pydicom.dcmread(f) for f in (tmp_path / "none").iterdir()]
+    with pytest.raises(VolumeError, match=r"^this PET series needs a different SUV factor per slice "
+                                          r"\(DecayCorrection NONE\); convert it with 'diffusion-anomaly run'"):
+        suv_factor_of_series(headers)
+    per_slice = read_volume(tmp_path / "none").meta["suv_factor"]  # the reader converts slice by slice
+    np.testing.assert_allclose(per_slice, [expected_start_factor(3600.0), expected_start_factor(3720.0)], rtol=1e-12)
+
+    make_pet_series(tmp_path / "same", (1.0, 1.0), decay="NONE")  # NONE, but one acquisition time
+    headers = [pydicom.dcmread(f) for f in (tmp_path / "same").iterdir()]
+    assert suv_factor_of_series(headers) == pytest.approx(expected_start_factor(3600.0), rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom warns when the test writes them
+@pytest.mark.parametrize(
+    "changes, elapsed",
+    [
+        ({"AcquisitionTime": "10:00:00", "SeriesTime": "10:00:00"}, 3600.0),  # legacy ACR-NEMA times
+        ({"AcquisitionTime": "100000.5", "SeriesTime": "100000.5"}, 3600.5),  # fractional seconds
+        ({"AcquisitionTime": "1000", "SeriesTime": "1000"}, 3600.0),  # HHMM
+        ({"AcquisitionDate": "2024.01.01"}, 3600.0),  # legacy date
+        ({"AcquisitionDateTime": "20240101103000+0100"}, 3600.0),  # offset ignored: one clock; scan = series
+        ({"AcquisitionDateTime": "20240101093000-0500", "SeriesTime": "113000"}, 1800.0),  # earlier acquisition
+    ],
+)
+def test_dicom_dates_and_times(tmp_path, changes, elapsed):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0), extra=changes)
+    headers = [pydicom.dcmread(f) for f in (tmp_path / "pet").iterdir()]
+    assert suv_factor_of_series(headers) == pytest.approx(expected_start_factor(elapsed), rel=1e-9)
+
+
+def test_injection_date_time_with_offset_is_read_on_the_scanner_clock(tmp_path):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0))
+    ds = pydicom.dcmread(next((tmp_path / "pet").iterdir()))
+    ds.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalStartDateTime = "20240101093000.000000+0900"
+    assert suv_bw_factor(ds) == pytest.approx(expected_start_factor(1800.0), rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom warns when the test writes them
+@pytest.mark.parametrize(
+    "changes, sentence",
+    [
+        ({"SeriesTime": "25xx00"}, "SeriesDate (0008,0021)/SeriesTime (0008,0031) has an invalid value"),
+        ({"AcquisitionDate": "20241301"}, "AcquisitionDate (0008,0022)/AcquisitionTime (0008,0032) has an invalid"),
+        ({"AcquisitionDateTime": "tomorrow"}, "AcquisitionDate (0008,0022)/AcquisitionTime (0008,0032) has an inv"),
+    ],
+)
+def test_invalid_date_or_time_names_the_tags(tmp_path, changes, sentence):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0), extra=changes)
+    with pytest.raises(VolumeError, match=re.escape(f"cannot convert PET to SUV: {sentence}")) as info:
+        read_volume(tmp_path / "pet")
+    assert "suv_factor" in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom warns when the test writes them
+def test_invalid_injection_time_names_the_tags(tmp_path):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0), injection_time="9h30")
+    tags = r"RadiopharmaceuticalStartTime \(0018,1072\) / StartDateTime \(0018,1078\) has an invalid value"
+    with pytest.raises(VolumeError, match=tags):
+        read_volume(tmp_path / "pet")
