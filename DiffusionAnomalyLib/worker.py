@@ -15,8 +15,9 @@ Protocol: one JSON object per line. Requests on stdin::
     {"id": 2, "cmd": "stats"}        {"id": 3, "cmd": "quit"}
 
 The input volume is an NRRD written with :func:`volume.write_volume` (geometry, modality and
-units in its header). ``steps`` absent = the card's default, ``null`` = the stride-1 reference
-loop. Messages on stdout::
+units in its header). ``steps`` is read by :func:`card.parse_steps`: absent, ``null`` or ``""`` =
+the model card's default; ``"reference"`` = the stride-1 reference loop; an integer >= 1 = that
+many strided DDIM steps. Messages on stdout::
 
     {"type": "ready", "model_id": ..., "device": "cpu", "gpu": false, "precision": "bf16", "card": {...}}
     {"type": "progress", "id": 1, "fraction": 0.42, "message": "decoding ..."}
@@ -25,25 +26,44 @@ loop. Messages on stdout::
      "timings": {...}}
     {"type": "error", "id": 1, "message": "a sentence a clinician can act on", "kind": "VolumeError"}
 
-Anything else a library prints goes to stderr, so stdout carries only protocol lines. End of
-stdin (the parent died or closed the pipe) ends the worker.
+Anything else a library prints goes to stderr, so stdout carries only protocol lines.
+
+The worker ends by itself, at once and even in the middle of a run (:class:`Watchdog`), when its
+stdin closes or its parent is gone: the ``--parent-pid`` process (the UI process) has ended, or,
+on POSIX, it was re-parented because its launcher (``PythonSlicer``) died. Cancelling a run is
+ending the process tree (``DiffusionAnomalyModuleLib.process.WorkerClient.terminate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import queue
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from .card import CheckpointError, parse_steps
+from .export import to_jsonable
+from .files import OutputError, check_writable_dir
+from .volume import VolumeError, read_volume, write_volume
 
 PROTOCOL_VERSION = 1
 
 #: progress messages are sent at most this often (seconds), plus every change of stage message
 PROGRESS_INTERVAL = 0.2
+
+#: how often the watchdog looks whether the parent processes are still there (seconds)
+WATCH_INTERVAL = 0.5
+
+#: exit codes of a worker that ended by itself (its parent cannot read them, a log or a test can)
+EXIT_STDIN_CLOSED = 0
+EXIT_PARENT_GONE = 3
 
 
 class Channel:
@@ -53,8 +73,6 @@ class Channel:
         self.stream = stream
 
     def send(self, message: dict[str, Any]) -> None:
-        from .export import to_jsonable
-
         self.stream.write(json.dumps(to_jsonable(message), allow_nan=False) + "\n")
         self.stream.flush()
 
@@ -77,7 +95,7 @@ class Worker:
     """Holds the loaded model; answers requests (see the module docstring)."""
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto"):
-        from .methods import load_checkpoint
+        from .methods import load_checkpoint  # torch, MONAI: imported here, so main() reports a failure as a message
 
         self.model = load_checkpoint(checkpoint, device=device, precision=precision)
         self.checkpoint = str(checkpoint)
@@ -89,26 +107,20 @@ class Worker:
                 "precision": self.model.precision, "card": self.model.card}
 
     def run(self, request: dict[str, Any], progress: Callable[[float, str], None]) -> dict[str, Any]:
-        import torch
-
-        from .volume import VolumeError, read_volume, write_volume
+        import torch  # imported where used, as in main(), which reports a broken torch as a message
 
         for key in ("input", "out_dir"):
             if not request.get(key):
                 raise ValueError(f"the run request has no '{key}'.")
+        out = check_writable_dir(request["out_dir"], create=False)  # before minutes of diffusion, not after
         volume = read_volume(request["input"], modality=request.get("modality"))
         if request.get("units") and not volume.units:
             volume.units = request["units"]
         if request.get("seed") is not None:
             torch.manual_seed(int(request["seed"]))
-        from .card import parse_steps
-
         result = self.model.run(volume, noise_level=request.get("noise_level"),
                                 guidance_scale=request.get("guidance_scale"),
                                 steps=parse_steps(request.get("steps")), progress=progress)
-        out = Path(request["out_dir"])
-        if not out.is_dir():
-            raise VolumeError(f"the worker's output folder {out} does not exist.")
         # uncompressed: temporary files, read back at once by the UI process (decompression would stall it)
         heat = write_volume(result.heatmap, out / "heatmap.nrrd", compress=False)
         cf = None
@@ -126,16 +138,103 @@ class Worker:
 
 def _error(request_id: Any, exc: BaseException) -> dict[str, Any]:
     msg = {"type": "error", "id": request_id, "kind": type(exc).__name__, "message": str(exc) or type(exc).__name__}
-    from .checkpoint import CheckpointError
-    from .volume import VolumeError
-
-    if not isinstance(exc, (VolumeError, CheckpointError, ValueError)):
+    if not isinstance(exc, (VolumeError, CheckpointError, OutputError, ValueError)):
         msg["detail"] = traceback.format_exc()  # unexpected: keep the traceback for the log
     return msg
 
 
-def serve(worker: Worker, requests: TextIO, channel: Channel) -> int:
-    """Answer requests until 'quit' or end of input."""
+def process_watch(pid: int) -> Callable[[], bool]:
+    """A callable telling whether process ``pid`` is still running."""
+    if os.name == "nt":
+        # Untested here (no Windows CI). os.kill(pid, 0) would *terminate* the process on Windows;
+        # hold a handle and ask whether it is signalled (the handle also keeps the pid from reuse).
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = ctypes.c_void_p
+        kernel32.OpenProcess.argtypes = (ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32)
+        kernel32.WaitForSingleObject.restype = ctypes.c_uint32
+        kernel32.WaitForSingleObject.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
+        synchronize, wait_timeout, error_invalid_parameter = 0x00100000, 0x102, 87
+        handle = kernel32.OpenProcess(synchronize, False, pid)
+        if not handle:
+            gone = ctypes.get_last_error() == error_invalid_parameter  # no such process
+            return lambda: not gone  # otherwise (no access): cannot watch, assume it runs
+        return lambda: kernel32.WaitForSingleObject(handle, 0) == wait_timeout
+
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    return alive
+
+
+class Watchdog:
+    """Ends the worker at once when its stdin closes or its parent is gone, even in the middle of a run.
+
+    A thread reads the requests from stdin, so their end is seen while the main thread is inside a
+    diffusion loop; another thread looks every :data:`WATCH_INTERVAL` s whether the ``parent_pid``
+    process still runs and (POSIX) whether this process was re-parented, i.e. its launcher died.
+    It ends with ``os._exit``: nothing else stops the main thread's loop from another thread, and
+    a worker whose parent is gone has no one to answer, so there is nothing to finish.
+    """
+
+    def __init__(self, stream: TextIO, parent_pid: int | None = None, interval: float = WATCH_INTERVAL):
+        self.stream = stream
+        self.interval = interval
+        self.ppid = os.getppid()  # the launcher, or the parent itself
+        pids = {parent_pid} if parent_pid else set()
+        if os.name == "nt":  # no re-parenting on Windows: watch the launcher by its handle too
+            pids.add(self.ppid)
+        self.watches = [(f"the parent process {pid}", process_watch(pid)) for pid in sorted(pids)]
+        self._queue: queue.Queue[str] = queue.Queue()
+
+    def start(self) -> "Watchdog":
+        threading.Thread(target=self._read, name="worker stdin", daemon=True).start()
+        threading.Thread(target=self._watch, name="worker parent watch", daemon=True).start()
+        return self
+
+    def requests(self) -> Iterator[str]:
+        """The request lines, as they arrive (endless: the process ends at the end of stdin)."""
+        while True:
+            yield self._queue.get()
+
+    def orphaned(self) -> str | None:
+        """Why the parent counts as gone, or None while it is there."""
+        if os.name != "nt" and os.getppid() != self.ppid:
+            return f"the parent process {self.ppid} ended (re-parented to {os.getppid()})"
+        for name, alive in self.watches:
+            if not alive():
+                return f"{name} ended"
+        return None
+
+    def _read(self) -> None:
+        for line in self.stream:
+            self._queue.put(line)
+        self._exit("stdin closed", EXIT_STDIN_CLOSED)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            reason = self.orphaned()
+            if reason:
+                self._exit(reason, EXIT_PARENT_GONE)
+
+    @staticmethod
+    def _exit(reason: str, code: int) -> None:
+        try:
+            sys.stderr.write(f"DiffusionAnomaly worker: {reason}; exiting.\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr went with the parent
+        os._exit(code)
+
+
+def serve(worker: Worker, requests: Iterable[str], channel: Channel) -> int:
+    """Answer requests (lines of JSON) until 'quit' or end of input."""
     channel.send(worker.ready_message())
     for line in requests:
         line = line.strip()
@@ -168,8 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="network arithmetic (auto: bf16 on CPUs with native bf16, else fp32)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="end the worker when this process (the UI) ends; stdin closing ends it too")
     args = parser.parse_args(argv)
 
+    # requests are read from a file of the watchdog's own on stdin (UTF-8, as the client writes), so
+    # interpreter shutdown never waits for sys.stdin's lock, held by the reading thread
+    requests = open(os.dup(sys.stdin.fileno()), encoding="utf-8")  # noqa: SIM115 - read until the process ends
+    watchdog = Watchdog(requests, parent_pid=args.parent_pid).start()  # before the slow model load
     # protocol lines go to the real stdout; anything printed by libraries goes to stderr
     channel = Channel(os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1))
     sys.stdout = sys.stderr
@@ -183,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         channel.send({"type": "error", "id": None, "fatal": True, **{k: v for k, v in _error(None, exc).items()
                                                                        if k not in ("type", "id")}})
         return 2
-    return serve(worker, sys.stdin, channel)
+    return serve(worker, watchdog.requests(), channel)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
-"""The worker process protocol (DiffusionAnomalyLib.worker): in-process serve() and a real subprocess."""
+"""The worker process protocol (DiffusionAnomalyLib.worker): in-process serve() and a real subprocess
+driven by the Slicer module's client (DiffusionAnomalyModuleLib.process.WorkerClient)."""
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from DiffusionAnomalyLib.volume import read_volume, write_volume
-from DiffusionAnomalyLib.worker import Channel, Worker, WorkerClient, serve
+from DiffusionAnomalyLib.worker import Channel, Worker, serve
+
+
+from DiffusionAnomalyModuleLib.process import WorkerClient  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,20 @@ def test_modality_mismatch_is_a_sentence(worker, tmp_path, pet_slab):
     assert not (tmp_path / "heatmap.nrrd").exists()
 
 
+def test_steps_in_a_request(worker, slab_file, tmp_path):
+    """One reading of ``steps`` (card.parse_steps): absent/null/"" = the card's default, "reference", or an int >= 1."""
+    run = {"cmd": "run", "input": str(slab_file), "out_dir": str(tmp_path), "noise_level": 4, "guidance_scale": 2.0}
+    requests = [run, {**run, "steps": None}, {**run, "steps": ""}, {**run, "steps": "reference"}, {**run, "steps": 2},
+                {**run, "steps": "2"}, {**run, "steps": 0}, {**run, "steps": "fast"}]
+    msgs = [m for m in _serve(worker, [{"id": i, **r} for i, r in enumerate(requests)]) if m["type"] != "progress"]
+    default = worker.model.card["inference_defaults"]["steps"]
+    assert default == 3
+    assert [m["type"] for m in msgs[1:]] == ["result"] * 6 + ["error"] * 2
+    assert [m["parameters"]["steps"] for m in msgs[1:7]] == [default, default, default, "reference", 2, 2]
+    assert "steps must be >= 1" in msgs[7]["message"] and "'reference'" in msgs[7]["message"]
+    assert "steps must be a whole number" in msgs[8]["message"]
+
+
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint):
     c = WorkerClient(tiny_checkpoint, device="cpu", threads=1).start()
@@ -103,7 +122,7 @@ def test_subprocess_run_then_terminate_mid_run(client, tmp_path, pet_slab):
     # a long run (stride-1 reference loop), terminated once it has started: the process is gone
     out2 = tmp_path / "cancelled"
     out2.mkdir()
-    client.send({"cmd": "run", "input": str(path), "out_dir": str(out2), "noise_level": 40, "steps": None})
+    client.send({"cmd": "run", "input": str(path), "out_dir": str(out2), "noise_level": 40, "steps": "reference"})
     deadline = time.monotonic() + 120
     started = False
     while not started and time.monotonic() < deadline:

@@ -80,6 +80,18 @@ def _group_running(pgid: int) -> bool:
     return False
 
 
+def _wait_group(proc: subprocess.Popen, pgid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for the process group to end; True if it has."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reap the launcher, so that it does not linger in the group as a zombie
+        if not _group_running(pgid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+
+
 class WorkerClient:
     """Starts and talks to a worker process (used by the Slicer module's logic; no Slicer, no torch).
 
@@ -104,6 +116,7 @@ class WorkerClient:
         self.stderr_tail: list[str] = []
         self._queue: queue.Queue | None = None
         self._next_id = 0
+        self._terminated = False
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "DiffusionAnomalyLib.worker", "--checkpoint", self.checkpoint,
@@ -119,6 +132,7 @@ class WorkerClient:
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(self.env or {})
         self._queue = queue.Queue()
+        self._terminated = False
         kwargs: dict[str, Any] = {}
         if os.name == "nt":  # no console window; a group of its own, ended as a tree by terminate()
             kwargs["creationflags"] = (getattr(subprocess, "CREATE_NO_WINDOW", 0)
@@ -225,8 +239,9 @@ class WorkerClient:
     def terminate(self, timeout: float = 5.0) -> None:
         """Stop the worker's whole process tree now (cancel) and wait until it has ended; safe to call twice."""
         proc = self.process
-        if proc is None:
+        if proc is None or self._terminated:
             return
+        self._terminated = True
         if os.name == "nt":
             self._terminate_windows(proc, timeout)
         else:
@@ -240,24 +255,13 @@ class WorkerClient:
     @staticmethod
     def _terminate_posix(proc: subprocess.Popen, timeout: float) -> None:
         pgid = proc.pid  # start_new_session: the launcher leads its own process group
-        if pgid == os.getpgrp():  # never signal our own group (cannot happen with start(); be safe)
-            proc.kill()
-            proc.wait(timeout=timeout)
-            return
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(pgid, sig)
             except ProcessLookupError:
-                pass  # the whole group has ended already
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                proc.poll()  # reap the launcher, so that it does not linger as a zombie of the group
-                if not _group_running(pgid):
-                    break
-                time.sleep(POLL_INTERVAL)
-            else:
-                continue  # still running after the timeout: SIGKILL
-            break
+                break  # the whole group has ended already
+            if _wait_group(proc, pgid, timeout):
+                break
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
