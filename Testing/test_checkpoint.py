@@ -23,7 +23,6 @@ from monai.networks.nets import DiffusionModelUNet
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from DiffusionAnomalyLib import checkpoint as checkpoint_module
 from DiffusionAnomalyLib.card import CheckpointError, default_card
 from DiffusionAnomalyLib.checkpoint import read_card
 from DiffusionAnomalyLib.methods import load_checkpoint
