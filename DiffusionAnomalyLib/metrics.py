@@ -15,15 +15,24 @@ Typical per-slice evaluation, as in IgCONDA-PET section 3.4::
 Aggregate Dice/HD95/AUPRC by their mean over slices (HD95 with ``np.nanmean``: it is undefined
 when exactly one mask is empty); aggregate detection by pooling lesions,
 ``sensitivity(sum of tp, sum of n)``.
+
+The numbers come from the field's libraries: Dice from scipy, HD95 from MONAI (the library the
+reference IgCONDA-PET code is built on), AUPRC from scikit-learn, components and the label
+contingency table from scikit-image. This module adds input checks, the empty-mask conventions
+and the lesion matching rule.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
+from monai.metrics import compute_hausdorff_distance
+from scipy.spatial.distance import dice as _dice_dissimilarity
 from skimage.measure import label as _label
+from skimage.metrics import contingency_table
+from sklearn.metrics import average_precision_score
 
 __all__ = [
     "scale_to_unit",
@@ -95,7 +104,10 @@ def _check_iou_threshold(iou_threshold: float) -> float:
 # slice-level: Dice, DSC_opt, HD95
 # --------------------------------------------------------------------------------------------
 def scale_to_unit(anomaly_map: np.ndarray) -> np.ndarray:
-    """Min-max scale a map to [0, 1] (IgCONDA-PET 3.4 thresholds maps in [0, 1]); constant -> zeros."""
+    """Min-max scale a map to [0, 1] (IgCONDA-PET 3.4 thresholds maps in [0, 1]); constant -> zeros.
+
+    Written out because a constant map must give zeros (skimage's rescale_intensity returns it unchanged).
+    """
     m = _check_array(anomaly_map, "anomaly_map").astype(np.float64)
     lo, hi = float(m.min()), float(m.max())
     if hi <= lo:
@@ -103,13 +115,21 @@ def scale_to_unit(anomaly_map: np.ndarray) -> np.ndarray:
     return (m - lo) / (hi - lo)
 
 
+def _dice_of_masks(p: np.ndarray, t: np.ndarray) -> float:
+    """Dice of two boolean masks of one shape: 1 - scipy's Dice dissimilarity; both empty -> 1."""
+    if not (p.any() or t.any()):
+        return 1.0  # scipy gives 0/0 = NaN here; two empty masks agree perfectly
+    return 1.0 - float(_dice_dissimilarity(p.ravel(), t.ravel()))
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two masks, 2|P∩T|/(|P|+|T|) (IgCONDA-PET 3.4, eq. 11); both empty -> 1, one empty -> 0."""
+    """Dice of two masks, 2|P∩T|/(|P|+|T|) (IgCONDA-PET 3.4, eq. 11); both empty -> 1, one empty -> 0.
+
+    Computed as 1 - ``scipy.spatial.distance.dice`` of the flattened masks (equal to the formula
+    to within one unit in the last place).
+    """
     p, t = _masks(pred, truth)
-    denom = int(p.sum()) + int(t.sum())
-    if denom == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, t).sum()) / denom
+    return _dice_of_masks(p, t)
 
 
 def optimal_dice(
@@ -120,7 +140,7 @@ def optimal_dice(
     """Best Dice of ``scale_to_unit(map) >= t`` over thresholds and that t (IgCONDA-PET 3.4, eq. 12-13).
 
     Thresholds are rounded to 10 decimals (so 0.30000000000000004 acts as 0.3) and tried in
-    ascending order; ties keep the smallest threshold.
+    ascending order; ties keep the smallest threshold. Dice as in :func:`dice`.
     """
     m, t = _check_pair(anomaly_map, truth, "anomaly_map", "truth")
     truth_mask = _as_mask(t)
@@ -128,21 +148,12 @@ def optimal_dice(
     if ths.size == 0 or not np.all(np.isfinite(ths)):
         raise ValueError(f"thresholds must be a non-empty list of finite numbers, got {thresholds!r}.")
     scaled = scale_to_unit(m)
-    n_truth = int(truth_mask.sum())
     best_dice, best_t = -1.0, float(ths[0])
     for th in ths:  # ascending; strict '>' keeps the smallest threshold on ties
-        pred = scaled >= th
-        denom = int(pred.sum()) + n_truth
-        d = 1.0 if denom == 0 else 2.0 * int(np.logical_and(pred, truth_mask).sum()) / denom
+        d = _dice_of_masks(scaled >= th, truth_mask)
         if d > best_dice:
             best_dice, best_t = d, float(th)
     return best_dice, best_t
-
-
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Mask voxels with a face-neighbour in the background; the image border counts as background."""
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
 def hd95(
@@ -150,37 +161,39 @@ def hd95(
     truth: np.ndarray,
     spacing: Sequence[float] | None = None,
 ) -> float:
-    """95th percentile of pooled symmetric boundary-to-boundary distances (IgCONDA-PET 3.4, eq. 14).
+    """HD95 (IgCONDA-PET 3.4, eq. 14) as MONAI defines it: the larger of the two directed 95th percentiles.
 
-    Boundaries are mask voxels with a background face-neighbour (MONAI/medpy convention);
-    distances are in pixels unless ``spacing`` (per array axis) is given. Both masks empty -> 0.0;
+    HD95 = max(P95{d(p, ∂T) : p in ∂P}, P95{d(t, ∂P) : t in ∂T}), where ∂X is the boundary of mask
+    X (mask voxels with a background face-neighbour; the image border counts as background), d the
+    Euclidean distance to the nearest boundary voxel of the other mask, and P95 the 95th percentile
+    with linear interpolation. This is ``monai.metrics.compute_hausdorff_distance(percentile=95)``,
+    which computes it (in float32); it is not the 95th percentile of both distance sets pooled.
+    Distances are in pixels unless ``spacing`` (per array axis) is given. Both masks empty -> 0.0;
     exactly one empty -> NaN, because a distance to a surface that does not exist is undefined
     (average over slices with ``np.nanmean`` or report such slices separately).
     """
     p, t = _masks(pred, truth)
     if spacing is None:
-        sampling = np.ones(p.ndim)
+        sampling = None
     else:
         sampling = np.asarray(spacing, dtype=np.float64).ravel()
         if sampling.size != p.ndim or not np.all(np.isfinite(sampling)) or np.any(sampling <= 0):
             raise ValueError(
                 f"spacing must be {p.ndim} positive numbers (one per array axis), got {spacing!r}."
             )
+        sampling = sampling.tolist()
     has_p, has_t = bool(p.any()), bool(t.any())
     if not has_p and not has_t:
         return 0.0
     if has_p != has_t:
         return float("nan")
-    return float(np.percentile(_surface_distances(p, t, sampling), 95))
-
-
-def _surface_distances(p: np.ndarray, t: np.ndarray, sampling: np.ndarray) -> np.ndarray:
-    """Pooled distances boundary(p) -> nearest boundary(t) and back; both masks non-empty."""
-    bp, bt = _boundary(p), _boundary(t)
-    # Distance of every voxel to the nearest boundary voxel of the other mask.
-    dist_to_t = ndimage.distance_transform_edt(~bt, sampling=sampling)
-    dist_to_p = ndimage.distance_transform_edt(~bp, sampling=sampling)
-    return np.concatenate([dist_to_t[bp], dist_to_p[bt]])
+    with warnings.catch_warnings():
+        # MONAI 1.5-1.6 passes its own deprecated always_return_as_numpy argument internally.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        distance = compute_hausdorff_distance(
+            p[None, None], t[None, None], include_background=True, percentile=95, spacing=sampling
+        )
+    return float(distance[0, 0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,25 +202,15 @@ def _surface_distances(p: np.ndarray, t: np.ndarray, sampling: np.ndarray) -> np
 def auprc(anomaly_map: np.ndarray, truth: np.ndarray) -> float:
     """Average precision of the unthresholded map, sum_k (R_k - R_{k-1}) P_k (IgCONDA-PET 3.4, eq. 16).
 
-    Each distinct map value is one threshold (equal scores form one group, as in
-    ``sklearn.metrics.average_precision_score``). Empty truth -> NaN (recall is undefined).
+    ``sklearn.metrics.average_precision_score``: each distinct map value is one threshold (equal
+    scores form one group). Empty truth -> NaN (recall is undefined; scikit-learn would warn and
+    return 0).
     """
     m, t = _check_pair(anomaly_map, truth, "anomaly_map", "truth")
     y = _as_mask(t).ravel()
-    n_pos = int(y.sum())
-    if n_pos == 0:
+    if not y.any():
         return float("nan")
-    scores = m.ravel().astype(np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    s_sorted = scores[order]
-    y_sorted = y[order]
-    # Last index of each group of equal scores: thresholds sit between distinct values.
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), s_sorted.size - 1]
-    tps = np.cumsum(y_sorted, dtype=np.int64)[last]
-    n_pred = last + 1
-    precision = tps / n_pred
-    recall = tps / n_pos
-    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+    return float(average_precision_score(y, m.ravel().astype(np.float64)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,14 +229,19 @@ def _components(mask: np.ndarray, connectivity: int | None) -> tuple[np.ndarray,
 def _greedy_matches(
     pred: np.ndarray, truth: np.ndarray, iou_threshold: float, connectivity: int | None
 ) -> tuple[int, int, int]:
-    """(matched pairs, #predicted components, #truth lesions): one-to-one, highest IoU first."""
+    """(matched pairs, #predicted components, #truth lesions): one-to-one, highest IoU first.
+
+    The greedy loop is written out because the thesis's rule is greedy, not the optimal
+    assignment that ``scipy.optimize.linear_sum_assignment`` would find.
+    """
     lp, n_p = _components(pred, connectivity)
     lt, n_t = _components(truth, connectivity)
     if n_p == 0 or n_t == 0:
         return 0, n_p, n_t
-    # Joint histogram of (truth label, pred label) gives every intersection at once.
-    joint = np.bincount((lt.ravel().astype(np.int64) * (n_p + 1) + lp.ravel()), minlength=(n_t + 1) * (n_p + 1))
-    joint = joint.reshape(n_t + 1, n_p + 1)
+    # Contingency table of (truth label, pred label) over the voxels of either mask gives every
+    # intersection and every component's area at once (background/background is not needed).
+    either = (lt > 0) | (lp > 0)
+    joint = contingency_table(lt[either], lp[either]).toarray().astype(np.int64)
     area_t = joint.sum(axis=1)[1:]
     area_p = joint.sum(axis=0)[1:]
     inter = joint[1:, 1:]

@@ -344,11 +344,13 @@ def _local_sum(arr: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: np.ndarray,
                 boxes: list[tuple[slice, ...]]) -> list[float]:
-    """Per lesion, the largest mean of ``image`` over the kernel centred on one of its voxels.
+    """Per lesion, the largest mean of ``image`` over the kernel centred on one of its voxels (SUVpeak).
 
-    Computed on each lesion's bounding box grown by the kernel's half-size, so the sphere around
-    every lesion voxel is inside the crop; at the volume's border the mean is over the part of
-    the sphere inside the volume (normalised convolution).
+    Hand-written: no library computes a PERCIST-like peak (a millimetre sphere on an anisotropic,
+    oblique grid, centres restricted to the lesion). Computed on each lesion's bounding box grown
+    by the kernel's half-size, so the sphere around every lesion voxel is inside the crop; at the
+    volume's border the mean is over the part of the sphere inside the volume (normalised
+    convolution).
     """
     half = np.array(kernel.shape) // 2
     peaks = []
@@ -365,11 +367,38 @@ def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: 
     return peaks
 
 
-def _labels_and_boxes(labels: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
-    """The non-zero label values present (ascending) and their bounding boxes, in one pass (no sort)."""
-    objects = ndi.find_objects(labels)
-    ids = np.array([lab for lab, box in enumerate(objects, start=1) if box is not None], dtype=np.int64)
-    return ids, [objects[lab - 1] for lab in ids]
+#: Per-lesion measurements scikit-image makes for :func:`lesion_table`. ``centroid_local`` (in the
+#: lesion's own box) plus the box's corner is the arithmetic the table has always used; skimage's
+#: ``centroid`` averages volume coordinates and can differ in the last bit.
+_REGION_PROPERTIES = ("label", "area", "bbox", "centroid_local", "intensity_max", "intensity_mean")
+
+
+def _region_measurements(labels: np.ndarray, img: np.ndarray, hm: np.ndarray) -> dict[str, np.ndarray] | None:
+    """``skimage.measure.regionprops_table`` of the lesions, on the box holding them all.
+
+    Columns: ``label``, ``voxels``, ``start``/``stop`` (n x 3 box corners in the volume),
+    ``centroid`` (n x 3 mean voxel index [k, j, i]), ``image_max``/``image_mean`` (float64 image)
+    and ``heat_max``. None when there is no lesion.
+    """
+    box = bounding_box(labels > 0)
+    if box is None:
+        return None
+    corner = np.array([s.start for s in box])
+    lab = labels[box]
+    # float64 intensities: the mean of a float32 image is then summed in float64, as always.
+    props = measure.regionprops_table(lab, img[box].astype(np.float64), properties=_REGION_PROPERTIES)
+    heat = measure.regionprops_table(lab, hm[box], properties=("intensity_max",))
+    start = np.stack([props[f"bbox-{a}"] for a in range(3)], axis=1) + corner
+    return {
+        "label": props["label"],
+        "voxels": props["area"],
+        "start": start,
+        "stop": np.stack([props[f"bbox-{a + 3}"] for a in range(3)], axis=1) + corner,
+        "centroid": np.stack([props[f"centroid_local-{a}"] for a in range(3)], axis=1) + start,
+        "image_max": props["intensity_max"],
+        "image_mean": props["intensity_mean"],
+        "heat_max": heat["intensity_max"],
+    }
 
 
 def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
@@ -385,6 +414,9 @@ def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
     - ``tlg`` = ``suv_mean`` x ``volume_ml`` (total lesion glycolysis, SUV.ml);
     - ``max_heat``: maximum of the anomaly map over the lesion;
     - ``centroid_r/a/s``: RAS mm of the mean voxel index mapped through IJK->RAS.
+
+    Voxel counts, boxes, centroids, maxima and means come from
+    ``skimage.measure.regionprops_table``; SUVpeak from :func:`_peak_means`.
 
     For an image whose ``units`` do not start with "SUV" (e.g. CT in HU) the columns keep their
     names so Slicer and CLI tables match, but mean the same statistics in the image's units:
@@ -406,33 +438,33 @@ def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
     _check_finite(img, "the image")
 
     labels = labels.astype(np.int64, copy=False) if labels.dtype == bool else labels
-    ids, boxes = _labels_and_boxes(labels)
-    if ids.size == 0:
+    regions = _region_measurements(labels, img, hm)
+    if regions is None:
         return []
 
+    ids = regions["label"]
+    boxes = [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)) for lo, hi in zip(regions["start"], regions["stop"])]
     kernel = _sphere_kernel(image.ijk_to_ras, SUV_PEAK_RADIUS_MM)
     peaks = _peak_means(img, labels, ids, kernel, boxes)
     voxel_ml = voxel_volume_ml(image.ijk_to_ras)
 
     rows = []
-    for lab, box, peak in zip(ids, boxes, peaks):
-        inside = labels[box] == lab
-        values = img[box][inside].astype(np.float64)
-        kji = np.argwhere(inside).mean(axis=0) + [s.start for s in box]
-        centroid = image.ijk_to_ras_points(kji[::-1])[0]
-        count = int(inside.sum())
+    for k, lab in enumerate(ids):
+        count = int(regions["voxels"][k])
         volume_ml = count * voxel_ml
-        mean = float(values.mean())
+        mean = float(regions["image_mean"][k])
+        # One point per call: a batched matrix product may round differently in the last bit.
+        centroid = image.ijk_to_ras_points(regions["centroid"][k, ::-1])[0]
         rows.append(
             {
                 "id": int(lab),
                 "voxels": count,
                 "volume_ml": volume_ml,
-                "suv_max": float(values.max()),
+                "suv_max": float(regions["image_max"][k]),
                 "suv_mean": mean,
-                "suv_peak": peak,
+                "suv_peak": peaks[k],
                 "tlg": mean * volume_ml,
-                "max_heat": float(hm[box][inside].max()),
+                "max_heat": float(regions["heat_max"][k]),
                 "centroid_r": float(centroid[0]),
                 "centroid_a": float(centroid[1]),
                 "centroid_s": float(centroid[2]),

@@ -1,25 +1,27 @@
 """Tests for DiffusionAnomalyLib.metrics against independent implementations.
 
 References: scipy's Dice dissimilarity and SimpleITK's LabelOverlapMeasuresImageFilter (Dice),
-sklearn's average_precision_score (AUPRC) and f1_score (optimal Dice), SimpleITK LabelContour +
-brute-force pairwise distances and scipy's directed_hausdorff (HD95), scipy.ndimage.label and
-hand-built cases with known answers (lesion detection).
+sklearn's average_precision_score (AUPRC) and f1_score (optimal Dice), MONAI's
+compute_hausdorff_distance, SimpleITK LabelContour + brute-force pairwise distances and scipy's
+directed_hausdorff (HD95), scipy.ndimage.label and hand-built cases with known answers (lesion
+detection). The library calls metrics.py makes are kept here as regression oracles.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 from scipy.spatial.distance import cdist, directed_hausdorff
 from scipy.spatial.distance import dice as scipy_dice_dissimilarity
 from skimage.segmentation import find_boundaries
 from sklearn.metrics import average_precision_score, f1_score
 
-from DiffusionAnomalyLib import metrics
 from DiffusionAnomalyLib.metrics import (
     auprc,
     detection_sensitivity,
@@ -88,19 +90,42 @@ def ref_contour_points(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarr
     return np.argwhere(inner) * np.asarray(spacing, dtype=float)
 
 
-def ref_surface_distances(p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Brute-force pooled boundary distances (cdist over all contour-point pairs) and both point sets."""
+def ref_directed_distances(
+    p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Brute-force directed boundary distances p->t and t->p (cdist over all contour-point pairs)
+    and both point sets."""
     pp = ref_contour_points(p, spacing)
     tt = ref_contour_points(t, spacing)
     d = cdist(pp, tt)
-    return np.concatenate([d.min(axis=1), d.min(axis=0)]), pp, tt
+    return d.min(axis=1), d.min(axis=0), pp, tt
 
 
 def ref_hd95(p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
-    """Reference HD95 from SimpleITK contours and brute-force distances."""
+    """Reference HD95 from SimpleITK contours and brute-force distances: max of the directed P95s."""
     spacing = spacing or (1.0,) * p.ndim
-    pooled, _, _ = ref_surface_distances(p, t, spacing)
-    return float(np.percentile(pooled, 95))
+    p_to_t, t_to_p, _, _ = ref_directed_distances(p, t, spacing)
+    return float(max(np.percentile(p_to_t, 95), np.percentile(t_to_p, 95)))
+
+
+def ref_hd95_pooled(p: np.ndarray, t: np.ndarray) -> float:
+    """The other HD95 definition (this module's before issue 6): P95 of both directed sets pooled."""
+    p_to_t, t_to_p, _, _ = ref_directed_distances(p, t, (1.0,) * p.ndim)
+    return float(np.percentile(np.concatenate([p_to_t, t_to_p]), 95))
+
+
+def monai_hd(p: np.ndarray, t: np.ndarray, spacing=None, percentile: float | None = 95) -> float:
+    """MONAI's Hausdorff distance of two masks (one batch item, one channel)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        out = compute_hausdorff_distance(
+            p[None, None], t[None, None], include_background=True, percentile=percentile, spacing=spacing
+        )
+    return float(out[0, 0])
+
+
+#: MONAI computes surface distances in float32.
+HD_REL = 1e-6
 
 
 def ref_detection_tp(pred: np.ndarray, truth: np.ndarray, connectivity: int, thr: float = 0.5) -> tuple[int, int]:
@@ -157,6 +182,8 @@ def test_dice_matches_scipy_and_sitk(seed: int, shape: tuple[int, ...]) -> None:
     assert 0.0 < got < 1.0
     assert got == pytest.approx(ref_dice_scipy(pred, truth), abs=1e-12)
     assert got == pytest.approx(ref_dice_sitk(pred, truth), abs=1e-6)
+    exact = 2.0 * int((pred & truth).sum()) / (int(pred.sum()) + int(truth.sum()))
+    assert got == pytest.approx(exact, rel=1e-15, abs=0)  # the formula, to within one ulp
 
 
 def test_dice_edge_cases() -> None:
@@ -202,6 +229,7 @@ def test_optimal_dice_matches_bruteforce_f1(seed: int, shape: tuple[int, ...]) -
     assert got_d == pytest.approx(ref_d, abs=1e-12)
     assert got_t == ref_t
     assert 0.0 < got_d < 1.0
+    assert got_d == dice(scale_to_unit(amap) >= got_t, truth)  # the same Dice as dice()
 
 
 def test_optimal_dice_quantised_map_hits_exact_threshold_and_ties_pick_smallest() -> None:
@@ -252,8 +280,19 @@ def test_hd95_matches_sitk_contour_bruteforce(seed: int, shape: tuple[int, ...])
     pred, truth = random_pair(200 + seed, shape)
     got = hd95(pred, truth)
     ref = ref_hd95(pred, truth)
-    assert got == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    assert got == pytest.approx(ref, rel=HD_REL, abs=1e-9)
     assert got > 0.0
+    assert hd95(truth, pred) == got  # symmetric
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_hd95_is_monais_hausdorff_percentile_95(seed: int, shape: tuple[int, ...]) -> None:
+    # Regression oracle: the library call metrics.hd95 makes, with and without spacing.
+    pred, truth = random_pair(250 + seed, shape)
+    spacing = tuple(0.7 + 0.6 * i for i in range(len(shape)))
+    assert hd95(pred, truth) == monai_hd(pred, truth)
+    assert hd95(pred, truth, spacing=spacing) == monai_hd(pred, truth, spacing=list(spacing))
 
 
 @pytest.mark.parametrize("seed", SEEDS[:3])
@@ -261,21 +300,53 @@ def test_hd95_with_anisotropic_spacing(seed: int) -> None:
     pred, truth = random_pair(300 + seed, (10, 12, 14))
     spacing = (3.0, 0.8, 1.25)
     got = hd95(pred, truth, spacing=spacing)
-    assert got == pytest.approx(ref_hd95(pred, truth, spacing), rel=1e-9, abs=1e-9)
+    assert got == pytest.approx(ref_hd95(pred, truth, spacing), rel=HD_REL, abs=1e-9)
     # Spacing really matters here (the pixel-unit answer differs).
     assert got != pytest.approx(hd95(pred, truth))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seed", SEEDS[:3])
-def test_surface_distance_max_equals_symmetric_directed_hausdorff(seed: int, shape: tuple[int, ...]) -> None:
+def test_monai_boundaries_are_face_connected_contours_with_the_border_as_background(
+    seed: int, shape: tuple[int, ...]
+) -> None:
+    # MONAI's Hausdorff distance (no percentile) equals scipy's symmetric directed Hausdorff of the
+    # SimpleITK contour points: MONAI's boundary is the contour convention the docstring names.
     pred, truth = random_pair(400 + seed, shape)
+    pred[0, :] = True  # touch the image border
     spacing = tuple(1.0 + 0.5 * i for i in range(len(shape)))
-    ours = metrics._surface_distances(pred, truth, np.asarray(spacing))
-    ref_pooled, pp, tt = ref_surface_distances(pred, truth, spacing)
+    _, _, pp, tt = ref_directed_distances(pred, truth, spacing)
     hausdorff = max(directed_hausdorff(pp, tt)[0], directed_hausdorff(tt, pp)[0])
-    assert ours.max() == pytest.approx(hausdorff, rel=1e-12)
-    np.testing.assert_allclose(np.sort(ours), np.sort(ref_pooled), rtol=1e-12)
+    assert monai_hd(pred, truth, spacing=list(spacing), percentile=None) == pytest.approx(hausdorff, rel=HD_REL)
+    assert hd95(pred, truth, spacing=spacing) == pytest.approx(ref_hd95(pred, truth, spacing), rel=HD_REL)
+
+
+def test_hd95_is_the_larger_directed_percentile_not_the_pooled_one() -> None:
+    # A point at the left end of a 10-pixel line. point -> line: {0}, P95 = 0;
+    # line -> point: {0, 1, ..., 9}, P95 = 0.95 * 9 = 8.55 (linear interpolation).
+    # HD95 = max(0, 8.55) = 8.55. Pooling both sets, {0, 0, 1, ..., 9}, would give 8.5.
+    point = np.zeros((9, 16), bool)
+    point[4, 4] = True
+    line = np.zeros((9, 16), bool)
+    line[4, 4:14] = True
+    assert hd95(point, line) == pytest.approx(8.55, rel=HD_REL)
+    assert hd95(line, point) == pytest.approx(8.55, rel=HD_REL)
+    assert ref_hd95_pooled(point, line) == pytest.approx(8.5)
+    # With 2 mm columns every distance doubles.
+    assert hd95(point, line, spacing=(1.0, 2.0)) == pytest.approx(17.1, rel=HD_REL)
+    # Squares 4x4 and 6x6 sharing the top-left corner (boundaries of 12 and 20 pixels).
+    # small -> large: seven 0, two 1, three 2; P95 (index 0.95 * 11 = 10.45) = 2.
+    # large -> small: seven 0, two 1, eight 2, two sqrt(5), one sqrt(8);
+    # P95 (index 0.95 * 19 = 18.05) = sqrt(5) + 0.05 * (sqrt(8) - sqrt(5)) = 2.26569.
+    # Pooled (index 0.95 * 31 = 29.45 lands between the two sqrt(5)) it would be sqrt(5) = 2.23607.
+    small = np.zeros((10, 10), bool)
+    small[0:4, 0:4] = True
+    large = np.zeros((10, 10), bool)
+    large[0:6, 0:6] = True
+    expected = math.sqrt(5) + 0.05 * (math.sqrt(8) - math.sqrt(5))
+    assert hd95(small, large) == pytest.approx(expected, rel=HD_REL)
+    assert ref_hd95(small, large) == pytest.approx(expected)
+    assert ref_hd95_pooled(small, large) == pytest.approx(math.sqrt(5))
 
 
 def test_hd95_known_values_and_edge_cases() -> None:
@@ -293,13 +364,22 @@ def test_hd95_known_values_and_edge_cases() -> None:
     assert math.isnan(hd95(a, empty))
     assert math.isnan(hd95(empty, a))
     # Full mask: its boundary is the image frame; matches the reference.
-    assert hd95(full, a) == pytest.approx(ref_hd95(full, a))
+    assert hd95(full, a) == pytest.approx(ref_hd95(full, a), rel=HD_REL)
     # Shifted squares: every boundary distance is at most the shift.
     sq = empty.copy()
     sq[2:6, 2:6] = True
     sh = np.roll(sq, 2, axis=1)
-    assert hd95(sq, sh) == pytest.approx(ref_hd95(sq, sh))
+    assert hd95(sq, sh) == pytest.approx(ref_hd95(sq, sh), rel=HD_REL)
     assert 0.0 < hd95(sq, sh) <= 2.0
+
+
+def test_hd95_raises_no_library_warnings() -> None:
+    pred, truth = random_pair(0, (16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hd95(pred, truth)
+        hd95(pred, np.zeros_like(truth))  # one empty: NaN without MONAI's empty-mask warning
+        hd95(np.zeros_like(pred), np.zeros_like(truth))
 
 
 # ------------------------------------------------------------------------------------------

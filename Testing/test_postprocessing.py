@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from DiffusionAnomalyLib.postprocessing import (
@@ -302,6 +303,72 @@ def test_suv_peak_fine_grid_and_border_against_brute_force():
     for row in rows:
         expected = brute_force_peak(image, labels == row["id"], SUV_PEAK_RADIUS_MM)
         assert row["suv_peak"] == pytest.approx(expected, rel=1e-7)
+
+
+def reference_lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
+    """Straightforward numpy lesion table, one boolean mask per lesion (SUVpeak by brute force).
+
+    The centroid is the mean voxel index within the lesion's bounding box plus the box's corner,
+    the arithmetic the table has always used, so every number but SUVpeak must match exactly.
+    """
+    voxel_ml = abs(float(np.linalg.det(image.ijk_to_ras[:3, :3]))) / 1000.0
+    rows = []
+    for lab in np.unique(labels[labels > 0]):
+        mask = labels == lab
+        values = image.voxels[mask].astype(np.float64)
+        kji = np.argwhere(mask)
+        corner = kji.min(axis=0)
+        centroid = image.ijk_to_ras_points(((kji - corner).mean(axis=0) + corner)[::-1])[0]
+        volume_ml = int(mask.sum()) * voxel_ml
+        rows.append({
+            "id": int(lab),
+            "voxels": int(mask.sum()),
+            "volume_ml": volume_ml,
+            "suv_max": float(values.max()),
+            "suv_mean": float(values.mean()),
+            "suv_peak": brute_force_peak(image, mask, SUV_PEAK_RADIUS_MM),
+            "tlg": float(values.mean()) * volume_ml,
+            "max_heat": float(heat.voxels[mask].max()),
+            "centroid_r": float(centroid[0]),
+            "centroid_a": float(centroid[1]),
+            "centroid_s": float(centroid[2]),
+        })
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_lesion_table_rows_identical_to_numpy_reference(seed):
+    """regionprops_table gives the same rows (keys, order, types, values) as plain numpy.
+
+    Random blobs on anisotropic grids (oblique for odd seeds), lesions on the volume's faces and
+    corner, non-consecutive label values, float32 and float64 images, bool labels for seed 3.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (11 + seed, 14, 13 - seed)
+    spacing = (0.9, 1.7, 3.1) if seed % 2 == 0 else (2.3, 0.7, 1.4)
+    matrix = ijk_to_ras_matrix(spacing, (12.5, -40.0, 7.25), rotation(10, -35, 60) if seed % 2 else np.eye(3))
+    field = ndi.gaussian_filter(rng.standard_normal(shape), 1.2)
+    mask = field > np.quantile(field, 0.85)
+    mask[0, 0:2, 0:3] = True  # a corner lesion
+    mask[-1, 5:8, -1] = True  # a lesion on two faces
+    labels, n = ndi.label(mask)
+    assert n >= 3
+    labels = np.where(labels > 0, 3 * labels + 1, 0).astype(np.int32)  # ids 4, 7, 10, ...
+    if seed == 3:
+        labels = labels > 0
+    dtype = np.float64 if seed == 2 else np.float32
+    image = Volume((rng.gamma(2.0, 1.5, size=shape) * 10.0 ** seed).astype(dtype), matrix, units="SUVbw")
+    heat = Volume(rng.random(shape).astype(np.float32), matrix.copy(), units="anomaly")
+
+    rows = lesion_table(labels, image, heat)
+    expected = reference_lesion_table(labels, image, heat)
+    ids = [1] if seed == 3 else list(range(4, 3 * n + 2, 3))
+    assert [r["id"] for r in rows] == [r["id"] for r in expected] == ids
+    for got, ref in zip(rows, expected):
+        assert tuple(got) == LESION_TABLE_COLUMNS
+        assert [type(v) for v in got.values()] == [int, int] + [float] * 9
+        assert got["suv_peak"] == pytest.approx(ref.pop("suv_peak"), rel=1e-9)
+        assert {k: got[k] for k in ref} == ref  # exact equality
 
 
 def test_lesion_table_on_ct_keeps_columns(heat):
