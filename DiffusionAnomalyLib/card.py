@@ -176,7 +176,8 @@ def card_items(card: dict[str, Any]) -> list[tuple[str, str]]:
                                                       for k, v in prov["validation_metrics"].items())))
     if prov.get("note"):
         items.append(("Note", str(prov["note"])))
-    items.append(("Not for clinical use", "yes" if card.get("not_for_clinical_use", True) else "not flagged by the card"))
+    flagged = card.get("not_for_clinical_use", True)
+    items.append(("Not for clinical use", "yes" if flagged else "not flagged by the card"))
     return items
 
 

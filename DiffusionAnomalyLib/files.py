@@ -63,7 +63,8 @@ def check_writable_dir(path: str | os.PathLike, create: bool = True) -> Path:
     elif not folder.is_dir():
         raise OutputError(f"The output folder {folder} does not exist; create it or choose another folder.")
     if hasattr(os, "geteuid") and os.geteuid() == 0 and not folder.stat().st_mode & 0o222:
-        raise OutputError(f"The output folder {folder} is not writable (it is marked read-only); choose another folder.")
+        raise OutputError(f"The output folder {folder} is not writable (it is marked read-only); "
+                          "choose another folder.")
     probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(probe, "wb"):

@@ -89,7 +89,8 @@ class Thresholding:
         """The card's default thresholding, with every override that is not None applied."""
         d = card.get("inference_defaults", {})
         th = d.get("threshold", {})
-        out = cls(method=th.get("method", "fraction"), value=th.get("value", 0.5), min_size_ml=d.get("min_size_ml", 0.5))
+        out = cls(method=th.get("method", "fraction"), value=th.get("value", 0.5),
+                  min_size_ml=d.get("min_size_ml", 0.5))
         for k, v in overrides.items():
             if v is not None:
                 setattr(out, k, v)
