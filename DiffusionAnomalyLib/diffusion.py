@@ -18,8 +18,9 @@ from .card import REFERENCE_STEPS, Steps
 
 
 def monai_scheduler(section: dict[str, Any], kind: type[Scheduler] = DDPMScheduler, **options) -> Scheduler:
-    """The MONAI scheduler ``kind`` of a model card's ``scheduler`` section (the one place a card's
-    schedule becomes a MONAI scheduler: training noise, inference loops and alpha_bar all use it).
+    """The MONAI scheduler ``kind`` of a model card's ``scheduler`` section: the one place a card's
+    schedule becomes alpha_bar (float32, as the reference code computes it), training noise
+    (``DDPMScheduler.add_noise``) and the DDIM loops (:class:`DDIM`).
 
     ``options`` are passed on to ``kind`` (e.g. ``clip_sample=False`` for DDIM).
     """
@@ -28,15 +29,6 @@ def monai_scheduler(section: dict[str, Any], kind: type[Scheduler] = DDPMSchedul
         if key in section:
             kwargs[key] = float(section[key])
     return kind(**kwargs, **options)
-
-
-def alphas_cumprod(section: dict[str, Any]) -> torch.Tensor:
-    """alpha_bar_t for t = 0..T-1 from a model card's scheduler section.
-
-    Taken from MONAI's scheduler (float32, as the reference implementation computes it) so the
-    stride-1 loop reproduces the reference numbers, not just its timesteps.
-    """
-    return monai_scheduler(section).alphas_cumprod.clone()
 
 
 def timestep_grid(noise_level: int, steps: Steps) -> list[int]:

@@ -214,10 +214,10 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
         opt.step()
         step += 1
         if step % 10 == 0:
-            log(f"step {step} loss {float(loss):.5f} ({(time.time() - t_start) / 60:.1f} min)")
+            log(f"step {step} loss {loss.item():.5f} ({(time.time() - t_start) / 60:.1f} min)")
         if step % cfg.val_every == 0 or step == cfg.steps:
             vloss = validate()
-            history.append({"step": step, "val_loss": round(vloss, 6), "train_loss": round(float(loss), 6)})
+            history.append({"step": step, "val_loss": round(vloss, 6), "train_loss": round(loss.item(), 6)})
             log(f"step {step} validation loss {vloss:.5f}")
             if vloss < best:
                 best = vloss
