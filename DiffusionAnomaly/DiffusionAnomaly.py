@@ -1,11 +1,12 @@
 """DiffusionAnomaly: weakly-supervised diffusion-model lesion detection in PET/CT for 3D Slicer.
 
-Module (metadata), Widget (thin: UI <-> parameter node, Apply/Cancel, progress), Logic (no Qt;
-see DiffusionAnomalyModuleLib/logic.py) and a self-test. The engine is DiffusionAnomalyLib; the
-heavy work runs in a separate worker process so the UI never blocks.
+Module (metadata), Widget (binds the UI to the parameter node and the logic) and a self-test.
+The logic and everything it uses live in DiffusionAnomalyModuleLib (one job per file, see
+logic.py); the engine is DiffusionAnomalyLib, and the heavy work runs in a separate worker
+process so the UI never blocks.
 
-Qt, ctk and Slicer's GUI base classes are imported under a guard, so this file (and the logic)
-also imports with the ``slicer-core`` package from PyPI, which has MRML but no application.
+Qt, ctk and Slicer's GUI base classes are imported under a guard, so this file also imports with
+the ``slicer-core`` package from PyPI, which has MRML but no application.
 """
 
 from __future__ import annotations
@@ -23,16 +24,15 @@ import slicer  # noqa: E402
 import vtk  # noqa: E402
 
 try:  # a Slicer application (GUI available)
-    import ctk
     import qt
-    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
+                                               ScriptedLoadableModuleWidget)
     from slicer.util import VTKObservationMixin
 
     HAVE_GUI = True
 except ImportError:  # slicer-core only (CI): the logic works, the widget is never created
     HAVE_GUI = False
-    qt = ctk = None
+    qt = None
 
     class ScriptedLoadableModule:  # type: ignore[no-redef]
         def __init__(self, parent):
@@ -42,10 +42,6 @@ except ImportError:  # slicer-core only (CI): the logic works, the widget is nev
         def __init__(self, parent=None):
             self.parent = parent
 
-    class ScriptedLoadableModuleLogic:  # type: ignore[no-redef]
-        def __init__(self, *args, **kwargs):
-            pass
-
     class ScriptedLoadableModuleTest(unittest.TestCase):  # type: ignore[no-redef]
         def delayDisplay(self, message, msec=None):
             print(message)
@@ -54,14 +50,16 @@ except ImportError:  # slicer-core only (CI): the logic works, the widget is nev
         def __init__(self):
             pass
 
-from DiffusionAnomalyModuleLib.logic import (NOT_FOR_CLINICAL_USE, DiffusionAnomalyLogicBase,  # noqa: E402
-                                             volumeFromNode)
+from DiffusionAnomalyModuleLib import dependencies  # noqa: E402 - standard library and slicer only
 
-#: the Python packages the engine needs (import name -> pip requirement); torch comes via PyTorchUtils
-REQUIREMENTS = {"monai": "monai>=1.4", "einops": "einops>=0.7", "safetensors": "safetensors>=0.4",
-                "SimpleITK": "SimpleITK>=2.3", "skimage": "scikit-image>=0.22", "slicerio": "slicerio>=1.1",
-                "pydicom": "pydicom>=2.4", "matplotlib": "matplotlib>=3.7", "tqdm": "tqdm>=4.60"}
-TORCH_REQUIREMENT = ">=2.2"
+if HAVE_GUI:  # a fresh Slicer lacks a few packages of the engine's core, which Slicer's process imports below
+    dependencies.installCorePackages()
+
+from DiffusionAnomalyLib.card import NOT_FOR_CLINICAL_USE, REFERENCE_STEPS, STEPS_HELP, parse_steps  # noqa: E402
+
+from DiffusionAnomalyModuleLib.logic import DiffusionAnomalyLogic  # noqa: E402
+from DiffusionAnomalyModuleLib.parameters import (INPUT_REFERENCE, LESION_PARAMETERS, OUTPUT_REFERENCES,  # noqa: E402
+                                                  ROI_REFERENCE)
 
 HELP_TEXT = f"""
 <p>Finds lesion candidates in PET (CT comes later) with weakly-supervised diffusion models: the model,
@@ -69,7 +67,10 @@ trained only with slice labels (healthy / unhealthy), turns the scan into a heal
 where scan and counterfactual differ is the anomaly heat map, thresholded into a lesion segmentation
 and a lesion table.</p>
 <p>Choose the input volume and a model, press Apply (it becomes Cancel while running). Threshold and
-minimum size update the lesions instantly from the heat map; a new guidance scale re-decodes only.</p>
+minimum size update the lesions instantly from the heat map; a new guidance scale re-decodes only.
+On the first Apply, PyTorch and MONAI (for the analysis process) are installed after asking.</p>
+<p>DDIM steps (Advanced): a whole number of strided steps, fast; below 1 the box shows
+<i>reference</i>: the papers' stride-1 loop, one network evaluation per timestep (slow).</p>
 <p><b>{NOT_FOR_CLINICAL_USE}</b></p>
 <p>The four papers the methods come from:</p>
 <ol>
@@ -102,79 +103,12 @@ class DiffusionAnomaly(ScriptedLoadableModule):
 
 
 # =================================================================================================
-# Logic
-# =================================================================================================
-class DiffusionAnomalyLogic(DiffusionAnomalyLogicBase, ScriptedLoadableModuleLogic):
-    """See DiffusionAnomalyModuleLib/logic.py: no Qt; pass a scene when there is no application."""
-
-    def __init__(self, scene=None, **kwargs):
-        ScriptedLoadableModuleLogic.__init__(self)
-        DiffusionAnomalyLogicBase.__init__(self, scene, **kwargs)
-
-    def getParameterNode(self):  # overrides ScriptedLoadableModuleLogic's (works with any scene)
-        return DiffusionAnomalyLogicBase.getParameterNode(self)
-
-
-# =================================================================================================
 # Widget
 # =================================================================================================
-def missingRequirements() -> list[str]:
-    import importlib.util
-
-    return [req for name, req in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
-
-
-def ensureDependencies() -> bool:
-    """Install missing packages after asking (TotalSegmentator's pattern); torch via PyTorchUtils."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            slicer.util.errorDisplay("This module needs PyTorch. Install the 'PyTorch' extension from the "
-                                     "Extensions Manager, restart Slicer and press Apply again.")
-            return False
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            if not slicer.util.confirmOkCancelDisplay(
-                    "DiffusionAnomaly needs PyTorch (about 1-3 GB; a CUDA build is chosen when a GPU is "
-                    "present). Install it now? This can take several minutes.", "Install PyTorch"):
-                return False
-            torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-            if torch is None:
-                slicer.util.errorDisplay("PyTorch could not be installed; see the Python console for details.")
-                return False
-    missing = missingRequirements()
-    if missing:
-        if not slicer.util.confirmOkCancelDisplay(
-                "DiffusionAnomaly needs these Python packages, which will be installed now:\n"
-                + "\n".join(missing), "Install Python packages"):
-            return False
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install(" ".join(f'"{m}"' for m in missing))
-        still = missingRequirements()
-        if still:
-            slicer.util.errorDisplay(f"These packages could not be installed: {', '.join(still)}.")
-            return False
-    return True
-
-
-def gpuStatus() -> str:
-    """One sentence: will a GPU be used?"""
-    try:
-        import torch
-    except ImportError:
-        return "PyTorch is not installed yet."
-    if torch.cuda.is_available():
-        return f"GPU will be used: {torch.cuda.get_device_name(0)}."
-    return "No CUDA GPU found: the CPU will be used (a run takes minutes)."
-
-
 class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Thin: UI <-> parameter node, Apply/Cancel, a timer polling the worker, exports."""
+    """Binds the UI to the parameter node and the logic: Apply/Cancel, a timer polling the run, exports."""
 
-    #: parameter name -> (widget name, kind)
+    #: parameter -> (widget name, kind); the kind says how a value is shown, read and signalled
     PARAMETER_WIDGETS = {
         "Modality": ("modalityComboBox", "combo"),
         "ROIMode": ("roiModeComboBox", "combo"),
@@ -183,13 +117,35 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         "ThresholdMethod": ("thresholdMethodComboBox", "combo"),
         "Threshold": ("thresholdSlider", "slider"),
         "MinSizeMl": ("minSizeSlider", "slider"),
-        "Steps": ("stepsSpinBox", "spin"),
+        "Steps": ("stepsSpinBox", "steps"),
         "Device": ("deviceComboBox", "combo"),
         "Seed": ("seedSpinBox", "spin"),
         "Counterfactual": ("counterfactualCheckBox", "check"),
     }
-    #: parameters whose change only re-thresholds (no worker call)
-    LESION_PARAMETERS = ("ThresholdMethod", "Threshold", "MinSizeMl", "ROIMode", "ROISegments")
+    #: parameters bound by their own code: the model (combo item data) and the ROI segments (segment selector)
+    OTHER_PARAMETER_WIDGETS = {"Model": "modelComboBox", "ROISegments": "roiSegmentSelector"}
+    #: parameter node references chosen in the UI
+    REFERENCE_WIDGETS = {INPUT_REFERENCE: "inputSelector", ROI_REFERENCE: "roiSegmentSelector"}
+    #: widget kind -> the Qt signal saying its value changed
+    KIND_SIGNALS = {"combo": "currentIndexChanged(int)", "slider": "valueChanged(double)", "spin": "valueChanged(int)",
+                    "steps": "valueChanged(int)", "check": "toggled(bool)"}
+    #: every other connection: (widget name, signal, slot of this class)
+    CONNECTIONS = (
+        ("inputSelector", "currentNodeChanged(vtkMRMLNode*)", "updateParameterNodeFromGUI"),
+        ("roiSegmentSelector", "currentNodeChanged(vtkMRMLNode*)", "updateParameterNodeFromGUI"),
+        ("roiSegmentSelector", "segmentSelectionChanged(QStringList)", "updateParameterNodeFromGUI"),
+        ("modelComboBox", "currentIndexChanged(int)", "onModelChanged"),
+        ("addModelButton", "clicked(bool)", "onAddModel"),
+        ("otsuButton", "clicked(bool)", "onOtsu"),
+        ("applyButton", "clicked(bool)", "onApplyButton"),
+        ("exportSegmentationButton", "clicked(bool)", "onExportSegmentation"),
+        ("exportTableButton", "clicked(bool)", "onExportTable"),
+        ("exportReportButton", "clicked(bool)", "onExportReport"),
+        ("exportDicomSegButton", "clicked(bool)", "onExportDicomSeg"),
+        ("lesionTableView", "clicked(QModelIndex)", "onLesionClicked"),
+    )
+    #: the steps spin box's value that shows its special value text "reference" (its minimum)
+    STEPS_REFERENCE_VALUE = 0
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -197,42 +153,57 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUI = False
+        self._modelCardKey = None
         self.timer = None
 
+    # ---- the steps spin box: "reference" at its minimum ----------------------------------------
+    @classmethod
+    def stepsToSpinBox(cls, text: str) -> int | None:
+        """The spin box value for a Steps setting (None: "" = the card's default, leave the box as it is)."""
+        steps = parse_steps(text)
+        if steps is None:
+            return None
+        return cls.STEPS_REFERENCE_VALUE if steps == REFERENCE_STEPS else steps
+
+    @classmethod
+    def stepsFromSpinBox(cls, value: int) -> str:
+        """The Steps setting for a spin box value: "reference" at the special value, else the number."""
+        return REFERENCE_STEPS if int(value) == cls.STEPS_REFERENCE_VALUE else str(int(value))
+
+    def showSteps(self, spinBox, text: str) -> None:
+        """Show a Steps setting in the spin box; "" (the card's default) or an invalid value leaves it as it is."""
+        try:
+            value = self.stepsToSpinBox(text)
+        except ValueError:  # e.g. a scene saved by an older version; the run says what is wrong
+            return
+        if value is not None:
+            spinBox.value = value
+
+    # ---- set-up --------------------------------------------------------------------------------
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DiffusionAnomaly.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DiffusionAnomalyLogic()
-        self.logic.progressCallback = self.showProgress
         self.ui.notForClinicalUseLabel.text = NOT_FOR_CLINICAL_USE
+        self.ui.stepsSpinBox.minimum = self.STEPS_REFERENCE_VALUE
+        self.ui.stepsSpinBox.specialValueText = REFERENCE_STEPS
+        self.ui.stepsSpinBox.toolTip = STEPS_HELP
+        self.ui.deviceLabel.text = dependencies.DEVICE_UNKNOWN
         self.ui.progressBar.hide()
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.timeout.connect(self.onPoll)
 
+        self.logic = DiffusionAnomalyLogic()
+        self.logic.progressCallback = self.showProgress
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
-        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.roiSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.roiSegmentSelector.connect("segmentSelectionChanged(QStringList)", self.updateParameterNodeFromGUI)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
-            widget = getattr(self.ui, widgetName)
-            signal = {"combo": "currentIndexChanged(int)", "slider": "valueChanged(double)",
-                      "spin": "valueChanged(int)", "check": "toggled(bool)"}[kind]
-            widget.connect(signal, self.updateParameterNodeFromGUI)
-        self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
-        self.ui.otsuButton.connect("clicked(bool)", self.onOtsu)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.exportSegmentationButton.connect("clicked(bool)", self.onExportSegmentation)
-        self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
-        self.ui.exportReportButton.connect("clicked(bool)", self.onExportReport)
-        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
-        self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionClicked)
+            getattr(self.ui, widgetName).connect(self.KIND_SIGNALS[kind], self.updateParameterNodeFromGUI)
+        for widgetName, signal, slot in self.CONNECTIONS:
+            getattr(self.ui, widgetName).connect(signal, getattr(self, slot))
         self.populateModels()
         self.initializeParameterNode()
 
@@ -251,7 +222,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event):
-        if self.logic.job is not None and not self.logic.job.finished:
+        if self.logic.running:
             self.logic.cancel()
         self.setParameterNode(None)
 
@@ -263,10 +234,10 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- parameter node <-> GUI ----------------------------------------------------------------
     def initializeParameterNode(self):
         node = self.logic.getParameterNode()
-        if not node.GetNodeReference("InputVolume"):
+        if not node.GetNodeReference(INPUT_REFERENCE):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
-                node.SetNodeReferenceID("InputVolume", first.GetID())
+                node.SetNodeReferenceID(INPUT_REFERENCE, first.GetID())
         if not node.GetParameter("NoiseLevel"):
             self.applyModelDefaults(node)
         self.setParameterNode(node)
@@ -282,7 +253,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def applyModelDefaults(self, node):
         try:
             self.logic.applyCardDefaults(node, self.logic.readCard(node.GetParameter("Model")))
-        except Exception:  # noqa: BLE001 - no model yet: keep the fields empty
+        except ValueError:  # no usable model yet: keep the fields as they are
             pass
 
     def updateGUIFromParameterNode(self, caller=None, event=None):
@@ -291,15 +262,12 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._updatingGUI = True
         try:
-            self.ui.inputSelector.setCurrentNode(node.GetNodeReference("InputVolume"))
-            self.ui.roiSegmentSelector.setCurrentNode(node.GetNodeReference("ROISegmentation"))
-            segments = [s for s in node.GetParameter("ROISegments").split(",") if s]
-            self.ui.roiSegmentSelector.setSelectedSegmentIDs(segments)
-            index = self.ui.modelComboBox.findData(node.GetParameter("Model"))
-            self.ui.modelComboBox.setCurrentIndex(index)
+            for role, widgetName in self.REFERENCE_WIDGETS.items():
+                getattr(self.ui, widgetName).setCurrentNode(node.GetNodeReference(role))
+            self.ui.roiSegmentSelector.setSelectedSegmentIDs([s for s in node.GetParameter("ROISegments").split(",") if s])
+            self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(node.GetParameter("Model")))
             # fraction of the map maximum: (0, 1]; absolute: map units (set before the value)
-            absolute = node.GetParameter("ThresholdMethod") == "absolute"
-            self.ui.thresholdSlider.maximum = 100.0 if absolute else 1.0
+            self.ui.thresholdSlider.maximum = 100.0 if node.GetParameter("ThresholdMethod") == "absolute" else 1.0
             for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
                 widget, value = getattr(self.ui, widgetName), node.GetParameter(name)
                 if kind == "combo":
@@ -308,22 +276,36 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     widget.value = float(value)
                 elif kind == "spin" and value != "":
                     widget.value = int(float(value))
+                elif kind == "steps":
+                    self.showSteps(widget, value)
                 elif kind == "check":
                     widget.checked = value.lower() == "true"
             self.ui.thresholdSlider.enabled = node.GetParameter("ThresholdMethod") != "otsu"
             self.ui.roiSegmentSelector.enabled = node.GetParameter("ROIMode") == "segmentation"
             self.updateModelCard()
-            table = node.GetNodeReference("Table")
+            table = node.GetNodeReference(OUTPUT_REFERENCES["table"])
             self.ui.lesionTableView.setMRMLTableNode(table)
-            hasResults = table is not None
             for button in (self.ui.exportSegmentationButton, self.ui.exportTableButton, self.ui.exportReportButton,
                            self.ui.exportDicomSegButton):
-                button.enabled = hasResults
-            running = self.logic.job is not None and not self.logic.job.finished
+                button.enabled = table is not None
+            running = self.logic.running
             self.ui.applyButton.text = "Cancel" if running else "Apply"
-            self.ui.applyButton.enabled = running or node.GetNodeReference("InputVolume") is not None
+            self.ui.applyButton.enabled = running or node.GetNodeReference(INPUT_REFERENCE) is not None
         finally:
             self._updatingGUI = False
+
+    def widgetValue(self, widgetName: str, kind: str) -> str:
+        """The text a parameter widget's value is stored as."""
+        widget = getattr(self.ui, widgetName)
+        if kind == "combo":
+            return widget.currentText
+        if kind == "slider":
+            return f"{widget.value:g}"
+        if kind == "steps":
+            return self.stepsFromSpinBox(widget.value)
+        if kind == "spin":
+            return str(int(widget.value))
+        return "true" if widget.checked else "false"
 
     def updateParameterNodeFromGUI(self, *args):
         node = self._parameterNode
@@ -331,30 +313,25 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         before = self.logic.parameters(node)
         wasModifying = node.StartModify()
-        node.SetNodeReferenceID("InputVolume", self.ui.inputSelector.currentNodeID)
-        node.SetNodeReferenceID("ROISegmentation", self.ui.roiSegmentSelector.currentNodeID())
+        for role, widgetName in self.REFERENCE_WIDGETS.items():
+            chosen = getattr(self.ui, widgetName).currentNode()
+            node.SetNodeReferenceID(role, chosen.GetID() if chosen is not None else None)
         node.SetParameter("ROISegments", ",".join(self.ui.roiSegmentSelector.selectedSegmentIDs()))
         for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
-            widget = getattr(self.ui, widgetName)
-            value = {"combo": lambda w: w.currentText, "slider": lambda w: f"{w.value:g}",
-                     "spin": lambda w: str(int(w.value)), "check": lambda w: "true" if w.checked else "false"}[kind](widget)
-            node.SetParameter(name, value)
+            node.SetParameter(name, self.widgetValue(widgetName, kind))
         node.EndModify(wasModifying)
         after = self.logic.parameters(node)
         changed = [k for k in after if after[k] != before[k]]
-        if changed and all(k in self.LESION_PARAMETERS for k in changed):
+        if changed and all(k in LESION_PARAMETERS for k in changed):
             self.updateLesionsQuietly()
 
     def updateLesionsQuietly(self):
         """Threshold / size / ROI change: recompute lesions from the cached heat map (no network)."""
-        if self.logic.job is not None and not self.logic.job.finished:
-            return
-        if self._parameterNode.GetNodeReference("Table") is None:
+        if self.logic.running or self._parameterNode.GetNodeReference(OUTPUT_REFERENCES["table"]) is None:
             return
         try:
-            self.logic.updateLesions(self._parameterNode)
-            case = self.logic.case
-            self.ui.statusLabel.text = (f"{len(case.table)} lesion candidate(s); updated in "
+            case = self.logic.updateLesions(self._parameterNode)
+            self.ui.statusLabel.text = (f"{case.lesion_count} lesion candidate(s); updated in "
                                         f"{self.logic.lastUpdateSeconds:.2f} s without network evaluation")
         except Exception as exc:  # noqa: BLE001 - show the sentence
             self.ui.statusLabel.text = str(exc)
@@ -363,11 +340,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def populateModels(self):
         self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
-        try:
-            for m in self.logic.availableModels():
-                self.ui.modelComboBox.addItem(m["title"], m["id"])
-        except Exception as exc:  # noqa: BLE001 - engine missing before the dependency install
-            self.ui.modelCardLabel.text = f"Models cannot be listed yet: {exc}"
+        for m in self.logic.availableModels():
+            self.ui.modelComboBox.addItem(m["title"], m["id"])
         self.ui.modelComboBox.blockSignals(False)
 
     def onModelChanged(self, index):
@@ -379,24 +353,16 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateModelCard(self):
         """Model card summary + whether it fits the input (recomputed only when model or input change)."""
         node = self._parameterNode
-        inputNode = node.GetNodeReference("InputVolume")
+        inputNode = node.GetNodeReference(INPUT_REFERENCE)
         key = (node.GetParameter("Model"), node.GetParameter("Modality"),
                inputNode.GetID() if inputNode else None, inputNode.GetMTime() if inputNode else 0)
-        if key == getattr(self, "_modelCardKey", None):
+        if key == self._modelCardKey:
             return
         self._modelCardKey = key
         try:
-            card = self.logic.readCard(node.GetParameter("Model"))
-            text = self.logic.cardSummary(card)
-            inputNode = node.GetNodeReference("InputVolume")
-            if inputNode is not None and inputNode.GetImageData() is not None:
-                try:
-                    self.logic.checkModelFits(card, volumeFromNode(inputNode, node.GetParameter("Modality")))
-                except ValueError as exc:
-                    text += f"\n\nThis model does not fit the input: {exc}"
-        except Exception as exc:  # noqa: BLE001
-            text = str(exc)
-        self.ui.modelCardLabel.text = text
+            self.ui.modelCardLabel.text = self.logic.modelSummary(node)
+        except ValueError as exc:
+            self.ui.modelCardLabel.text = str(exc)
 
     def onAddModel(self):
         path = qt.QFileDialog.getOpenFileName(self.parent, "Add a model checkpoint", "",
@@ -410,23 +376,20 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.applyModelDefaults(self._parameterNode)
 
     def onOtsu(self):
-        self._parameterNode.SetParameter("ThresholdMethod", "otsu")
-        self.updateLesionsQuietly()
+        if self._parameterNode is not None:
+            self._parameterNode.SetParameter("ThresholdMethod", "otsu")
+            self.updateLesionsQuietly()
 
     # ---- run ---------------------------------------------------------------------------------
     def onApplyButton(self):
-        job = self.logic.job
-        if job is not None and not job.finished:
+        if self.logic.running:
+            job = self.logic.job
             self.logic.cancel()
             self.timer.stop()
             self.finishRun(job)
             return
-        if not ensureDependencies():
+        if not dependencies.ensureDependencies():
             return
-        if self.ui.modelComboBox.count == 0:  # the engine was not importable before the install
-            self.populateModels()
-            self.initializeParameterNode()
-        self.ui.deviceLabel.text = gpuStatus()
         with slicer.util.tryWithErrorDisplay("The analysis could not start.", waitCursor=True):
             job = self.logic.startRun(self._parameterNode)
             if job.finished:
@@ -438,7 +401,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.timer.start()
 
     def onPoll(self):
-        job = self.logic.poll(self._parameterNode)
+        job = self.logic.poll()
         if job is None or job.finished:
             self.timer.stop()
             self.finishRun(job)
@@ -446,10 +409,9 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showProgress(self, job):
         self.ui.progressBar.value = int(round(100 * job.fraction))
         self.ui.statusLabel.text = f"{job.message} ({100 * job.fraction:.0f} %)"
-        ready = self.logic.worker.ready if self.logic.worker is not None else None
-        if ready:
-            self.ui.deviceLabel.text = ("Running on the GPU." if ready.get("gpu")
-                                        else "Running on the CPU (no CUDA GPU available to PyTorch).")
+        worker = self.logic.worker
+        if worker is not None and worker.ready:
+            self.ui.deviceLabel.text = dependencies.deviceSentence(worker.ready)
 
     def finishRun(self, job):
         self.ui.progressBar.hide()
@@ -457,10 +419,9 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             return
         if job.status == "done":
-            case = self.logic.case
-            evaluations = "no diffusion work (cached)" if not job.networkEvaluations else \
-                f"{job.networkEvaluations} network evaluations"
-            self.ui.statusLabel.text = f"Done: {len(case.table)} lesion candidate(s); {evaluations}."
+            evaluations = (f"{job.networkEvaluations} network evaluations" if job.networkEvaluations
+                           else "no diffusion work (cached)")
+            self.ui.statusLabel.text = f"Done: {self.logic.case.lesion_count} lesion candidate(s); {evaluations}."
         elif job.status == "cancelled":
             self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
         else:
@@ -470,7 +431,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLesionClicked(self, index):
         """Centre all slice views on the clicked lesion (the logic gives its RAS centroid)."""
-        table = self._parameterNode.GetNodeReference("Table")
+        table = self._parameterNode.GetNodeReference(OUTPUT_REFERENCES["table"])
         if table is None or not index.isValid():
             return
         r, a, s = self.logic.lesionCenterRAS(table, int(index.row()))
@@ -524,6 +485,7 @@ class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         from DiffusionAnomalyLib.phantoms import make_phantom
+        from DiffusionAnomalyModuleLib.nodes import UNITS_ATTRIBUTE, updateVolumeNodeFromVolume
 
         logic = DiffusionAnomalyLogic(slicer.mrmlScene)
         models = logic.availableModels()
@@ -531,22 +493,20 @@ class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
             self.skipTest("no bundled model (Resources/models/registry.json) is installed")
         case = make_phantom(seed=11, shape_ijk=(48, 48, 60), spacing=(8.0, 8.0, 12.0), n_lesions=2)
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phantom PET")
-        from DiffusionAnomalyModuleLib.logic import updateVolumeNodeFromVolume
-
         updateVolumeNodeFromVolume(node, case.pet)
         node.SetAttribute("DICOM.Modality", "PT")
-        node.SetAttribute("DiffusionAnomaly.Units", "SUVbw")
+        node.SetAttribute(UNITS_ATTRIBUTE, "SUVbw")
         node.CreateDefaultDisplayNodes()
         params = logic.getParameterNode()
-        params.SetNodeReferenceID("InputVolume", node.GetID())
+        params.SetNodeReferenceID(INPUT_REFERENCE, node.GetID())
         params.SetParameter("Model", models[0]["id"])
         logic.applyCardDefaults(params, logic.readCard(models[0]["id"]))
         job = logic.runBlocking(params, timeout=1800)
         self.assertEqual(job.status, "done")
-        seg = params.GetNodeReference("Segmentation")
-        table = params.GetNodeReference("Table")
+        seg = params.GetNodeReference(OUTPUT_REFERENCES["segmentation"])
+        table = params.GetNodeReference(OUTPUT_REFERENCES["table"])
         self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), table.GetNumberOfRows())
-        heat = params.GetNodeReference("HeatMap")
+        heat = params.GetNodeReference(OUTPUT_REFERENCES["heatmap"])
         self.assertEqual(heat.GetImageData().GetDimensions(), node.GetImageData().GetDimensions())
         self.assertTrue(np.isfinite(slicer.util.arrayFromVolume(heat)).all())
         logic.cleanup()

@@ -4,14 +4,13 @@ A checkpoint is weights plus this JSON card (see :mod:`.checkpoint`). The card i
 source of truth for a model's architecture, noise schedule, preprocessing, label map, modality,
 default inference parameters and provenance; everything else reads it through this module.
 It also owns two sentences every output repeats: the not-for-clinical-use notice and the
-meaning of the ``steps`` parameter.
+meaning of the ``steps`` parameter. Standard library only: Slicer's process can read it before
+any package is installed.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Union
-
-from .export import format_number
 
 FORMAT = "diffusion-anomaly-checkpoint"
 FORMAT_VERSION = 1
@@ -172,7 +171,7 @@ def card_items(card: dict[str, Any]) -> list[tuple[str, str]]:
     if prov.get("validation_data"):
         items.append(("Validation data", str(prov["validation_data"])))
     if prov.get("validation_metrics"):
-        items.append(("Validation metrics", ", ".join(f"{k} {format_number(v)}"
+        items.append(("Validation metrics", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in prov["validation_metrics"].items())))
     if prov.get("note"):
         items.append(("Note", str(prov["note"])))

@@ -163,3 +163,10 @@ def test_core_imports_without_torch_in_a_fresh_interpreter():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_card_needs_only_the_standard_library(graph):
+    """Slicer's process reads the card (notice, steps, model summary) before any package is installed."""
+    edges, external = graph
+    assert edges[f"{ENGINE}.card"] == set()
+    assert external[f"{ENGINE}.card"] <= set(sys.stdlib_module_names)

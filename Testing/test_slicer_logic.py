@@ -21,7 +21,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DiffusionAnomaly"))
 
 import DiffusionAnomaly  # noqa: E402
-from DiffusionAnomalyModuleLib.logic import updateVolumeNodeFromVolume, volumeFromNode  # noqa: E402
+from DiffusionAnomalyModuleLib.nodes import updateVolumeNodeFromVolume, volumeFromNode  # noqa: E402
 
 import vtk  # noqa: E402
 from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
@@ -110,7 +110,7 @@ def test_run_writes_nodes_on_the_input_grid(env, first_run):
         np.testing.assert_allclose(ijk_to_ras(out), ijk_to_ras(node), atol=1e-9)
     assert float(slicer.util.arrayFromVolume(heat).max()) > 0
     display = heat.GetDisplayNode()
-    assert display.GetColorNode().GetName() == "DiffusionAnomaly heat" and display.GetApplyThreshold()
+    assert display.GetColorNode().GetName() == "Inferno" and display.GetApplyThreshold()
     geometry = seg.GetSegmentation().GetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
     ref = slicer.vtkOrientedImageData()
@@ -203,24 +203,57 @@ def test_rerun_and_threshold_change_reuse_nodes_without_network(env, first_run):
     logic.updateLesions(params)
 
 
-def test_cancel_leaves_the_scene_unchanged(env, first_run):
+LAUNCHER = """#!{python}
+# Like PythonSlicer: runs the real interpreter as a child and waits for it (records the child's pid).
+import subprocess, sys
+
+child = subprocess.Popen([{python!r}, *sys.argv[1:]])
+open({pidfile!r}, "w").write(str(child.pid))
+sys.exit(child.wait())
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has ended: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc")
+def test_cancel_ends_the_worker_tree_and_leaves_the_scene_unchanged(env, first_run, tmp_path):
+    """Cancel mid-run with the worker started through a launcher that runs Python as a child (as PythonSlicer)."""
     scene, logic, params = env["scene"], env["logic"], env["params"]
+    launcher, pidfile = tmp_path / "PythonLauncher", tmp_path / "child.pid"
+    launcher.write_text(LAUNCHER.format(python=sys.executable, pidfile=str(pidfile)))
+    launcher.chmod(0o755)
+    logic.jobs.stopWorker()
+    logic.jobs.python = str(launcher)
     params.SetParameter("NoiseLevel", "45")
-    params.SetParameter("Steps", "0")  # stride-1 reference loop: long enough to cancel mid-run
+    params.SetParameter("Steps", "reference")  # stride-1 reference loop: long enough to cancel mid-run
     heat = params.GetNodeReference("HeatMap")
     heat_before = slicer.util.arrayFromVolume(heat).copy()
     seg_count = params.GetNodeReference("Segmentation").GetSegmentation().GetNumberOfSegments()
     ids, mtime = node_ids(scene), {i: scene.GetNodeByID(i).GetMTime() for i in node_ids(scene)}
     params_mtime = params.GetMTime()
     job = logic.startRun(params)
+    tempDir = Path(job.tempDir)
     deadline = time.monotonic() + 300
     while job.fraction <= 0.02 and not job.finished and time.monotonic() < deadline:
         time.sleep(0.1)
         logic.poll()
     assert not job.finished and "encoding" in job.message
     worker = logic.worker
+    tree = [worker.process.pid, int(pidfile.read_text())]
+    assert all(running(pid) for pid in tree)
     logic.cancel()
-    assert job.status == "cancelled" and not worker.alive and job.tempDir is None
+    logic.jobs.python = None
+    assert job.status == "cancelled" and not worker.alive and job.tempDir is None and not tempDir.exists()
+    deadline = time.monotonic() + 20
+    while any(running(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in tree), "a process of the worker's tree survived the cancel"
     assert node_ids(scene) == ids
     assert {i: scene.GetNodeByID(i).GetMTime() for i in ids} == mtime
     assert params.GetMTime() == params_mtime
@@ -239,6 +272,7 @@ def test_modality_mismatch_is_refused_with_a_sentence(env):
     try:
         with pytest.raises(Exception, match="trained on PET but the input is CT"):
             logic.startRun(params)
+        assert "This model does not fit the input: this model" in logic.modelSummary(params)
     finally:
         params.SetNodeReferenceID("InputVolume", env["node"].GetID())
         scene.RemoveNode(ct)
@@ -335,13 +369,16 @@ def test_parameters_survive_a_saved_scene(env, tmp_path):
 
 
 def test_user_checkpoints_are_remembered(env, tmp_path):
+    from DiffusionAnomalyLib.card import card_summary
+
     settings = tmp_path / "settings.json"
     logic = DiffusionAnomaly.DiffusionAnomalyLogic(slicer.vtkMRMLScene(), settingsPath=str(settings))
     entry = logic.addUserCheckpoint(str(env["checkpoint"]))
     again = DiffusionAnomaly.DiffusionAnomalyLogic(slicer.vtkMRMLScene(), settingsPath=str(settings))
     assert entry["id"] in [m["id"] for m in again.availableModels()]
-    summary = again.cardSummary(again.readCard(entry["id"]))
-    assert "IgCONDA" in summary and "PET" in summary and "NOT FOR CLINICAL USE" in summary
+    params = again.getParameterNode()
+    params.SetParameter("Model", entry["id"])
+    assert again.modelSummary(params) == card_summary(again.readCard(entry["id"]))  # the engine's summary, no input
     with pytest.raises(Exception, match="not found"):
         logic.addUserCheckpoint(str(tmp_path / "missing.safetensors"))
 
@@ -352,7 +389,7 @@ def test_worker_crash_fails_the_job_with_a_sentence(env, first_run):
 
     scene, logic, params = env["scene"], env["logic"], env["params"]
     params.SetParameter("GuidanceScale", "1.5")
-    params.SetParameter("Steps", "0")
+    params.SetParameter("Steps", "reference")
     ids = node_ids(scene)
     job = logic.startRun(params)
     os.kill(logic.worker.process.pid, signal.SIGKILL)  # e.g. out of memory
@@ -432,7 +469,8 @@ def test_benchmark_threshold_change_200x200x300(tmp_path):
 
     from DiffusionAnomaly import DiffusionAnomalyLogic
     from DiffusionAnomalyLib.phantoms import make_phantom
-    from DiffusionAnomalyModuleLib.logic import Case
+    from DiffusionAnomalyLib.pipeline import CaseResult
+    from DiffusionAnomalyLib.postprocessing import Thresholding
 
     ph = make_phantom(seed=3, shape_ijk=(200, 200, 300), spacing=(2.0, 2.0, 2.4), n_lesions=4)
     pet = ph.pet
@@ -446,9 +484,9 @@ def test_benchmark_threshold_change_200x200x300(tmp_path):
     params.SetNodeReferenceID("InputVolume", node.GetID())
     card = {"id": "bench", "method": "igconda", "modality": "PT",
             "inference_defaults": {"threshold": {"method": "fraction", "value": 0.5}, "min_size_ml": 0.5}}
-    logic.case = Case(runKey=("bench",), inputNodeID=node.GetID(), volume=pet,
-                      heatmap=pet.with_voxels(heat.astype(np.float32)), counterfactual=None, card=card,
-                      checkpoint="", parameters={})
+    logic.case = CaseResult(volume=pet, heatmap=pet.with_voxels(heat.astype(np.float32)), counterfactual=None,
+                            card=card, parameters={}, thresholding=Thresholding.from_card(card))
+    logic.caseInputNodeID = node.GetID()
     logic.updateLesions(params, writeVolumes=True)
     times = []
     for value in ("0.45", "0.5", "0.55", "0.6", "0.5"):
@@ -458,3 +496,22 @@ def test_benchmark_threshold_change_200x200x300(tmp_path):
     print(f"threshold change on 200x200x300: median {np.median(times):.3f} s, all {np.round(times, 3).tolist()}")
     assert len(logic.case.table) >= 1
     assert np.median(times) < 0.5
+
+
+def test_steps_have_one_representation_from_card_to_request(tiny_card):
+    """The parameter node stores the card's steps as is ("reference" or a number); the request carries the same."""
+    from DiffusionAnomalyModuleLib import parameters
+
+    scene = slicer.vtkMRMLScene()
+    node = parameters.parameterNode(scene)
+    for card_steps, stored in ((3, "3"), ("reference", "reference")):
+        card = {**tiny_card, "inference_defaults": {**tiny_card["inference_defaults"], "steps": card_steps}}
+        parameters.applyCardDefaults(node, card)
+        assert node.GetParameter("Steps") == stored
+        assert parameters.runRequest(parameters.values(node))["steps"] == card_steps
+    node.SetParameter("Steps", "")  # not given: the worker applies the card's default
+    assert parameters.runRequest(parameters.values(node))["steps"] is None
+    for bad in ("0", "-2", "2.5", "fast"):
+        node.SetParameter("Steps", bad)
+        with pytest.raises(ValueError, match="Steps"):
+            parameters.runRequest(parameters.values(node))

@@ -1,7 +1,13 @@
-"""Static checks of the Slicer module files: .ui widget names, CMake lists, metadata, guarded imports."""
+"""Static checks of the Slicer module's files against each other: the .ui, the Widget's bindings, CMake.
+
+No Qt here (CI has only the MRML library), so the Widget's declared bindings are checked against
+the Qt Designer file: every widget the Widget touches exists with the class whose signal it uses,
+every parameter-node setting has a widget, and the steps spin box can say "reference".
+"""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -13,60 +19,101 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "DiffusionAnomaly"
 UI = MODULE / "Resources" / "UI" / "DiffusionAnomaly.ui"
-SOURCES = [MODULE / "DiffusionAnomaly.py", *sorted((MODULE / "DiffusionAnomalyModuleLib").glob("*.py"))]
+LIB = MODULE / "DiffusionAnomalyModuleLib"
+sys.path.insert(0, str(MODULE))
+
+import DiffusionAnomaly  # noqa: E402
+from DiffusionAnomalyModuleLib import parameters  # noqa: E402
+
+Widget = DiffusionAnomaly.DiffusionAnomalyWidget
+
+#: the signals of the widget classes the module uses (Qt, CTK and Slicer documentation)
+CLASS_SIGNALS = {
+    "QComboBox": {"currentIndexChanged(int)", "currentTextChanged(QString)"},
+    "QSpinBox": {"valueChanged(int)"},
+    "QCheckBox": {"toggled(bool)", "clicked(bool)", "stateChanged(int)"},
+    "QPushButton": {"clicked(bool)", "clicked()", "toggled(bool)"},
+    "ctkSliderWidget": {"valueChanged(double)", "valueIsChanging(double)"},
+    "qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)", "currentNodeIDChanged(QString)"},
+    "qMRMLSegmentSelectorWidget": {"currentNodeChanged(vtkMRMLNode*)", "segmentSelectionChanged(QStringList)"},
+    "qMRMLTableView": {"clicked(QModelIndex)"},
+}
 
 
 def ui_widgets() -> dict[str, ET.Element]:
-    tree = ET.parse(UI)
-    return {w.get("name"): w for w in tree.iter("widget")}
+    return {w.get("name"): w for w in ET.parse(UI).iter("widget") if w.get("name")}
 
 
-def used_names() -> set[str]:
-    names = set()
-    for path in SOURCES:
-        text = path.read_text()
-        names |= set(re.findall(r"self\.ui\.(\w+)", text))
-        # widgets reached through getattr(self.ui, name) from the PARAMETER_WIDGETS table
-        names |= set(re.findall(r'\("(\w+)", "(?:combo|slider|spin|check)"\)', text))
-    return names
+def ui_property(widget: ET.Element, name: str) -> str | None:
+    prop = widget.find(f"property[@name='{name}']")
+    return None if prop is None else (prop[0].text or "")
 
 
-def test_every_widget_the_code_uses_exists_in_the_ui():
+def test_every_connection_names_a_ui_widget_whose_class_has_the_signal():
     widgets = ui_widgets()
-    used = used_names()
-    assert len(used) >= 20, used  # the check is not vacuous
-    missing = sorted(used - set(widgets))
-    assert not missing, f"widgets used by the code but missing in {UI.name}: {missing}"
+    connections = [(w, Widget.KIND_SIGNALS[kind], "updateParameterNodeFromGUI")
+                   for w, kind in Widget.PARAMETER_WIDGETS.values()] + list(Widget.CONNECTIONS)
+    for widget_name, signal, slot in connections:
+        assert widget_name in widgets, f"{widget_name} is not in {UI.name}"
+        cls = widgets[widget_name].get("class")
+        assert signal in CLASS_SIGNALS[cls], (widget_name, cls, signal)
+        assert callable(getattr(Widget, slot, None)), slot
 
 
-def test_parameter_widgets_exist_and_offer_the_parameter_values():
-    sys.path.insert(0, str(MODULE))
-    import DiffusionAnomaly
-    from DiffusionAnomalyModuleLib.logic import PARAMETERS
+def test_every_ui_attribute_the_widget_reads_exists():
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "DiffusionAnomaly.py").read_text()))
+    assert not used - set(ui_widgets()), sorted(used - set(ui_widgets()))
+    # every connection is declared in the tables above (no stray .connect on a ui widget)
+    source = (MODULE / "DiffusionAnomaly.py").read_text()
+    assert not re.search(r"self\.ui\.\w+\.connect\(", source)
 
+
+def test_every_parameter_has_exactly_one_widget():
+    bound = list(Widget.PARAMETER_WIDGETS) + list(Widget.OTHER_PARAMETER_WIDGETS)
+    assert sorted(bound) == sorted(parameters.PARAMETERS)
+    assert set(Widget.REFERENCE_WIDGETS) == {parameters.INPUT_REFERENCE, parameters.ROI_REFERENCE}
     widgets = ui_widgets()
-    table = DiffusionAnomaly.DiffusionAnomalyWidget.PARAMETER_WIDGETS
-    assert set(table) <= set(PARAMETERS)
-    for name, (widget_name, kind) in table.items():
-        assert widget_name in widgets, widget_name
-        expected = {"combo": "QComboBox", "slider": "ctkSliderWidget", "spin": "QSpinBox", "check": "QCheckBox"}[kind]
-        assert widgets[widget_name].get("class") == expected, widget_name
-        if kind == "combo":  # the combo's texts are the parameter values; the default must be one of them
-            items = [i.find("property/string").text for i in widgets[widget_name].findall("item")]
-            default = PARAMETERS[name]
-            assert default == "" or default in items, (name, default, items)
-    for name, values in {"modalityComboBox": ["auto", "PT", "CT"], "thresholdMethodComboBox": ["fraction", "absolute", "otsu"],
-                         "deviceComboBox": ["auto", "cpu", "cuda"], "roiModeComboBox": ["whole", "segmentation"]}.items():
-        items = [i.find("property/string").text for i in widgets[name].findall("item")]
-        assert items == values, name
+    for name in [*Widget.OTHER_PARAMETER_WIDGETS.values(), *Widget.REFERENCE_WIDGETS.values()]:
+        assert name in widgets, name
+    expected = {"combo": "QComboBox", "slider": "ctkSliderWidget", "spin": "QSpinBox", "steps": "QSpinBox",
+                "check": "QCheckBox"}
+    for name, (widget_name, kind) in Widget.PARAMETER_WIDGETS.items():
+        assert widgets[widget_name].get("class") == expected[kind], name
+
+
+def test_combo_items_are_the_parameter_values():
+    widgets = ui_widgets()
+    from DiffusionAnomalyLib.postprocessing import THRESHOLD_METHODS
+
+    from DiffusionAnomalyModuleLib.lesions import ROI_MODES
+
+    allowed = {"Modality": ["auto", "PT", "CT"], "ThresholdMethod": list(THRESHOLD_METHODS),
+               "Device": ["auto", "cpu", "cuda"], "ROIMode": list(ROI_MODES)}
+    for name, (widget_name, kind) in Widget.PARAMETER_WIDGETS.items():
+        if kind != "combo":
+            continue
+        items = [i.find("property/string").text for i in widgets[widget_name].findall("item")]
+        assert items == allowed[name], name
+        assert parameters.PARAMETERS[name] in ("", *items), name
+
+
+def test_steps_spin_box_round_trips_reference():
+    box = ui_widgets()["stepsSpinBox"]
+    reference = Widget.STEPS_REFERENCE_VALUE
+    assert ui_property(box, "minimum") == str(reference)  # the special value text shows at the minimum
+    assert ui_property(box, "specialValueText") == "reference"
+    assert Widget.stepsFromSpinBox(Widget.stepsToSpinBox("reference")) == "reference"
+    assert Widget.stepsToSpinBox("reference") == reference
+    for steps in ("1", "7", "1000"):
+        assert Widget.stepsFromSpinBox(Widget.stepsToSpinBox(steps)) == steps
+    assert Widget.stepsToSpinBox("") is None  # the card's default: the box is left as it is
+    assert int(ui_property(box, "maximum")) >= 1000
 
 
 def test_ui_is_a_valid_qt_designer_file():
-    tree = ET.parse(UI)
-    root = tree.getroot()
+    root = ET.parse(UI).getroot()
     assert root.tag == "ui" and root.find("class").text == "DiffusionAnomaly"
-    top = root.find("widget")
-    assert top.get("class") == "qMRMLWidget"
+    assert root.find("widget").get("class") == "qMRMLWidget"
     custom = {c.find("class").text for c in root.iter("customwidget")}
     slicer_classes = {w.get("class") for w in root.iter("widget") if w.get("class").startswith(("q", "ctk"))}
     assert slicer_classes <= custom  # every Slicer/CTK widget is declared
@@ -74,6 +121,9 @@ def test_ui_is_a_valid_qt_designer_file():
     assert {"inputSelector", "roiSegmentSelector", "lesionTableView"} <= receivers  # get the MRML scene
     names = [w.get("name") for w in root.iter("widget") if w.get("name")]
     assert len(names) == len(set(names)), "duplicate widget names"
+    # the notice has one wording, the engine's: the .ui leaves the label empty for the Widget to fill
+    assert not ui_property(ui_widgets()["notForClinicalUseLabel"], "text")
+    assert "clinical use" not in UI.read_text().lower()
 
 
 def test_cmake_lists_every_script_and_resource():
@@ -99,8 +149,8 @@ def test_icon_is_128_pixels():
         assert im.size == (128, 128)
 
 
-def test_module_imports_without_qt_and_logic_has_no_qt():
-    """Under slicer-core (no application) the module file imports; the logic never imports Qt."""
+def test_module_imports_without_qt_and_the_lib_has_no_qt():
+    """Under slicer-core (no application) the module file imports; no Lib file imports Qt or ctk."""
     code = (f"import sys; sys.path.insert(0, {str(MODULE)!r}); import DiffusionAnomaly as m; "
             "assert not m.HAVE_GUI; assert 'qt' not in sys.modules and 'ctk' not in sys.modules\n"
             "class P: pass\n"
@@ -108,23 +158,27 @@ def test_module_imports_without_qt_and_logic_has_no_qt():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Diffusion Anomaly | ['Segmentation']" in out.stdout
-    logic_src = (MODULE / "DiffusionAnomalyModuleLib" / "logic.py").read_text()
-    assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", logic_src, re.M)
+    for path in LIB.glob("*.py"):
+        imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {"qt", "ctk", "torch", "monai"}, (path.name, imported & {"qt", "ctk", "torch", "monai"})
 
 
-def test_help_text_cites_the_four_papers_and_the_notice():
-    sys.path.insert(0, str(MODULE))
-    import DiffusionAnomaly
+def test_help_text_cites_the_four_papers_and_carries_the_engines_notice():
+    from DiffusionAnomalyLib.card import NOT_FOR_CLINICAL_USE
 
     text = DiffusionAnomaly.HELP_TEXT
     for needle in ("IgCONDA-PET", "Pancreatic Tumor Segmentation", "Conditional Diffusion Models for Weakly Supervised",
-                   "Latent Diffusion Models for Weakly Supervised Kidney", "Not for clinical use"):
+                   "Latent Diffusion Models for Weakly Supervised Kidney", NOT_FOR_CLINICAL_USE, "reference"):
         assert needle in text, needle
 
 
-@pytest.mark.parametrize("name", ["onApplyButton", "onPoll", "onLesionClicked", "onOtsu", "onExportReport"])
-def test_widget_slots_exist(name):
-    sys.path.insert(0, str(MODULE))
-    import DiffusionAnomaly
+@pytest.mark.parametrize("ready, needle", [(None, "decided when the analysis starts"),
+                                           ({"device": "cuda:0", "gpu": True}, "GPU (cuda:0)"),
+                                           ({"device": "cpu", "gpu": False}, "CPU")])
+def test_device_sentence_comes_from_the_workers_ready_message(ready, needle):
+    from DiffusionAnomalyModuleLib.dependencies import deviceSentence
 
-    assert callable(getattr(DiffusionAnomaly.DiffusionAnomalyWidget, name))
+    assert needle in deviceSentence(ready)

@@ -1,1 +1,1 @@
-"""Slicer-side helpers of the DiffusionAnomaly module (the Qt-free logic); no algorithms here."""
+"""The Slicer module's Lib: one job per file (logic.py composes them). Qt-free; no algorithms here."""

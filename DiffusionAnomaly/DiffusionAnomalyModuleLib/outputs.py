@@ -1,0 +1,263 @@
+"""A case's output nodes in the scene: heat map, counterfactual, lesion segmentation, lesion table.
+
+Outputs are standard nodes, placed under their input volume in the subject hierarchy and found
+again by two node attributes (what the node is, which input it belongs to), so a re-run or a
+threshold change reuses them and a reopened scene can be re-thresholded without a re-run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from DiffusionAnomalyLib.export import LESION_TERMINOLOGY, lesion_colors
+from DiffusionAnomalyLib.pipeline import CaseResult
+from DiffusionAnomalyLib.postprocessing import LESION_COLUMNS, Thresholding, bounding_box
+from DiffusionAnomalyLib.volume import Volume
+
+from DiffusionAnomalyModuleLib.nodes import updateVolumeNodeFromVolume, volumeFromNode
+
+#: node attribute naming what an output node is (one of OUTPUT_ROLES)
+ROLE_ATTRIBUTE = "DiffusionAnomaly.Role"
+#: node attribute holding the ID of the input volume an output belongs to
+INPUT_ATTRIBUTE = "DiffusionAnomaly.InputVolumeID"
+#: node attribute of the heat map: the id of the model that made it
+MODEL_ATTRIBUTE = "DiffusionAnomaly.ModelID"
+OUTPUT_ROLES = ("heatmap", "counterfactual", "segmentation", "table")
+#: output role -> the node name's suffix after the input's name
+OUTPUT_NAMES = {"heatmap": "heat map", "counterfactual": "counterfactual", "segmentation": "lesions",
+                "table": "lesion table"}
+#: Slicer's built-in Inferno colour table (a file-based colour node the Colors module loads at start-up)
+INFERNO_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+INFERNO_NAME = "Inferno"
+#: the heat map is transparent below this fraction of its maximum
+HEAT_VISIBLE_FRACTION = 0.05
+
+
+def findOutput(scene, inputNode, role: str):
+    """The output node of ``role`` made for ``inputNode`` (None if there is none yet)."""
+    if inputNode is None:
+        return None
+    for n in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(n)
+        if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetAttribute(INPUT_ATTRIBUTE) == inputNode.GetID():
+            return node
+    return None
+
+
+def outputNode(scene, inputNode, role: str, className: str):
+    """Reuse the output of ``role`` for this input, else create it under the input in the hierarchy."""
+    node = findOutput(scene, inputNode, role)
+    if node is None:
+        node = scene.AddNewNodeByClass(className, f"{inputNode.GetName()} {OUTPUT_NAMES[role]}")
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+        node.SetAttribute(INPUT_ATTRIBUTE, inputNode.GetID())
+        if inputNode.GetParentTransformNode() is not None and node.IsA("vtkMRMLTransformableNode"):
+            node.SetAndObserveTransformNodeID(inputNode.GetParentTransformNode().GetID())
+    placeUnder(scene, node, inputNode)
+    return node
+
+
+def placeUnder(scene, node, parentNode) -> None:
+    """Make ``node`` a child of ``parentNode`` in the subject hierarchy."""
+    sh = scene.GetSubjectHierarchyNode()
+    if sh is None:
+        return
+    parent = sh.GetItemByDataNode(parentNode) or sh.CreateItem(sh.GetSceneItemID(), parentNode)
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        sh.CreateItem(parent, node)
+    elif sh.GetItemParent(item) != parent:
+        sh.SetItemParent(item, parent)
+
+
+def ensureDisplay(scene, volumeNode):
+    """The volume's display node (a scalar volume display node is created if there is none)."""
+    display = volumeNode.GetDisplayNode()
+    if display is None:
+        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        volumeNode.SetAndObserveDisplayNodeID(display.GetID())
+    return display
+
+
+def copyWindowLevel(source, target) -> None:
+    """Show ``target`` with the window, level and colours of ``source`` (counterfactual like the input)."""
+    src = source.GetDisplayNode() if source is not None else None
+    dst = target.GetDisplayNode()
+    if src is not None and dst is not None and src.IsA("vtkMRMLScalarVolumeDisplayNode"):
+        dst.SetAutoWindowLevel(False)
+        dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
+        if src.GetColorNodeID():
+            dst.SetAndObserveColorNodeID(src.GetColorNodeID())
+
+
+def heatColorNode(scene):
+    """Slicer's built-in Inferno colour table.
+
+    Only where it does not exist (the MRML library without a Slicer application, which loads no
+    colour files) an equal table is built from matplotlib's inferno, the source of Slicer's.
+    """
+    node = scene.GetNodeByID(INFERNO_NODE_ID)
+    if node is not None:
+        return node
+    for n in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(n, "vtkMRMLColorTableNode")
+        if node.GetName() == INFERNO_NAME:
+            return node
+    from matplotlib import colormaps  # only this fallback needs it; a Slicer application never gets here
+
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", INFERNO_NAME)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    for n, (r, g, b, a) in enumerate(colormaps["inferno"](np.linspace(0.0, 1.0, 256))):
+        node.SetColor(n, "", float(r), float(g), float(b), float(a))
+    return node
+
+
+def showHeatMap(scene, inputNode, heatNode, heat: Volume) -> None:
+    """Inferno from 0 to the map's maximum, transparent near zero; a half-transparent foreground in every view."""
+    display = ensureDisplay(scene, heatNode)
+    display.SetAndObserveColorNodeID(heatColorNode(scene).GetID())
+    vmax = float(np.max(heat.voxels)) or 1.0
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, vmax)
+    display.SetApplyThreshold(True)
+    display.SetLowerThreshold(HEAT_VISIBLE_FRACTION * vmax)
+    display.SetUpperThreshold(vmax * 2 + 1)
+    for n in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode")
+        composite.SetBackgroundVolumeID(inputNode.GetID())
+        composite.SetForegroundVolumeID(heatNode.GetID())
+        composite.SetForegroundOpacity(0.5)
+
+
+def _labelBox(labels: np.ndarray, ijk_to_ras: np.ndarray):
+    """The lesions' bounding box of ``labels`` as an oriented image that keeps its place on the input grid.
+
+    Hand-written: slicer.util's segment setters import the whole volume per segment (slow threshold slider).
+    """
+    box = bounding_box(labels > 0)
+    voxels = np.ascontiguousarray(labels[box].astype(np.uint8 if labels.max() < 256 else np.uint16))
+    (k0, j0, i0), (k, j, i) = (s.start for s in box), voxels.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i0 + i - 1, j0, j0 + j - 1, k0, k0 + k - 1)
+    scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True,
+                                         array_type=numpy_support.get_vtk_array_type(voxels.dtype))
+    image.GetPointData().SetScalars(scalars)
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
+    return image
+
+
+def updateSegmentation(segNode, inputNode, labels: np.ndarray, volume: Volume) -> None:
+    """One named, coloured segment per lesion (label value = lesion id); reference geometry = the input."""
+    segNode.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)
+    segmentation = segNode.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    if segNode.GetDisplayNode() is None:
+        segNode.CreateDefaultDisplayNodes()
+    n = int(labels.max(initial=0))
+    if n == 0:
+        return
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            _labelBox(labels, volume.ijk_to_ras), segNode, "Lesion"):
+        raise RuntimeError("the lesion label map could not be imported into the segmentation.")
+    colors = lesion_colors(n)
+    term = LESION_TERMINOLOGY
+    terminology = "~".join([term["contextName"], "^".join(term["category"]), "^".join(term["type"]), "^^",
+                            term["anatomicContextName"], "^^", "^^"])
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        value = int(segment.GetLabelValue())
+        segment.SetName(f"Lesion {value}")
+        segment.SetColor(*colors[value - 1])
+        segment.SetNameAutoGenerated(False)
+        segment.SetColorAutoGenerated(False)
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+    if segmentation.GetNumberOfSegments() != n:
+        raise RuntimeError(f"{n} lesions but {segmentation.GetNumberOfSegments()} segments were created.")
+
+
+def updateTable(tableNode, rows: list[dict[str, Any]]) -> None:
+    """The lesion table: the engine's lesion-table columns (titles, units, integer flags), one row per lesion."""
+    wasModifying = tableNode.StartModify()
+    tableNode.SetLocked(False)
+    columns = [np.array([row[c.name] for row in rows], dtype=np.int32 if c.integer else np.float64)
+               for c in LESION_COLUMNS]
+    slicer.util.updateTableFromArray(tableNode, columns, [c.name for c in LESION_COLUMNS])
+    for c in LESION_COLUMNS:
+        tableNode.SetColumnTitle(c.name, c.title)
+        tableNode.SetColumnUnitLabel(c.name, c.unit)
+    tableNode.SetUseColumnTitleAsColumnHeader(True)
+    tableNode.SetLocked(True)
+    tableNode.EndModify(wasModifying)
+
+
+def lesionCenterRAS(scene, tableNode, row: int) -> tuple[float, float, float]:
+    """World RAS of a lesion's centroid (a table row), for centring the views on it."""
+    table = tableNode.GetTable()
+    if not 0 <= row < table.GetNumberOfRows():
+        raise IndexError(f"the lesion table has no row {row}.")
+    point = [float(slicer.util.arrayFromTableColumn(tableNode, f"centroid_{axis}")[row]) for axis in "ras"]
+    inputNode = scene.GetNodeByID(tableNode.GetAttribute(INPUT_ATTRIBUTE) or "")
+    transform = inputNode.GetParentTransformNode() if inputNode is not None else None
+    if transform is not None:
+        toWorld = vtk.vtkGeneralTransform()
+        transform.GetTransformToWorld(toWorld)
+        point = list(toWorld.TransformPoint(point))
+    return tuple(float(v) for v in point)
+
+
+def writeCase(scene, inputNode, case: CaseResult, writeVolumes: bool) -> dict[str, Any]:
+    """Write ``case`` into the output nodes of ``inputNode`` (reused or created); returns role -> node.
+
+    ``writeVolumes``: also (re)write heat map and counterfactual (after a worker run); without it
+    only segmentation and table change (a threshold change).
+    """
+    nodes: dict[str, Any] = {}
+    scene.StartState(scene.BatchProcessState)
+    try:
+        if writeVolumes:
+            heatNode = outputNode(scene, inputNode, "heatmap", "vtkMRMLScalarVolumeNode")
+            updateVolumeNodeFromVolume(heatNode, case.heatmap)
+            heatNode.SetAttribute(MODEL_ATTRIBUTE, str(case.card.get("id")))
+            showHeatMap(scene, inputNode, heatNode, case.heatmap)
+            nodes["heatmap"] = heatNode
+            if case.counterfactual is not None:
+                cfNode = outputNode(scene, inputNode, "counterfactual", "vtkMRMLScalarVolumeNode")
+                updateVolumeNodeFromVolume(cfNode, case.counterfactual)
+                ensureDisplay(scene, cfNode)
+                copyWindowLevel(inputNode, cfNode)
+        for role in ("heatmap", "counterfactual"):
+            node = nodes.get(role) or findOutput(scene, inputNode, role)
+            if node is not None:
+                nodes[role] = node
+        nodes["segmentation"] = outputNode(scene, inputNode, "segmentation", "vtkMRMLSegmentationNode")
+        updateSegmentation(nodes["segmentation"], inputNode, case.labels, case.volume)
+        nodes["table"] = outputNode(scene, inputNode, "table", "vtkMRMLTableNode")
+        updateTable(nodes["table"], case.table)
+    finally:
+        scene.EndState(scene.BatchProcessState)
+    return nodes
+
+
+def caseFromOutputs(scene, inputNode, volume: Volume, card: dict[str, Any] | None,
+                    checkpoint: str | None) -> CaseResult | None:
+    """The case held by the output nodes of ``inputNode`` (a reopened scene), None without a heat map.
+
+    Enough to re-threshold and export without a re-run (the method's parameters are not known).
+    ``card`` None (the model is gone): a card naming only the model id the heat map records.
+    """
+    heatNode = findOutput(scene, inputNode, "heatmap")
+    if heatNode is None or heatNode.GetImageData() is None:
+        return None
+    if card is None:
+        card = {"id": heatNode.GetAttribute(MODEL_ATTRIBUTE) or "unknown", "method": "", "modality": "",
+                "inference_defaults": {}}
+    cfNode = findOutput(scene, inputNode, "counterfactual")
+    return CaseResult(volume=volume, heatmap=volumeFromNode(heatNode),
+                      counterfactual=volumeFromNode(cfNode) if cfNode is not None else None, card=card,
+                      parameters={}, thresholding=Thresholding.from_card(card), checkpoint=checkpoint)
