@@ -27,6 +27,9 @@ METHOD_TITLES = {"igconda": "IgCONDA-PET (implicit guidance)", "classifier_guide
 NOT_FOR_CLINICAL_USE = ("Research software. Not for clinical use: results come from an experimental model and "
                         "must not be used for diagnosis, treatment or any clinical decision.")
 
+#: The same notice, short, for figure titles.
+NOT_FOR_CLINICAL_USE_SHORT = "NOT FOR CLINICAL USE"
+
 #: The ``steps`` value meaning the papers' stride-1 reference loop (the network at every timestep).
 REFERENCE_STEPS = "reference"
 #: DDIM steps: an integer K >= 1 (a strided grid of K points) or :data:`REFERENCE_STEPS`.
@@ -78,7 +81,9 @@ _REQUIRED = {
 
 
 def validate_card(card: Any) -> dict[str, Any]:
-    """Check the card's structure; raise CheckpointError naming the first problem.
+    """Check the card's structure; raise CheckpointError naming the first problem; return the card.
+
+    The card is normalised in place (``inference_defaults.steps``, below).
 
     A card written before ``steps`` had one representation stores the reference loop as a
     missing or null ``inference_defaults.steps``; it is read as :data:`REFERENCE_STEPS`.

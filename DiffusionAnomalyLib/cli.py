@@ -1,8 +1,4 @@
-"""The ``diffusion-anomaly`` command: phantom, train, run, evaluate, sweep, demo, import-checkpoint.
-
-Each verb imports what it needs when it runs, so ``--help`` and argument errors answer at once
-instead of waiting for torch to import.
-"""
+"""The ``diffusion-anomaly`` command: phantom, train, run, evaluate, sweep, demo, import-checkpoint."""
 
 from __future__ import annotations
 
@@ -13,16 +9,22 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
 
-from . import phantoms
-from .figures import overview_png
-from .card import STEPS_HELP, CheckpointError, default_card, parse_steps
+from . import metrics, phantoms
+from .card import NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, CheckpointError, default_card, parse_steps
 from .checkpoint import bundled_checkpoint
+from .evaluation import card_with_best_defaults, evaluate, markdown_table, sweep
 from .export import write_json, write_segmentation
+from .figures import overview_png
 from .files import OutputError, check_writable_dir
+from .methods import load_checkpoint
+from .networks import save_checkpoint
 from .pipeline import analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
+from .reference_import import add_import_arguments
+from .training import TrainConfig, train
 from .volume import VolumeError, read_volume, write_volume
 
 
@@ -43,8 +45,6 @@ def _cmd_phantom(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .training import TrainConfig, train
-
     cfg = TrainConfig(
         out=Path(args.out), train_seeds=(args.train_seed, args.train_seed + args.train_cases),
         val_seeds=(args.val_seed, args.val_seed + args.val_cases), steps=args.steps, max_minutes=args.max_minutes,
@@ -57,15 +57,11 @@ def _cmd_train(args) -> int:
 
 
 def _load_model(args):
-    from .methods import load_checkpoint
-
     path = args.checkpoint or bundled_checkpoint()
     return load_checkpoint(path, device=args.device, precision=args.precision)
 
 
 def _progress_bar(desc: str):
-    from tqdm import tqdm
-
     bar = tqdm(total=100, desc=desc, unit="%", disable=None, mininterval=1.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
     def update(fraction: float, message: str) -> None:
@@ -100,7 +96,6 @@ def _print_table(rows) -> None:
 
 
 def _cmd_run(args) -> int:
-
     out = check_writable_dir(args.out)  # fail before any computation if the results cannot be written
     volume = read_volume(args.input, modality=args.modality, suv_factor=args.suv_factor)
     model = _load_model(args)
@@ -117,8 +112,6 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate, markdown_table
-
     model = _load_model(args)
     result = evaluate(model, args.phantoms, args.seed, args.out, noise_level=args.noise_level,
                       guidance_scale=args.guidance_scale, steps=args.steps)
@@ -128,8 +121,6 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .evaluation import sweep
-
     model = _load_model(args)
     if args.write_defaults is not None:
         _check_new_checkpoint_path(args.write_defaults, model.source)
@@ -137,9 +128,6 @@ def _cmd_sweep(args) -> int:
                    [float(v) for v in args.guidance_scales.split(",")], steps=args.steps)
     print(f"wrote {args.out}/sweep.json")
     if args.write_defaults is not None:
-        from .evaluation import card_with_best_defaults
-        from .networks import save_checkpoint
-
         card = card_with_best_defaults(model.card, result, args.command_line)
         save_checkpoint(model.model, card, args.write_defaults)
         d = card["inference_defaults"]
@@ -150,15 +138,12 @@ def _cmd_sweep(args) -> int:
 
 def _check_new_checkpoint_path(path: str, source: str | None) -> None:
     target = Path(path)
-    if not target.parent.is_dir():
-        raise OutputError(f"cannot write {target}: the folder {target.parent} does not exist.")
+    check_writable_dir(target.parent, create=False)  # before the sweep's minutes of work
     if source is not None and target.exists() and target.resolve() == Path(source).resolve():
         raise OutputError(f"--write-defaults must name a new file, not the checkpoint being swept ({target}).")
 
 
 def _cmd_demo(args) -> int:
-    from . import metrics
-
     t0 = time.perf_counter()
     out = check_writable_dir(args.out)
     model = _load_model(args)
@@ -186,7 +171,7 @@ def _cmd_demo(args) -> int:
                                                               names=[f"True lesion {l['id']} ({l['site']})" for l in case.lesions]),
         "overview.png": lambda p: overview_png(
             p, case.pet.voxels, cf, result.heatmap.voxels, result.labels, case.lesion_labels.voxels,
-            title=f"{model.card['id']} | phantom seed {args.seed} | Dice {dsc:.2f} | NOT FOR CLINICAL USE",
+            title=f"{model.card['id']} | phantom seed {args.seed} | Dice {dsc:.2f} | {NOT_FOR_CLINICAL_USE_SHORT}",
             vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0])),
     }
     written = write_outputs(result, out, extra, extra_files=files)
@@ -269,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "steps are the sweep's best (by mean DSC_opt), with the sweep recorded in its provenance")
     _add_inference_args(sw, with_threshold=False, with_params=False)
     sw.set_defaults(func=_cmd_sweep)
-
-    from .reference_import import add_import_arguments
 
     add_import_arguments(sub.add_parser("import-checkpoint", help="convert an IgCONDA-PET reference .pth to .safetensors"))
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .card import Steps, parse_steps
+from .card import Steps
 from .export import write_json
 from .files import atomic_path, check_writable_dir
 from .phantoms import make_phantom
@@ -202,7 +202,7 @@ def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: lis
     out = check_writable_dir(out_dir)
     seeds = list(range(int(seed), int(seed) + int(n_cases)))
     check_held_out(model.card, seeds, kinds=("train_seeds", "val_seeds"))  # re-tuning on tuning seeds is fine
-    steps = parse_steps(steps) or model.defaults["steps"]
+    steps = model.resolve(steps=steps)["steps"]
     images, truths = [], []
     for s in seeds:
         case = make_phantom(s, **(phantom_kwargs or {}))

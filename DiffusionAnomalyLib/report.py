@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .card import NOT_FOR_CLINICAL_USE, card_items
+from .card import NOT_FOR_CLINICAL_USE, NOT_FOR_CLINICAL_USE_SHORT, card_items
 from .export import format_number
 from .files import atomic_path
 from .figures import key_slices, overview_png
@@ -82,7 +82,7 @@ def report_html(case: CaseResult, title: str = "DiffusionAnomaly report",
     if labels is None or labels.shape != image.voxels.shape or not image.same_geometry(heatmap, atol=1e-4):
         raise ValueError("the report needs the image, heat map and labels on one grid.")
     png = key_slice_png(image, heatmap, labels, case.counterfactual,
-                        title=f"{card.get('id', '')} | NOT FOR CLINICAL USE")
+                        title=f"{card.get('id', '')} | {NOT_FOR_CLINICAL_USE_SHORT}")
     figure = base64.b64encode(png).decode("ascii")
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     params = {**case.parameter_record(), "network_evaluations": case.network_evaluations, **(parameters or {})}
@@ -102,7 +102,7 @@ def report_html(case: CaseResult, title: str = "DiffusionAnomaly report",
 <p class="small">Rows: input, healthy counterfactual (if computed), anomaly heat map, lesion contours (red).</p>
 <img alt="key slices: input, heat map and lesion contours" src="data:image/png;base64,{figure}">
 <h2>Parameters</h2>
-{_kv_table(sorted((str(k), v if v is not None else "default") for k, v in params.items()))}
+{_kv_table(sorted((str(k), v if v is not None else "not used") for k, v in params.items()))}
 <h2>Input</h2>
 {_kv_table(inp + list((extra or {}).items()))}
 <h2>Model card</h2>

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .card import default_card
 from .diffusion import monai_scheduler
+from .export import write_json
 from .files import atomic_path
 from .networks import build_model, pick_device, save_checkpoint
 from .phantoms import DEFAULT_SHAPE_IJK, DEFAULT_SPACING, make_phantom
@@ -70,7 +71,8 @@ def phantom_slices(seeds, prep, cache_dir: Path | None = None, workers: int = 2,
         f"in {time.time() - t0:.0f} s")
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        np.savez(path, images=images, labels=labels)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, images=images, labels=labels)
     return images, labels
 
 
@@ -227,7 +229,7 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
         vloss = validate()
         _write_best(out, model, card, cfg, step, vloss, command, len(train_x), int((train_y == 2).sum()))
     _save_state(state_path, model, opt, step, rng, {"best": best, "history": history})
-    (out / "history.json").write_text(json.dumps(history, indent=1))
+    write_json(history, out / "history.json", indent=1)
     return out / "best.safetensors"
 
 

@@ -1,8 +1,10 @@
 """The inference worker process the Slicer module drives: ``python -m DiffusionAnomalyLib.worker``.
 
 Why a process: the diffusion loop takes minutes on a CPU; running it outside Slicer keeps the
-UI responsive, and cancelling is simply terminating the process, so the scene is never touched
-by a half-finished run (the pattern of the established Slicer AI extensions).
+UI responsive, and cancelling ends the worker's process tree (see the Slicer module's
+``process.py``), so the scene is never touched by a half-finished run (the pattern of the
+established Slicer AI extensions). The worker also exits by itself when its stdin closes or its
+parent dies (:class:`Watchdog`).
 
 The worker loads one checkpoint once and keeps the model, and with it the model's LRU cache of
 inverted latents and counterfactuals, for its whole life: a new guidance scale only re-decodes,

@@ -3,7 +3,6 @@ exact-geometry writing and physical-space resampling, on the real CT in ../share
 
 from __future__ import annotations
 
-import datetime as dt
 import gzip
 import re
 import struct

@@ -37,8 +37,14 @@ def missingRequirements(packages: Iterable[str] = tuple(REQUIREMENTS)) -> list[s
 def installCorePackages() -> None:
     """Install the engine core's packages a fresh Slicer lacks (no question: small, and the module needs them to load)."""
     missing = missingRequirements(CORE_PACKAGES)
-    if missing:
+    if not missing:
+        return
+    try:
         slicer.util.pip_install(" ".join(f'"{m}"' for m in missing))
+    except Exception as exc:  # noqa: BLE001 - offline or blocked: one sentence instead of a traceback
+        raise ImportError(f"DiffusionAnomaly needs the Python packages {', '.join(missing)}, which could not be "
+                          f"installed ({exc}); connect to the internet and restart Slicer, or install them with "
+                          "slicer.util.pip_install in the Python console.") from exc
 
 
 def installTorch() -> bool:

@@ -26,7 +26,11 @@ ROI_MODES = ("whole", "segmentation")
 
 
 def roiMask(segmentationNode, segmentIds: list[str], volume: Volume) -> np.ndarray:
-    """The union of the segments ``segmentIds`` (all when empty) as a boolean [k, j, i] mask on ``volume``'s grid."""
+    """The union of the segments ``segmentIds`` (all when empty) as a boolean [k, j, i] mask on ``volume``'s grid.
+
+    Slicer merges and resamples the segments itself; slicer.util.arrayFromSegmentBinaryLabelmap would need a
+    volume node and one call per segment.
+    """
     segmentation = segmentationNode.GetSegmentation()
     ids = list(segmentIds) or [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
     missing = [s for s in ids if segmentation.GetSegment(s) is None]

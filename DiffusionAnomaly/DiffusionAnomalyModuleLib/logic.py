@@ -134,7 +134,7 @@ class DiffusionAnomalyLogic:
         checkpoint = self.models.checkpointPath(params["Model"])
         card = self.models.card(checkpoint)
         check_modality(volume, card)
-        settings.thresholding(params, card)  # a bad threshold setting fails before any work
+        settings.thresholding(params, card)  # a non-numeric threshold setting fails before any work
         request = settings.runRequest(params)
         device = params["Device"] or "auto"
         runKey = (array_key(volume), inputNode.GetID(), checkpoint, device, json.dumps(request, sort_keys=True))

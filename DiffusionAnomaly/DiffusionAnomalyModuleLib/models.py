@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from DiffusionAnomalyLib.checkpoint import bundled_models, read_card
+from DiffusionAnomalyLib.export import write_json
+from DiffusionAnomalyLib.files import check_writable_dir
 
 
 class ModelDatabase:
@@ -34,8 +36,8 @@ class ModelDatabase:
         path = str(Path(path).expanduser().resolve())
         card = read_card(path)  # raises CheckpointError with a sentence
         paths = [p for p in self.userCheckpoints() if p != path] + [path]
-        self.settingsPath.parent.mkdir(parents=True, exist_ok=True)
-        self.settingsPath.write_text(json.dumps({"checkpoints": paths}, indent=1))
+        check_writable_dir(self.settingsPath.parent)
+        write_json({"checkpoints": paths}, self.settingsPath, indent=1)
         return {"id": path, "title": f"{card['id']} ({Path(path).name})", "path": path}
 
     def models(self) -> list[dict[str, Any]]:

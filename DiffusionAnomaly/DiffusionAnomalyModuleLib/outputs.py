@@ -16,18 +16,17 @@ from vtk.util import numpy_support
 
 from DiffusionAnomalyLib.export import LESION_TERMINOLOGY, lesion_colors
 from DiffusionAnomalyLib.pipeline import CaseResult
-from DiffusionAnomalyLib.postprocessing import LESION_COLUMNS, Thresholding, bounding_box
+from DiffusionAnomalyLib.postprocessing import CENTROID_COLUMNS, LESION_COLUMNS, Thresholding, bounding_box
 from DiffusionAnomalyLib.volume import Volume
 
 from DiffusionAnomalyModuleLib.nodes import updateVolumeNodeFromVolume, volumeFromNode
 
-#: node attribute naming what an output node is (one of OUTPUT_ROLES)
+#: node attribute naming what an output node is (a key of parameters.OUTPUT_REFERENCES)
 ROLE_ATTRIBUTE = "DiffusionAnomaly.Role"
 #: node attribute holding the ID of the input volume an output belongs to
 INPUT_ATTRIBUTE = "DiffusionAnomaly.InputVolumeID"
 #: node attribute of the heat map: the id of the model that made it
 MODEL_ATTRIBUTE = "DiffusionAnomaly.ModelID"
-OUTPUT_ROLES = ("heatmap", "counterfactual", "segmentation", "table")
 #: output role -> the node name's suffix after the input's name
 OUTPUT_NAMES = {"heatmap": "heat map", "counterfactual": "counterfactual", "segmentation": "lesions",
                 "table": "lesion table"}
@@ -201,7 +200,7 @@ def lesionCenterRAS(scene, tableNode, row: int) -> tuple[float, float, float]:
     table = tableNode.GetTable()
     if not 0 <= row < table.GetNumberOfRows():
         raise IndexError(f"the lesion table has no row {row}.")
-    point = [float(slicer.util.arrayFromTableColumn(tableNode, f"centroid_{axis}")[row]) for axis in "ras"]
+    point = [float(slicer.util.arrayFromTableColumn(tableNode, name)[row]) for name in CENTROID_COLUMNS]
     inputNode = scene.GetNodeByID(tableNode.GetAttribute(INPUT_ATTRIBUTE) or "")
     transform = inputNode.GetParentTransformNode() if inputNode is not None else None
     if transform is not None:
