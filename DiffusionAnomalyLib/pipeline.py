@@ -1,9 +1,10 @@
 """The one path a case takes: volume -> method -> heat map -> lesions -> output files (no torch).
 
 Used by the CLI (``run``, ``demo``), evaluation and the Slicer module's logic (whose worker
-returns a method's :class:`MethodResult`), so all produce the same numbers. The method is passed in (anything with the method interface:
-``run(volume, ...) -> MethodResult``), so this module never imports torch: thresholding and
-the lesion table run on the cached heat map only, which is what makes a threshold slider cheap.
+returns a method's :class:`MethodResult`), so all produce the same numbers. The method is passed
+in (anything with the method interface: ``run(volume, ...) -> MethodResult``), so this module
+never imports torch: thresholding and the lesion table run on the cached heat map only, which is
+what makes a threshold slider cheap.
 """
 
 from __future__ import annotations
