@@ -124,3 +124,49 @@ def oblique_pet(small_phantom_case) -> Volume:
     direction = rotation([0.3, -0.5, 0.8], 20.0) @ pet.direction_ras
     m = ijk_to_ras_matrix(pet.spacing, [-37.5, 120.25, -410.75], direction)
     return Volume(pet.voxels.copy(), m, modality="PT", units="SUVbw", meta={"source": "oblique test volume"})
+
+
+# ---- refusals: the harness of the hostile-input tables ----------------------------------------
+def error_line(err: str) -> str:
+    """The single ``error: ...`` line the CLI printed last (progress-bar output before it is allowed)."""
+    assert "Traceback" not in err
+    starts = [i for i in range(len(err)) if err.startswith("error:", i) and (i == 0 or err[i - 1] in "\r\n")]
+    assert len(starts) == 1, f"expected exactly one error line in {err!r}"
+    tail = err[starts[0]:]
+    assert tail.endswith("\n") and tail.count("\n") == 1 and "\r" not in tail, f"error is not one line: {tail!r}"
+    return tail.strip()
+
+
+def snapshot(*paths) -> dict:
+    """Every file under ``paths`` (files or folders) with its bytes' hash and mode; a missing path is recorded as such."""
+    import hashlib
+    import os
+
+    state = {}
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            state[str(root)] = None
+            continue
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*"))
+        for p in files:
+            key = str(p)
+            if p.is_dir():
+                state[key] = ("dir", os.stat(p).st_mode)
+            else:
+                state[key] = (hashlib.sha256(p.read_bytes()).hexdigest(), os.stat(p).st_mode)
+    return state
+
+
+def run_refused(capsys, *argv, watch=()) -> str:
+    """Run the CLI in-process and assert it refused: exit code 2, one ``error:`` sentence, no traceback,
+    and every path in ``watch`` (inputs, output folders, their parents) exactly as before. Returns the sentence."""
+    from DiffusionAnomalyLib import cli
+
+    before = snapshot(*watch)
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    line = error_line(err)
+    assert code == 2, f"exit code {code} for {line}"
+    assert snapshot(*watch) == before, f"something changed on disk although the run was refused: {line}"
+    return line

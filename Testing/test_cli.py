@@ -17,7 +17,7 @@ from DiffusionAnomalyLib.phantoms import make_phantom
 from DiffusionAnomalyLib.pipeline import analyse
 from DiffusionAnomalyLib.volume import Volume, read_volume, write_volume
 
-from conftest import SMALL_PHANTOM_KWARGS, TRAIN_SEEDS, VAL_SEEDS
+from conftest import SMALL_PHANTOM_KWARGS, TRAIN_SEEDS, VAL_SEEDS, error_line
 
 RUN_OUTPUTS = {"heatmap.nrrd", "counterfactual.nrrd", "lesions.seg.nrrd", "lesions.csv", "summary.json"}
 CSV_HEADER = "id,voxels,volume_ml,suv_max,suv_mean,suv_peak,tlg,max_heat,centroid_r,centroid_a,centroid_s"
@@ -28,16 +28,6 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    """The single ``error: ...`` line the CLI printed last (progress-bar output before it is allowed)."""
-    assert "Traceback" not in err
-    starts = [i for i in range(len(err)) if err.startswith("error:", i) and (i == 0 or err[i - 1] in "\r\n")]
-    assert len(starts) == 1, f"expected exactly one error line in {err!r}"
-    tail = err[starts[0]:]
-    assert tail.endswith("\n") and tail.count("\n") == 1 and "\r" not in tail, f"error is not one line: {tail!r}"
-    return tail.strip()
 
 
 def listing(folder: Path) -> set[str]:
