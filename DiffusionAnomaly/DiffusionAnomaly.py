@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import unittest
+from contextlib import contextmanager
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _path in (_HERE, os.path.dirname(_HERE)):  # module folder; source tree root (DiffusionAnomalyLib)
@@ -56,6 +58,7 @@ if HAVE_GUI:  # a fresh Slicer lacks a few packages of the engine's core, which 
     dependencies.installCorePackages()
 
 from DiffusionAnomalyLib.card import NOT_FOR_CLINICAL_USE, REFERENCE_STEPS, STEPS_HELP, parse_steps  # noqa: E402
+from DiffusionAnomalyLib.errors import is_refusal, user_sentence  # noqa: E402
 
 from DiffusionAnomalyModuleLib.logic import DiffusionAnomalyLogic  # noqa: E402
 from DiffusionAnomalyModuleLib.parameters import (INPUT_REFERENCE, LESION_PARAMETERS, OUTPUT_REFERENCES,  # noqa: E402
@@ -105,6 +108,17 @@ class DiffusionAnomaly(ScriptedLoadableModule):
 # =================================================================================================
 # Widget
 # =================================================================================================
+@contextmanager
+def showErrors():
+    """Run a UI action: a refusal is shown as its one sentence in a message box; a bug also with its traceback."""
+    try:
+        with slicer.util.WaitCursor():
+            yield
+    except Exception as exc:  # noqa: BLE001 - every failure of a UI action ends in a message box
+        details = None if is_refusal(exc) else traceback.format_exc()
+        slicer.util.errorDisplay(user_sentence(exc), detailedText=details)
+
+
 class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the UI to the parameter node and the logic: Apply/Cancel, a timer polling the run, exports."""
 
@@ -369,7 +383,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               "Checkpoints (*.safetensors *.pth *.pt)")
         if not path:
             return
-        with slicer.util.tryWithErrorDisplay("This checkpoint cannot be used.", waitCursor=True):
+        with showErrors():
             entry = self.logic.addUserCheckpoint(path)
             self.populateModels()
             self._parameterNode.SetParameter("Model", entry["id"])
@@ -390,7 +404,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not dependencies.ensureDependencies():
             return
-        with slicer.util.tryWithErrorDisplay("The analysis could not start.", waitCursor=True):
+        with showErrors():
             job = self.logic.startRun(self._parameterNode)
             if job.finished:
                 self.finishRun(job)
@@ -426,7 +440,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
         else:
             self.ui.statusLabel.text = f"Failed: {job.error}"
-            slicer.util.errorDisplay(job.error or "The analysis failed.")
+            slicer.util.errorDisplay(job.error or "The analysis failed.")  # the worker's sentence
         self.updateGUIFromParameterNode()
 
     def onLesionClicked(self, index):
@@ -445,25 +459,25 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self._saveName("Export lesion segmentation", "lesions.seg.nrrd",
                               "Slicer segmentation (*.seg.nrrd);;NIfTI label map (*.nii.gz *.nii)")
         if path:
-            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            with showErrors():
                 self.ui.statusLabel.text = f"Wrote {self.logic.exportSegmentation(self._parameterNode, path)}"
 
     def onExportTable(self):
         path = self._saveName("Export lesion table", "lesions.csv", "CSV (*.csv)")
         if path:
-            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            with showErrors():
                 self.ui.statusLabel.text = f"Wrote {self.logic.exportTableCsv(self._parameterNode, path)}"
 
     def onExportReport(self):
         path = self._saveName("Export HTML report", "report.html", "HTML (*.html)")
         if path:
-            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            with showErrors():
                 self.ui.statusLabel.text = f"Wrote {self.logic.exportReport(self._parameterNode, path)}"
 
     def onExportDicomSeg(self):
         folder = qt.QFileDialog.getExistingDirectory(self.parent, "DICOM SEG output folder")
         if folder:
-            with slicer.util.tryWithErrorDisplay("DICOM SEG export failed.", waitCursor=True):
+            with showErrors():
                 self.logic.exportDicomSeg(self._parameterNode, folder)
                 self.ui.statusLabel.text = f"Wrote DICOM SEG to {folder}"
 

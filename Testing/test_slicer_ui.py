@@ -182,3 +182,32 @@ def test_device_sentence_comes_from_the_workers_ready_message(ready, needle):
     from DiffusionAnomalyModuleLib.dependencies import deviceSentence
 
     assert needle in deviceSentence(ready)
+
+
+def test_labels_showing_card_or_error_text_are_plain_text():
+    """A model card id or an error that looks like HTML must not be rendered (and hide the notice)."""
+    widgets = ui_widgets()
+    for name in ("modelCardLabel", "statusLabel", "deviceLabel"):
+        assert ui_property(widgets[name], "textFormat") == "Qt::PlainText", name
+
+
+@pytest.mark.parametrize("error, detailed", [
+    (ValueError("the input is MR, but this model was trained on PET; choose a PET scan."), False),
+    (MemoryError("this volume would need 40 GB; crop it first."), False),
+    (KeyError("a bug"), True),
+])
+def test_a_ui_action_shows_a_refusal_as_its_one_sentence(monkeypatch, error, detailed):
+    """What the Widget's message box says when an action fails (no Qt needed: the box is recorded)."""
+    from contextlib import nullcontext
+
+    shown = []
+    monkeypatch.setattr(DiffusionAnomaly.slicer.util, "WaitCursor", nullcontext, raising=False)
+    monkeypatch.setattr(DiffusionAnomaly.slicer.util, "errorDisplay",
+                        lambda text, detailedText=None, **kw: shown.append((text, detailedText)), raising=False)
+    with DiffusionAnomaly.showErrors():
+        raise error
+    [(text, details)] = shown
+    if detailed:
+        assert "bug" in text and "KeyError" in details
+    else:
+        assert text == str(error) and details is None
