@@ -125,6 +125,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     #: parameter -> (widget name, kind); the kind says how a value is shown, read and signalled
     PARAMETER_WIDGETS = {
         "Modality": ("modalityComboBox", "combo"),
+        "Units": ("unitsComboBox", "combo"),
         "ROIMode": ("roiModeComboBox", "combo"),
         "NoiseLevel": ("noiseLevelSlider", "slider"),
         "GuidanceScale": ("guidanceScaleSlider", "slider"),

@@ -4,12 +4,18 @@ A checkpoint is weights plus this JSON card (see :mod:`.checkpoint`). The card i
 source of truth for a model's architecture, noise schedule, preprocessing, label map, modality,
 default inference parameters and provenance; everything else reads it through this module.
 It also owns two sentences every output repeats: the not-for-clinical-use notice and the
-meaning of the ``steps`` parameter. Standard library only: Slicer's process can read it before
-any package is installed.
+meaning of the ``steps`` parameter, and the range of every number a card or a user gives
+(:func:`validate_card`, and the field rules :func:`whole_number`, :func:`real_number`,
+:func:`check_noise_level`, :func:`check_guidance_scale`, :func:`check_threshold`,
+:func:`check_min_size_ml`, :func:`parse_steps` that every verb calls). Standard library only:
+Slicer's process can read it before any package is installed.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
 from typing import Any, Literal, Union
 
 FORMAT = "diffusion-anomaly-checkpoint"
@@ -42,6 +48,121 @@ class CheckpointError(ValueError):
     """A checkpoint or model card that cannot be used; the message says why and what to do."""
 
 
+# ---- field rules ---------------------------------------------------------------------------------
+# Each rule is one small pure function: validate_card applies it to the card's defaults, and every
+# verb (CLI, worker, Slicer) applies the same function to the parameters a user gives, so a range is
+# written once. They raise ValueError with one sentence "<field> must be <rule>, got <value>.".
+
+#: how a heat map becomes lesions: a fraction of the map's maximum, an absolute value, or Otsu's split
+THRESHOLD_METHODS: tuple[str, ...] = ("fraction", "absolute", "otsu")
+
+
+def shown(value: Any) -> str:
+    """A value as a user reads it at the end of a sentence: JSON spelling, one line, at most 80 characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_whole(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer()
+
+
+def _bounds(lo: Any, hi: Any, lo_open: bool = False, hi_open: bool = False) -> str:
+    lo, hi = (f"{b:g}" if isinstance(b, float) else b for b in (lo, hi))
+    if lo is not None and hi is not None:
+        if not lo_open and not hi_open:
+            return f" from {lo} to {hi}"
+        return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f" {'<' if hi_open else '<='} {hi}"
+    return ""
+
+
+def number_from_text(value: Any) -> Any:
+    """A number written as text ("20" -> 20, "20.7" -> 20.7, "nan" -> nan), anything else unchanged.
+
+    A CLI argument, a worker request or the parameter node give text; the range checks below then
+    refuse what is wrong with the valid range in the sentence (never rounded: 20.7 stays 20.7).
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return value
+
+
+def whole_number(value: Any, field: str, lo: int | None = None, hi: int | None = None, why: str = "") -> int:
+    """``value`` as an int if it is a whole number (an int, or a float like 20.0; never 20.7 or True) in [lo, hi]."""
+    if _is_whole(value):
+        number = int(value)
+        if (lo is None or number >= lo) and (hi is None or number <= hi):
+            return number
+    raise ValueError(f"{field} must be a whole number{_bounds(lo, hi)}{why}, got {shown(value)}.")
+
+
+def real_number(value: Any, field: str, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False, why: str = "") -> float:
+    """``value`` as a float if it is a finite number (not a bool, not text) in the given range."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if (math.isfinite(number)
+                and (lo is None or (number > lo if lo_open else number >= lo))
+                and (hi is None or (number < hi if hi_open else number <= hi))):
+            return number
+    raise ValueError(
+        f"{field} must be a finite number{_bounds(lo, hi, lo_open, hi_open)}{why}, got {shown(value)}.")
+
+
+def check_noise_level(value: Any, num_train_timesteps: int, field: str = "the noise level") -> int:
+    """The noise level D of a run: a whole number from 1 to T - 1 (T: the model's training timesteps)."""
+    return whole_number(value, field, 1, int(num_train_timesteps) - 1,
+                        why=f" (the model's noise schedule has {int(num_train_timesteps)} timesteps)")
+
+
+def check_guidance_scale(value: Any, field: str = "the guidance scale") -> float:
+    """The guidance scale w: a finite number >= 0 (0 = no guidance)."""
+    return real_number(value, field, 0.0)
+
+
+def check_min_size_ml(value: Any, field: str = "the minimum lesion size (ml)") -> float:
+    """The smallest lesion candidate kept, in ml: a finite number >= 0."""
+    return real_number(value, field, 0.0)
+
+
+def check_threshold(method: Any, value: Any, method_field: str = "the threshold method",
+                    value_field: str = "the threshold value") -> float | None:
+    """The threshold rule's value (None for Otsu, which has none), after checking method and value.
+
+    "fraction": a fraction of the map's maximum in (0, 1]; "absolute": a value > 0 in the map's units
+    (the heat map is >= 0 everywhere, so 0 or less would make the whole volume a lesion); "otsu": no value.
+    """
+    if not isinstance(method, str) or method not in THRESHOLD_METHODS:
+        raise ValueError(f"{method_field} must be one of {', '.join(THRESHOLD_METHODS)}, got {shown(method)}.")
+    if method == "otsu":
+        return None
+    if method == "fraction":
+        return real_number(value, value_field, 0.0, 1.0, lo_open=True,
+                           why=" for the 'fraction' method (a fraction of the map's maximum)")
+    return real_number(value, value_field, 0.0, lo_open=True, why=" for the 'absolute' method (in the map's units)")
+
+
 def parse_steps(value: Any) -> Steps | None:
     """The one reading of a ``steps`` value, from the CLI, a worker request or the parameter node.
 
@@ -57,70 +178,369 @@ def parse_steps(value: Any) -> Steps | None:
         try:
             value = int(text)
         except ValueError:
-            raise ValueError(f"steps must be a whole number >= 1 or '{REFERENCE_STEPS}', got {value!r}.") from None
-    if isinstance(value, bool) or not float(value).is_integer():
-        raise ValueError(f"steps must be a whole number >= 1 or '{REFERENCE_STEPS}', got {value!r}.")
+            raise ValueError(f"steps must be a whole number >= 1 or '{REFERENCE_STEPS}', got {shown(value)}.") from None
+    if not _is_whole(value):
+        raise ValueError(f"steps must be a whole number >= 1 or '{REFERENCE_STEPS}', got {shown(value)}.")
     if int(value) < 1:
         raise ValueError(f"steps must be >= 1 (or '{REFERENCE_STEPS}' for the stride-1 reference loop), got {value}.")
     return int(value)
 
 
-_REQUIRED = {
-    "format": str,
-    "format_version": int,
-    "id": str,
-    "method": str,
-    "modality": str,
-    "network": dict,
-    "scheduler": dict,
-    "preprocessing": dict,
-    "labels": dict,
-    "inference_defaults": dict,
-    "provenance": dict,
-}
+def check_steps(value: Any, num_train_timesteps: int, field: str = "steps") -> Steps:
+    """DDIM steps as :func:`parse_steps` reads them, at most T - 1 (a grid never has more moves than timesteps).
+
+    More steps than the noise level are allowed: the grid's duplicate points are removed (K <= D,
+    ``diffusion.timestep_grid``), as documented for the steps parameter.
+    """
+    steps = parse_steps(value)
+    if steps is None:
+        raise ValueError(f"{field} must be given: {STEPS_HELP}.")
+    if steps != REFERENCE_STEPS:
+        whole_number(steps, field, 1, num_train_timesteps - 1,
+                     why=f" (the model's noise schedule has {num_train_timesteps} timesteps) or '{REFERENCE_STEPS}'")
+    return steps
+
+
+# ---- the card's schema ---------------------------------------------------------------------------
+#: the entries every card has; the last six are JSON objects (sections)
+_REQUIRED = ("format", "format_version", "id", "method", "modality", "network", "scheduler", "preprocessing", "labels",
+             "inference_defaults", "provenance")
+_SECTIONS = _REQUIRED[5:]
+
+#: DiffusionModelUNet arguments a card may set (anything else is refused, so a typo is not ignored).
+UNET_ARGS = frozenset({
+    "spatial_dims", "in_channels", "out_channels", "num_res_blocks", "channels", "attention_levels",
+    "norm_num_groups", "norm_eps", "resblock_updown", "num_head_channels", "with_conditioning",
+    "transformer_num_layers", "cross_attention_dim", "num_class_embeds", "upcast_attention",
+    "dropout_cattn", "include_fc", "use_combined_linear",
+})
+#: the UNet arguments every card states (the card is the only source of the architecture)
+UNET_REQUIRED = ("spatial_dims", "in_channels", "out_channels", "channels", "attention_levels", "num_res_blocks",
+                 "norm_num_groups", "num_head_channels", "with_conditioning")
+#: methods whose network sees 2D axial slices of one channel
+SLICE_METHODS = ("igconda", "classifier_guided", "cdm")
+SCHEDULER_KEYS = ("num_train_timesteps", "schedule", "beta_start", "beta_end")
+#: provenance entries holding a [start, stop) range of phantom seeds (evaluation refuses overlaps)
+SEED_RANGE_KEYS = ("train_seeds", "val_seeds", "tuning_seeds")
+
+#: sane bounds: far beyond any published model, small enough that a typo cannot become hours or an allocation failure
+MAX_TIMESTEPS = 100_000
+MAX_LEVELS = 6
+MAX_CHANNELS = 2048
+MAX_RES_BLOCKS = 16
+MAX_CLASSES = 1000
+MAX_EMBEDDING_DIM = 4096
+MAX_IN_PLANE = 1024
+SPACING_RANGE_MM = (0.1, 100.0)
+MAX_BATCH_SIZE = 4096
+MAX_ID_LENGTH = 200
+#: bound of intensity.scale and |intensity.offset| (input units: SUV, HU or Bq/ml)
+INTENSITY_LIMIT = 1e7
+
+_CARD = "the model card's "
+
+
+def _entry(section: dict[str, Any], key: str, path: str) -> Any:
+    if key not in section:
+        raise ValueError(f"{_CARD}{path.rpartition('.')[0]} section has no '{key}' entry.")
+    return section[key]
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{_CARD}{path} must be a JSON object, got {shown(value)}.")
+    return value
+
+
+def _flag(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{_CARD}{path} must be true or false, got {shown(value)}.")
+    return value
+
+
+def _whole_list(value: Any, path: str, length: int | None, lo: int, hi: int, what: str) -> list[int]:
+    """A list of whole numbers in [lo, hi] (``length`` of them, or 1..MAX_LEVELS when None)."""
+    n_ok = isinstance(value, list) and (len(value) == length if length is not None else 1 <= len(value) <= MAX_LEVELS)
+    if n_ok and all(_is_whole(v) and lo <= int(v) <= hi for v in value):
+        return [int(v) for v in value]
+    count = f"{length}" if length is not None else f"1 to {MAX_LEVELS}"
+    raise ValueError(f"{_CARD}{path} must be a list of {count} whole numbers from {lo} to {hi}{what}, "
+                     f"got {shown(value)}.")
+
+
+def _per_level(value: Any, path: str, levels: int, lo: int, hi: int) -> int | list[int]:
+    """One whole number for every level, or a list with one per level."""
+    if isinstance(value, list):
+        return _whole_list(value, path, levels, lo, hi, " (one per level of network.unet.channels)")
+    if _is_whole(value) and lo <= int(value) <= hi:
+        return int(value)
+    raise ValueError(f"{_CARD}{path} must be a whole number from {lo} to {hi} or a list of {levels} of them "
+                     f"(one per level), got {shown(value)}.")
+
+
+def _check_id(card: dict[str, Any]) -> None:
+    value = card["id"]
+    if (not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH
+            or any(not ch.isprintable() for ch in value)):
+        raise ValueError(f"{_CARD}id must be a non-empty text of at most {MAX_ID_LENGTH} printable characters "
+                         f"on one line, got {shown(value)}.")
+
+
+def _check_network(card: dict[str, Any]) -> tuple[list[int], dict[str, Any] | None]:
+    """The network section; returns (channels per level, class embedding or None)."""
+    net = card["network"]
+    method = card["method"]
+    unet = _object(_entry(net, "unet", "network.unet"), "network.unet")
+    unknown = sorted(set(unet) - UNET_ARGS)
+    if unknown:
+        raise ValueError(f"{_CARD}network.unet must hold only DiffusionModelUNet arguments "
+                         f"({', '.join(sorted(UNET_ARGS))}), got unknown {', '.join(unknown)}.")
+    for key in UNET_REQUIRED:
+        _entry(unet, key, f"network.unet.{key}")
+    dims = (2,) if method in SLICE_METHODS else (2, 3)
+    if not _is_whole(unet["spatial_dims"]) or int(unet["spatial_dims"]) not in dims:
+        raise ValueError(f"{_CARD}network.unet.spatial_dims must be {' or '.join(map(str, dims))} for the "
+                         f"{method} method, got {shown(unet['spatial_dims'])}.")
+    unet["spatial_dims"] = int(unet["spatial_dims"])
+    for key in ("in_channels", "out_channels"):
+        if method == "igconda":
+            unet[key] = whole_number(unet[key], f"{_CARD}network.unet.{key}", 1, 1,
+                                     why=" (IgCONDA works on single-channel slices)")
+        else:
+            unet[key] = whole_number(unet[key], f"{_CARD}network.unet.{key}", 1, 16)
+    channels = _whole_list(unet["channels"], "network.unet.channels", None, 1, MAX_CHANNELS, "")
+    unet["channels"] = channels
+    levels = len(channels)
+    attention = unet["attention_levels"]
+    if not isinstance(attention, list) or len(attention) != levels or not all(isinstance(a, bool) for a in attention):
+        raise ValueError(f"{_CARD}network.unet.attention_levels must be a list of {levels} true/false values "
+                         f"(one per level of network.unet.channels), got {shown(attention)}.")
+    unet["num_res_blocks"] = _per_level(unet["num_res_blocks"], "network.unet.num_res_blocks", levels, 1,
+                                        MAX_RES_BLOCKS)
+    groups = whole_number(unet["norm_num_groups"], f"{_CARD}network.unet.norm_num_groups", 1, MAX_CHANNELS)
+    if any(c % groups for c in channels):
+        raise ValueError(f"{_CARD}network.unet.norm_num_groups must divide every entry of network.unet.channels "
+                         f"({shown(channels)}), got {groups}.")
+    unet["norm_num_groups"] = groups
+    heads = _per_level(unet["num_head_channels"], "network.unet.num_head_channels", levels, 1, MAX_CHANNELS)
+    unet["num_head_channels"] = heads
+    per_level = heads if isinstance(heads, list) else [heads] * levels
+    # the middle block always has attention, at the last level's width
+    for i, (c, h) in enumerate(zip(channels, per_level)):
+        if (attention[i] or i == levels - 1) and h > c:
+            raise ValueError(f"{_CARD}network.unet.num_head_channels must be at most the channels of every attention "
+                             f"level and of the last level ({c} at level {i + 1}), "
+                             f"got {shown(unet['num_head_channels'])}.")
+    if "norm_eps" in unet:
+        real_number(unet["norm_eps"], f"{_CARD}network.unet.norm_eps", 0.0, 1.0, lo_open=True, hi_open=True)
+    if "dropout_cattn" in unet:
+        real_number(unet["dropout_cattn"], f"{_CARD}network.unet.dropout_cattn", 0.0, 1.0)
+    if "transformer_num_layers" in unet:
+        unet["transformer_num_layers"] = whole_number(unet["transformer_num_layers"],
+                                                      f"{_CARD}network.unet.transformer_num_layers", 1, MAX_RES_BLOCKS)
+    if unet.get("num_class_embeds") is not None:
+        unet["num_class_embeds"] = whole_number(unet["num_class_embeds"], f"{_CARD}network.unet.num_class_embeds",
+                                                1, MAX_CLASSES)
+    for key in ("resblock_updown", "upcast_attention", "include_fc", "use_combined_linear"):
+        if key in unet:
+            _flag(unet[key], f"network.unet.{key}")
+    conditioned = _flag(unet["with_conditioning"], "network.unet.with_conditioning")
+
+    embedding = net.get("class_embedding")
+    if method in ("igconda", "cdm") and not embedding:
+        raise ValueError(f"{_CARD}network.class_embedding is missing: a {method} model conditions the network on "
+                         "classes through it.")
+    if embedding is not None:
+        embedding = _object(embedding, "network.class_embedding")
+        embedding["num_classes"] = whole_number(_entry(embedding, "num_classes", "network.class_embedding.num_classes"),
+                                                f"{_CARD}network.class_embedding.num_classes", 1, MAX_CLASSES)
+        embedding["dim"] = whole_number(_entry(embedding, "dim", "network.class_embedding.dim"),
+                                        f"{_CARD}network.class_embedding.dim", 1, MAX_EMBEDDING_DIM)
+        if not conditioned:
+            raise ValueError(f"{_CARD}network.unet.with_conditioning must be true when network.class_embedding is "
+                             "given (the class embedding is the cross-attention context), got false.")
+    elif conditioned:
+        raise ValueError(f"{_CARD}network.class_embedding is missing: network.unet.with_conditioning is true, and the "
+                         "class embedding provides its cross-attention context.")
+    cross = unet.get("cross_attention_dim")
+    if conditioned:
+        if not _is_whole(cross) or int(cross) != embedding["dim"]:
+            raise ValueError(f"{_CARD}network.unet.cross_attention_dim must equal network.class_embedding.dim "
+                             f"({embedding['dim']}), got {shown(cross)}.")
+        unet["cross_attention_dim"] = int(cross)
+    elif cross is not None:
+        raise ValueError(f"{_CARD}network.unet.cross_attention_dim must be absent or null when "
+                         f"network.unet.with_conditioning is false, got {shown(cross)}.")
+    return channels, embedding
+
+
+def _check_scheduler(sched: dict[str, Any]) -> int:
+    """The scheduler section; returns the number of training timesteps T."""
+    unknown = sorted(set(sched) - set(SCHEDULER_KEYS))
+    if unknown:
+        raise ValueError(f"{_CARD}scheduler must hold only {', '.join(SCHEDULER_KEYS)}, got unknown "
+                         f"{', '.join(unknown)}.")
+    steps = whole_number(_entry(sched, "num_train_timesteps", "scheduler.num_train_timesteps"),
+                         f"{_CARD}scheduler.num_train_timesteps", 2, MAX_TIMESTEPS)
+    sched["num_train_timesteps"] = steps
+    schedule = _entry(sched, "schedule", "scheduler.schedule")
+    if not isinstance(schedule, str) or schedule not in KNOWN_SCHEDULES:
+        raise ValueError(f"{_CARD}scheduler.schedule must be one of {', '.join(KNOWN_SCHEDULES)}, "
+                         f"got {shown(schedule)}.")
+    given = [key for key in ("beta_start", "beta_end") if key in sched]
+    if schedule == "cosine":
+        if given:
+            raise ValueError(f"{_CARD}scheduler.{given[0]} must be absent for the 'cosine' schedule (it has no beta "
+                             f"range), got {shown(sched[given[0]])}.")
+        return steps
+    if len(given) == 1:
+        missing = "beta_end" if given == ["beta_start"] else "beta_start"
+        raise ValueError(f"{_CARD}scheduler section has no '{missing}' entry (give both beta_start and beta_end, "
+                         "or neither for the defaults).")
+    if given:
+        start = real_number(sched["beta_start"], f"{_CARD}scheduler.beta_start", 0.0, 1.0, lo_open=True, hi_open=True)
+        real_number(sched["beta_end"], f"{_CARD}scheduler.beta_end", start, 1.0, lo_open=True, hi_open=True,
+                    why=" (above scheduler.beta_start)")
+    return steps
+
+
+def _check_preprocessing(prep: dict[str, Any], levels: int) -> None:
+    lo, hi = SPACING_RANGE_MM
+    spacing = _entry(prep, "spacing_mm", "preprocessing.spacing_mm")
+    if not (isinstance(spacing, list) and len(spacing) == 3 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v)) and lo <= float(v) <= hi
+            for v in spacing)):
+        raise ValueError(f"{_CARD}preprocessing.spacing_mm must be a list of 3 finite numbers of millimetres from "
+                         f"{lo:g} to {hi:g}, got {shown(spacing)}.")
+    size = _whole_list(_entry(prep, "in_plane_size", "preprocessing.in_plane_size"), "preprocessing.in_plane_size",
+                       2, 1, MAX_IN_PLANE, "")
+    # each level but the last halves a slice; the lowest level needs at least 2 x 2 pixels
+    step, smallest = 2 ** (levels - 1), 2 ** levels
+    if any(s % step or s < smallest for s in size):
+        raise ValueError(f"{_CARD}preprocessing.in_plane_size must be two multiples of {step} of at least {smallest} "
+                         f"(the network halves a slice {levels - 1} times), got {shown(prep['in_plane_size'])}.")
+    prep["in_plane_size"] = size
+    intensity = _object(_entry(prep, "intensity", "preprocessing.intensity"), "preprocessing.intensity")
+    real_number(_entry(intensity, "scale", "preprocessing.intensity.scale"), f"{_CARD}preprocessing.intensity.scale",
+                0.0, INTENSITY_LIMIT, lo_open=True, why=" (input units per model unit)")
+    if "offset" in intensity:
+        real_number(intensity["offset"], f"{_CARD}preprocessing.intensity.offset", -INTENSITY_LIMIT, INTENSITY_LIMIT,
+                    why=" (in input units)")
+    clip = intensity.get("clip")
+    if clip is not None:
+        ends_ok = isinstance(clip, list) and len(clip) == 2 and all(
+            v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v)))
+            for v in clip)
+        if not ends_ok or (clip[0] is not None and clip[1] is not None and not clip[0] < clip[1]):
+            raise ValueError(f"{_CARD}preprocessing.intensity.clip must be null or a [low, high] pair of finite "
+                             f"numbers (or null for no bound) with low < high, got {shown(clip)}.")
+    if "input_units" in intensity and not isinstance(intensity["input_units"], str):
+        raise ValueError(f"{_CARD}preprocessing.intensity.input_units must be a text, "
+                         f"got {shown(intensity['input_units'])}.")
+    for key, allowed in (("orientation", "LPS"), ("slice_axis", "S")):
+        if key in prep and prep[key] != allowed:
+            raise ValueError(f"{_CARD}preprocessing.{key} must be \"{allowed}\" (the only model grid this version "
+                             f"builds), got {shown(prep[key])}.")
+    if "antialias" in prep:
+        _flag(prep["antialias"], "preprocessing.antialias")
+
+
+def _check_labels(labels: dict[str, Any], method: str, embedding: dict[str, Any] | None) -> None:
+    top = embedding["num_classes"] - 1 if embedding else MAX_CLASSES
+    why = " (inside network.class_embedding.num_classes)" if embedding else ""
+    for name, value in labels.items():
+        if not name.strip() or len(name) > 40 or not name.isprintable():
+            raise ValueError(f"{_CARD}labels must be named by short texts on one line, got {shown(name)}.")
+        labels[name] = whole_number(value, f"{_CARD}labels.{name}", 0, top, why=why)
+    if len(set(labels.values())) != len(labels):
+        raise ValueError(f"{_CARD}labels must give every class its own number, got {shown(labels)}.")
+    if method == "igconda":
+        for name in ("null", "healthy"):
+            if name not in labels:
+                raise ValueError(f"{_CARD}labels section has no '{name}' entry (IgCONDA conditions on the null and "
+                                 "healthy classes).")
+
+
+def _check_inference_defaults(defaults: dict[str, Any], timesteps: int) -> None:
+    field = f"{_CARD}inference_defaults."
+    defaults["noise_level"] = check_noise_level(_entry(defaults, "noise_level", "inference_defaults.noise_level"),
+                                                timesteps, field + "noise_level")
+    check_guidance_scale(_entry(defaults, "guidance_scale", "inference_defaults.guidance_scale"),
+                         field + "guidance_scale")
+    try:  # a card from before steps had one representation stores the reference loop as null or nothing
+        defaults["steps"] = check_steps(parse_steps(defaults.get("steps")) or REFERENCE_STEPS, timesteps)
+    except ValueError as exc:
+        raise ValueError(f"{field}{exc}") from None
+    if "batch_size" in defaults:
+        defaults["batch_size"] = whole_number(defaults["batch_size"], field + "batch_size", 1, MAX_BATCH_SIZE)
+    if "threshold" in defaults:
+        threshold = _object(defaults["threshold"], "inference_defaults.threshold")
+        method = _entry(threshold, "method", "inference_defaults.threshold.method")
+        value = threshold.get("value") if method == "otsu" else _entry(threshold, "value",
+                                                                      "inference_defaults.threshold.value")
+        check_threshold(method, value, field + "threshold.method", field + "threshold.value")
+    if "min_size_ml" in defaults:
+        check_min_size_ml(defaults["min_size_ml"], field + "min_size_ml")
+
+
+def _check_provenance(prov: dict[str, Any]) -> None:
+    for key in SEED_RANGE_KEYS:
+        rng = prov.get(key)
+        if rng is None:
+            continue
+        if not (isinstance(rng, list) and len(rng) == 2 and all(_is_whole(v) for v in rng)
+                and 0 <= int(rng[0]) < int(rng[1])):
+            raise ValueError(f"{_CARD}provenance.{key} must be a [start, stop) pair of whole numbers with "
+                             f"0 <= start < stop, got {shown(rng)}.")
+        prov[key] = [int(v) for v in rng]
+
+
+def _validate(card: Any) -> None:
+    if not isinstance(card, dict):
+        raise ValueError("the model card is not a JSON object.")
+    for key in _REQUIRED:
+        if key not in card:
+            raise ValueError(f"the model card has no '{key}' entry.")
+    if card["format"] != FORMAT:
+        raise ValueError(f"not a DiffusionAnomaly model card (format {shown(card['format'])}).")
+    version = whole_number(card["format_version"], f"{_CARD}format_version", 1)
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint format version {version} is newer than this software "
+            f"understands ({FORMAT_VERSION}); update DiffusionAnomaly."
+        )
+    _check_id(card)
+    if card["method"] not in METHODS:
+        raise ValueError(f"{_CARD}method must be one of {', '.join(METHODS)}, got {shown(card['method'])}.")
+    if card["modality"] not in MODALITIES:
+        raise ValueError(f"{_CARD}modality must be one of {', '.join(MODALITIES)}, got {shown(card['modality'])}.")
+    for key in _SECTIONS:
+        _object(card[key], key)
+    if "name" in card and not isinstance(card["name"], str):
+        raise ValueError(f"{_CARD}name must be a text, got {shown(card['name'])}.")
+    if "not_for_clinical_use" in card:
+        _flag(card["not_for_clinical_use"], "not_for_clinical_use")
+    channels, embedding = _check_network(card)
+    timesteps = _check_scheduler(card["scheduler"])
+    _check_preprocessing(card["preprocessing"], len(channels))
+    _check_labels(card["labels"], card["method"], embedding)
+    _check_inference_defaults(card["inference_defaults"], timesteps)
+    _check_provenance(card["provenance"])
 
 
 def validate_card(card: Any) -> dict[str, Any]:
-    """Check the card's structure; raise CheckpointError naming the first problem; return the card.
+    """Check the card field by field (types, ranges, agreement between sections); return it.
 
-    The card is normalised in place (``inference_defaults.steps``, below).
-
-    A card written before ``steps`` had one representation stores the reference loop as a
-    missing or null ``inference_defaults.steps``; it is read as :data:`REFERENCE_STEPS`.
+    A problem raises CheckpointError with one sentence naming the field: "the model card's
+    <section.field> must be <rule>, got <value>.". The card is normalised in place: whole numbers
+    written as floats (1000.0) become ints, and ``inference_defaults.steps`` is an int or
+    :data:`REFERENCE_STEPS` (a card written before ``steps`` had one representation stores the
+    reference loop as a missing or null ``steps``).
     """
-    if not isinstance(card, dict):
-        raise CheckpointError("the model card is not a JSON object.")
-    for key, kind in _REQUIRED.items():
-        if key not in card:
-            raise CheckpointError(f"the model card has no '{key}' entry.")
-        if not isinstance(card[key], kind):
-            raise CheckpointError(f"model card entry '{key}' should be a {kind.__name__}.")
-    if card["format"] != FORMAT:
-        raise CheckpointError(f"not a DiffusionAnomaly model card (format {card['format']!r}).")
-    if card["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint format version {card['format_version']} is newer than this software "
-            f"understands ({FORMAT_VERSION}); update DiffusionAnomaly."
-        )
-    if card["method"] not in METHODS:
-        raise CheckpointError(f"unknown method {card['method']!r}; expected one of {METHODS}.")
-    if card["modality"] not in MODALITIES:
-        raise CheckpointError(f"unknown modality {card['modality']!r}; expected one of {MODALITIES}.")
-    if "unet" not in card["network"]:
-        raise CheckpointError("the model card's network section has no 'unet' arguments.")
-    sched = card["scheduler"]
-    for key in ("num_train_timesteps", "schedule"):
-        if key not in sched:
-            raise CheckpointError(f"the model card's scheduler section has no '{key}'.")
-    if sched["schedule"] not in KNOWN_SCHEDULES:
-        raise CheckpointError(f"unknown noise schedule {sched['schedule']!r}; expected one of {KNOWN_SCHEDULES}.")
-    if card["method"] in ("igconda", "cdm") and not card["network"].get("class_embedding"):
-        raise CheckpointError(f"a {card['method']} model needs a class embedding (network.class_embedding).")
-    defaults = card["inference_defaults"]
     try:
-        defaults["steps"] = parse_steps(defaults.get("steps")) or REFERENCE_STEPS
+        _validate(card)
     except ValueError as exc:
-        raise CheckpointError(f"the model card's default {exc}") from None
+        raise CheckpointError(str(exc)) from None
     return card
 
 

@@ -51,6 +51,8 @@ def read_card(path: str | Path) -> dict[str, Any]:
         card = json.loads(meta[CARD_KEY])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"the model card in {path.name} is not valid JSON ({exc}).") from exc
+    except RecursionError:
+        raise CheckpointError(f"the model card in {path.name} is nested too deeply to be a model card.") from None
     try:
         return validate_card(card)
     except CheckpointError as exc:
@@ -68,7 +70,16 @@ def bundled_models() -> list[dict[str, Any]]:
     registry = models_dir() / "registry.json"
     if not registry.exists():
         return []
-    entries = json.loads(registry.read_text())["models"]
+    try:
+        entries = json.loads(registry.read_text(encoding="utf-8"))["models"]
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("id"), str) and isinstance(e.get("file"), str)
+                for e in entries):
+            raise ValueError("'models' must be a list of entries with an id and a file")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        reason = "no 'models' list" if isinstance(exc, (KeyError, TypeError)) else str(exc).splitlines()[0]
+        raise CheckpointError(f"the model registry {registry} cannot be read ({reason}); reinstall the extension or "
+                              "fix the file.") from None
     for e in entries:
         e["path"] = str(models_dir() / e["file"])
     return entries

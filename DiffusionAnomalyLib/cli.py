@@ -1,4 +1,10 @@
-"""The ``diffusion-anomaly`` command: phantom, train, run, evaluate, sweep, demo, import-checkpoint."""
+"""The ``diffusion-anomaly`` command: phantom, train, run, evaluate, sweep, demo, import-checkpoint.
+
+Every refusal of every verb, argument errors included, ends the command with exit code 2 and one
+``error:`` line (:func:`main`). The verbs that write a folder (phantom, run, evaluate, sweep, demo)
+hold it for the whole run (:func:`.files.output_folder`): checked before any work, locked against
+a second run, and left as it was found when the run fails.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,22 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+import torch
 from tqdm import tqdm
 
 from . import metrics, phantoms
-from .card import NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, CheckpointError, default_card, parse_steps
+from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, CheckpointError, default_card, number_from_text, parse_steps,
+                   whole_number)
 from .checkpoint import bundled_checkpoint
 from .evaluation import card_with_best_defaults, evaluate, markdown_table, sweep
 from .export import write_json, write_segmentation
 from .figures import overview_png
-from .files import OutputError, check_writable_dir
+from .files import OutputError, check_writable_dir, output_folder, staged
 from .methods import load_checkpoint
 from .networks import save_checkpoint
-from .pipeline import analyse, write_outputs
+from .pipeline import RESULT_FILES, analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
 from .reference_import import add_import_arguments
@@ -28,19 +37,25 @@ from .training import TrainConfig, train
 from .volume import VolumeError, read_volume, write_volume
 
 
+#: what ``evaluate`` writes (:func:`.evaluation.evaluate`) and ``sweep`` writes (:func:`.evaluation.sweep`)
+EVALUATION_FILES = ("metrics.json", "metrics.md")
+SWEEP_FILES = ("sweep.json",)
+
+
 def _cmd_phantom(args) -> int:
-    out = check_writable_dir(args.out)
     ext = ".nrrd" if args.format == "nrrd" else ".nii.gz"
-    for n in range(args.count):
-        seed = args.seed + n
-        case = phantoms.make_phantom(seed, n_lesions=args.lesions)
-        stem = f"phantom_{seed:06d}"
-        write_volume(case.pet, out / f"{stem}_pet{ext}")
-        write_volume(case.lesion_labels, out / f"{stem}_lesions{ext}")
-        write_json({"seed": seed, "lesions": case.lesions, **case.pet.meta}, out / f"{stem}.json")
-        print(f"{stem}: {len(case.lesions)} lesion(s) -> {out}")
-        if args.verbose:
-            print(json.dumps(case.lesions, indent=1))
+    stems = [f"phantom_{args.seed + n:06d}" for n in range(args.count)]
+    names = [f"{stem}{tail}" for stem in stems for tail in (f"_pet{ext}", f"_lesions{ext}", ".json")]
+    with output_folder(args.out, outputs=names) as out, staged(out) as stage:
+        for n, stem in enumerate(stems):
+            seed = args.seed + n
+            case = phantoms.make_phantom(seed, n_lesions=args.lesions)
+            write_volume(case.pet, stage / f"{stem}_pet{ext}")
+            write_volume(case.lesion_labels, stage / f"{stem}_lesions{ext}")
+            write_json({"seed": seed, "lesions": case.lesions, **case.pet.meta}, stage / f"{stem}.json")
+            print(f"{stem}: {len(case.lesions)} lesion(s) -> {out}")
+            if args.verbose:
+                print(json.dumps(case.lesions, indent=1))
     return 0
 
 
@@ -85,6 +100,18 @@ def _steps_argument(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _count(field: str, minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= ``minimum`` (:func:`.card.whole_number`'s sentence as the usage error)."""
+    def parse(text: str) -> int:
+        try:
+            return whole_number(number_from_text(text), field, minimum)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).rstrip(".")) from None
+
+    parse.__name__ = field
+    return parse
+
+
 def _print_table(rows) -> None:
     if not rows:
         print("no lesion candidates above the threshold")
@@ -96,40 +123,48 @@ def _print_table(rows) -> None:
 
 
 def _cmd_run(args) -> int:
-    out = check_writable_dir(args.out)  # fail before any computation if the results cannot be written
-    volume = read_volume(args.input, modality=args.modality, suv_factor=args.suv_factor)
-    model = _load_model(args)
-    bar = _progress_bar("diffusion")
-    try:
-        result = analyse(model, volume, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-                         steps=args.steps, thresholding=_thresholding(args, model.card), progress=bar)
-    finally:
-        bar.close()
-    written = write_outputs(result, out, {"input_path": str(args.input), "checkpoint": str(model.source)})
+    # the folder is checked and locked before any computation, and held until the results are in place
+    with output_folder(args.out, outputs=RESULT_FILES,
+                       inputs={"input": args.input, "checkpoint": args.checkpoint}) as out:
+        volume = read_volume(args.input, modality=args.modality, units=args.units, suv_factor=args.suv_factor)
+        model = _load_model(args)
+        bar = _progress_bar("diffusion")
+        try:
+            result = analyse(model, volume, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
+                             steps=args.steps, thresholding=_thresholding(args, model.card), progress=bar)
+        finally:
+            bar.close()
+        written = write_outputs(result, out, {"input_path": str(args.input), "checkpoint": str(model.source)})
     _print_table(result.table)
     print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    model = _load_model(args)
-    result = evaluate(model, args.phantoms, args.seed, args.out, noise_level=args.noise_level,
-                      guidance_scale=args.guidance_scale, steps=args.steps)
+    with output_folder(args.out, outputs=EVALUATION_FILES, inputs={"checkpoint": args.checkpoint}) as out:
+        model = _load_model(args)
+        with staged(out) as stage:  # both files, or neither; evaluate checks its arguments before any work
+            result = evaluate(model, args.phantoms, args.seed, stage, noise_level=args.noise_level,
+                              guidance_scale=args.guidance_scale, steps=args.steps)
     print(markdown_table(result))
     print(f"wrote {args.out}/metrics.json and metrics.md")
     return 0
 
 
 def _cmd_sweep(args) -> int:
-    model = _load_model(args)
-    if args.write_defaults is not None:
-        _check_new_checkpoint_path(args.write_defaults, model.source)
-    result = sweep(model, args.phantoms, args.seed, args.out, [int(v) for v in args.noise_levels.split(",")],
-                   [float(v) for v in args.guidance_scales.split(",")], steps=args.steps)
+    inputs = {"checkpoint": args.checkpoint, "--write-defaults file": args.write_defaults}
+    with output_folder(args.out, outputs=SWEEP_FILES, inputs=inputs) as out:
+        model = _load_model(args)
+        if args.write_defaults is not None:
+            _check_new_checkpoint_path(args.write_defaults, model.source)
+        with staged(out) as stage:  # sweep checks every grid point before any work
+            result = sweep(model, args.phantoms, args.seed, stage, args.noise_levels, args.guidance_scales,
+                           steps=args.steps)
+            if args.write_defaults is not None:  # before sweep.json is in place: both, or neither
+                card = card_with_best_defaults(model.card, result, args.command_line)
+                save_checkpoint(model.model, card, args.write_defaults)
     print(f"wrote {args.out}/sweep.json")
     if args.write_defaults is not None:
-        card = card_with_best_defaults(model.card, result, args.command_line)
-        save_checkpoint(model.model, card, args.write_defaults)
         d = card["inference_defaults"]
         print(f"wrote {args.write_defaults}: defaults noise level {d['noise_level']}, guidance scale "
               f"{d['guidance_scale']}, steps {d['steps']}")
@@ -143,9 +178,16 @@ def _check_new_checkpoint_path(path: str, source: str | None) -> None:
         raise OutputError(f"--write-defaults must name a new file, not the checkpoint being swept ({target}).")
 
 
+DEMO_FILES = ("input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png")
+
+
 def _cmd_demo(args) -> int:
+    with output_folder(args.out, outputs=RESULT_FILES + DEMO_FILES, inputs={"checkpoint": args.checkpoint}) as out:
+        return _demo(args, out)
+
+
+def _demo(args, out: Path) -> int:
     t0 = time.perf_counter()
-    out = check_writable_dir(args.out)
     model = _load_model(args)
     case = phantoms.make_phantom(args.seed, n_lesions=args.lesions)
     print(f"phantom seed {args.seed}: {len(case.lesions)} lesion(s) "
@@ -166,10 +208,10 @@ def _cmd_demo(args) -> int:
              "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc, "lesion_detection": found}
     cf = result.counterfactual.voxels if result.counterfactual is not None else None
     files = {
-        "input_pet.nrrd": lambda p: write_volume(case.pet, p),
-        "ground_truth.seg.nrrd": lambda p: write_segmentation(case.lesion_labels.voxels, case.pet, p,
+        DEMO_FILES[0]: lambda p: write_volume(case.pet, p),
+        DEMO_FILES[1]: lambda p: write_segmentation(case.lesion_labels.voxels, case.pet, p,
                                                               names=[f"True lesion {l['id']} ({l['site']})" for l in case.lesions]),
-        "overview.png": lambda p: overview_png(
+        DEMO_FILES[2]: lambda p: overview_png(
             p, case.pet.voxels, cf, result.heatmap.voxels, result.labels, case.lesion_labels.voxels,
             title=f"{model.card['id']} | phantom seed {args.seed} | Dice {dsc:.2f} | {NOT_FOR_CLINICAL_USE_SHORT}",
             vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0])),
@@ -186,27 +228,38 @@ def _cmd_demo(args) -> int:
 def _add_inference_args(p, with_threshold: bool = True, with_params: bool = True) -> None:
     p.add_argument("--checkpoint", default=None, help="model file (.safetensors, or an IgCONDA-PET .pth); default: bundled demo model")
     if with_params:
-        p.add_argument("--noise-level", type=int, default=None, help="noise level D (default: the model card's)")
-        p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale w (default: the model card's)")
+        p.add_argument("--noise-level", type=number_from_text, default=None, help="noise level D (default: the model card's)")
+        p.add_argument("--guidance-scale", type=number_from_text, default=None,
+                       help="guidance scale w (default: the model card's)")
     p.add_argument("--steps", type=_steps_argument, default=None, help=f"{STEPS_HELP} (default: the card's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="network arithmetic: auto = bf16 on CPUs with native bf16 (1.5-2x faster), else fp32")
     if with_threshold:
         p.add_argument("--threshold-method", choices=("fraction", "absolute", "otsu"), default=None)
-        p.add_argument("--threshold", type=float, default=None, help="fraction of the map maximum, or absolute value")
-        p.add_argument("--min-size-ml", type=float, default=None, help="drop lesion candidates smaller than this")
+        p.add_argument("--threshold", type=number_from_text, default=None, help="fraction of the map maximum, or absolute value")
+        p.add_argument("--min-size-ml", type=number_from_text, default=None, help="drop lesion candidates smaller than this")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the refusal format of every other error: the usage, then one ``error:`` line, exit 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog}: {_one_line(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffusion-anomaly", description=__doc__)
+    p = _Parser(prog="diffusion-anomaly", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     ph = sub.add_parser("phantom", help="write seeded synthetic PET phantoms with lesion masks")
     ph.add_argument("--out", required=True)
     ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--count", type=int, default=1)
-    ph.add_argument("--lesions", type=int, default=None, help="number of lesions (default: random 0..4)")
+    ph.add_argument("--count", type=_count("the number of phantoms", 1), default=1)
+    ph.add_argument("--lesions", type=_count("the number of lesions", 0), default=None,
+                    help="number of lesions (default: random 0..4)")
     ph.add_argument("--format", choices=("nrrd", "nifti"), default="nrrd")
     ph.add_argument("--verbose", action="store_true")
     ph.set_defaults(func=_cmd_phantom)
@@ -232,22 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--input", required=True, help="NRRD, NIfTI, a DICOM file or a DICOM series folder")
     rn.add_argument("--out", required=True)
     rn.add_argument("--modality", choices=("PT", "CT"), default=None, help="modality of a NRRD/NIfTI input")
+    rn.add_argument("--units", default=None,
+                    help="voxel units of an input that does not say (e.g. SUVbw, BQML, HU); must agree with the file")
     rn.add_argument("--suv-factor", type=float, default=None, help="explicit SUV factor for PET DICOM without the tags")
     _add_inference_args(rn)
     rn.set_defaults(func=_cmd_run)
 
     ev = sub.add_parser("evaluate", help="metrics of a model and the 41%% SUVmax baseline on held-out phantoms")
-    ev.add_argument("--phantoms", type=int, default=10)
-    ev.add_argument("--seed", type=int, default=5_000_000)
+    ev.add_argument("--phantoms", type=number_from_text, default=10)
+    ev.add_argument("--seed", type=number_from_text, default=5_000_000)
     ev.add_argument("--out", required=True)
     _add_inference_args(ev, with_threshold=False)
     ev.set_defaults(func=_cmd_evaluate)
 
     sw = sub.add_parser("sweep", help="DSC_opt over a grid of noise levels and guidance scales (unhealthy slices)")
-    sw.add_argument("--phantoms", type=int, default=3)
-    sw.add_argument("--seed", type=int, default=800_000)
-    sw.add_argument("--noise-levels", default="200,300,400,500")
-    sw.add_argument("--guidance-scales", default="0,1,3,5")
+    sw.add_argument("--phantoms", type=number_from_text, default=3)
+    sw.add_argument("--seed", type=number_from_text, default=800_000)
+    sw.add_argument("--noise-levels", default="200,300,400,500", help="comma-separated noise levels")
+    sw.add_argument("--guidance-scales", default="0,1,3,5", help="comma-separated guidance scales")
     sw.add_argument("--out", required=True)
     sw.add_argument("--write-defaults", default=None, metavar="NEW.safetensors",
                     help="also write a copy of the checkpoint whose default noise level, guidance scale and "
@@ -260,21 +315,54 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="one phantom case through the bundled model, with overview.png")
     dm.add_argument("--out", default="diffusion-anomaly-demo")
     dm.add_argument("--seed", type=int, default=7_000_001)
-    dm.add_argument("--lesions", type=int, default=3)
+    dm.add_argument("--lesions", type=_count("the number of lesions", 0), default=3)
     _add_inference_args(dm)
     dm.set_defaults(func=_cmd_demo)
     return p
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line (a reader's message may span several lines)."""
+    return " ".join(str(text).split())
+
+
+def _refusal(exc: BaseException) -> str:
+    """The one sentence of an expected failure, its cause kept."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        first = str(exc).split(".")[0]
+        return (f"the GPU ran out of memory ({first}); close other GPU programs, use --device cpu "
+                "or a smaller input")
+    if isinstance(exc, MemoryError):
+        cause = f" ({exc})" if str(exc) else ""
+        return f"not enough memory for this run{cause}; close other programs or use a smaller input"
+    if isinstance(exc, OSError) and not isinstance(exc, (OutputError, VolumeError, CheckpointError)) \
+            and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+#: what :func:`main` reports as one sentence with exit code 2; anything else is a bug and keeps its traceback.
+#: (A missing CUDA device is a ValueError of :func:`.networks.pick_device`.)
+EXPECTED_ERRORS = (VolumeError, CheckpointError, OutputError, ValueError, MemoryError, OSError,
+                   torch.cuda.OutOfMemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a verb; expected failures print one actionable sentence and exit 2 (no traceback)."""
+    """Run a verb; every refusal (argument errors included) prints one ``error:`` sentence and returns 2.
+
+    No traceback for expected failures (:data:`EXPECTED_ERRORS`); Ctrl-C returns 130 after the
+    verb has left its output folder as it found it.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, printed by _Parser.error)
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     args.command_line = " ".join(["diffusion-anomaly"] + [shlex.quote(a) for a in argv])
     try:
         return int(args.func(args) or 0)
-    except (VolumeError, CheckpointError, OutputError, ValueError, MemoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:
+        print(f"error: {_one_line(_refusal(exc))}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
         print("cancelled", file=sys.stderr)

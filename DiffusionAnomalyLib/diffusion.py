@@ -59,6 +59,10 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_from: float, abar_to: flo
     return abar_to**0.5 * x0 + (1.0 - abar_to) ** 0.5 * eps
 
 
+#: the smallest alpha_bar a DDIM move may divide by (sqrt: x0 error x 1000 at most); float32 reaches 0 beyond it
+MIN_ALPHA_BAR = 1e-6
+
+
 class DDIM:
     """The deterministic (eta = 0, no clipping) DDIM moves of a model card's schedule.
 
@@ -71,6 +75,8 @@ class DDIM:
     def __init__(self, section: dict[str, Any]):
         self.scheduler = monai_scheduler(section, DDIMScheduler, clip_sample=False)  # stride 1 (K = T)
         self.abar: list[float] = self.scheduler.alphas_cumprod.tolist()
+        #: the largest usable noise level: DDIM divides by sqrt(alpha_bar), so beyond MIN_ALPHA_BAR it amplifies noise
+        self.max_noise_level: int = max((t for t, a in enumerate(self.abar) if a > MIN_ALPHA_BAR), default=0)
 
     def move(self, x: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int, steps: Steps) -> torch.Tensor:
         """``x`` at timestep ``t_from`` moved to ``t_to`` with the noise estimate ``eps`` (on the grid of ``steps``)."""

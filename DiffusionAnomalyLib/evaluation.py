@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from . import metrics
-from .card import Steps
+from .card import SEED_RANGE_KEYS, Steps, whole_number
 from .export import write_json
 from .files import atomic_path, check_writable_dir
+from .methods.base import check_evaluations
 from .phantoms import make_phantom
 from .pipeline import lesions_from_heat
 from .postprocessing import Thresholding, suv_threshold_baseline
@@ -61,7 +62,7 @@ def _summarise(rows: list[dict[str, Any]], seconds: list[float]) -> dict[str, fl
 
 
 def check_held_out(card: dict[str, Any], seeds: list[int],
-                   kinds: tuple[str, ...] = ("train_seeds", "val_seeds", "tuning_seeds")) -> None:
+                   kinds: tuple[str, ...] = SEED_RANGE_KEYS) -> None:
     """Refuse seeds that overlap the card's training, validation or parameter-tuning seeds."""
     prov = card.get("provenance", {})
     for key in kinds:
@@ -95,13 +96,37 @@ def card_with_best_defaults(card: dict[str, Any], sweep_result: dict[str, Any], 
     return card
 
 
+def phantom_seeds(n_cases: Any, seed: Any) -> list[int]:
+    """The phantom seeds ``seed .. seed + n_cases - 1``, after checking both are whole numbers
+    (``n_cases`` >= 1, ``seed`` >= 0): the one check of the phantom count and first seed of evaluate and sweep."""
+    n_cases = whole_number(n_cases, "the number of phantoms", 1)
+    seed = whole_number(seed, "the first phantom seed", 0)
+    return list(range(seed, seed + n_cases))
+
+
+def _number_list(values: Any, what: str) -> list[Any]:
+    """A sweep axis: a list, or comma-separated text as the CLI gives it; at least one entry."""
+    if isinstance(values, str):
+        values = [v.strip() for v in values.split(",")]
+    if isinstance(values, (int, float)):
+        values = [values]
+    values = list(values)
+    if not values or any(v is None or v == "" for v in values):
+        raise ValueError(f"the sweep needs a comma-separated list of {what} with no empty entries, got {values!r}.")
+    return values
+
+
 def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level=None, guidance_scale=None,
              steps: Steps | None = None, phantom_kwargs: dict[str, Any] | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate ``model`` and the 41 % SUVmax baseline on ``n_cases`` phantoms from ``seed``; write results."""
-    out = check_writable_dir(out_dir)
-    seeds = list(range(int(seed), int(seed) + int(n_cases)))
+    """Evaluate ``model`` and the 41 % SUVmax baseline on ``n_cases`` phantoms from ``seed``; write results.
+
+    Every argument is checked (and the output folder made) before any phantom goes through the network.
+    """
+    seeds = phantom_seeds(n_cases, seed)
     check_held_out(model.card, seeds)
+    model.resolve(noise_level, guidance_scale, steps)
+    out = check_writable_dir(out_dir)
     prep = model.card["preprocessing"]
     raw_prep = {**prep, "intensity": {"scale": 1.0, "offset": 0.0, "clip": [None, None]}}
     name = model.card["method"]
@@ -198,10 +223,14 @@ def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: lis
 
     Only the unhealthy slices go through the network (the metrics need no others), and each
     noise level is encoded once for all guidance scales: the same cache logic the sliders use.
+    ``noise_levels`` and ``guidance_scales``: lists, or comma-separated text; every value is
+    checked by the model's ``resolve`` before any work, as are the total network evaluations.
     """
-    out = check_writable_dir(out_dir)
-    seeds = list(range(int(seed), int(seed) + int(n_cases)))
+    seeds = phantom_seeds(n_cases, seed)
     check_held_out(model.card, seeds, kinds=("train_seeds", "val_seeds"))  # re-tuning on tuning seeds is fine
+    noise_levels = [model.resolve(noise_level=d)["noise_level"] for d in _number_list(noise_levels, "noise levels")]
+    guidance_scales = [model.resolve(guidance_scale=w)["guidance_scale"]
+                       for w in _number_list(guidance_scales, "guidance scales")]
     steps = model.resolve(steps=steps)["steps"]
     images, truths = [], []
     for s in seeds:
@@ -213,6 +242,10 @@ def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: lis
         truths.append(truth[idx])
     x = np.concatenate(images)
     truth = np.concatenate(truths)
+    per_slice = sum(model.evaluations_per_slice({"noise_level": d, "steps": steps}, len(guidance_scales))
+                    for d in noise_levels)
+    check_evaluations(len(x) * per_slice, len(x))
+    out = check_writable_dir(out_dir)
     batch = torch.from_numpy(x).unsqueeze(1)
     grid_rows = []
     for d in noise_levels:

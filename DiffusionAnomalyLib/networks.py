@@ -8,27 +8,19 @@ null fixed at zero) whose output is fed as a context sequence of length 1.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .card import CheckpointError, validate_card
-from .checkpoint import CARD_KEY
+from .checkpoint import CARD_KEY, read_card
 from .files import atomic_path
-
-#: DiffusionModelUNet arguments a card may set (anything else is refused, so a typo is not ignored).
-UNET_ARGS = {
-    "spatial_dims", "in_channels", "out_channels", "num_res_blocks", "channels", "attention_levels",
-    "norm_num_groups", "norm_eps", "resblock_updown", "num_head_channels", "with_conditioning",
-    "transformer_num_layers", "cross_attention_dim", "num_class_embeds", "upcast_attention",
-    "dropout_cattn", "include_fc", "use_combined_linear",
-}
-
 
 class ConditionalDiffusionModel(nn.Module):
     """UNet eps(x, t, c) plus the class embedding f(c) used as cross-attention context."""
@@ -47,40 +39,145 @@ class ConditionalDiffusionModel(nn.Module):
 
 
 def build_unet(args: dict[str, Any]) -> DiffusionModelUNet:
-    unknown = set(args) - UNET_ARGS
-    if unknown:
-        raise ValueError(f"model card names unknown network arguments: {sorted(unknown)}")
+    """The MONAI UNet of a card's ``network.unet`` arguments (checked by :func:`.card.validate_card`)."""
     kwargs = dict(args)
-    for key in ("channels", "attention_levels", "num_res_blocks"):
+    for key in ("channels", "attention_levels", "num_res_blocks", "num_head_channels"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     # scaled-dot-product attention: same maths, faster on CPU and GPU
     return DiffusionModelUNet(**kwargs, use_flash_attention=True)
 
 
+#: what MONAI or torch raise for a combination of arguments they refuse (the card rules catch the known ones)
+_BUILD_ERRORS = (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, AssertionError, RuntimeError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].rstrip(".") if text else type(exc).__name__
+
+
 def build_model(card: dict[str, Any]) -> ConditionalDiffusionModel:
-    """Build the (untrained) network described by a model card's ``network`` section."""
+    """Build the (untrained) network described by a model card's ``network`` section.
+
+    A combination MONAI refuses is a CheckpointError sentence, never a traceback.
+    """
     net = card["network"]
-    unet = build_unet(net["unet"])
-    emb_cfg = net.get("class_embedding")
-    embed = None
-    if emb_cfg is not None:
-        embed = nn.Embedding(int(emb_cfg["num_classes"]), int(emb_cfg["dim"]), padding_idx=0)
+    try:
+        unet = build_unet(net["unet"])
+        emb_cfg = net.get("class_embedding")
+        embed = None
+        if emb_cfg is not None:
+            embed = nn.Embedding(int(emb_cfg["num_classes"]), int(emb_cfg["dim"]), padding_idx=0)
+    except _BUILD_ERRORS as exc:
+        raise CheckpointError(f"the network the model card describes cannot be built ({_first_line(exc)}); "
+                              "check the card's network section.") from None
     return ConditionalDiffusionModel(unet, embed)
 
 
+def expected_shapes(card: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the card's network, computed without allocating it (meta device),
+    so a card describing a huge network is compared with the file before any memory is used."""
+    net = card["network"]
+    try:
+        with torch.device("meta"):
+            unet = build_unet(net["unet"])
+    except _BUILD_ERRORS as exc:
+        raise CheckpointError(f"the network the model card describes cannot be built ({_first_line(exc)}); "
+                              "check the card's network section.") from None
+    shapes = {f"unet.{k}": tuple(v.shape) for k, v in unet.state_dict().items()}
+    emb_cfg = net.get("class_embedding")
+    if emb_cfg is not None:
+        shapes["embed.weight"] = (int(emb_cfg["num_classes"]), int(emb_cfg["dim"]))
+    return shapes
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _summary(names, limit: int = 3) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def shape_mismatch(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What differs between the tensors of a file and those of a network, in words (None: they match)."""
+    missing, unexpected = set(expected) - set(found), set(found) - set(expected)
+    other = [f"{k} {tuple(found[k])} in the file, {tuple(expected[k])} in the card"
+             for k in sorted(set(found) & set(expected)) if tuple(found[k]) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"{_count(len(missing), 'tensor')} missing ({_summary(missing)})")
+    if unexpected:
+        parts.append(f"{_count(len(unexpected), 'unexpected tensor')} ({_summary(unexpected)})")
+    if other:
+        more = " ..." if len(other) > 2 else ""
+        parts.append(f"{_count(len(other), 'tensor')} of another shape ({'; '.join(other[:2])}{more})")
+    return "; ".join(parts) or None
+
+
+def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinite values (a damaged file or a diverged training run)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"the weights in {source} contain NaN or infinite values ({_summary(bad)}); the file is "
+                              "damaged or comes from a training run that diverged.")
+
+
+def check_forward(model: ConditionalDiffusionModel, card: dict[str, Any], source: str) -> None:
+    """One forward pass on a small zero input: the output must have the input's shape and be finite.
+
+    Catches what no card rule can (MONAI refusing a combination at run time) before any file is
+    written or any case is analysed; the input is the smallest slice the network accepts (cheap).
+    """
+    unet = card["network"]["unet"]
+    side = 2 ** len(unet["channels"])  # the lowest level then has 2 pixels per side
+    spatial = (side,) * int(unet["spatial_dims"])
+    device = next(model.parameters()).device
+    x = torch.zeros((1, int(unet["in_channels"])) + spatial, device=device)
+    t = torch.zeros((1,), dtype=torch.long, device=device)
+    try:
+        with torch.inference_mode():
+            labels = torch.zeros((1,), dtype=torch.long, device=device)
+            context = model.context(labels) if model.embed is not None else None
+            out = model(x, t, context)
+    except _BUILD_ERRORS as exc:
+        raise CheckpointError(f"the network in {source} fails a test forward pass ({_first_line(exc)}); the model card "
+                              "does not describe a working network.") from None
+    expected = (1, int(unet["out_channels"])) + spatial
+    if tuple(out.shape) != expected:
+        raise CheckpointError(f"the network in {source} returns shape {tuple(out.shape)} for an input of shape "
+                              f"{tuple(x.shape)}; expected {expected}.")
+    if not bool(torch.isfinite(out).all()):
+        raise CheckpointError(f"the network in {source} returns NaN or infinite values on a test input; the weights "
+                              "are damaged.")
+
+
 def pick_device(requested: str = "auto") -> torch.device:
-    """'auto' uses CUDA when present, else CPU; 'cpu'/'cuda' force a device (clear error if absent)."""
-    requested = (requested or "auto").lower()
+    """'auto' uses CUDA when present, else CPU; 'cpu', 'cuda' or 'cuda:N' force a device.
+
+    A device that is not there is a ValueError sentence (a user's choice, not a crash).
+    """
+    if requested is not None and not isinstance(requested, str):
+        raise ValueError(f"the device must be auto, cpu or cuda, got {requested!r}.")
+    requested = (requested or "auto").strip().lower()
     if requested in ("auto", ""):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested in ("gpu", "cuda") or requested.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise RuntimeError("a GPU was requested but PyTorch sees no CUDA device; choose 'auto' or 'cpu'.")
+            raise ValueError(f"a GPU was requested (device {requested!r}) but PyTorch sees no CUDA device; "
+                             "choose 'auto' or 'cpu'.")
+        if requested.startswith("cuda:"):
+            index, count = requested[len("cuda:"):], torch.cuda.device_count()
+            if not index.isdigit() or int(index) >= count:
+                raise ValueError(f"there is no CUDA device {requested!r}: PyTorch sees {count} "
+                                 f"(cuda:0 to cuda:{count - 1}); choose one of them, 'auto' or 'cpu'.")
         return torch.device("cuda" if requested == "gpu" else requested)
     if requested == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda")
+    raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda.")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -117,28 +214,46 @@ def pick_precision(requested: str, device: torch.device) -> str:
 
 # ---- weights ------------------------------------------------------------------------------------
 def load_weights(path: str | Path, card: dict[str, Any]) -> ConditionalDiffusionModel:
-    """Build the network the card describes and load the file's weights into it, strictly."""
+    """Build the network the card describes and load the file's weights into it, strictly.
+
+    Order: tensor names and shapes are compared with the card's network before anything is
+    allocated; then the weights are read and checked for NaN / infinity; then the network is
+    built, loaded and given one test forward pass. Every failure is a CheckpointError sentence.
+    """
     path = Path(path)
     try:
-        model = build_model(card)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"the network described by the model card in {path.name} cannot be built: {exc}") from exc
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"the weights in {path.name} cannot be read ({exc}); the file may be corrupted.") from exc
+    problem = shape_mismatch(found, expected_shapes(card))
+    if problem:
+        raise CheckpointError(f"the weights in {path.name} do not match the network its model card describes: "
+                              f"{problem}.")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"the weights in {path.name} cannot be read ({exc}); the file may be corrupted.") from exc
+    check_finite_weights(state, path.name)
+    model = build_model(card)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0:3]
         raise CheckpointError(
-            f"the weights in {path.name} do not match the network its model card describes: {' '.join(first)}"
+            f"the weights in {path.name} do not match the network its model card describes: "
+            f"{' '.join(str(exc).splitlines()[:3])}"
         ) from exc
-    return model.eval()
+    model.eval()
+    check_forward(model, card, path.name)
+    return model
 
 
-def save_checkpoint(model: nn.Module, card: dict[str, Any], path: str | Path) -> Path:
-    """Write weights + card to ``path`` as one safetensors file, atomically (temp file then rename)."""
+def save_checkpoint(model: nn.Module, card: dict[str, Any], path: str | Path, verify: bool = False) -> Path:
+    """Write weights + card to ``path`` as one safetensors file, atomically (temp file then rename).
+
+    ``verify``: read the written file back (card and weights, strictly, with a test forward pass)
+    before it replaces ``path``, so a file that would not load is never left behind.
+    """
     validate_card(card)
     path = Path(path)
     if not path.parent.is_dir():
@@ -147,6 +262,8 @@ def save_checkpoint(model: nn.Module, card: dict[str, Any], path: str | Path) ->
     try:
         with atomic_path(path, suffix=".safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={CARD_KEY: json.dumps(card, sort_keys=True)})
+            if verify:
+                load_weights(tmp, read_card(tmp))
     except SafetensorError as exc:
         raise CheckpointError(f"cannot save the checkpoint to {path}: {exc}") from exc
     return path

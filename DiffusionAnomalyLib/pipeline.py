@@ -9,9 +9,7 @@ what makes a threshold slider cheap.
 
 from __future__ import annotations
 
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,12 +18,15 @@ import numpy as np
 
 from .card import Steps
 from .export import write_json, write_segmentation, write_table_csv
-from .files import OutputError, check_writable_dir
+from .files import OutputError, output_folder, staged
 from .postprocessing import Thresholding, lesion_table, segment
 from .preprocessing import ModelGrid
 from .progress import Cancel, Progress
 from .version import __version__
 from .volume import Volume, write_volume
+
+#: the files of one case's result set, as :func:`write_outputs` writes them
+RESULT_FILES = ("heatmap.nrrd", "counterfactual.nrrd", "lesions.seg.nrrd", "lesions.csv", "summary.json")
 
 
 @dataclass
@@ -97,12 +98,18 @@ def analyse(model, volume: Volume, *, noise_level: int | None = None, guidance_s
             progress: Progress | None = None, cancel: Cancel | None = None) -> CaseResult:
     """Run ``model`` on ``volume`` and post-process; everything on the input's exact grid.
 
-    A parameter left as None takes the model card's default.
+    A parameter left as None takes the model card's default. The parameters and the thresholding
+    are checked before any network evaluation (``model.resolve``, :meth:`Thresholding.check`).
     """
+    thresholding = thresholding or Thresholding.from_card(model.card)
+    model.resolve(noise_level=noise_level, guidance_scale=guidance_scale, steps=steps)
+    check = getattr(thresholding, "check", None)  # TEMPORARY until postprocessing has Thresholding.check
+    if check is not None:
+        check()
     res = model.run(volume, noise_level=noise_level, guidance_scale=guidance_scale, steps=steps,
                     progress=progress, cancel=cancel)
     case = CaseResult(volume=volume, heatmap=res.heatmap, counterfactual=res.counterfactual, card=model.card,
-                      parameters=dict(res.parameters), thresholding=thresholding or Thresholding.from_card(model.card),
+                      parameters=dict(res.parameters), thresholding=thresholding,
                       network_evaluations=res.network_evaluations, timings=dict(res.timings),
                       compute=dict(res.compute), checkpoint=getattr(model, "source", None), method=res)
     return case.threshold(roi=roi)
@@ -127,55 +134,31 @@ def summary(result: CaseResult, extra: dict[str, Any] | None = None) -> dict[str
     }
 
 
-def _move_into_place(stage: Path, out: Path) -> dict[str, Path]:
-    """Move every staged file into ``out``; on any failure restore ``out`` exactly as it was."""
-    files = sorted(f for f in stage.iterdir() if f.is_file())
-    blocked = [f.name for f in files if (out / f.name).exists() and not (out / f.name).is_file()]
-    if blocked:
-        raise OutputError(f"Cannot write the results into {out}: {', '.join(blocked)} exist(s) there as a folder.")
-    backup = stage / ".previous"
-    backup.mkdir()
-    moved: list[Path] = []
-    try:
-        for f in files:
-            target = out / f.name
-            if target.exists():
-                target.replace(backup / f.name)  # keep the previous run's file until all succeeded
-            f.replace(target)
-            moved.append(target)
-    except OSError:
-        for target in moved:
-            target.unlink(missing_ok=True)
-        for old in backup.iterdir():
-            old.replace(out / old.name)
-        raise
-    return {t.name: t for t in moved}
-
-
 def write_outputs(result: CaseResult, out_dir: str | Path,
                   extra_summary: dict[str, Any] | None = None, write_counterfactual: bool = True,
                   extra_files: dict[str, Callable[[Path], Any]] | None = None) -> dict[str, Path]:
-    """Write heatmap.nrrd, counterfactual.nrrd, lesions.seg.nrrd, lesions.csv, summary.json.
+    """Write heatmap.nrrd, counterfactual.nrrd, lesions.seg.nrrd, lesions.csv, summary.json (+ ``extra_files``).
 
-    Files are written into a hidden staging folder and moved into ``out_dir`` only when all of
-    them succeeded, so a failure leaves no partial set of outputs.
+    The folder is held for the writing (:func:`.files.output_folder`: created if missing, locked
+    against a second run, removed again if this call created it and fails) and the files are
+    written into a hidden staging folder (:func:`.files.staged`) and moved into ``out_dir`` only
+    when all of them succeeded, so a failure leaves no partial set; a counterfactual of an
+    earlier run is removed when this set has none, so the folder always holds one run's set.
     """
-    out = check_writable_dir(out_dir)
-    stage = out / f".staging-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
-        write_volume(result.heatmap, stage / "heatmap.nrrd")
-        if write_counterfactual and result.counterfactual is not None:
-            write_volume(result.counterfactual, stage / "counterfactual.nrrd")
-        write_segmentation(result.labels, result.volume, stage / "lesions.seg.nrrd")
-        write_table_csv(result.table, stage / "lesions.csv")
-        for name, writer in (extra_files or {}).items():
-            writer(stage / name)
-        write_json(summary(result, extra_summary), stage / "summary.json")
-        return _move_into_place(stage, out)
-    except OSError as exc:
-        if isinstance(exc, OutputError):
-            raise
-        raise OutputError(f"Cannot write the results into {out}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with output_folder(out_dir, outputs=(*RESULT_FILES, *(extra_files or {}))) as out:
+        try:
+            with staged(out, replaces=RESULT_FILES) as stage:
+                write_volume(result.heatmap, stage / "heatmap.nrrd")
+                if write_counterfactual and result.counterfactual is not None:
+                    write_volume(result.counterfactual, stage / "counterfactual.nrrd")
+                write_segmentation(result.labels, result.volume, stage / "lesions.seg.nrrd")
+                write_table_csv(result.table, stage / "lesions.csv")
+                for name, writer in (extra_files or {}).items():
+                    writer(stage / name)
+                write_json(summary(result, extra_summary), stage / "summary.json")
+                names = sorted(f.name for f in stage.iterdir() if f.is_file())
+        except OSError as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise OutputError(f"Cannot write the results into {out}: {exc.strerror or exc}") from exc
+    return {name: out / name for name in names}

@@ -22,6 +22,7 @@ from scipy import signal
 from skimage import measure
 from skimage.filters import threshold_otsu
 
+from .card import THRESHOLD_METHODS, check_min_size_ml, check_threshold, real_number
 from .volume import Volume
 
 __all__ = [
@@ -72,15 +73,14 @@ LESION_TABLE_COLUMNS: tuple[str, ...] = tuple(c.name for c in LESION_COLUMNS)
 #: Radius of the sphere of volume 1 cm^3 used for SUVpeak: (3 * 1000 / (4 pi))^(1/3) = 6.2035 mm.
 SUV_PEAK_RADIUS_MM: float = (3000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
 
-THRESHOLD_METHODS: tuple[str, ...] = ("fraction", "absolute", "otsu")
-
 
 @dataclass
 class Thresholding:
     """How a heat map becomes lesions: the threshold rule, its value and the minimum lesion size.
 
     ``method``: "fraction" (``value`` is a fraction of the map's maximum), "absolute" (``value`` in
-    the map's units) or "otsu" (no value). Defaults come from the model card.
+    the map's units) or "otsu" (no value). Defaults come from the model card. :meth:`check`
+    refuses what :func:`segment` would refuse, so callers can refuse before any network work.
     """
 
     method: str = "fraction"
@@ -89,7 +89,11 @@ class Thresholding:
 
     @classmethod
     def from_card(cls, card: dict[str, Any], **overrides: Any) -> "Thresholding":
-        """The card's default thresholding, with every override that is not None applied."""
+        """The card's default thresholding, with every override that is not None applied; checked.
+
+        With "otsu" the value is None: Otsu computes the threshold from the map, so a value given
+        with it (the card's, or a slider's left from another method) is not used.
+        """
         d = card.get("inference_defaults", {})
         th = d.get("threshold", {})
         out = cls(method=th.get("method", cls.method), value=th.get("value", cls.value),
@@ -99,7 +103,18 @@ class Thresholding:
                 setattr(out, k, v)
         if out.method == "otsu":
             out.value = None
-        return out
+        return out.check()
+
+    def check(self) -> "Thresholding":
+        """Raise ValueError (with the valid range) if :func:`segment` would refuse these settings; else self.
+
+        The rules are :func:`.card.check_threshold` and :func:`.card.check_min_size_ml` (None: no size filter),
+        the same the model card's defaults are held to.
+        """
+        check_threshold(self.method, self.value)
+        if self.min_size_ml is not None:
+            check_min_size_ml(self.min_size_ml)
+        return self
 
     def as_parameters(self) -> dict[str, Any]:
         """The parameter record written into summaries, reports and evaluation results."""
@@ -180,8 +195,7 @@ def threshold_value(heat: np.ndarray, method: str, value: float | None = None) -
     if arr.size == 0:
         raise ValueError("the anomaly map is empty (no voxels).")
     _check_finite(arr, "the anomaly map")
-    if method not in THRESHOLD_METHODS:
-        raise ValueError(f"unknown threshold method {method!r}; choose one of {', '.join(THRESHOLD_METHODS)}.")
+    value = check_threshold(method, value)
     if method == "otsu":
         values = arr[arr != 0]
         if values.size == 0 or values.min() == values.max():
@@ -194,19 +208,7 @@ def threshold_value(heat: np.ndarray, method: str, value: float | None = None) -
         # Otsu puts bin ``idx`` in the background; its upper edge (minus one ulp) makes
         # ``map > threshold`` select exactly the bins above it, as np.histogram assigned them.
         return float(np.nextafter(edges[idx + 1], -np.inf))
-    if value is None or isinstance(value, bool):
-        raise ValueError(f"the {method!r} threshold needs a numeric value.")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"the {method!r} threshold value must be a number, got {value!r}.") from None
-    if not math.isfinite(value):
-        raise ValueError(f"the {method!r} threshold value must be finite, got {value}.")
     if method == "fraction":
-        if not 0.0 < value <= 1.0:
-            raise ValueError(
-                f"a fractional threshold must be in (0, 1] (a fraction of the map's maximum), got {value}."
-            )
         return value * float(arr.max())
     return value
 
@@ -251,9 +253,10 @@ def segment(
     if min_size_voxels is not None and (isinstance(min_size_voxels, bool) or int(min_size_voxels) != min_size_voxels
                                         or min_size_voxels < 0):
         raise ValueError(f"min_size_voxels must be a non-negative integer, got {min_size_voxels!r}.")
-    for name, v in (("min_size_ml", min_size_ml), ("min_inplane_mm", min_inplane_mm)):
-        if v is not None and not (math.isfinite(float(v)) and float(v) >= 0):
-            raise ValueError(f"{name} must be a non-negative number, got {v!r}.")
+    if min_size_ml is not None:
+        check_min_size_ml(min_size_ml)
+    if min_inplane_mm is not None:
+        real_number(min_inplane_mm, "the minimum in-plane lesion size (mm)", 0.0)
 
     threshold = threshold_value(arr, method, value)  # also rejects NaN / inf
     mask = arr > threshold

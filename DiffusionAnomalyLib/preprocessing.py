@@ -19,30 +19,141 @@ import numpy as np
 import SimpleITK as sitk
 
 from .card import MODALITY_NAMES
-from .volume import Volume, VolumeError
+from .volume import Volume, VolumeError, canonical_modality, canonical_units, is_suv, modality_words
+
+# ---- what a PET model's input must look like (SUVbw) -------------------------------------------
+#: Declared SUV: a maximum below this is no uptake anywhere or a factor 1000 off (weight in kg where
+#: grams are needed); even fat and lung, the lowest-uptake tissues (SUV ~0.3-0.5), reach it.
+SUV_MAX_AT_LEAST = 0.2
+#: Declared SUV: no tissue concentrates tracer above this (bladder and kidneys of PSMA scans stay in
+#: the low hundreds); above it the SUV factor or the units are wrong.
+SUV_MAX_AT_MOST = 1000.0
+#: Any SUV: reconstruction noise leaves at most a few SUV below zero (OSEM reconstructions none), so
+#: lower values are not SUV.
+SUV_MIN_AT_LEAST = -10.0
+#: Any SUV: negative values (noise in air) may sum to at most this fraction of the positive ones, as
+#: the body's uptake dominates; zero-centred (normalised) images reach about 1.
+NEGATIVE_SUM_AT_MOST = 0.25
+#: Undeclared units: a maximum at or below this is a normalised [0, 1] image or a wrong scale, as every
+#: body region holds tissue above SUV 1 (blood pool ~1.5-2, liver ~2, brain and bladder far more).
+UNDECLARED_MAX_ABOVE = 1.0
+#: Undeclared units: a maximum above this is activity (kBq/ml or Bq/ml: a scan reaches thousands)
+#: or counts far more often than an SUV this high, so the user must say which it is.
+UNDECLARED_MAX_AT_MOST = 100.0
+#: Undeclared units: a minimum below this, with positive values too, is CT in HU (air is -1000 HU).
+HU_AIR_BELOW = -500.0
+#: Undeclared units: non-negative whole numbers up to this are an 8-bit picture (screenshot, PNG/JPEG
+#: export) or a label map; SUV values are fractional.
+EIGHT_BIT_MAX = 255
+
+#: How a user declares a PET volume in body-weight SUV (the command line's spelling).
+DECLARE_SUV = "--modality PT --units SUVbw"
 
 
 def check_modality(volume: Volume, card: dict[str, Any]) -> None:
-    """Refuse an input whose modality or units differ from what the card's model was trained on."""
+    """Refuse an input the card's model must not see, with one sentence saying what to do.
+
+    The modality must be the model's whenever the volume states one (any other code, MR or
+    NM included, is refused). Units, when stated, must be the model's (SUV for PET, HU for CT).
+    For a PET model the values must then look like SUV: stated SUV inside the physically
+    plausible range, and without units also like the model's input (fractional, not an 8-bit
+    picture, not activity, not HU, not zero-centred), else the user is told how to declare it.
+    The thresholds are this module's constants, each with its reason.
+    """
     want = card["modality"]
-    have = volume.modality
-    if have in MODALITY_NAMES and have != want:
+    have = canonical_modality(volume.modality)
+    if have is not None and have != want:
         raise VolumeError(
             f"this model ({card['id']}) was trained on {MODALITY_NAMES[want]} but the input is "
-            f"{MODALITY_NAMES[have]}; choose a {MODALITY_NAMES[have]} model or the matching scan."
+            f"{modality_words(have)}; choose a {MODALITY_NAMES[want]} scan or a model for {modality_words(have)}."
         )
-    vmin = float(np.nanmin(volume.voxels))
-    if want == "PT" and vmin < -50:
+    units = canonical_units(volume.units)
+    if want == "PT":
+        _check_pet_values(volume, card, units)
+    elif units is not None and units != "HU":
         raise VolumeError(
-            f"the input has strongly negative values (minimum {vmin:.0f}), which looks like CT in HU, "
-            f"but model {card['id']} expects PET in SUV; choose a CT model or a PET scan."
+            f"the CT input is in {units}, but model {card['id']} expects Hounsfield units (HU); "
+            "load the CT from its DICOM series or convert it to HU."
         )
-    units = (volume.units or "").upper()
-    if want == "PT" and units and not units.startswith("SUV"):
+
+
+def _refuse_undeclared(finding: str, card: dict[str, Any], remedy: str = "") -> VolumeError:
+    return VolumeError(
+        f"the input has no units and {finding}, not the body-weight SUV model {card['id']} expects; "
+        f"{remedy + '; ' if remedy else ''}if it really is PET in SUV, declare it ({DECLARE_SUV})."
+    )
+
+
+def _check_pet_values(volume: Volume, card: dict[str, Any], units: str | None) -> None:
+    """The value checks of :func:`check_modality` for a PET (SUVbw) model."""
+    if units is not None and not is_suv(units):
         raise VolumeError(
             f"the PET input is in {volume.units}, but model {card['id']} expects body-weight SUV; "
-            "load it from DICOM (converted to SUV automatically) or give an SUV factor."
+            "load it from DICOM (converted to SUV automatically) or give an SUV factor (--suv-factor)."
         )
+    voxels = volume.voxels
+    lo, hi = float(np.nanmin(voxels)), float(np.nanmax(voxels))
+    declared = units is not None
+    if not declared and lo < HU_AIR_BELOW and hi > 0:
+        raise VolumeError(
+            f"the input has strongly negative values (minimum {lo:.0f}), which looks like CT in HU, "
+            f"but model {card['id']} expects PET in SUV; choose a CT model or a PET scan."
+        )
+    if hi <= 0:
+        raise VolumeError(
+            f"the input has no positive values (maximum {hi:.3g}), but PET activity and SUV are never negative; "
+            "check that the right file was chosen and that no sign or scale was flipped on export."
+        )
+    if not declared:
+        if _whole_numbers(voxels):
+            if lo >= 0 and hi <= EIGHT_BIT_MAX:
+                raise _refuse_undeclared(f"holds whole numbers from {lo:.0f} to {hi:.0f} (an 8-bit picture, a "
+                                         "label map or stored counts)", card)
+            raise _refuse_undeclared(f"holds whole numbers up to {hi:,.0f} (stored counts or activity)", card,
+                                     "convert activity to SUV (load the DICOM series, or give --suv-factor)")
+        if hi > UNDECLARED_MAX_AT_MOST:
+            raise _refuse_undeclared(f"values up to {_amount(hi)}, which looks like activity (Bq/ml or kBq/ml) or a "
+                                     f"wrong scale (SUV stays below {UNDECLARED_MAX_AT_MOST:g})", card,
+                                     "convert activity to SUV (load the DICOM series, or give --suv-factor)")
+        if hi <= UNDECLARED_MAX_ABOVE:
+            raise _refuse_undeclared(f"a maximum of {hi:.3g}, which looks like a normalised image or a wrong "
+                                     f"scale (body PET in SUV exceeds {UNDECLARED_MAX_ABOVE:g})", card)
+    else:
+        if hi > SUV_MAX_AT_MOST or hi < SUV_MAX_AT_LEAST:
+            raise VolumeError(
+                f"the input says it is in {volume.units} but its maximum is {_amount(hi)}, outside the physically "
+                f"plausible SUV maximum of {SUV_MAX_AT_LEAST:g} to {SUV_MAX_AT_MOST:g}; its SUV factor (patient "
+                "weight, injected dose) or its units are wrong, so check them or the DICOM header they came from."
+            )
+    if lo < SUV_MIN_AT_LEAST:
+        raise VolumeError(
+            f"the input has values down to {_amount(lo)}, but SUV is never below {SUV_MIN_AT_LEAST:g} (reconstruction "
+            "noise stays within a few SUV of zero); check that this is a PET in SUV"
+            f"{'' if declared else f' and declare it ({DECLARE_SUV})'}."
+        )
+    negative = -float(np.sum(voxels, where=voxels < 0, dtype=np.float64))
+    positive = float(np.sum(voxels, where=voxels > 0, dtype=np.float64))
+    if negative > NEGATIVE_SUM_AT_MOST * positive:
+        raise VolumeError(
+            f"the negative values of the input sum to {negative / positive:.0%} of its positive ones, which looks "
+            "like a zero-centred (normalised) image, not PET activity or SUV; load the original PET scan."
+        )
+
+
+def _amount(value: float) -> str:
+    """A value for a sentence: 76,240 or 0.0144."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _whole_numbers(voxels: np.ndarray) -> bool:
+    """True when every voxel is a whole number (integer type, or floats without fraction); a sample decides first."""
+    if voxels.dtype.kind in "iub":
+        return True
+    flat = voxels.reshape(-1)
+    sample = flat[:: max(1, flat.size // 10000)]
+    if np.any(sample != np.round(sample)):
+        return False
+    return bool(np.all(flat == np.round(flat)))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ import io
 import pickle
 import pickletools
 import re
-import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,9 +38,10 @@ from typing import Any
 
 import torch
 
-from .card import REFERENCE_STEPS, CheckpointError, default_card, validate_card
+from .card import MAX_TIMESTEPS, REFERENCE_STEPS, UNET_ARGS, CheckpointError, default_card, validate_card, whole_number
 from .checkpoint import existing_file, read_card
-from .networks import UNET_ARGS, ConditionalDiffusionModel, build_model, load_weights, save_checkpoint
+from .networks import (ConditionalDiffusionModel, build_model, check_finite_weights, check_forward, expected_shapes,
+                       save_checkpoint)
 
 REFERENCE_FORMAT = "IgCONDA-PET reference format"
 REFERENCE_SUFFIXES = (".pth", ".pt", ".ckpt")
@@ -274,9 +274,10 @@ def _key_summary(keys: set[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _load_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> str:
-    """Load old- or new-named weights into ``unet`` strictly; returns which naming was found."""
-    target = unet.state_dict()
+def _match_unet(target: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor],
+                path: Path) -> tuple[str, dict[str, str]]:
+    """Which key naming ``state`` uses and the file key -> network key map, after checking every name and
+    shape against ``target`` (the network's tensor shapes: nothing is allocated before this passes)."""
     hint = (" The architecture was inferred from the tensor shapes; if you passed channels or attention "
             "levels explicitly, check them against the training script's values.")
     if set(state) == set(target):
@@ -297,15 +298,20 @@ def _load_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], path: Path
                 f"the weights in {path.name} do not fit the network architecture: {'; '.join(parts)}.{hint}"
             )
     bad = [
-        f"{old} {tuple(state[old].shape)} vs {tuple(target[new].shape)}"
+        f"{old} {tuple(state[old].shape)} vs {tuple(target[new])}"
         for old, new in mapping.items()
-        if tuple(state[old].shape) != tuple(target[new].shape)
+        if tuple(state[old].shape) != tuple(target[new])
     ]
     if bad:
         raise CheckpointError(
             f"the weights in {path.name} do not fit the network architecture: {len(bad)} tensors have other "
             f"shapes ({'; '.join(bad[:3])}).{hint}"
         )
+    return naming, mapping
+
+
+def _load_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, mapping: dict[str, str]) -> None:
+    """Load old- or new-named weights (already matched by :func:`_match_unet`) into ``unet``, strictly."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # load_old_state_dict prints progress
             unet.load_old_state_dict(dict(state))
@@ -320,7 +326,6 @@ def _load_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], path: Path
                 f"converting {path.name}: tensor {old} did not arrive in {new}; the file's key naming is not "
                 "the IgCONDA-PET reference's."
             )
-    return naming
 
 
 # ---- scheduler ---------------------------------------------------------------------------------
@@ -341,8 +346,9 @@ def scheduler_from_state(state: Any, path: Path) -> tuple[dict[str, Any], str]:
             return value.item()
         return value
 
+    # values are copied as stored (no int()/float()): validate_card judges them and names the field
     if "num_train_timesteps" in state:
-        sched["num_train_timesteps"] = int(plain(state["num_train_timesteps"]))
+        sched["num_train_timesteps"] = plain(state["num_train_timesteps"])
         found.append("num_train_timesteps")
     for key in ("schedule", "beta_schedule"):
         if isinstance(state.get(key), str):
@@ -353,13 +359,19 @@ def scheduler_from_state(state: Any, path: Path) -> tuple[dict[str, Any], str]:
             found.append("schedule")
     for key in ("beta_start", "beta_end"):
         if key in state:
-            sched[key] = float(plain(state[key]))
+            sched[key] = plain(state[key])
             found.append(key)
     betas = state.get("betas")
     if betas is None and isinstance(state.get("alphas_cumprod"), torch.Tensor):
         abar = state["alphas_cumprod"].double().flatten()
         betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
     if isinstance(betas, torch.Tensor) and betas.ndim == 1 and len(betas) > 1:
+        # the card's rule for T, before a schedule of that length is fitted (no allocation for an absurd one)
+        try:
+            whole_number(len(betas), f"the noise schedule stored in {path.name} (its number of betas)", 2,
+                         MAX_TIMESTEPS)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
         b = betas.double()
         start, end = float(b[0]), float(b[-1])
         if torch.allclose(b, torch.linspace(start, end, len(b), dtype=torch.float64), rtol=1e-4, atol=1e-7):
@@ -374,6 +386,10 @@ def scheduler_from_state(state: Any, path: Path) -> tuple[dict[str, Any], str]:
             )
         sched.update(num_train_timesteps=len(b), schedule=name, beta_start=round(start, 10), beta_end=round(end, 10))
         found.append("betas")
+    if sched["schedule"] == "cosine":  # no beta range: drop the defaults' (values stored in the file stay: refused)
+        for key in ("beta_start", "beta_end"):
+            if key not in found:
+                sched.pop(key, None)
     if not found:
         return sched, ("scheduler_state_dict holds no schedule parameters; METHODS.md defaults used: 1000 steps, "
                        "linear beta 1e-4..0.02")
@@ -418,7 +434,14 @@ def reference_card(path: Path, unet_args: dict[str, Any], embed_shape: tuple[int
     card["network"]["unet"] = {k: v for k, v in unet_args.items() if k in UNET_ARGS}
     card["network"]["class_embedding"] = {"num_classes": int(embed_shape[0]), "dim": int(embed_shape[1])}
     card["scheduler"] = scheduler
-    card["inference_defaults"].update({"noise_level": 400, "guidance_scale": 3.0, "steps": REFERENCE_STEPS})
+    # the paper's D = 400 of T = 1000; a shorter schedule keeps the same fraction (a bad T is refused by the card)
+    timesteps = scheduler.get("num_train_timesteps")
+    noise_level = 400
+    if isinstance(timesteps, int) and not isinstance(timesteps, bool) and 2 <= timesteps <= noise_level:
+        noise_level = max(1, round(0.4 * timesteps))
+        notes = {**notes, "scheduler": f"{notes['scheduler']}; default noise level {noise_level} (0.4 T, as the "
+                                       "paper's 400 of 1000)"}
+    card["inference_defaults"].update({"noise_level": noise_level, "guidance_scale": 3.0, "steps": REFERENCE_STEPS})
     card["provenance"] = {
         "source": f"imported from {path.name} ({REFERENCE_FORMAT})",
         "source_file": path.name,
@@ -539,22 +562,23 @@ def convert_reference_checkpoint(
         _deep_merge(card, card_overrides)
     try:
         validate_card(card)
-        model = build_model(card)
-    except CheckpointError:
-        raise
-    except (ValueError, TypeError, KeyError, AssertionError) as exc:
-        raise CheckpointError(
-            f"the architecture for {path.name} cannot be built ({exc}); check channels, attention levels and "
-            "num_head_channels (channels at attention levels must be divisible by it)."
-        ) from None
-
-    naming = _load_unet(model.unet, state, path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path.name} cannot be imported: {exc}") from None
+    # names and shapes first, on the meta device: a wrong architecture allocates nothing
+    target = {k[len("unet."):]: v for k, v in expected_shapes(card).items() if k.startswith("unet.")}
+    naming, mapping = _match_unet(target, state, path)
+    check_finite_weights(state, path.name)
+    check_finite_weights({"embed_state_dict.weight": embed_w}, path.name)
+    model = build_model(card)
+    _load_unet(model.unet, state, path, mapping)
     try:
         model.embed.load_state_dict({"weight": embed_w}, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"the class embedding in {path.name} cannot be loaded: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    check_forward(model, card, path.name)
     card["provenance"]["weights"] = f"{naming}; loaded strictly ({len(state)} UNet tensors + class embedding)"
-    return model.eval(), card
+    return model, card
 
 
 def import_checkpoint(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
@@ -573,15 +597,9 @@ def import_checkpoint(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
         raise CheckpointError(f"{dst} is a folder; give the output file name (.safetensors).")
     if dst.resolve() == src.resolve() or (dst.exists() and dst.samefile(src)):
         raise CheckpointError("the output file is the input file; choose another output name.")
-    model, card = convert_reference_checkpoint(src, **kwargs)
-    try:
-        save_checkpoint(model, card, dst)
-    except CheckpointError:
-        raise
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"could not write {dst}: {exc}") from None
-    # read back: the card parses and the weights load strictly into the network it describes
-    load_weights(dst, read_card(dst))
+    model, card = convert_reference_checkpoint(src, **kwargs)  # card validated, test forward pass done
+    # written beside dst, read back (card and weights, strictly) and only then renamed: nothing on failure
+    save_checkpoint(model, card, dst, verify=True)
     return dst
 
 
@@ -621,16 +639,13 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def run_import(args: argparse.Namespace) -> int:
-    """Run ``import-checkpoint``; prints a summary, returns 0, or 1 with a one-line error on stderr."""
-    try:
-        out = import_checkpoint(
-            args.input, args.output, channels=args.channels, attention_levels=args.attention,
-            num_res_blocks=getattr(args, "num_res_blocks", None),
-            num_head_channels=getattr(args, "num_head_channels", FALLBACK_HEAD_CHANNELS),
-        )
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    """Run ``import-checkpoint``: prints a summary and returns 0; a refusal raises CheckpointError (the CLI's
+    ``main`` prints it as one ``error:`` sentence and exits 2, like every other verb)."""
+    out = import_checkpoint(
+        args.input, args.output, channels=args.channels, attention_levels=args.attention,
+        num_res_blocks=getattr(args, "num_res_blocks", None),
+        num_head_channels=getattr(args, "num_head_channels", FALLBACK_HEAD_CHANNELS),
+    )
     card = read_card(out)
     unet = card["network"]["unet"]
     print(f"wrote {out} (model id {card['id']}; channels {unet['channels']}, attention "

@@ -7,8 +7,11 @@ Slicer's ``vtkMRMLVolumeNode.GetIJKToRASMatrix`` returns. RAS <-> LPS conversion
 in :func:`lps_ras_flip` so that geometry is carried, never guessed.
 
 Reading (:func:`read_volume`) accepts NRRD, NIfTI, a DICOM folder or one DICOM file; DICOM PET
-in Bq/ml is converted to body-weight SUV (:func:`suv_bw_factor`). Every volume that enters the
-engine passes :func:`validate_volume`, whose errors are sentences a clinician can act on.
+in Bq/ml is converted to body-weight SUV (:func:`suv_bw_factor`, whose header values must be
+present, finite and plausible). Modality and units come from the file's own metadata; a caller's
+declaration fills what the file does not say and is refused where it contradicts the file.
+Every volume that enters the engine passes :func:`validate_volume`, whose errors are sentences a
+clinician can act on.
 pydicom (about 0.25 s to import) is imported inside the DICOM functions only, so reading or
 writing NRRD/NIfTI does not pay for it.
 """
@@ -28,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .card import MODALITY_NAMES
 from .files import OutputError, atomic_path, check_writable_dir
 
 #: diag(-1, -1, 1, 1): converts LPS <-> RAS (its own inverse).
@@ -35,11 +39,44 @@ _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 #: Default size limit: 1.5 GB worth of float32 voxels (375 million voxels).
 DEFAULT_MAX_VOXELS = int(1.5e9 // 4)
+#: DICOM elements longer than this stay on disk when a header is read (pixel data: only its position and length).
+_DEFER_BYTES = 4096
 
 _NRRD_SUFFIXES = (".nrrd", ".nhdr")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: How modality/units are stored in a NIfTI header's 80-character ``descrip`` field.
 _NIFTI_DESCRIP = re.compile(r"^modality=(?P<modality>\S*) units=(?P<units>\S*)$")
+
+#: Spellings of voxel units (upper case) -> the one name the engine stores; other units are kept as written.
+_UNIT_NAMES = {
+    "SUV": "SUVbw", "SUVBW": "SUVbw", "GML": "SUVbw", "G/ML": "SUVbw",  # DICOM Units GML is body-weight SUV
+    "BQML": "BQML", "BQ/ML": "BQML", "BECQUERELS/MILLILITER": "BQML",  # Slicer's coded entry for Bq/ml
+    "HU": "HU", "HOUNSFIELD UNIT": "HU",
+}
+#: The engine's units name -> the DICOM Units (0054,1001) code it corresponds to.
+_DICOM_PET_UNITS = {"SUVbw": "GML", "BQML": "BQML"}
+
+
+def canonical_units(units: str | None) -> str | None:
+    """The engine's name for a voxel unit ("SUV", "gml" -> "SUVbw"; "Bq/ml" -> "BQML"); None when empty."""
+    text = str(units or "").strip()
+    return _UNIT_NAMES.get(text.upper(), text) or None
+
+
+def is_suv(units: str | None) -> bool:
+    """True for standardized-uptake-value units (SUVbw and the other SUV normalisations)."""
+    return (canonical_units(units) or "").upper().startswith("SUV")
+
+
+def canonical_modality(modality: str | None) -> str | None:
+    """A DICOM modality code as stored ("pt " -> "PT"); None when empty."""
+    return str(modality or "").strip().upper() or None
+
+
+def modality_words(code: str) -> str:
+    """A modality code as a user reads it: "PET (PT)", "MR"."""
+    name = MODALITY_NAMES.get(code)
+    return f"{name} ({code})" if name and name != code else code
 
 
 class VolumeError(ValueError):
@@ -262,18 +299,49 @@ def validate_volume(volume: Volume, *, max_voxels: int = DEFAULT_MAX_VOXELS, all
 # =============================================================================================
 # Reading
 # =============================================================================================
+#: What the file readers' own messages (teem's NRRD library inside ITK, ITK, GDCM) mean for a user,
+#: first match wins. Hand-written because ITK reports these only as English text, not as error codes.
+_READER_WORDS: list[tuple[re.Pattern, Any]] = [
+    (re.compile(r"fread got only (\d+) (\d+)-sized things, not (\d+)"),
+     lambda m: f"the file is truncated (its pixel data ends after {int(m[1]):,} of {int(m[3]):,} voxels); "
+               "copy or export it again"),
+    (re.compile(r"expected (\d+) bytes but received (\d+)"),
+     lambda m: f"the file is truncated (its compressed pixel data gives {int(m[2]):,} of {int(m[1]):,} bytes); "
+               "copy or export it again"),
+    (re.compile(r"couldn't open \"([^\"]+)\" \(data file"),
+     lambda m: f"its data file {m[1]} is missing or cannot be opened"),
+    (re.compile(r"trouble parsing (\w[\w ]*?) info \|(.*?)\|"),
+     lambda m: f"its header field \"{m[1]}\" has an invalid value ({m[2].strip() or 'empty'})"),
+    (re.compile(r"didn't see required field: (\w[\w ]*)"),
+     lambda m: f"its header lacks the required field \"{m[1].strip()}\""),
+    (re.compile(r"Unable to determine ImageIO reader"),
+     lambda m: "it is not in an image format SimpleITK can read (NRRD, NIfTI, DICOM, ...), or it is damaged"),
+]
+
+
 def _reader_message(exc: BaseException) -> str:
-    """The useful line of an ITK/pydicom exception (not the whole C++ trace)."""
+    """What an ITK/pydicom exception says, in a user's words where known (not the C++ trace).
+
+    Teem (ITK's NRRD library) stacks "[nrrd] function: trouble" lines with the cause last;
+    ITK puts its own line after "ERROR: ...: "; pydicom's messages are used as they are.
+    """
     text = str(exc).strip()
-    for line in text.splitlines():
-        if "ERROR" in line:
-            line = line.split("): ", 1)[-1] if "): " in line else line
-            text = line.strip()
-            break
+    for pattern, words in _READER_WORDS:
+        match = pattern.search(text)
+        if match:
+            return words(match)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    teem = [ln for ln in lines if ln.startswith("[nrrd]") and not ln.rstrip(":").endswith("trouble")]
+    if teem:
+        text = teem[-1].split(": ", 1)[-1]
     else:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        text = lines[-1] if lines else type(exc).__name__
-    return text[:300]
+        itk = [ln for ln in lines if "ERROR" in ln]
+        if itk:
+            text = itk[0].split("): ", 1)[-1] if "): " in itk[0] else itk[0]
+            text = re.sub(r"^(?:\w+: )?(?:ITK |sitk::|itk::)?ERROR: ", "", text)
+        else:
+            text = lines[-1] if lines else type(exc).__name__
+    return text.strip().rstrip(":.")[:300]
 
 
 def _suffix(path: Path) -> str:
@@ -294,6 +362,7 @@ def read_volume(
     path: str | Path,
     *,
     modality: str | None = None,
+    units: str | None = None,
     suv_factor: float | None = None,
     series_uid: str | None = None,
     validate: bool = True,
@@ -304,28 +373,55 @@ def read_volume(
     A single DICOM file loads its whole series from the same folder. A folder holding several
     series needs ``series_uid`` (the error lists them). DICOM PET in Bq/ml becomes SUVbw
     (:func:`suv_bw_factor`); an explicit ``suv_factor`` multiplies the voxels instead and skips
-    the tag logic (also for NRRD/NIfTI, which then get units "SUVbw"). ``modality`` names the
-    modality of NRRD/NIfTI files (otherwise taken from our NRRD/NIfTI header fields, else None).
-    With ``validate`` (default) the volume passes :func:`validate_volume`; without it only the
-    checks that protect the reader itself (3D, size, geometry) run, e.g. for empty label maps.
+    the tag logic (also for NRRD/NIfTI, which then get units "SUVbw"). ``modality`` (a DICOM code,
+    "PT") and ``units`` ("SUVbw", "BQML", "HU", ...) declare what the file itself does not say:
+    they fill a missing header value (our NRRD/NIfTI header fields, DICOM Modality and Units) and
+    a declaration that contradicts the file is refused. With ``validate`` (default) the volume
+    passes :func:`validate_volume`; without it only the checks that protect the reader itself
+    (3D, size, geometry) run, e.g. for empty label maps.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise VolumeError(f"file not found: {path}")
     if suv_factor is not None and not (np.isfinite(suv_factor) and suv_factor > 0):
-        raise VolumeError(f"suv_factor must be a positive number, got {suv_factor!r}.")
+        raise VolumeError(f"the SUV factor must be a positive number, got {suv_factor}.")
+    modality, units = canonical_modality(modality), canonical_units(units)
     if path.is_dir():
-        volume = _read_dicom(path, None, series_uid, modality, suv_factor, max_voxels)
+        volume = _read_dicom(path, None, series_uid, modality, units, suv_factor, max_voxels)
     elif _suffix(path) not in _NRRD_SUFFIXES + _NIFTI_SUFFIXES and _is_dicom_file(path):
-        volume = _read_dicom(path.parent, path, series_uid, modality, suv_factor, max_voxels)
+        volume = _read_dicom(path.parent, path, series_uid, modality, units, suv_factor, max_voxels)
     else:
-        volume = _read_sitk_file(path, modality, suv_factor, max_voxels)
+        volume = _read_sitk_file(path, modality, units, suv_factor, max_voxels)
     if validate:
         try:
             validate_volume(volume, max_voxels=max_voxels)
         except VolumeError as exc:
             raise VolumeError(str(exc).replace("the volume", f"{path}", 1)) from None
     return volume
+
+
+def _agree(what: str, declared: str | None, found: str | None, source: str, words=str) -> str | None:
+    """The file's own ``found`` value, else the caller's ``declared`` one; refused when both differ."""
+    if declared is not None and found is not None and declared != found:
+        raise VolumeError(
+            f"{source} gives its {what} as {words(found)}, but {words(declared)} was declared; "
+            f"remove the {what} declaration or choose the right file."
+        )
+    return found if found is not None else declared
+
+
+def _apply_suv_factor(volume: Volume, suv_factor: float, source: str) -> None:
+    """Multiply activity voxels by an explicit SUV factor (units become SUVbw); SUV or non-PET inputs are refused."""
+    if is_suv(volume.units):
+        raise VolumeError(f"{source} is already in {volume.units}; do not pass an SUV factor (it would convert twice).")
+    if volume.modality not in (None, "PT") or volume.units == "HU":
+        raise VolumeError(
+            f"an SUV factor applies to PET only, but {source} is {modality_words(volume.modality or 'CT')}; "
+            "drop the SUV factor or choose the PET scan."
+        )
+    volume.voxels = (volume.voxels.astype(np.float64) * suv_factor).astype(np.float32)
+    volume.units = "SUVbw"
+    volume.meta["suv_factor"] = float(suv_factor)
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -350,58 +446,103 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     return max(offset, 348) + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK's NIfTI reader zero-fills a truncated file silently; refuse such a file instead."""
+def _gzip_bytes(path: Path, offset: int = 0) -> int:
+    """Uncompressed size of the gzip stream starting at ``offset`` of ``path``, its CRC checked.
+
+    ITK's NRRD and NIfTI readers neither check the CRC nor notice a truncated stream (NIfTI is
+    zero-filled), so damaged pixel data would be read as plausible-looking garbage.
+    """
     import gzip
     import zlib
 
+    size = 0
+    try:
+        with open(path, "rb") as raw:
+            raw.seek(offset)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                while chunk := f.read(1 << 24):
+                    size += len(chunk)
+    except EOFError:
+        raise VolumeError(f"could not read {path}: the file is truncated (its compressed data ends early); "
+                          "copy or export it again.") from None
+    except (OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        why = "its checksum does not match" if "CRC" in str(exc) else "it cannot be decompressed"
+        raise VolumeError(f"could not read {path}: its compressed data is damaged ({why}); "
+                          "copy or export it again.") from None
+    return size
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK's NIfTI reader zero-fills a truncated file silently; refuse such a file (and a damaged .nii.gz) instead."""
     if _suffix(path) == ".nii":
         with open(path, "rb") as f:
             expected = _nifti_expected_bytes(f.read(540))
         actual = path.stat().st_size
     else:
+        import gzip
+        import zlib
+
         try:
             with gzip.open(path, "rb") as f:
                 expected = _nifti_expected_bytes(f.read(540))
         except (OSError, EOFError, zlib.error):
-            raise VolumeError(f"could not read {path}: the gzip stream is corrupt.") from None
-        if expected is None:
-            return
-        with open(path, "rb") as f:  # gzip trailer: uncompressed size mod 2**32 (fast path)
-            f.seek(-4, os.SEEK_END)
-            trailer = int.from_bytes(f.read(4), "little")
-        if trailer == expected % 2**32:
-            return
-        actual = 0  # trailer disagrees (truncated, or a multi-member gzip): count the bytes
-        try:
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    actual += len(chunk)
-        except (OSError, EOFError, zlib.error):
-            raise VolumeError(f"could not read {path}: the file is truncated or corrupt (gzip stream ends early).") from None
+            raise VolumeError(
+                f"could not read {path}: its compressed data is damaged; copy or export it again."
+            ) from None
+        actual = _gzip_bytes(path)
     if expected is not None and actual < expected:
         raise VolumeError(
             f"could not read {path}: the file is truncated ({actual:,} of {expected:,} bytes); copy or export it again."
         )
 
 
-def _read_sitk_file(path: Path, modality: str | None, suv_factor: float | None, max_voxels: int) -> Volume:
+def _check_nrrd_gzip(path: Path) -> None:
+    """Verify a gzip-encoded NRRD's data stream (attached, or one detached data file without skips)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    end = head.find(b"\n\n")
+    header = head if _suffix(path) == ".nhdr" else head[: max(end, 0)]
+    fields = {}
+    for line in header.decode("latin-1").splitlines()[1:]:
+        if ":" in line and not line.startswith("#") and ":=" not in line:
+            key, value = line.split(":", 1)
+            fields[key.strip().replace(" ", "")] = value.strip()
+    if fields.get("encoding", "").lower() not in ("gzip", "gz") or "lineskip" in fields or "byteskip" in fields:
+        return
+    data = fields.get("datafile")
+    if data is None and end >= 0 and _suffix(path) != ".nhdr":
+        _gzip_bytes(path, end + 2)
+    elif data and " " not in data and not data.startswith("LIST"):
+        target = (path.parent / data) if not Path(data).is_absolute() else Path(data)
+        if target.is_file():
+            _gzip_bytes(target)
+
+
+def _read_sitk_file(
+    path: Path, modality: str | None, units: str | None, suv_factor: float | None, max_voxels: int
+) -> Volume:
     """NRRD / NIfTI (or any other format SimpleITK reads) with its exact geometry."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise VolumeError(f"could not read {path}: the file is empty (0 bytes); copy or export it again.")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise VolumeError(f"could not read {path}: {_reader_message(exc)}") from None
+        if _suffix(path) == ".nii.gz":
+            _gzip_bytes(path)  # a damaged stream is the more precise cause than "unknown format"
+        raise VolumeError(f"could not read {path}: {_reader_message(exc)}.") from None
     if reader.GetNumberOfComponents() != 1:
         raise VolumeError(f"{path} is a vector/colour image; expected a scalar (grey-value) volume.")
     _check_shape(tuple(reader.GetSize())[::-1], str(path), max_voxels)
     if _suffix(path) in _NIFTI_SUFFIXES:
         _check_nifti_complete(path)
+    elif _suffix(path) in _NRRD_SUFFIXES:
+        _check_nrrd_gzip(path)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise VolumeError(f"could not read {path}: {_reader_message(exc)}") from None
+        raise VolumeError(f"could not read {path}: {_reader_message(exc)}.") from None
     keys = set(image.GetMetaDataKeys())
     file_modality = image.GetMetaData("modality").strip() if "modality" in keys else None
     file_units = image.GetMetaData("units").strip() if "units" in keys else None
@@ -410,21 +551,18 @@ def _read_sitk_file(path: Path, modality: str | None, suv_factor: float | None, 
         if match:
             file_modality = match["modality"] or None
             file_units = match["units"] or None
+    source = str(path)
     volume = Volume.from_sitk(
         image,
-        modality=modality or file_modality or None,
-        units=file_units or None,
-        meta={"source": str(path), "format": "nrrd" if _suffix(path) in _NRRD_SUFFIXES else _suffix(path).lstrip(".")},
+        modality=_agree("modality", modality, canonical_modality(file_modality), source, modality_words),
+        units=_agree("units", units, canonical_units(file_units), source),
+        meta={"source": source, "format": "nrrd" if _suffix(path) in _NRRD_SUFFIXES else _suffix(path).lstrip(".")},
     )
-    _check_geometry(volume.ijk_to_ras, str(path))
+    _check_geometry(volume.ijk_to_ras, source)
     if volume.units is None and volume.modality == "CT":
         volume.units = "HU"
     if suv_factor is not None:
-        if volume.units == "SUVbw":
-            raise VolumeError(f"{path} is already in SUVbw; do not pass suv_factor (it would convert twice).")
-        volume.voxels = (volume.voxels.astype(np.float64) * suv_factor).astype(np.float32)
-        volume.units = "SUVbw"
-        volume.meta["suv_factor"] = float(suv_factor)
+        _apply_suv_factor(volume, suv_factor, source)
     return volume
 
 
@@ -464,7 +602,7 @@ def list_dicom_series(directory: str | Path) -> list[DicomSeriesInfo]:
                 str(first.get("SeriesDescription", "")), str(first.get("SeriesNumber", "")), files,
             ))
     except (RuntimeError, OSError, pydicom.errors.InvalidDicomError) as exc:
-        raise VolumeError(f"could not list the DICOM series in {directory}: {_reader_message(exc)}") from None
+        raise VolumeError(f"could not list the DICOM series in {directory}: {_reader_message(exc)}.") from None
     return series
 
 
@@ -475,24 +613,155 @@ def _tag_name(keyword: str) -> str:
     return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else keyword
 
 
+def _read_header(file: Path):
+    """pydicom header of one file, its pixel data left on disk (deferred: read only its position and length)."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(file, defer_size=_DEFER_BYTES)
+    except Exception as exc:  # pydicom raises many types for damaged files (InvalidDicomError, EOFError, ...)
+        raise VolumeError(f"could not read {file}: {_reader_message(exc)}.") from None
+
+
+def _check_pixel_data(ds, file: Path) -> None:
+    """Refuse a slice whose PixelData (7FE0,0010) is absent or shorter than Rows x Columns x BitsAllocated need.
+
+    Hand-written because GDCM does not complain about such a slice: it leaves it out of the series
+    or reads garbage voxels. Compressed (encapsulated) pixel data is left to the decoder.
+    """
+    if "PixelData" not in ds:
+        raise VolumeError(f"{file} has no pixel data ({_tag_name('PixelData')} is missing); export the series again.")
+    element = ds.get_item("PixelData")
+    if getattr(element, "is_undefined_length", False) or element.length == 0xFFFFFFFF:
+        return
+    tell = getattr(element, "value_tell", None)
+    stored = element.length if tell is None else max(0, min(element.length, file.stat().st_size - tell))
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                    * int(ds.BitsAllocated) // 8 * int(ds.get("NumberOfFrames", 1) or 1))
+    except (AttributeError, TypeError, ValueError):
+        raise VolumeError(
+            f"{file} lacks a valid Rows, Columns or BitsAllocated value, so its pixel data cannot be read; "
+            "export the series again."
+        ) from None
+    if stored < expected:
+        raise VolumeError(
+            f"the pixel data of {file} is truncated ({stored:,} of {expected:,} bytes); "
+            "copy or export the series again."
+        )
+
+
+def _check_left_out(directory: Path, all_series: list[DicomSeriesInfo], uid: str) -> None:
+    """Refuse when GDCM left out a DICOM file of series ``uid`` (it drops a damaged slice silently).
+
+    The DICOM files GDCM put in no series (reports, presentation states, damaged images) are read
+    with pydicom: one that belongs to ``uid`` and is an image (image SOP class, Rows or pixel data)
+    is a slice the series would silently lack; one cut off before its SeriesInstanceUID cannot be
+    placed at all. Hand-written because GDCM reports neither.
+    """
+    from pydicom.misc import is_dicom
+    from pydicom.uid import MediaStorageDirectoryStorage
+
+    listed = {Path(f) for s in all_series for f in s.files}
+    for path in sorted(directory.iterdir()):
+        if path in listed or not path.is_file():
+            continue
+        try:
+            if not is_dicom(path):
+                continue
+        except OSError:
+            continue
+        ds = _read_header(path)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+            continue  # a DICOMDIR
+        if not str(ds.get("SeriesInstanceUID", "") or "").strip():
+            raise VolumeError(
+                f"{path} is a damaged DICOM file (it ends before its SeriesInstanceUID (0020,000E)), so it may be a "
+                "missing slice of the series; copy the series again or remove the file from the folder."
+            )
+        if str(ds.get("SeriesInstanceUID", "")) != uid:
+            continue
+        sop_class = getattr(ds.get("SOPClassUID", None), "name", "")
+        if not ("PixelData" in ds or "Rows" in ds or "Image Storage" in str(sop_class)):
+            continue  # no image (a report, a presentation state)
+        _check_pixel_data(ds, path)
+        raise VolumeError(
+            f"{path} belongs to the DICOM series in {directory} but its image cannot be read, so the series "
+            "would lack a slice; copy or export the series again."
+        )
+
+
+def _number(
+    ds, keyword: str, where: str, *, remedy: str, prefix: str = "", plausible=None, shown: str = ""
+) -> float | None:
+    """A numeric tag's value; None when absent or empty. Not a number, not finite or outside ``plausible``
+    (lo, hi, unit; ``shown`` words the range) raises :class:`VolumeError` naming the tag and ``where``."""
+    tag = _tag_name(keyword)
+    try:
+        value = ds.get(keyword, None)
+        text = "\\".join(map(str, value)) if isinstance(value, (list, tuple)) else str("" if value is None else value)
+        if not text.strip():
+            return None
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raw = ds.get_item(keyword)
+        text = raw.value.decode(errors="replace") if isinstance(getattr(raw, "value", None), bytes) else str(
+            getattr(raw, "value", ""))
+        raise VolumeError(f'{prefix}{tag} in {where} is "{text.strip()}", which is not a number; {remedy}.') from None
+    if not np.isfinite(number):
+        raise VolumeError(f"{prefix}{tag} in {where} is {text.strip()} (not a finite number); {remedy}.")
+    if plausible is not None:
+        lo, hi, unit = plausible
+        if not lo <= number <= hi:
+            raise VolumeError(
+                f"{prefix}{tag} in {where} is {number:g} {unit}, outside the plausible range "
+                f"{shown or f'{lo:g} to {hi:g} {unit}'}; {remedy}."
+            )
+    return number
+
+
+def _rescale(headers: list, files: list[Path], modality: str | None) -> tuple[list[float], list[float]]:
+    """Each slice's RescaleSlope and RescaleIntercept (0028,1053/1052), checked.
+
+    PET and CT store activity and HU only through them (DICOM type 1), so there they must be
+    present; everywhere a slope must be finite and positive and an intercept finite (GDCM would
+    otherwise use 1 and 0 silently).
+    """
+    required = modality in ("PT", "CT")
+    remedy = "the stored values cannot be turned into " + ("PET activity" if modality == "PT" else "image values") + \
+        "; export the series again"
+    slopes, intercepts = [], []
+    for ds, file in zip(headers, files):
+        slope = _number(ds, "RescaleSlope", str(file), remedy=remedy)
+        intercept = _number(ds, "RescaleIntercept", str(file), remedy=remedy)
+        for keyword, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+            if value is None and required:
+                raise VolumeError(
+                    f"{_tag_name(keyword)} is missing or empty in {file}, which a {modality_words(modality)} image "
+                    f"needs; {remedy}."
+                )
+        if slope is not None and not slope > 0:
+            raise VolumeError(f"{_tag_name('RescaleSlope')} in {file} is {slope:g}, but it must be positive; {remedy}.")
+        slopes.append(1.0 if slope is None else slope)
+        intercepts.append(0.0 if intercept is None else intercept)
+    return slopes, intercepts
+
+
 def _read_dicom(
     directory: Path,
     file: Path | None,
     series_uid: str | None,
     modality: str | None,
+    units: str | None,
     suv_factor: float | None,
     max_voxels: int,
 ) -> Volume:
     """One DICOM series: GDCM lists and orders the files, SimpleITK reads pixels/geometry, pydicom reads tags."""
-    import pydicom
-
     if file is not None:
-        try:
-            own_uid = str(pydicom.dcmread(file, stop_before_pixels=True).get("SeriesInstanceUID", ""))
-        except Exception as exc:
-            raise VolumeError(f"could not read {file}: {_reader_message(exc)}") from None
+        own_uid = str(_read_header(file).get("SeriesInstanceUID", ""))
         if series_uid is not None and series_uid != own_uid:
-            raise VolumeError(f"{file} belongs to series {own_uid!r}, not to the requested series_uid {series_uid!r}.")
+            raise VolumeError(f"{file} belongs to series {own_uid}, not to the requested series {series_uid}.")
         series_uid = own_uid
     all_series = list_dicom_series(directory)
     if not all_series:
@@ -516,7 +785,8 @@ def _read_dicom(
         chosen = matches[0]
 
     files = chosen.files
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    _check_left_out(directory, all_series, chosen.uid)
+    headers = [_read_header(f) for f in files]
     where = f"DICOM series in {directory}"
     if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
         raise VolumeError(
@@ -529,20 +799,40 @@ def _read_dicom(
     _check_slice_grid(headers, where)
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     _check_shape((len(files), rows, cols), f"the {where}", max_voxels)
+    for h, f in zip(headers, files):
+        _check_pixel_data(h, f)
 
-    dicom_modality = str(headers[0].get("Modality", "")) or None
-    if modality is not None and dicom_modality is not None and modality != dicom_modality:
-        raise VolumeError(f"the {where} has Modality {dicom_modality}, but modality={modality!r} was requested.")
-    modality = dicom_modality or modality
+    modality = _agree("modality", modality, canonical_modality(headers[0].get("Modality", "")), f"the {where}",
+                      modality_words)
+    if modality == "PT":
+        dicom_units = canonical_units(headers[0].get("Units", ""))
+        declared = _agree("units", units, dicom_units, f"the {where}")
+        if dicom_units is None and declared is not None:  # the declaration stands in for the missing Units tag
+            for h in headers:
+                h.Units = _DICOM_PET_UNITS.get(declared, declared)
+        if suv_factor is not None and is_suv(declared):
+            raise VolumeError(
+                f"the {where} is already in {declared}; do not pass an SUV factor (it would convert twice)."
+            )
+    else:
+        hu = modality == "CT" and str(headers[0].get("RescaleType", "HU")).upper() in ("HU", "")
+        units = _agree("units", units, "HU" if hu else None, f"the {where}")
 
     # SimpleITK picks the pixel type from the FIRST slice's rescale slope/intercept, so slices with a
     # different (e.g. fractional) slope would be truncated or overflow; reading as float64 makes
     # each slice use its own RescaleSlope/Intercept exactly.
-    slopes = [float(h.get("RescaleSlope", 1.0) or 1.0) for h in headers]
-    intercepts = [float(h.get("RescaleIntercept", 0.0) or 0.0) for h in headers]
+    slopes, intercepts = _rescale(headers, files, modality)
     varying = len(set(slopes)) > 1 or len(set(intercepts)) > 1
     integral = all(float(s).is_integer() for s in slopes + intercepts)
     as_float = modality == "PT" or varying or not integral
+    factors = None
+    if modality == "PT":  # the SUV tags are checked before the pixels are read
+        factors = np.full(len(files), float(suv_factor)) if suv_factor is not None else suv_factors(headers)
+    elif suv_factor is not None:
+        raise VolumeError(
+            f"an SUV factor applies to PET only, but the {where} is "
+            f"{modality_words(modality) if modality else 'of unknown modality'}; drop the SUV factor or choose the PET series."
+        )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     if as_float:
@@ -550,8 +840,8 @@ def _read_dicom(
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise VolumeError(f"could not read the {where}: {_reader_message(exc)}") from None
-    volume = Volume.from_sitk(image, modality=modality)
+        raise VolumeError(f"could not read the {where}: {_reader_message(exc)}.") from None
+    volume = Volume.from_sitk(image, modality=modality, units=units)
     if volume.voxels.shape != (len(files), rows, cols):
         raise VolumeError(f"the {where} has slices of different sizes; it cannot be read as one volume.")
     _check_geometry(volume.ijk_to_ras, f"the {where}")
@@ -562,16 +852,11 @@ def _read_dicom(
         series_description=chosen.description,
         files=[str(f) for f in files],
     )
-    if modality == "CT" and str(headers[0].get("RescaleType", "HU")).upper() in ("HU", ""):
-        volume.units = "HU"
-    if modality == "PT":
-        factors = np.full(len(files), float(suv_factor)) if suv_factor is not None else suv_factors(headers)
+    if factors is not None:
         volume.voxels = (volume.voxels * factors[:, None, None]).astype(np.float32)
         volume.units = "SUVbw"
         single = _common_factor(factors)
         volume.meta["suv_factor"] = factors.tolist() if single is None else single
-    elif suv_factor is not None:
-        raise VolumeError(f"suv_factor applies to PET only, but the {where} has Modality {modality}.")
     elif as_float:
         volume.voxels = volume.voxels.astype(np.float32)
     return volume
@@ -621,10 +906,31 @@ def _check_slice_grid(headers: list, where: str) -> None:
 
 
 # ---- PET SUV --------------------------------------------------------------------------------
+#: Plausible PatientWeight (0010,1030) in kg: from a newborn to beyond the heaviest patients PET tables carry.
+PATIENT_WEIGHT_KG = (1.0, 500.0)
+#: Plausible RadionuclideTotalDose (0018,1074) in Bq: 1 MBq (less means the dose was stored in MBq or mCi,
+#: not Bq) to 20 GBq (above any diagnostic or post-therapy PET activity).
+INJECTED_DOSE_BQ = (1e6, 2e10)
+#: Plausible RadionuclideHalfLife (0018,1075) in s: Rb-82 (76 s), the shortest-lived PET nuclide, to
+#: 10 days, beyond I-124 (4.2 days); F-18 is 6586 s.
+HALF_LIFE_S = (60.0, 864000.0)
+#: Longest plausible injection-to-scan time in half-lives of the nuclide: after 10 only 0.1 % of the
+#: activity is left (F-18: 18 h). A fixed 24 h would refuse Zr-89 immuno-PET, scanned days later.
+MAX_UPTAKE_HALF_LIVES = 10.0
+
+_SUV_REMEDY = "correct the header or pass an explicit suv_factor"
+
+
+def _pet_where(ds) -> str:
+    """ "the PET header of <file>" (pydicom keeps the file name of a dataset it read)."""
+    name = getattr(ds, "filename", None)
+    return f"the PET header of {name}" if isinstance(name, str) and name else "the PET header"
+
+
 def _missing(keyword: str, where: str = "the PET header") -> VolumeError:
     return VolumeError(
-        f"cannot convert PET to SUV: {_tag_name(keyword)} is missing or empty in {where}. "
-        "If you know the SUV factor (SUVbw = Bq/ml x weight[g] / decay-corrected dose[Bq]), "
+        f"cannot convert PET to SUV: {_tag_name(keyword)} is missing or empty in {where}; "
+        "if you know the SUV factor (SUVbw = Bq/ml x weight[g] / decay-corrected dose[Bq]), "
         "pass it explicitly as suv_factor."
     )
 
@@ -632,6 +938,15 @@ def _missing(keyword: str, where: str = "the PET header") -> VolumeError:
 def _get(ds, keyword: str, where: str = "the PET header"):
     value = ds.get(keyword, None)
     if value is None or (isinstance(value, (str, bytes)) and not str(value).strip()):
+        raise _missing(keyword, where)
+    return value
+
+
+def _suv_number(ds, keyword: str, where: str, plausible, shown: str = "") -> float:
+    """A required SUV tag: present, a finite number and inside ``plausible`` (lo, hi, unit)."""
+    value = _number(ds, keyword, where, remedy=_SUV_REMEDY, prefix="cannot convert PET to SUV: ",
+                    plausible=plausible, shown=shown)
+    if value is None:
         raise _missing(keyword, where)
     return value
 
@@ -678,7 +993,7 @@ def _date_time(ds, dt_keyword: str | None, date_keyword: str, time_keyword: str)
     except ValueError:
         raise VolumeError(
             f"cannot convert PET to SUV: {_tag_name(date_keyword)}/{_tag_name(time_keyword)} has an "
-            "invalid value; pass an explicit suv_factor."
+            f"invalid value in {_pet_where(ds)}; pass an explicit suv_factor."
         ) from None
 
 
@@ -696,60 +1011,65 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
     ADMIN: images are already decay corrected to injection, so the dose is not decayed. NONE:
     activity is at this slice's acquisition time, so the dose is decayed to that time (call once
     per slice). Units GML are SUV already (factor 1); Philips CNTS uses its SUV scale factor
-    (7053,1000). Missing tags raise :class:`VolumeError` naming the tag.
+    (7053,1000). Missing, non-numeric, non-finite or implausible values (:data:`PATIENT_WEIGHT_KG`,
+    :data:`INJECTED_DOSE_BQ`, :data:`HALF_LIFE_S`, :data:`MAX_UPTAKE_HALF_LIVES`) raise
+    :class:`VolumeError` naming the tag and the file.
     """
+    where = _pet_where(dataset)
     units = str(dataset.get("Units", "") or "").strip().upper()
     if units == "GML":
         return 1.0
     if units == "CNTS" and (0x7053, 0x1000) in dataset:
         raw = dataset[(0x7053, 0x1000)].value
-        return float(raw.decode().strip("\x00 ") if isinstance(raw, bytes) else raw)
+        text = (raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)).strip("\x00 ")
+        try:
+            scale = float(text)
+        except ValueError:
+            scale = float("nan")
+        if not (np.isfinite(scale) and scale > 0):
+            raise VolumeError(
+                f"cannot convert PET to SUV: the Philips SUV scale factor (7053,1000) in {where} is {text or 'empty'}, "
+                f"but it must be a positive number; {_SUV_REMEDY}."
+            )
+        return scale
     if not units:
-        raise _missing("Units")
+        raise _missing("Units", where)
     if units != "BQML":
         raise VolumeError(
-            f"cannot convert PET to SUV: Units (0054,1001) is {units}, but body-weight SUV needs "
-            "BQML (Bq/ml) images. Pass an explicit suv_factor if you know it."
+            f"cannot convert PET to SUV: Units (0054,1001) is {units} in {where}, but body-weight SUV needs "
+            "BQML (Bq/ml) images; pass an explicit suv_factor if you know it."
         )
-    weight_kg = float(_get(dataset, "PatientWeight"))
-    if not weight_kg > 0:
-        raise VolumeError(
-            f"cannot convert PET to SUV: PatientWeight (0010,1030) is {weight_kg} kg; pass an explicit suv_factor."
-        )
-    sequence = _get(dataset, "RadiopharmaceuticalInformationSequence")
+    weight_kg = _suv_number(dataset, "PatientWeight", where, (*PATIENT_WEIGHT_KG, "kg"))
+    sequence = _get(dataset, "RadiopharmaceuticalInformationSequence", where)
     if len(sequence) == 0:
-        raise _missing("RadiopharmaceuticalInformationSequence")
+        raise _missing("RadiopharmaceuticalInformationSequence", where)
     item = sequence[0]
-    inner = "the RadiopharmaceuticalInformationSequence (0054,0016)"
-    dose = float(_get(item, "RadionuclideTotalDose", inner))
-    if not dose > 0:
-        raise VolumeError(
-            f"cannot convert PET to SUV: RadionuclideTotalDose (0018,1074) is {dose} Bq; pass an explicit suv_factor."
-        )
-    decay = str(_get(dataset, "DecayCorrection")).strip().upper()
+    inner = f"the {_tag_name('RadiopharmaceuticalInformationSequence')} in {where}"
+    dose = _suv_number(item, "RadionuclideTotalDose", inner, (*INJECTED_DOSE_BQ, "Bq"),
+                       "1 MBq to 20 GBq, stored in Bq (370 MBq is 370000000)")
+    decay = str(_get(dataset, "DecayCorrection", where)).strip().upper()
     if decay == "ADMIN":
         return weight_kg * 1000.0 / dose
     if decay not in ("START", "NONE"):
         raise VolumeError(
-            f"cannot convert PET to SUV: DecayCorrection (0054,1102) is {decay!r} (expected START, ADMIN or "
+            f"cannot convert PET to SUV: DecayCorrection (0054,1102) in {where} is {decay} (expected START, ADMIN or "
             "NONE); pass an explicit suv_factor."
         )
-    half_life = float(_get(item, "RadionuclideHalfLife", inner))
-    if not half_life > 0:
-        raise VolumeError(f"cannot convert PET to SUV: RadionuclideHalfLife (0018,1075) is {half_life} s.")
+    half_life = _suv_number(item, "RadionuclideHalfLife", inner, (*HALF_LIFE_S, "s"),
+                            "60 s to 10 days, in seconds (F-18: 6586 s)")
 
     acquisition = _acquisition_datetime(dataset)
     if decay == "START":
         scan = _date_time(dataset, None, "SeriesDate", "SeriesTime")
         if scan is None:
-            raise _missing("SeriesTime" if str(dataset.get("SeriesDate", "") or "").strip() else "SeriesDate")
+            raise _missing("SeriesTime" if str(dataset.get("SeriesDate", "") or "").strip() else "SeriesDate", where)
         earliest = earliest_acquisition or acquisition
         if earliest is not None and scan > earliest:
             scan = earliest  # series time was reset by post-processing; the acquisition started earlier
     else:  # NONE: this slice's activity is measured at its own acquisition time
         scan = acquisition
         if scan is None:
-            raise _missing("AcquisitionTime")
+            raise _missing("AcquisitionTime", where)
 
     try:
         if str(item.get("RadiopharmaceuticalStartDateTime", "") or "").strip():
@@ -766,13 +1086,20 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
             raise
         raise VolumeError(
             "cannot convert PET to SUV: RadiopharmaceuticalStartTime (0018,1072) / StartDateTime (0018,1078) "
-            "has an invalid value; pass an explicit suv_factor."
+            f"has an invalid value in {inner}; pass an explicit suv_factor."
         ) from None
     elapsed = (scan - injection).total_seconds()
     if elapsed < 0:
         raise VolumeError(
-            f"cannot convert PET to SUV: the injection time ({injection}) is after the scan time ({scan}); "
+            f"cannot convert PET to SUV: the injection time ({injection}) is after the scan time ({scan}) in {where}; "
             "check RadiopharmaceuticalStartTime (0018,1072) or pass an explicit suv_factor."
+        )
+    if elapsed > MAX_UPTAKE_HALF_LIVES * half_life:
+        raise VolumeError(
+            f"cannot convert PET to SUV: the scan time ({scan}) is {elapsed / 3600:.1f} h after the injection "
+            f"({injection}) in {where}, more than {MAX_UPTAKE_HALF_LIVES:g} half-lives of the nuclide "
+            f"({half_life:g} s), when almost no activity is left; check the injection and series date/time "
+            "(RadiopharmaceuticalStartDateTime (0018,1078), SeriesDate (0008,0021)) or pass an explicit suv_factor."
         )
     decayed_dose = dose * 2.0 ** (-elapsed / half_life)
     return weight_kg * 1000.0 / decayed_dose
@@ -839,7 +1166,7 @@ def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Pat
     except OutputError:
         raise
     except (RuntimeError, OSError) as exc:  # SimpleITK reports unknown formats and I/O failures as RuntimeError
-        raise OutputError(f"Cannot write {path}: {_reader_message(exc)}") from None
+        raise OutputError(f"Cannot write {path}: {_reader_message(exc)}.") from None
     return path
 
 

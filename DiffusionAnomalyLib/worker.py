@@ -19,7 +19,17 @@ Protocol: one JSON object per line. Requests on stdin::
 The input volume is an NRRD written with :func:`volume.write_volume` (geometry, modality and
 units in its header). ``steps`` is read by :func:`card.parse_steps`: absent, ``null`` or ``""`` =
 the model card's default; ``"reference"`` = the stride-1 reference loop; an integer >= 1 = that
-many strided DDIM steps. Messages on stdout::
+many strided DDIM steps.
+
+Every request is checked before any work (:data:`REQUEST_FIELDS`): it must be one JSON object;
+a key the command does not know is refused (a misspelt ``"guidance"`` would otherwise silently
+run with the card's default); ``input`` and ``out_dir`` are non-empty strings, ``modality`` and
+``units`` strings or null, ``seed`` a JSON integer or null, ``counterfactual`` true/false;
+``noise_level``, ``guidance_scale`` and ``steps`` are checked by the model's ``resolve`` (a whole
+number from 1 to T - 1, a finite number >= 0, steps; a number may come as text, "20" but never
+"20.7"), null meaning the card's default; the output folder must exist and be writable. A
+refusal is one error message with the sentence (no ``detail`` traceback: that is kept for bugs).
+Messages on stdout::
 
     {"type": "ready", "model_id": ..., "device": "cpu", "gpu": false, "precision": "bf16", "card": {...}}
     {"type": "progress", "id": 1, "fraction": 0.42, "message": "decoding ..."}
@@ -39,7 +49,6 @@ ending the process tree (``DiffusionAnomalyModuleLib.process.WorkerClient.termin
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import queue
@@ -50,9 +59,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from .card import CheckpointError, parse_steps
+from .card import CheckpointError, shown, whole_number
 from .export import to_jsonable
-from .files import OutputError, check_writable_dir
+from .files import OutputError, check_writable_dir, process_watch
 from .volume import VolumeError, read_volume, write_volume
 
 PROTOCOL_VERSION = 1
@@ -111,18 +120,14 @@ class Worker:
     def run(self, request: dict[str, Any], progress: Callable[[float, str], None]) -> dict[str, Any]:
         import torch  # imported where used, as in main(), which reports a broken torch as a message
 
-        for key in ("input", "out_dir"):
-            if not request.get(key):
-                raise ValueError(f"the run request has no '{key}'.")
-        out = check_writable_dir(request["out_dir"], create=False)  # before minutes of diffusion, not after
-        volume = read_volume(request["input"], modality=request.get("modality"))
-        if request.get("units") and not volume.units:
-            volume.units = request["units"]
+        check_request(request)
+        # every check before minutes of diffusion, not after: parameters, output folder, input
+        params = self.model.resolve(request.get("noise_level"), request.get("guidance_scale"), request.get("steps"))
+        out = check_writable_dir(request["out_dir"], create=False)
+        volume = read_volume(request["input"], modality=request.get("modality"), units=request.get("units"))
         if request.get("seed") is not None:
             torch.manual_seed(int(request["seed"]))
-        result = self.model.run(volume, noise_level=request.get("noise_level"),
-                                guidance_scale=request.get("guidance_scale"),
-                                steps=parse_steps(request.get("steps")), progress=progress)
+        result = self.model.run(volume, progress=progress, **params)
         # uncompressed: temporary files, read back at once by the UI process (decompression would stall it)
         heat = write_volume(result.heatmap, out / "heatmap.nrrd", compress=False)
         cf = None
@@ -138,40 +143,76 @@ class Worker:
                 "model_id": self.model.card["id"], "device": str(self.model.device)}
 
 
+#: The keys each command accepts (``id`` and ``cmd`` always); any other key is refused.
+REQUEST_FIELDS: dict[str, frozenset[str]] = {
+    "run": frozenset({"input", "out_dir", "modality", "units", "noise_level", "guidance_scale", "steps", "seed",
+                      "counterfactual"}),
+    "stats": frozenset(),
+    "quit": frozenset(),
+}
+
+#: Largest seed accepted: the top of the signed 64-bit range every random generator (torch, NumPy) takes.
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(ValueError):
+    """A request the worker cannot take (not JSON, not an object, a wrong field); the message says why."""
+
+
+def parse_request(line: str) -> dict[str, Any]:
+    """One request line as a JSON object with a usable ``id``; RequestError (a sentence) otherwise."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"the worker could not read a request: it is not valid JSON ({exc.msg} at character "
+                           f"{exc.pos}); send one JSON object per line.") from None
+    if not isinstance(request, dict):
+        raise RequestError(f"a worker request must be a JSON object such as {{\"cmd\": \"stats\"}}, "
+                           f"got {shown(request)}.")
+    request_id = request.get("id")
+    if not (request_id is None or isinstance(request_id, str)
+            or (isinstance(request_id, int) and not isinstance(request_id, bool))):
+        raise RequestError(f"the request id must be a whole number or a text, got {shown(request_id)}.")
+    return request
+
+
+def check_command(request: dict[str, Any]) -> str:
+    """The request's ``cmd``, after refusing an unknown command or a key the command does not know."""
+    cmd = request.get("cmd")
+    if not isinstance(cmd, str) or cmd not in REQUEST_FIELDS:
+        known = ", ".join(REQUEST_FIELDS)
+        raise RequestError(f"unknown worker command {shown(cmd)}; use {known}." if "cmd" in request else
+                           f"the request has no 'cmd'; use {known}.")
+    unknown = sorted(set(request) - REQUEST_FIELDS[cmd] - {"id", "cmd"})
+    if unknown:
+        allowed = ", ".join(sorted(REQUEST_FIELDS[cmd])) or "none besides id and cmd"
+        raise RequestError(f"the {cmd} request has unknown field(s) {', '.join(map(repr, unknown))} "
+                           f"(allowed: {allowed}).")
+    return cmd
+
+
+def check_request(request: dict[str, Any]) -> None:
+    """The run request's own fields (the method parameters are checked by the model's ``resolve``)."""
+    for key in ("input", "out_dir"):
+        if request.get(key) in (None, ""):
+            raise RequestError(f"the run request has no '{key}'.")
+        if not isinstance(request[key], str):
+            raise RequestError(f"the run request's '{key}' must be a path as text, got {shown(request[key])}.")
+    for key in ("modality", "units"):
+        if not (request.get(key) is None or isinstance(request[key], str)):
+            raise RequestError(f"the run request's '{key}' must be a text or null, got {shown(request[key])}.")
+    if request.get("seed") is not None:
+        whole_number(request["seed"], "the run request's 'seed'", 0, MAX_SEED)
+    if not isinstance(request.get("counterfactual", True), bool):
+        raise RequestError(f"the run request's 'counterfactual' must be true or false, "
+                           f"got {shown(request['counterfactual'])}.")
+
+
 def _error(request_id: Any, exc: BaseException) -> dict[str, Any]:
     msg = {"type": "error", "id": request_id, "kind": type(exc).__name__, "message": str(exc) or type(exc).__name__}
-    if not isinstance(exc, (VolumeError, CheckpointError, OutputError, ValueError)):
+    if not isinstance(exc, (VolumeError, CheckpointError, OutputError, ValueError, MemoryError)):
         msg["detail"] = traceback.format_exc()  # unexpected: keep the traceback for the log
     return msg
-
-
-def process_watch(pid: int) -> Callable[[], bool]:
-    """A callable telling whether process ``pid`` is still running."""
-    if os.name == "nt":
-        # Untested here (no Windows CI). os.kill(pid, 0) would *terminate* the process on Windows;
-        # hold a handle and ask whether it is signalled (the handle also keeps the pid from reuse).
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        kernel32.OpenProcess.restype = ctypes.c_void_p
-        kernel32.OpenProcess.argtypes = (ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32)
-        kernel32.WaitForSingleObject.restype = ctypes.c_uint32
-        kernel32.WaitForSingleObject.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
-        synchronize, wait_timeout, error_invalid_parameter = 0x00100000, 0x102, 87
-        handle = kernel32.OpenProcess(synchronize, False, pid)
-        if not handle:
-            gone = ctypes.get_last_error() == error_invalid_parameter  # no such process
-            return lambda: not gone  # otherwise (no access): cannot watch, assume it runs
-        return lambda: kernel32.WaitForSingleObject(handle, 0) == wait_timeout
-
-    def alive() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    return alive
 
 
 class Watchdog:
@@ -244,19 +285,17 @@ def serve(worker: Worker, requests: Iterable[str], channel: Channel) -> int:
             continue
         request_id = None
         try:
-            request = json.loads(line)
+            request = parse_request(line)
             request_id = request.get("id")
-            cmd = request.get("cmd")
+            cmd = check_command(request)
             if cmd == "run":
                 out = worker.run(request, throttled_progress(channel, request_id))
                 channel.send({"type": "result", "id": request_id, **out})
             elif cmd == "stats":
                 channel.send({"type": "stats", "id": request_id, **worker.stats()})
-            elif cmd == "quit":
+            else:  # quit
                 channel.send({"type": "bye", "id": request_id})
                 return 0
-            else:
-                raise ValueError(f"unknown worker command {cmd!r}.")
         except Exception as exc:  # noqa: BLE001 - every failure becomes one error message
             channel.send(_error(request_id, exc))
     return 0

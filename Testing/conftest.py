@@ -145,13 +145,15 @@ def snapshot(*paths) -> dict:
     state = {}
     for root in paths:
         root = Path(root)
-        if not root.exists():
+        if not os.path.lexists(root):
             state[str(root)] = None
             continue
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*"))
+        files = [root] if not root.is_dir() or root.is_symlink() else sorted(root.rglob("*"))
         for p in files:
             key = str(p)
-            if p.is_dir():
+            if p.is_symlink():  # recorded, not followed: a broken link is a state too
+                state[key] = ("link", os.readlink(p))
+            elif p.is_dir():
                 state[key] = ("dir", os.stat(p).st_mode)
             else:
                 state[key] = (hashlib.sha256(p.read_bytes()).hexdigest(), os.stat(p).st_mode)
@@ -170,3 +172,20 @@ def run_refused(capsys, *argv, watch=()) -> str:
     assert code == 2, f"exit code {code} for {line}"
     assert snapshot(*watch) == before, f"something changed on disk although the run was refused: {line}"
     return line
+
+
+#: with :func:`set_field`: remove the entry instead of setting it
+DELETE = object()
+
+
+def set_field(card: dict, path: str, value) -> dict:
+    """``card`` with the entry at a dotted path (e.g. 'network.unet.channels') set to ``value`` (removed for DELETE)."""
+    *parents, last = path.split(".")
+    node = card
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return card

@@ -260,7 +260,8 @@ def test_explicit_architecture_arguments_override_and_are_checked(reference):
         convert_reference_checkpoint(path, attention_levels=(0, 0, 1))
     with pytest.raises(CheckpointError, match="do not fit the network architecture"):
         convert_reference_checkpoint(path, channels=(32, 32, 64))
-    with pytest.raises(CheckpointError, match="cannot be built"):
+    with pytest.raises(CheckpointError, match=r"checkpoint_ep00400.pth cannot be imported: the model card's "
+                                              r"network.unet.norm_num_groups must divide every entry"):
         convert_reference_checkpoint(path, channels=(30, 30, 30))
 
 
@@ -320,8 +321,8 @@ def test_cli_import(reference, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
     args = parser.parse_args(["import-checkpoint", "--input", str(tmp_path / "none.pth"), "--output", str(out)])
-    assert args.func(args) == 1
-    assert "not found" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="not found"):  # the CLI's main prints it and exits 2
+        args.func(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["import-checkpoint", "--input", "a", "--output", "b", "--attention", "0,x,1"])
 
@@ -528,4 +529,79 @@ def test_invalid_card_is_refused_before_writing(tmp_path):
     del card["labels"]
     with pytest.raises(CheckpointError, match="no 'labels' entry"):
         save_checkpoint(tiny_model(0), card, tmp_path / "model.safetensors")
+    assert files_in(tmp_path) == []
+
+
+# ---- issue 7: checks before anything is allocated, written or run ------------------------------------------
+def test_short_and_cosine_reference_schedules_are_imported(reference, tmp_path):
+    _, unet, embed = reference
+    path = write_reference_pth(tmp_path / "cosine.pth", unet, embed, {"beta_schedule": "cosine",
+                                                                       "num_train_timesteps": 300})
+    _, card = convert_reference_checkpoint(path)
+    assert card["scheduler"] == {"num_train_timesteps": 300, "schedule": "cosine"}  # no beta range for cosine
+    assert card["inference_defaults"]["noise_level"] == 120  # the paper's 0.4 T, inside the schedule
+    assert "default noise level 120" in card["provenance"]["scheduler"]
+
+
+def test_nan_weights_in_a_reference_file_are_named_as_such(reference, tmp_path):
+    _, unet, embed = reference
+    old = to_old_naming(unet.state_dict())
+    old["conv_in.conv.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save({"model_state_dict": old, "embed_state_dict": embed.state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"nan.pth contain NaN or infinite values \(conv_in.conv.weight\)"):
+        convert_reference_checkpoint(path)
+
+
+def test_too_many_betas_is_a_checkpoint_error(reference, tmp_path):
+    _, unet, embed = reference
+    path = write_reference_pth(tmp_path / "long.pth", unet, embed, {"betas": torch.linspace(1e-4, 0.02, 100_001)})
+    with pytest.raises(CheckpointError, match=r"number of betas\) must be a whole number from 2 to 100000"):
+        convert_reference_checkpoint(path)
+
+
+def test_a_card_describing_a_huge_network_allocates_nothing(saved, tmp_path):
+    """Names and shapes are compared on the meta device: a 40-billion-parameter card is refused at once."""
+    path, model, card = saved
+    huge = copy.deepcopy(card)
+    huge["network"]["unet"].update(channels=[2048] * 6, attention_levels=[True] * 6, num_res_blocks=16)
+    target = tmp_path / "huge.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target),
+              metadata={"model_card": json.dumps(huge)})
+    with pytest.raises(CheckpointError, match="do not match the network its model card describes: .*another shape"):
+        load_checkpoint(target)
+
+
+def test_a_network_that_fails_its_test_forward_pass_is_refused(saved, monkeypatch):
+    from DiffusionAnomalyLib import networks
+
+    path, model, card = saved
+    built = networks.build_model(copy.deepcopy(card))
+    built.load_state_dict(model.state_dict())
+    networks.check_forward(built, card, "ok.safetensors")  # control
+    monkeypatch.setattr(type(built.unet), "forward", lambda self, x, timesteps, context=None: x[..., :-1])
+    with pytest.raises(CheckpointError, match=r"returns shape \(1, 1, 8, 7\) for an input of shape \(1, 1, 8, 8\)"):
+        networks.check_forward(built, card, "bad.safetensors")
+    monkeypatch.setattr(type(built.unet), "forward", lambda self, x, timesteps, context=None: x / 0.0)
+    with pytest.raises(CheckpointError, match="NaN or infinite values on a test input"):
+        networks.check_forward(built, card, "bad.safetensors")
+
+    def refuse(self, x, timesteps, context=None):
+        raise RuntimeError("Sizes of tensors must match except in dimension 1.\nmore detail")
+
+    monkeypatch.setattr(type(built.unet), "forward", refuse)
+    with pytest.raises(CheckpointError, match=r"fails a test forward pass \(Sizes of tensors must match except in "
+                                              r"dimension 1\); the model card does not describe a working network\.$"):
+        networks.check_forward(built, card, "bad.safetensors")
+
+
+def test_a_verified_save_that_fails_leaves_nothing(tmp_path, monkeypatch):
+    from DiffusionAnomalyLib import networks
+
+    def failing_check(model, card, source):
+        raise CheckpointError("test forward pass failed")
+
+    monkeypatch.setattr(networks, "check_forward", failing_check)
+    with pytest.raises(CheckpointError, match="test forward pass failed"):
+        save_checkpoint(tiny_model(0), tiny_card(), tmp_path / "model.safetensors", verify=True)
     assert files_in(tmp_path) == []

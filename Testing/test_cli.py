@@ -15,7 +15,7 @@ from DiffusionAnomalyLib import cli, evaluation
 from DiffusionAnomalyLib import metrics as metrics_module
 from DiffusionAnomalyLib.phantoms import make_phantom
 from DiffusionAnomalyLib.pipeline import analyse
-from DiffusionAnomalyLib.volume import Volume, read_volume, write_volume
+from DiffusionAnomalyLib.volume import Volume, VolumeError, read_volume, write_volume
 
 from conftest import SMALL_PHANTOM_KWARGS, TRAIN_SEEDS, VAL_SEEDS, error_line
 
@@ -151,12 +151,48 @@ def test_steps_reference_runs_the_stride_1_loop_and_zero_is_refused(tmp_path, ca
     assert summary["parameters"]["steps"] == "reference"
     # stride 1: D encode and 2 D decode evaluations per model slice (D = 4)
     assert summary["network_evaluations"] % (3 * 4) == 0 and summary["network_evaluations"] > 0
-    with pytest.raises(SystemExit) as info:
-        cli.main(["run", "--checkpoint", str(tiny_checkpoint), "--input", str(pet_file), "--out",
-                  str(tmp_path / "zero"), "--steps", "0"])
-    assert info.value.code == 2
-    assert "steps must be >= 1 (or 'reference'" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out",
+                           tmp_path / "zero", "--steps", "0")
+    assert code == 2  # an argument error is a refusal like every other: exit 2, one error line
+    assert "steps must be >= 1 (or 'reference'" in error_line(err)
     assert not (tmp_path / "zero").exists()
+
+
+def test_demo_writes_its_set_of_files(tmp_path, capsys, tiny_checkpoint):
+    out = tmp_path / "demo"
+    code, stdout, _ = run_cli(capsys, "demo", "--checkpoint", tiny_checkpoint, "--out", out, "--steps", 1)
+    assert code == 0 and "not for clinical use" in stdout
+    assert listing(out) == RUN_OUTPUTS | {"input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["phantom_seed"] == 7_000_001 and summary["parameters"]["steps"] == 1
+
+
+def test_run_passes_units_and_modality_to_the_reader(tmp_path, capsys, tiny_checkpoint, pet_file, monkeypatch):
+    seen = {}
+
+    def reader(path, **kwargs):
+        seen.update(kwargs)
+        raise VolumeError("stop here")
+
+    monkeypatch.setattr(cli, "read_volume", reader)
+    out = tmp_path / "results"
+    code, _, err = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out,
+                           "--modality", "PT", "--units", "BQML")
+    assert code == 2 and error_line(err) == "error: stop here"
+    assert (seen["modality"], seen["units"], seen["suv_factor"]) == ("PT", "BQML", None)
+    assert not out.exists()
+
+
+def test_help_exits_0_and_argument_errors_are_one_error_line(capsys):
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["run", "--help"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--out", "x"]) == 2  # --input missing
+    assert "the following arguments are required: --input" in error_line(capsys.readouterr().err)
+    assert cli.main(["phantom", "--out", "x", "--count", "0"]) == 2
+    assert "the number of phantoms must be a whole number >= 1, got 0" in error_line(capsys.readouterr().err)
+    assert cli.main(["nonsense"]) == 2
+    assert "invalid choice: 'nonsense'" in error_line(capsys.readouterr().err)
 
 
 def _write_sitk(image: sitk.Image, path: Path) -> Path:

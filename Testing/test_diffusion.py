@@ -232,3 +232,26 @@ def test_bf16_counterfactual_is_deterministic_and_close_to_fp32(tiny_net):
     assert not torch.equal(a, ref), "bf16 was requested but the network ran in fp32"
     # bf16 keeps ~3 significant digits in the network; the DDIM update stays fp32
     assert float((a - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+def test_the_usable_noise_levels_stop_where_alpha_bar_vanishes(tiny_card):
+    from DiffusionAnomalyLib.diffusion import DDIM, MIN_ALPHA_BAR
+
+    assert DDIM(tiny_card["scheduler"]).max_noise_level == 999  # the demo schedule: every level usable
+    steep = DDIM({"num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 0.5})
+    d = steep.max_noise_level
+    assert d < 609 and steep.abar[d] > MIN_ALPHA_BAR >= steep.abar[d + 1]
+
+
+def test_a_card_whose_default_noise_level_breaks_its_schedule_is_refused_at_load(tiny_card):
+    import copy
+
+    from DiffusionAnomalyLib.card import CheckpointError
+    from DiffusionAnomalyLib.methods.igconda import IgcondaModel
+    from DiffusionAnomalyLib.networks import build_model
+
+    card = copy.deepcopy(tiny_card)
+    card["scheduler"].update(beta_start=1e-4, beta_end=0.5)
+    card["inference_defaults"]["noise_level"] = 700
+    with pytest.raises(CheckpointError, match="default noise level must be at most"):
+        IgcondaModel(build_model(card), card, device="cpu")

@@ -21,7 +21,14 @@ from DiffusionAnomalyLib.export import (
     write_segmentation,
     write_table_csv,
 )
-from DiffusionAnomalyLib.files import OutputError, check_writable_dir
+from DiffusionAnomalyLib.files import (
+    LOCK_NAME,
+    OutputError,
+    check_output_folder,
+    check_writable_dir,
+    output_folder,
+    staged,
+)
 from DiffusionAnomalyLib.postprocessing import LESION_TABLE_COLUMNS, lesion_table, segment
 from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix, lps_ras_flip
 
@@ -290,3 +297,45 @@ def test_unwritable_folder_permissions(tmp_path, reference, labels):
     finally:
         folder.chmod(0o700)
 
+
+
+def test_check_output_folder_creates_nothing(tmp_path):
+    target = tmp_path / "a" / "b"
+    assert check_output_folder(target) == target
+    assert listing(tmp_path) == []
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(OutputError, match="cannot be created .*file.txt is a file"):
+        check_output_folder(tmp_path / "file.txt" / "sub" / "out")
+    with pytest.raises(OutputError, match="file.txt is a file, not a folder"):
+        check_output_folder(tmp_path / "file.txt")
+    assert listing(tmp_path) == ["file.txt"]
+
+
+def test_output_folder_holds_a_lock_and_removes_what_a_failure_created(tmp_path):
+    out = tmp_path / "new" / "out"
+    with output_folder(out) as held:
+        assert held == out and listing(out) == [LOCK_NAME]
+        record = json.loads((out / LOCK_NAME).read_text())
+        assert record["pid"] == os.getpid()
+    assert listing(out) == []  # success: the folder stays, the lock goes
+    with pytest.raises(RuntimeError):
+        with output_folder(tmp_path / "other" / "out"):
+            raise RuntimeError("the run failed")
+    assert listing(tmp_path) == ["new"]
+
+
+def test_staged_moves_a_whole_set_or_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old a")
+    (out / "b.txt").write_text("old b")
+    (out / "user.txt").write_text("not ours")
+    with staged(out, replaces=("a.txt", "b.txt")) as stage:
+        (stage / "a.txt").write_text("new a")
+    assert listing(out) == ["a.txt", "user.txt"]  # b.txt belonged to the previous set
+    assert (out / "a.txt").read_text() == "new a"
+    with pytest.raises(ValueError):
+        with staged(out) as stage:
+            (stage / "a.txt").write_text("newer a")
+            raise ValueError("a writer failed")
+    assert listing(out) == ["a.txt", "user.txt"] and (out / "a.txt").read_text() == "new a"

@@ -9,9 +9,11 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
+from DiffusionAnomalyLib.card import default_card
 from DiffusionAnomalyLib.postprocessing import (
     LESION_TABLE_COLUMNS,
     SUV_PEAK_RADIUS_MM,
+    Thresholding,
     lesion_table,
     segment,
     suv_threshold_baseline,
@@ -82,20 +84,58 @@ def test_threshold_value_methods(heat):
     assert 0.7 <= otsu < 0.8
 
 
-@pytest.mark.parametrize(
-    "method, value, message",
-    [
-        ("median", 0.5, "unknown threshold method"),
-        ("fraction", 0.0, r"\(0, 1\]"),
-        ("fraction", 1.5, r"\(0, 1\]"),
-        ("fraction", None, "numeric value"),
-        ("absolute", float("nan"), "finite"),
-        ("absolute", "high", "must be a number"),
-    ],
-)
+FRACTION_RANGE = r"\(0(\.0)?, 1(\.0)?\]"
+BAD_THRESHOLDS = [
+    ("median", 0.5, "threshold method must be one of fraction, absolute, otsu"),
+    (None, 0.5, "threshold method must be one of"),
+    ("fraction", 0.0, FRACTION_RANGE),
+    ("fraction", 1.5, FRACTION_RANGE),
+    ("fraction", -0.2, FRACTION_RANGE),
+    ("fraction", float("nan"), "finite"),
+    ("fraction", None, "finite number"),
+    ("fraction", True, "finite number"),
+    ("absolute", float("nan"), "finite"),
+    ("absolute", float("inf"), "finite"),
+    ("absolute", 0.0, "> 0"),
+    ("absolute", "high", "must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("method, value, message", BAD_THRESHOLDS)
 def test_threshold_value_rejects_bad_parameters(heat, method, value, message):
     with pytest.raises(ValueError, match=message):
         threshold_value(heat.voxels, method, value)
+
+
+@pytest.mark.parametrize("method, value, message", BAD_THRESHOLDS)
+def test_thresholding_refuses_what_segment_would_refuse(heat, method, value, message):
+    """One rule (card.check_threshold): Thresholding.check and from_card refuse before any heat map exists."""
+    with pytest.raises(ValueError, match=message):
+        Thresholding(method=method, value=value, min_size_ml=0.0).check()
+    overrides = {"method": method, "value": value}
+    if method is None or value is None:
+        return  # None is "not given" for from_card: the card's default applies
+    with pytest.raises(ValueError, match=message):
+        Thresholding.from_card(default_card(), **overrides)
+
+
+@pytest.mark.parametrize("min_size_ml", [-1.0, float("nan"), float("inf"), "big", True])
+def test_min_size_is_checked_up_front_and_in_segment(heat, min_size_ml):
+    with pytest.raises(ValueError, match="minimum lesion size"):
+        Thresholding.from_card(default_card(), min_size_ml=min_size_ml)
+    with pytest.raises(ValueError, match="minimum lesion size"):
+        segment(heat, min_size_ml=min_size_ml)
+
+
+def test_thresholding_from_card_and_otsu():
+    card = default_card()
+    th = Thresholding.from_card(card)
+    assert th.as_parameters() == {"threshold_method": "fraction", "threshold_value": 0.5, "min_size_ml": 0.5}
+    assert Thresholding(min_size_ml=None).check().min_size_ml is None  # None: no size filter
+    # Otsu computes its threshold from the map: a value left from another method is not used (Slicer's Otsu button)
+    otsu = Thresholding.from_card(card, method="otsu", value=0.3)
+    assert (otsu.method, otsu.value) == ("otsu", None)
+    assert Thresholding.from_card(card, method="absolute", value=2.5).value == 2.5
 
 
 def test_constant_or_empty_maps_select_nothing():

@@ -87,7 +87,7 @@ def test_combo_items_are_the_parameter_values():
 
     from DiffusionAnomalyModuleLib.lesions import ROI_MODES
 
-    allowed = {"Modality": ["auto", "PT", "CT"], "ThresholdMethod": list(THRESHOLD_METHODS),
+    allowed = {"Modality": ["auto", "PT", "CT"], "Units": ["auto", "SUVbw"], "ThresholdMethod": list(THRESHOLD_METHODS),
                "Device": ["auto", "cpu", "cuda"], "ROIMode": list(ROI_MODES)}
     for name, (widget_name, kind) in Widget.PARAMETER_WIDGETS.items():
         if kind != "combo":

@@ -252,7 +252,9 @@ def test_nrrd_header_carries_modality_and_units_fields(tmp_path):
     write_volume(oblique_volume(modality="CT", units="HU"), tmp_path / "ct.nrrd", compress=False)
     header = (tmp_path / "ct.nrrd").read_bytes().split(b"\n\n", 1)[0].decode()
     assert "modality:=CT" in header and "units:=HU" in header
-    assert read_volume(tmp_path / "ct.nrrd", modality="PT").modality == "PT"  # explicit argument wins
+    assert read_volume(tmp_path / "ct.nrrd", modality="ct", units="HU").modality == "CT"  # agreeing declaration
+    with pytest.raises(VolumeError, match=r"ct.nrrd gives its modality as CT, but PET \(PT\) was declared; remove"):
+        read_volume(tmp_path / "ct.nrrd", modality="PT")  # the file's own metadata is not overridden
 
 
 def test_write_refuses_missing_folder(tmp_path):
@@ -671,3 +673,180 @@ def test_invalid_injection_time_names_the_tags(tmp_path):
     tags = r"RadiopharmaceuticalStartTime \(0018,1072\) / StartDateTime \(0018,1078\) has an invalid value"
     with pytest.raises(VolumeError, match=tags):
         read_volume(tmp_path / "pet")
+
+
+# =============================================================================================
+# issue 7: header values present, finite and plausible; declarations; readers' causes in words
+# =============================================================================================
+def _pet_slice(tmp_path: Path, **kwargs):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0), **kwargs)
+    return pydicom.dcmread(sorted((tmp_path / "pet").iterdir())[0])
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize("keyword, value, words", [
+    ("PatientWeight", 0.5, "is 0.5 kg, outside the plausible range 1 to 500 kg"),
+    ("PatientWeight", 501, "is 501 kg, outside the plausible range 1 to 500 kg"),
+    ("PatientWeight", "NaN", "is NaN (not a finite number)"),
+    ("PatientWeight", -75, "is -75 kg"),
+    ("RadionuclideTotalDose", 0, "RadionuclideTotalDose (0018,1074) in the RadiopharmaceuticalInformationSequence"),
+    ("RadionuclideTotalDose", 370, "is 370 Bq, outside the plausible range 1 MBq to 20 GBq"),
+    ("RadionuclideTotalDose", 3e10, "is 3e+10 Bq"),
+    ("RadionuclideTotalDose", "inf", "is inf (not a finite number)"),
+    ("RadionuclideHalfLife", 30, "is 30 s, outside the plausible range 60 s to 10 days"),
+    ("RadionuclideHalfLife", 109.77 * 60 * 24 * 10, "RadionuclideHalfLife (0018,1075)"),
+    ("RadionuclideHalfLife", "NaN", "is NaN (not a finite number)"),
+])
+def test_suv_tags_must_be_finite_and_plausible(tmp_path, keyword, value, words):
+    ds = _pet_slice(tmp_path)
+    target = ds if keyword == "PatientWeight" else ds.RadiopharmaceuticalInformationSequence[0]
+    setattr(target, keyword, value)
+    with pytest.raises(VolumeError, match=re.escape(words)) as info:
+        suv_bw_factor(ds)
+    message = str(info.value)
+    assert message.startswith(f"cannot convert PET to SUV: {keyword} (") and f"PET header of {ds.filename} " in message
+    assert message.endswith("; correct the header or pass an explicit suv_factor.")
+
+
+def test_suv_tag_bounds_are_inclusive_and_named(tmp_path):
+    ds = _pet_slice(tmp_path)
+    lo_kg, hi_kg = volume_module.PATIENT_WEIGHT_KG
+    for weight in (lo_kg, hi_kg):
+        ds.PatientWeight = weight
+        assert suv_bw_factor(ds) > 0
+    assert volume_module.HALF_LIFE_S[0] < 76 < 6586.2 < 282276 < volume_module.HALF_LIFE_S[1]  # Rb-82, F-18, Zr-89
+
+
+def test_scan_long_after_the_injection_is_refused_in_half_lives(tmp_path):
+    ds = _pet_slice(tmp_path)
+    item = ds.RadiopharmaceuticalInformationSequence[0]
+    item.RadiopharmaceuticalStartDateTime = "20231231090000"  # 25 h before the 10:00 series: 13.7 F-18 half-lives
+    with pytest.raises(VolumeError, match=r"is 25.0 h after the injection .* more than 10 half-lives of the nuclide"):
+        suv_bw_factor(ds)
+    item.RadiopharmaceuticalStartDateTime = "20240101000000"  # 10 h: 5.5 half-lives, still plausible
+    assert suv_bw_factor(ds) == pytest.approx(expected_start_factor(36000.0), rel=1e-12)
+    ds.DecayCorrection = "ADMIN"  # decay-corrected to injection: the timing is not used
+    item.RadiopharmaceuticalStartDateTime = "20231231090000"
+    assert suv_bw_factor(ds) == pytest.approx(WEIGHT_KG * 1000.0 / DOSE_BQ, rel=1e-12)
+
+
+@pytest.mark.parametrize("scale, accepted",
+                         [("0.000123", True), ("-1", False), ("0", False), ("NaN", False), ("x", False)])
+def test_philips_suv_scale_factor_must_be_positive(tmp_path, scale, accepted):
+    ds = _pet_slice(tmp_path, units="CNTS")
+    ds.add_new((0x7053, 0x1000), "LO", scale)
+    if accepted:
+        assert suv_bw_factor(ds) == pytest.approx(float(scale))
+        return
+    with pytest.raises(VolumeError, match=re.escape("Philips SUV scale factor (7053,1000) in the PET header of")) as info:
+        suv_bw_factor(ds)
+    assert f"is {scale}, but it must be a positive number" in str(info.value) and "CT" not in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize("changes, omit, words", [
+    ({"RescaleSlope": "NaN"}, (), "RescaleSlope (0028,1053) in {file} is NaN (not a finite number)"),
+    ({"RescaleSlope": -2}, (), "RescaleSlope (0028,1053) in {file} is -2, but it must be positive"),
+    ({"RescaleIntercept": "inf"}, (), "RescaleIntercept (0028,1052) in {file} is inf (not a finite number)"),
+    ({}, ("RescaleIntercept",),
+     "RescaleIntercept (0028,1052) is missing or empty in {file}, which a PET (PT) image needs"),
+])
+def test_rescale_tags_must_be_present_and_finite(tmp_path, changes, omit, words):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0, 1.0), extra=changes, omit=omit)
+    with pytest.raises(VolumeError) as info:
+        read_volume(tmp_path / "pet")
+    first = sorted((tmp_path / "pet").iterdir())[-1]  # the lowest slice comes first in position order
+    assert words.format(file=first) in str(info.value)
+
+
+def test_rescale_tags_are_optional_where_the_modality_does_not_need_them(tmp_path):
+    stored = make_pet_series(tmp_path / "mr", (1.0, 1.0, 1.0), modality="MR", omit=("RescaleSlope", "RescaleIntercept"))
+    volume = read_volume(tmp_path / "mr")
+    assert volume.modality == "MR" and volume.units is None
+    np.testing.assert_array_equal(volume.voxels, stored)
+
+
+@pytest.mark.parametrize("which", [0, 1, 3])  # the top end slice, a middle slice, the bottom end slice
+def test_truncated_or_missing_pixel_data_names_the_file(tmp_path, which):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0, 1.0, 1.0))
+    files = sorted((tmp_path / "pet").iterdir())
+    files[which].write_bytes(files[which].read_bytes()[:-2])  # even two bytes short is refused
+    truncated = re.escape(f"the pixel data of {files[which]} is truncated (126 of 128 bytes)")
+    with pytest.raises(VolumeError, match=truncated):
+        read_volume(tmp_path / "pet")
+    with pytest.raises(VolumeError, match=truncated):
+        read_volume(files[(which + 1) % 4])  # also when another file of the series is chosen
+
+    make_pet_series(tmp_path / "gone", (1.0, 1.0, 1.0, 1.0))
+    path = sorted((tmp_path / "gone").iterdir())[which]
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    with pytest.raises(VolumeError, match=re.escape(f"{path} has no pixel data (PixelData (7FE0,0010) is missing)")):
+        read_volume(tmp_path / "gone")
+
+
+def test_damaged_dicom_file_in_the_series_folder_is_named(tmp_path):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0, 1.0))
+    path = sorted((tmp_path / "pet").iterdir())[0]
+    whole = path.read_bytes()
+    path.write_bytes(whole[:400])  # the header itself ends early: GDCM silently leaves the file out
+    with pytest.raises(VolumeError, match=f"{re.escape(str(path))} is a damaged DICOM file .*SeriesInstanceUID"):
+        read_volume(tmp_path / "pet")
+    path.write_bytes(whole[:whole.index(b"\x28\x00\x10\x00")])  # cut before Rows: no pixel data, but an image
+    with pytest.raises(VolumeError, match=f"{re.escape(str(path))} has no pixel data"):
+        read_volume(tmp_path / "pet")
+    dicomdir = pydicom.dcmread(sorted((tmp_path / "pet").iterdir())[1])  # a DICOMDIR-like file is left alone
+    dicomdir.file_meta.MediaStorageSOPClassUID = pydicom.uid.MediaStorageDirectoryStorage
+    path.unlink()
+    for keyword in ("SeriesInstanceUID", "PixelData", "Rows"):
+        delattr(dicomdir, keyword)
+    dicomdir.save_as(tmp_path / "pet" / "DICOMDIR")
+    assert read_volume(tmp_path / "pet").voxels.shape == (2, 8, 8)
+
+
+def test_units_and_modality_spellings():
+    spellings = ("SUV", "suvbw", "GML", " Bq/ml ", "BQML", "hu", "", None, "CNTS")
+    assert [volume_module.canonical_units(u) for u in spellings] == [
+        "SUVbw", "SUVbw", "SUVbw", "BQML", "BQML", "HU", None, None, "CNTS"]
+    assert volume_module.is_suv("SUVlbm") and volume_module.is_suv("g/ml") and not volume_module.is_suv("BQML")
+    assert volume_module.canonical_modality(" pt") == "PT" and volume_module.canonical_modality("") is None
+    assert volume_module.modality_words("PT") == "PET (PT)" and volume_module.modality_words("MR") == "MR"
+
+
+def test_declared_modality_and_units_fill_a_plain_file(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((5, 6, 7)).astype(np.float32) * 9),
+                    str(tmp_path / "plain.nii.gz"))
+    plain = read_volume(tmp_path / "plain.nii.gz")
+    assert (plain.modality, plain.units) == (None, None)
+    declared = read_volume(tmp_path / "plain.nii.gz", modality="PT", units="SUV")
+    assert (declared.modality, declared.units) == ("PT", "SUVbw")
+    bq = read_volume(tmp_path / "plain.nii.gz", units="BQML", suv_factor=0.5)
+    assert bq.units == "SUVbw" and np.allclose(bq.voxels, plain.voxels * 0.5)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda b: b[:-100],
+     "the file is truncated (its pixel data ends after 185 of 210 voxels); copy or export it again."),
+    (lambda b: b.replace(b"type: float", b"type: banana"), 'its header field "type" has an invalid value (banana).'),
+    (lambda b: b.replace(b"sizes: 7 6 5", b"sizes: 7 6"), 'its header field "'),
+    (lambda b: b.replace(b"type: float\n", b""), 'its header lacks the required field "type".'),
+    (lambda b: b.replace(b"endian: little", b"endian: middle"),
+     'its header field "endian" has an invalid value (middle).'),
+    (lambda b: b"", "the file is empty (0 bytes); copy or export it again."),
+])
+def test_nrrd_read_errors_keep_their_cause_in_words(tmp_path, damage, words):
+    path = write_volume(oblique_volume(), tmp_path / "v.nrrd", compress=False)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(VolumeError, match=re.escape(f"could not read {path}: {words}")) as info:
+        read_volume(path)
+    message = str(info.value)
+    assert "[nrrd]" not in message and "ITK" not in message and "\n" not in message
+
+
+def test_detached_nrrd_without_its_data_file_names_the_data_file(tmp_path):
+    path = write_volume(oblique_volume(), tmp_path / "v.nhdr")
+    (tmp_path / "v.raw.gz").unlink()
+    words = f"its data file {tmp_path / 'v.raw.gz'} is missing or cannot be opened."
+    with pytest.raises(VolumeError, match=re.escape(words)):
+        read_volume(path)

@@ -97,6 +97,31 @@ def test_steps_in_a_request(worker, slab_file, tmp_path):
     assert "steps must be a whole number" in msgs[8]["message"]
 
 
+def test_request_fields_accepted_and_refused_up_front(worker, slab_file, tmp_path):
+    """Numbers may come as text when whole ("20", as the parameter node stores them); everything is
+    checked before the input is read, so a refused request does no work (see test_hostile_parameters)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    run = {"cmd": "run", "input": str(slab_file), "out_dir": str(out_dir), "guidance_scale": 2.0, "steps": 2}
+    before = worker.model.network_evaluations
+    msgs = [m for m in _serve(worker, [
+        {"id": 1, **run, "noise_level": "6", "seed": 3, "counterfactual": False},
+        {"id": 2, **run, "noise_level": 6.0, "guidance_scale": "2"},  # the same parameters: from the cache
+        {"id": 3, **run, "noise_level": 6.5},
+        {"id": 4, **run, "noise_level": 6, "guidance_scale": float("nan")},
+        {"id": 5, **run, "noise_level": 6, "guidanceScale": 1.0},
+    ]) if m["type"] in ("result", "error")]
+    assert [(m["id"], m["type"]) for m in msgs] == [(1, "result"), (2, "result"), (3, "error"), (4, "error"),
+                                                   (5, "error")]
+    assert msgs[0]["parameters"] == msgs[1]["parameters"] == {"noise_level": 6, "guidance_scale": 2.0, "steps": 2}
+    assert msgs[0]["counterfactual"] is None and msgs[1]["network_evaluations"] == 0
+    assert worker.model.network_evaluations == before + msgs[0]["network_evaluations"]
+    assert "whole number from 1 to 999" in msgs[2]["message"] and "got 6.5" in msgs[2]["message"]
+    assert "finite number >= 0" in msgs[3]["message"] and "got NaN" in msgs[3]["message"]
+    assert "unknown field(s) 'guidanceScale'" in msgs[4]["message"]
+    assert all("detail" not in m for m in msgs)
+
+
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint):
     c = WorkerClient(tiny_checkpoint, device="cpu", threads=1).start()

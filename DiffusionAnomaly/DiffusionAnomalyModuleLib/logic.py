@@ -114,7 +114,7 @@ class DiffusionAnomalyLogic:
         inputNode = parameterNode.GetNodeReference(settings.INPUT_REFERENCE)
         if inputNode is not None and inputNode.GetImageData() is not None:
             try:
-                check_modality(volumeFromNode(inputNode, params["Modality"]), card)
+                check_modality(volumeFromNode(inputNode, params["Modality"], params["Units"]), card)
             except ValueError as exc:
                 text += f"\n\nThis model does not fit the input: {exc}"
         return text
@@ -130,7 +130,7 @@ class DiffusionAnomalyLogic:
             raise RuntimeError("a run is already in progress; cancel it first.")
         params = self.parameters(parameterNode)
         inputNode = self.inputNode(parameterNode)
-        volume = validate_volume(volumeFromNode(inputNode, params["Modality"]))
+        volume = validate_volume(volumeFromNode(inputNode, params["Modality"], params["Units"]))
         checkpoint = self.models.checkpointPath(params["Model"])
         card = self.models.card(checkpoint)
         check_modality(volume, card)
@@ -212,7 +212,7 @@ class DiffusionAnomalyLogic:
             card = self.models.card(checkpoint)
         except ValueError:  # the model is gone: the heat map can still be thresholded and exported
             checkpoint, card = None, None
-        return outputs.caseFromOutputs(self.scene, inputNode, volumeFromNode(inputNode, params["Modality"]), card,
+        return outputs.caseFromOutputs(self.scene, inputNode, volumeFromNode(inputNode, params["Modality"], params["Units"]), card,
                                        checkpoint)
 
     def updateLesions(self, parameterNode, writeVolumes: bool = False) -> CaseResult:

@@ -12,7 +12,7 @@ import pydicom
 import slicer
 import vtk
 
-from DiffusionAnomalyLib.volume import Volume, suv_factor_of_series
+from DiffusionAnomalyLib.volume import Volume, VolumeError, canonical_modality, canonical_units, suv_factor_of_series
 
 #: node attribute a script may set to state a volume's units (e.g. "SUVbw") when Slicer does not know them
 UNITS_ATTRIBUTE = "DiffusionAnomaly.Units"
@@ -46,10 +46,21 @@ def dicomSuvFactor(node) -> float | None:
     return suv_factor_of_series(headers)
 
 
-def volumeFromNode(node, modality: str | None = None) -> Volume:
+def _declared(what: str, declared: str | None, own: str | None, canonical) -> str | None:
+    """The node's own value, or the user's declaration where the node says nothing; a contradiction is refused."""
+    declared = None if declared in (None, "", "auto") else declared
+    if declared is not None and own is not None and canonical(declared) != canonical(own):
+        raise VolumeError(f"the input volume gives its {what} as {own}, but {declared} was chosen; choose 'auto' "
+                          "or the matching scan.")
+    return own if own is not None else declared
+
+
+def volumeFromNode(node, modality: str | None = None, units: str | None = None) -> Volume:
     """The engine's Volume for a scalar volume node: voxels [k, j, i] (a copy) + IJK->RAS.
 
-    ``modality``: "PT"/"CT", else the node's "DICOM.Modality" attribute, else None (unknown).
+    ``modality`` ("PT"/"CT") and ``units`` (e.g. "SUVbw") are the user's declarations: they fill in
+    what the node does not say (its "DICOM.Modality" attribute, its voxel-value units) and are
+    refused when they contradict it, as the engine's file reader does.
     """
     if node is None or node.GetImageData() is None:
         raise ValueError("choose an input volume that holds image data.")
@@ -58,15 +69,14 @@ def volumeFromNode(node, modality: str | None = None) -> Volume:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     voxels = np.array(slicer.util.arrayFromVolume(node), copy=True)
-    if modality in (None, "", "auto"):
-        modality = node.GetAttribute("DICOM.Modality") or None
-    units = voxelUnits(node)
+    modality = _declared("modality", modality, node.GetAttribute("DICOM.Modality") or None, canonical_modality)
+    ownUnits = voxelUnits(node)
     meta = {"node": node.GetName()}
-    if modality == "PT" and units is None:
-        factor = dicomSuvFactor(node)
-        if factor is not None:  # Bq/ml from Slicer's DICOM reader: convert as the engine's reader does
-            voxels = (voxels * factor).astype(np.float32)
-            units, meta["suv_factor"] = "SUVbw", factor
+    factor = dicomSuvFactor(node) if modality == "PT" and ownUnits is None else None
+    if factor is not None:  # Bq/ml from Slicer's DICOM reader: convert as the engine's reader does
+        voxels = (voxels * factor).astype(np.float32)
+        ownUnits, meta["suv_factor"] = "SUVbw", factor
+    units = _declared("units", units, ownUnits, canonical_units)
     return Volume(voxels=voxels, ijk_to_ras=slicer.util.arrayFromVTKMatrix(matrix), modality=modality,
                   units=units, meta=meta)
 

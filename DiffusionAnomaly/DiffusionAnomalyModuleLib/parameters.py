@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from DiffusionAnomalyLib.card import parse_steps
+from DiffusionAnomalyLib.card import parse_steps, whole_number
 from DiffusionAnomalyLib.postprocessing import Thresholding
 
 MODULE_NAME = "DiffusionAnomaly"
@@ -22,6 +22,7 @@ MODULE_NAME = "DiffusionAnomaly"
 #: every user-visible setting with its default, as stored in the parameter node ("" = the card's default)
 PARAMETERS: dict[str, str] = {
     "Modality": "auto",          # auto (from the node) | PT | CT
+    "Units": "auto",             # auto (from the node) | SUVbw (declares a PET volume's voxels as SUV)
     "Model": "",                 # a bundled model id or a checkpoint path
     "ROIMode": "whole",          # whole | segmentation
     "ROISegments": "",           # comma-separated segment IDs of the ROI segmentation ("" = all)
@@ -89,14 +90,15 @@ def applyCardDefaults(node, card: dict[str, Any]) -> None:
 
 
 def number(params: dict[str, str], name: str, kind: type = float) -> Any:
-    """The setting ``name`` as a number of ``kind`` (None when empty = the card's default)."""
+    """The setting ``name`` as a number of ``kind`` (None when empty = the card's default); 20.7 is never an int 20."""
     text = params.get(name, "")
     if text in ("", None):
         return None
     try:
-        return kind(float(text)) if kind is int else kind(text)
+        value = float(text)
     except ValueError:
         raise ValueError(f"the parameter {name} must be a number, got {text!r}.") from None
+    return whole_number(value, f"the parameter {name}") if kind is int else kind(value)
 
 
 def thresholding(params: dict[str, str], card: dict[str, Any]) -> Thresholding:

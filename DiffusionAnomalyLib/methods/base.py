@@ -9,9 +9,58 @@ import numpy as np
 import torch
 
 from ..networks import pick_device, pick_precision
-from ..preprocessing import (ModelGrid, check_modality, from_model_space, model_units_to_input, model_values_to_input,
-                             to_model_space)
+from ..preprocessing import (ModelGrid, check_modality, from_model_space, model_grid, model_units_to_input,
+                             model_values_to_input, to_model_space)
 from ..volume import Volume, validate_volume
+
+#: Most model slices a run may have: 2 m of body at 1 mm (a large input slice spacing can ask for metres).
+MAX_MODEL_SLICES = 2000
+
+#: Most memory a run's arrays may take (:func:`working_bytes`): what a workstation has free.
+MAX_WORKING_BYTES = 16 * 2**30
+
+#: Most network evaluations a run may make: hours on a CPU (a 2 m body, reference loop, D = 400, 6 mm: 0.4 M).
+MAX_NETWORK_EVALUATIONS = 2_000_000
+
+#: float32 copies of the input grid a run holds: SimpleITK copy, cast, anti-aliased copy; heat map, counterfactual (x2).
+INPUT_GRID_COPIES = 7
+
+#: float32 copies of the model grid a run holds: resampled, normalised, batch, latents, counterfactual, heat, 2 cached.
+MODEL_GRID_COPIES = 8
+
+
+def working_bytes(volume: Volume, grid: ModelGrid) -> int:
+    """Estimated peak memory of one run on ``volume`` (resampling in and out plus the model-space arrays)."""
+    input_voxels = int(np.prod(np.shape(volume.voxels)[:3], dtype=np.int64))
+    model_voxels = int(np.prod(grid.size, dtype=np.int64))
+    return 4 * (INPUT_GRID_COPIES * input_voxels + MODEL_GRID_COPIES * model_voxels)
+
+
+def check_resources(volume: Volume, grid: ModelGrid, evaluations_per_slice: int = 0) -> None:
+    """Refuse a run whose model grid would need too many slices, too much memory or network evaluations.
+
+    The input voxel limit bounds the input grid only; this bounds what will actually be computed.
+    """
+    slices = int(grid.size[2])
+    advice = "crop it to the region of interest or resample it to a coarser grid first"
+    if slices > MAX_MODEL_SLICES:
+        extent = slices * grid.spacing[2]
+        raise ValueError(f"this volume would need {slices:,} model slices (at most {MAX_MODEL_SLICES:,}): it spans "
+                         f"{extent:,.0f} mm along the body axis at the model's {grid.spacing[2]:g} mm slices; "
+                         f"check its slice spacing, or {advice}.")
+    needed = working_bytes(volume, grid)
+    if needed > MAX_WORKING_BYTES:
+        raise ValueError(f"this volume would need about {needed / 2**30:.3g} GiB of memory "
+                         f"(at most {MAX_WORKING_BYTES / 2**30:.3g} GiB): {advice}.")
+    check_evaluations(slices * int(evaluations_per_slice), slices)
+
+
+def check_evaluations(evaluations: int, slices: int) -> None:
+    """Refuse work of more than :data:`MAX_NETWORK_EVALUATIONS` network evaluations (on ``slices`` model slices)."""
+    if evaluations > MAX_NETWORK_EVALUATIONS:
+        raise ValueError(f"these parameters would need {evaluations:,} network evaluations on {slices:,} model slices "
+                         f"(at most {MAX_NETWORK_EVALUATIONS:,}): use fewer DDIM steps or a lower noise level, "
+                         f"or crop the volume to the region of interest.")
 
 
 class LRU(OrderedDict):
@@ -41,7 +90,7 @@ class SliceMethod:
                  precision: str = "fp32"):
         self.card = card
         self.source = source
-        self.device = pick_device(device)
+        self.device = pick_device(device)  # a device that is not there: a ValueError sentence
         self.precision = pick_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.channels_last = self.device.type == "cpu"
@@ -56,10 +105,17 @@ class SliceMethod:
     def defaults(self) -> dict[str, Any]:
         return dict(self.card["inference_defaults"])
 
-    def prepare(self, volume: Volume) -> tuple[np.ndarray, ModelGrid]:
+    def prepare(self, volume: Volume, evaluations_per_slice: int = 0) -> tuple[np.ndarray, ModelGrid]:
+        """Check ``volume`` (validity, modality, :func:`check_resources`), then resample it into model space.
+
+        ``evaluations_per_slice``: the network evaluations a model slice will cost (0: not known here).
+        """
         validate_volume(volume)
         check_modality(volume, self.card)
-        return to_model_space(volume, self.card["preprocessing"])
+        prep = self.card["preprocessing"]
+        grid = model_grid(volume, prep)
+        check_resources(volume, grid, evaluations_per_slice)
+        return to_model_space(volume, prep, grid)
 
     def to_input_grid(self, heat: np.ndarray, cf: np.ndarray | None, grid: ModelGrid, volume: Volume):
         prep = self.card["preprocessing"]
@@ -72,4 +128,5 @@ class SliceMethod:
         return heat_vol, cf_vol
 
 
-__all__ = ["LRU", "SliceMethod"]
+__all__ = ["INPUT_GRID_COPIES", "LRU", "MAX_MODEL_SLICES", "MAX_NETWORK_EVALUATIONS", "MAX_WORKING_BYTES",
+           "MODEL_GRID_COPIES", "SliceMethod", "check_evaluations", "check_resources", "working_bytes"]

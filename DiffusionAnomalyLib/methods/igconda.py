@@ -22,12 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..card import REFERENCE_STEPS, Steps, parse_steps
+from ..card import (REFERENCE_STEPS, CheckpointError, Steps, check_guidance_scale, check_noise_level, check_steps,
+                    number_from_text, parse_steps)
 from ..diffusion import DDIM, memory_batch_size, timestep_grid
 from ..pipeline import MethodResult
 from ..progress import Cancel, Progress, check_cancel, report, timer
 from ..volume import Volume, array_key
 from .base import SliceMethod
+
+
+def _given_or_default(check, value: Any, default: Any, name: str, *args: Any) -> Any:
+    """``check(value)``, or ``check(default)`` when ``value`` is None, a bad default being blamed on the card."""
+    if value is not None:
+        return check(number_from_text(value), *args, field=f"the {name}")
+    return check(default, *args, field=f"the model card's default {name}")
 
 
 class IgcondaModel(SliceMethod):
@@ -39,8 +47,10 @@ class IgcondaModel(SliceMethod):
         labels = card["labels"]
         self.null_label = int(labels.get("null", 0))
         self.healthy_label = int(labels.get("healthy", 1))
-        if self.model.embed is None:
-            raise ValueError("an IgCONDA model needs a class embedding (network.class_embedding in the card)")
+        try:  # the card's defaults against what its schedule allows: refused at load, not at the first run
+            self.resolve()
+        except ValueError as exc:
+            raise CheckpointError(f"model {card['id']}: {exc}") from None
 
     # ---- sizing -----------------------------------------------------------------------------
     def batch_size(self, image_shape: tuple[int, ...]) -> int:
@@ -128,27 +138,37 @@ class IgcondaModel(SliceMethod):
         return self.decode(latents, noise_level, guidance_scale, steps, split, cancel)
 
     # ---- volumes ----------------------------------------------------------------------------
-    def resolve(self, noise_level: int | None = None, guidance_scale: float | None = None,
-                steps: Steps | None = None) -> dict[str, Any]:
-        """The parameters of a run: each one given, or the model card's default when None.
+    def resolve(self, noise_level: Any = None, guidance_scale: Any = None, steps: Any = None) -> dict[str, Any]:
+        """The parameters of a run, checked: each one given, or the model card's default when None.
 
-        ``steps`` may be anything :func:`parse_steps` reads; the result's ``steps`` is always an
-        integer >= 1 or ``"reference"``.
+        The one check of the method parameters, called by :meth:`run` before any work and by every
+        caller that wants to refuse bad parameters up front (CLI, evaluation, worker); it changes
+        nothing. The rules are the card's (:func:`.card.check_noise_level`: a whole number from 1
+        to T - 1, 20.7 refused, never rounded; :func:`.card.check_guidance_scale`: finite, >= 0) and
+        :func:`check_steps`; a number may come as text ("20", not "20.7"). The result's ``steps`` is
+        always an integer >= 1 or ``"reference"``. Raises ValueError with the valid range.
         """
         d = self.defaults
-        steps = parse_steps(steps)
+        timesteps = int(self.card["scheduler"]["num_train_timesteps"])
         params = {
-            "noise_level": int(d["noise_level"] if noise_level is None else noise_level),
-            "guidance_scale": float(d["guidance_scale"] if guidance_scale is None else guidance_scale),
-            "steps": d["steps"] if steps is None else steps,
+            "noise_level": _given_or_default(check_noise_level, noise_level, d["noise_level"], "noise level",
+                                             timesteps),
+            "guidance_scale": _given_or_default(check_guidance_scale, guidance_scale, d["guidance_scale"],
+                                                "guidance scale"),
+            "steps": _given_or_default(check_steps, parse_steps(steps), d["steps"], "steps", timesteps),
         }
-        if not 1 <= params["noise_level"] < int(self.card["scheduler"]["num_train_timesteps"]):
-            raise ValueError(
-                f"noise level must be between 1 and {int(self.card['scheduler']['num_train_timesteps']) - 1}"
-            )
-        if params["guidance_scale"] < 0:
-            raise ValueError("guidance scale must be >= 0")
+        if params["noise_level"] > self.ddim.max_noise_level:
+            given = "the model card's default noise level" if noise_level is None else "the noise level"
+            raise ValueError(f"{given} must be at most {self.ddim.max_noise_level} for this model's noise schedule "
+                             f"(beyond it alpha_bar vanishes and the DDIM inversion breaks down), "
+                             f"got {params['noise_level']}.")
         return params
+
+    def evaluations_per_slice(self, params: dict[str, Any], guidance_scales: int = 1) -> int:
+        """Network evaluations a model slice costs with resolved ``params``: one encode, and a decode of
+        two evaluations per move for each of ``guidance_scales`` guidance scales (a sweep decodes several)."""
+        moves = len(timestep_grid(params["noise_level"], params["steps"])) - 1
+        return moves * (1 + 2 * guidance_scales)
 
     def run(self, volume: Volume, noise_level: int | None = None, guidance_scale: float | None = None,
             steps: Steps | None = None, progress: Progress | None = None,
@@ -163,7 +183,7 @@ class IgcondaModel(SliceMethod):
         timings: dict[str, float] = {}
         clock = timer()
         report(progress, 0.0, "preprocessing")
-        x, grid = self.prepare(volume)
+        x, grid = self.prepare(volume, self.evaluations_per_slice(params))
         timings["preprocess"] = clock()
         case = array_key(x, grid)
         enc_key = (case, params["noise_level"], params["steps"])
