@@ -278,6 +278,40 @@ def test_modality_mismatch_is_refused_with_a_sentence(env):
         scene.RemoveNode(ct)
 
 
+@pytest.mark.parametrize("attributes, voxels, settings, message", [
+    ({"DICOM.Modality": "MR"}, lambda v: v, {}, "the input is MR"),
+    ({}, lambda v: np.round(v * 20).clip(0, 255), {}, "--modality PT --units SUVbw"),
+    ({"DICOM.Modality": "PT"}, lambda v: v, {"Units": "SUVbw", "Modality": "CT"}, "modality as PT, but CT was chosen"),
+    ({"DICOM.Modality": "PT", "DiffusionAnomaly.Units": "SUVbw"}, lambda v: v, {"NoiseLevel": "20.7"},
+     "NoiseLevel must be a whole number, got 20.7"),
+    ({"DICOM.Modality": "PT", "DiffusionAnomaly.Units": "SUVbw"}, lambda v: v, {"Threshold": "1.5"},
+     r"\(0, 1\]"),
+])
+def test_hostile_input_or_setting_is_refused_before_any_work(env, attributes, voxels, settings, message):
+    """The engine's refusals surface in Slicer as one sentence before the worker is asked; the scene stays."""
+    scene, logic, params = env["scene"], env["logic"], env["params"]
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "hostile input")
+    updateVolumeNodeFromVolume(node, env["volume"].with_voxels(voxels(env["volume"].voxels).astype(np.float32)))
+    for key, value in attributes.items():
+        node.SetAttribute(key, value)
+    before = {name: params.GetParameter(name) for name in settings}
+    params.SetNodeReferenceID("InputVolume", node.GetID())
+    for name, value in settings.items():
+        params.SetParameter(name, value)
+    ids = node_ids(scene)
+    worker = logic.worker
+    try:
+        with pytest.raises(ValueError, match=message) as info:
+            logic.startRun(params)
+        assert "\n" not in str(info.value) and logic.worker is worker and not logic.running
+        assert node_ids(scene) == ids
+    finally:
+        for name, value in before.items():
+            params.SetParameter(name, value)
+        params.SetNodeReferenceID("InputVolume", env["node"].GetID())
+        scene.RemoveNode(node)
+
+
 def test_roi_restricts_lesions(env, first_run):
     scene, logic, params = env["scene"], env["logic"], env["params"]
     node = env["node"]
