@@ -1,0 +1,472 @@
+"""Organ masks from TotalSegmentator: reading, carrying onto another grid, organ sets, ROI masks (no torch).
+
+TotalSegmentator (Wasserthal et al., Radiol. Artif. Intell. 2023) segments the CT of a PET/CT
+pair; its organs are carried onto the PET (or any other grid) by physical coordinates. Its
+output comes in three forms, all read by :func:`read_organ_labels` into one :class:`OrganLabels`
+(a label :class:`.volume.Volume` whose ids are those of TotalSegmentator's v2 ``total`` class
+map, plus that id -> name map):
+
+- one multi-label NIfTI (``TotalSegmentator --ml``): voxel value = class-map id;
+- the folder of per-structure files ``<name>.nii.gz`` (TotalSegmentator's default output);
+- a Slicer ``.seg.nrrd`` whose segments carry TotalSegmentator names, as the TotalSegmentator
+  Slicer extension saves them (its segment IDs are the TotalSegmentator names even when the
+  displayed names are "standard" ones such as "Right kidney", so the ID is accepted too).
+
+The class map is TotalSegmentator's own (``totalsegmentator.map_to_binary.class_map["total"]``)
+when TotalSegmentator is importable, else the copy shipped in
+``resources/totalsegmentator_v2_total.csv``. ``--fast`` output uses the same map.
+
+:meth:`OrganLabels.on_grid` carries labels onto a target grid (other spacing, field of view,
+direction, axis order) with :func:`.volume.resample_to` (nearest neighbour, physical space).
+:func:`organ_names` turns names and named groups (:data:`ORGAN_GROUPS`) into TotalSegmentator
+names; :func:`roi_mask` builds the include-minus-exclude mask with a margin in millimetres.
+Every refusal is a ``ValueError`` (:class:`.volume.VolumeError` for files and geometry) whose
+message is one sentence saying what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import functools
+import io
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import slicerio
+from scipy import ndimage as ndi
+
+from .card import real_number
+from .postprocessing import bounding_box, voxel_volume_ml
+from .volume import Volume, VolumeError, lps_ras_flip, read_volume, resample_to
+
+__all__ = [
+    "CLASS_MAP_TABLE",
+    "ORGAN_GROUPS",
+    "OrganLabels",
+    "class_map",
+    "dilate_mm",
+    "organ_names",
+    "read_organ_labels",
+    "roi_mask",
+]
+
+#: The shipped copy of TotalSegmentator's v2 ``total`` class map (Apache-2.0), inside the package.
+CLASS_MAP_TABLE = "resources/totalsegmentator_v2_total.csv"
+_TASK = "total"
+_TASK_WORDS = "TotalSegmentator's v2 'total' class map"
+
+_KIDNEYS = ("kidney_right", "kidney_left",
+            # TotalSegmentator v2 carves renal cysts out of the kidney label: without them a kidney ROI has holes.
+            "kidney_cyst_right", "kidney_cyst_left")
+
+#: Named organ sets (TotalSegmentator v2 ``total`` names). Group names use hyphens, structure names underscores.
+#:
+#: ``physiological-uptake``: where FDG is intense in every normal scan, so a hot spot there is not
+#: read as a lesion (EANM FDG PET/CT procedure guideline 2.0, Boellaard et al. 2015; Shreve et al.,
+#: RadioGraphics 1999, "Pitfalls in oncologic diagnosis with FDG PET imaging"):
+#:
+#: - brain: glucose is the brain's only fuel; grey matter is the hottest normal tissue (SUV 6-12).
+#: - heart: myocardium uses glucose after a meal and fasting suppresses it only in part; often intense.
+#: - kidneys (with their cysts): FDG is filtered and not reabsorbed, so the collecting systems hold excreted tracer.
+#: - urinary_bladder: excreted FDG collects in urine; usually the hottest structure of the scan.
+#:
+#: Left out, decided from the v2 ``total`` table: ureters (urine activity) and the salivary glands,
+#: tonsils and vocal cords (lymphoid/secretory uptake) are not ``total`` classes, so no mask exists
+#: for them (a margin around the kidneys and bladder covers the ends of the ureters only); liver,
+#: spleen and bone marrow take up FDG moderately (the liver is the reference background) and are
+#: frequent metastasis sites; stomach and bowel uptake is variable and focal (peristalsis,
+#: metformin) but bowel cancer and peritoneal disease lie there, so they are the opt-in ``bowel``
+#: group; thyroid uptake is normally low and focal uptake is a finding to report; muscle and brown
+#: fat vary with exercise and cold (brown fat is no ``total`` class either).
+ORGAN_GROUPS: dict[str, tuple[str, ...]] = {
+    "physiological-uptake": ("brain", "heart", *_KIDNEYS, "urinary_bladder"),
+    "kidneys": _KIDNEYS,
+    "urinary-tract": (*_KIDNEYS, "urinary_bladder"),
+    "bowel": ("duodenum", "small_bowel", "colon"),
+    "lungs": ("lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
+              "lung_middle_lobe_right", "lung_lower_lobe_right"),
+}
+
+_LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+_SEGMENTATION_HINT = ("give TotalSegmentator's multi-label file (--ml), the folder of its per-structure "
+                      "<name>.nii.gz files, or a Slicer .seg.nrrd with TotalSegmentator segment names")
+
+
+# =============================================================================================
+# Class map
+# =============================================================================================
+def class_map() -> dict[int, str]:
+    """TotalSegmentator's v2 ``total`` class map, id -> name: its own when importable, the shipped table otherwise."""
+    try:
+        from totalsegmentator.map_to_binary import class_map as totalsegmentator_maps
+    except ImportError:  # TotalSegmentator lives in its own environment, usually not this one
+        return dict(_shipped_class_map())
+    return {int(k): str(v) for k, v in totalsegmentator_maps[_TASK].items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_class_map() -> dict[int, str]:
+    text = (resources.files(__package__) / CLASS_MAP_TABLE).read_text(encoding="utf-8")
+    rows = csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#"))
+    return {int(row["id"]): row["name"] for row in rows}
+
+
+def _key(name: str) -> str:
+    """Spelling-insensitive form of an organ or group name ("Kidney Left", "kidney-left" -> "kidney_left")."""
+    return re.sub(r"[\s_\-]+", "_", str(name).strip().lower())
+
+
+def _file_stem(path: Path) -> str:
+    name = path.name
+    for suffix in _LABEL_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+# =============================================================================================
+# Organ labels
+# =============================================================================================
+@dataclass
+class OrganLabels:
+    """A label volume with TotalSegmentator ids (0 = background) and the id -> name map it uses.
+
+    ``source`` names where the labels came from (for messages); ``ignored`` lists structures of
+    the source that are not in the class map (files or segments of other tasks), left out.
+    """
+
+    volume: Volume
+    names: dict[int, str]
+    source: str = ""
+    ignored: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ids(self) -> dict[str, int]:
+        """Name -> id for every structure of the class map."""
+        return {name: i for i, name in self.names.items()}
+
+    def voxel_counts(self) -> dict[str, int]:
+        """Name -> voxel count of the structures present (non-empty), in id order."""
+        counts = np.bincount(self.volume.voxels.ravel().astype(np.int64, copy=False))
+        return {self.names[i]: int(n) for i, n in enumerate(counts) if i and n and i in self.names}
+
+    @property
+    def present(self) -> tuple[str, ...]:
+        """Names of the structures with at least one voxel, in id order."""
+        return tuple(self.voxel_counts())
+
+    def volumes_ml(self) -> dict[str, float]:
+        """Name -> volume in ml of the structures present (voxel count x voxel volume)."""
+        ml = voxel_volume_ml(self.volume.ijk_to_ras)
+        return {name: n * ml for name, n in self.voxel_counts().items()}
+
+    def mask(self, organs: str | Iterable[str]) -> np.ndarray:
+        """Boolean ``[k, j, i]`` mask of the given organs (names and groups, as :func:`organ_names` takes them)."""
+        ids = self.ids
+        return np.isin(self.volume.voxels, [ids[n] for n in organ_names(organs, self.names.values())])
+
+    def on_grid(self, grid: Volume) -> "OrganLabels":
+        """These labels on ``grid`` (its spacing, extent, direction and axis order), by physical coordinates.
+
+        Nearest neighbour (:func:`.volume.resample_to`), so every voxel of the result holds one
+        TotalSegmentator id; grid points outside the segmentation get 0. Refused when no labelled
+        voxel lands on the grid (a segmentation of another patient, study or frame of reference).
+        """
+        if self.volume.same_geometry(grid):
+            return self
+        _check_boxes_overlap(self, grid)
+        carried = resample_to(self.volume, grid, "nearest")
+        if not carried.voxels.any():
+            raise VolumeError(_no_overlap_sentence(self, grid))
+        return OrganLabels(volume=carried, names=dict(self.names), source=self.source, ignored=self.ignored)
+
+
+def _ras_box(volume: Volume) -> np.ndarray:
+    """(2, 3) RAS min/max over the grid's voxel corners (half a voxel beyond the centres)."""
+    shape = np.array(volume.shape_ijk, dtype=np.float64)
+    corners = np.array([[a, b, c] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5)
+                        for c in (-0.5, shape[2] - 0.5)])
+    ras = volume.ijk_to_ras_points(corners)
+    return np.stack([ras.min(axis=0), ras.max(axis=0)])
+
+
+def _box_words(box: np.ndarray) -> str:
+    return ", ".join(f"{axis} {lo:.0f} to {hi:.0f}" for axis, lo, hi in zip("RAS", box[0], box[1]))
+
+
+def _no_overlap_sentence(labels: OrganLabels, grid: Volume) -> str:
+    return (f"the organ segmentation{' ' + labels.source if labels.source else ''} does not overlap the input volume "
+            f"(segmentation {_box_words(_ras_box(labels.volume))} mm, input {_box_words(_ras_box(grid))} mm RAS); "
+            "give the segmentation of this patient's CT from the same study, whose frame of reference the input "
+            "shares.")
+
+
+def _check_boxes_overlap(labels: OrganLabels, grid: Volume) -> None:
+    """Cheap refusal before resampling when the two grids' RAS bounding boxes are disjoint."""
+    a, b = _ras_box(labels.volume), _ras_box(grid)
+    if np.any(a[1] < b[0]) or np.any(b[1] < a[0]):
+        raise VolumeError(_no_overlap_sentence(labels, grid))
+
+
+# =============================================================================================
+# Reading
+# =============================================================================================
+def read_organ_labels(path: str | Path, *, names: Mapping[int, str] | None = None) -> OrganLabels:
+    """Read a TotalSegmentator output: multi-label file, per-structure folder or Slicer ``.seg.nrrd``.
+
+    ``names`` overrides the class map (id -> TotalSegmentator name; default :func:`class_map`).
+    A single file named after one structure (``kidney_left.nii.gz``) holding only 0 and 1 is
+    that structure (one file of the per-structure output), not id 1 of the class map.
+    """
+    path = Path(path).expanduser()
+    names = dict(class_map() if names is None else names)
+    if not path.exists():
+        raise VolumeError(f"organ segmentation not found: {path}; {_SEGMENTATION_HINT}.")
+    if path.is_dir():
+        return _read_folder(path, names)
+    if path.name.lower().endswith((".nrrd", ".nhdr")) and _is_slicer_segmentation(path):
+        return _read_seg_nrrd(path, names)
+    return _read_label_file(path, names)
+
+
+def _read_labels_volume(path: Path) -> Volume:
+    """A label file as a Volume of non-negative integers (float files must hold whole numbers)."""
+    volume = read_volume(path, validate=False)
+    voxels = volume.voxels
+    if not (np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_):
+        if not np.all(np.isfinite(voxels)) or not np.array_equal(voxels, np.round(voxels)):
+            raise VolumeError(f"{path} is not a label map (its voxels are not whole numbers); {_SEGMENTATION_HINT}.")
+        voxels = voxels.astype(np.int64)
+    if voxels.size and voxels.min() < 0:
+        raise VolumeError(f"{path} is not a label map (it holds negative values); {_SEGMENTATION_HINT}.")
+    top = int(voxels.max()) if voxels.size else 0
+    dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.int64
+    return volume.with_voxels(voxels.astype(dtype, copy=False), modality=None, units=None)
+
+
+def _read_label_file(path: Path, names: dict[int, str]) -> OrganLabels:
+    volume = _read_labels_volume(path)
+    ids = np.unique(volume.voxels)
+    ids = ids[ids != 0]
+    stem = _file_stem(path)
+    if stem in names.values() and set(ids.tolist()) <= {1}:  # one file of the per-structure output
+        one = {v: k for k, v in names.items()}[stem]
+        voxels = np.where(volume.voxels != 0, one, 0).astype(_label_dtype(names))
+        return OrganLabels(volume.with_voxels(voxels), names, str(path))
+    if ids.size == 0:
+        raise VolumeError(_empty_sentence(path))
+    unknown = sorted(set(ids.tolist()) - set(names))
+    if unknown:
+        shown = ", ".join(map(str, unknown[:8])) + (" ..." if len(unknown) > 8 else "")
+        raise VolumeError(
+            f"the label file {path} holds ids {shown} that {_TASK_WORDS} (ids {min(names)}-{max(names)}) does not "
+            f"have, so it is not the multi-label output of TotalSegmentator's 'total' task; {_SEGMENTATION_HINT}.")
+    return OrganLabels(volume, names, str(path))
+
+
+def _empty_sentence(source: str | Path) -> str:
+    return f"the organ segmentation {source} is empty (no voxel is labelled); {_SEGMENTATION_HINT}."
+
+
+def _nonempty(labels: OrganLabels) -> OrganLabels:
+    if not labels.volume.voxels.any():
+        raise VolumeError(_empty_sentence(labels.source))
+    return labels
+
+
+def _label_dtype(names: Mapping[int, str]):
+    return np.uint8 if max(names, default=0) <= np.iinfo(np.uint8).max else np.uint16
+
+
+def _read_folder(folder: Path, names: dict[int, str]) -> OrganLabels:
+    """The per-structure output: ``<name>.nii.gz`` per class (nonzero = inside), merged in id order.
+
+    TotalSegmentator writes every file on its input's grid; a file on another grid is carried onto
+    the first file's grid by physical coordinates. Structures never overlap in its output; if
+    edited files do, the higher id wins.
+    """
+    by_name = {v: k for k, v in names.items()}
+    files, ignored = {}, []
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or not f.name.lower().endswith((".nii.gz", ".nii")):
+            continue
+        stem = _file_stem(f)
+        if stem in by_name:
+            files[by_name[stem]] = f
+        else:
+            ignored.append(stem)
+    if not files:
+        found = f" (its NIfTI files: {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''})" if ignored else ""
+        raise VolumeError(
+            f"the folder {folder} holds no TotalSegmentator structure files{found}; expected <name>.nii.gz files named "
+            f"after {_TASK_WORDS} (spleen.nii.gz, liver.nii.gz, ...) as TotalSegmentator writes them without --ml, "
+            "or give its multi-label file instead.")
+    reference, voxels = None, None
+    for i in sorted(files):
+        part = read_volume(files[i], validate=False)
+        if reference is None:
+            reference = part
+            voxels = np.zeros(part.voxels.shape, dtype=_label_dtype(names))
+        elif not part.same_geometry(reference):
+            part = resample_to(part, reference, "nearest")
+        voxels[part.voxels != 0] = i
+    return _nonempty(OrganLabels(reference.with_voxels(voxels, modality=None, units=None), names, str(folder),
+                                 tuple(ignored)))
+
+
+def _is_slicer_segmentation(path: Path) -> bool:
+    """True when the NRRD header holds Slicer segment fields (``Segment0_ID`` ...), read by slicerio."""
+    try:
+        header = slicerio.read_segmentation(str(path), skip_voxels=True)
+    except Exception:  # not a header slicerio understands: the volume reader gives the useful message
+        return False
+    return bool(header.get("segments"))
+
+
+def _totalsegmentator_name(segment: Mapping, by_key: Mapping[str, str]) -> str | None:
+    """The segment's TotalSegmentator name: from its name, else its ID (the Slicer extension's ID is the name)."""
+    for candidate in (segment.get("name"), segment.get("id")):
+        if candidate is not None and _key(candidate) in by_key:
+            return by_key[_key(candidate)]
+    return None
+
+
+def _read_seg_nrrd(path: Path, names: dict[int, str]) -> OrganLabels:
+    """A Slicer segmentation file; segments overlapping in several layers: the higher id wins."""
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as exc:  # pynrrd/slicerio raise assorted types for unreadable files
+        raise VolumeError(f"cannot read the Slicer segmentation {path}: {exc}; save it again from Slicer.") from None
+    by_name = {v: k for k, v in names.items()}
+    found, ignored = {}, []
+    by_key = {_key(n): n for n in by_name}
+    for segment in segmentation.get("segments", []):
+        name = _totalsegmentator_name(segment, by_key)
+        if name is None:
+            ignored.append(str(segment.get("name", segment.get("id", "?"))))
+        else:
+            found.setdefault(by_name[name], []).append(segment)
+    if not found:
+        shown = ", ".join(ignored[:6]) + (" ..." if len(ignored) > 6 else "")
+        raise VolumeError(
+            f"none of the segments of {path} ({shown or 'no segments'}) has a name or ID from {_TASK_WORDS}; "
+            "use the segmentation the TotalSegmentator extension made, or name the segments as TotalSegmentator does "
+            "(spleen, kidney_left, ...).")
+    spatial = segmentation["voxels"].shape[-3:]  # slicerio: [layer,] i, j, k
+    voxels = np.zeros(spatial, dtype=_label_dtype(names))
+    for i in sorted(found):
+        for segment in found[i]:
+            voxels[slicerio.segment_mask(segmentation, segment)] = i
+    volume = Volume(voxels=np.ascontiguousarray(voxels.transpose(2, 1, 0)),
+                    ijk_to_ras=lps_ras_flip(np.asarray(segmentation["ijkToLPS"], dtype=np.float64)))
+    return _nonempty(OrganLabels(volume, names, str(path), tuple(ignored)))
+
+
+# =============================================================================================
+# Organ sets and ROI masks
+# =============================================================================================
+def organ_names(spec: str | Iterable[str] | None, names: Iterable[str] | None = None) -> tuple[str, ...]:
+    """TotalSegmentator names for ``spec``: names and/or groups, comma-separated text or a list.
+
+    Spelling is forgiving ("Kidney Left", "kidney-left"); an unknown name is refused with the
+    closest valid names, or the list of valid ones. ``names``: the class map's names (default
+    :func:`class_map`). Order is kept, duplicates dropped; None or "" gives ().
+    """
+    if spec is None:
+        return ()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    valid = list(class_map().values() if names is None else names)
+    lookup = {_key(n): (n,) for n in valid}
+    lookup.update({_key(g): members for g, members in ORGAN_GROUPS.items()})
+    out: list[str] = []
+    for item in items:
+        if not str(item).strip():
+            continue
+        members = lookup.get(_key(item))
+        if members is None:
+            raise ValueError(_unknown_organ_sentence(str(item).strip(), valid))
+        out.extend(m for m in members if m not in out)
+    return tuple(out)
+
+
+def _unknown_organ_sentence(item: str, valid: list[str]) -> str:
+    """One sentence: the closest names and groups when there are some, else every valid one."""
+    choices = {_key(n): n for n in [*ORGAN_GROUPS, *valid]}
+    close = difflib.get_close_matches(_key(item), list(choices), n=5, cutoff=0.6)
+    groups = ", ".join(ORGAN_GROUPS)
+    if close:
+        return (f"unknown organ '{item}'; did you mean {' or '.join(choices[c] for c in close)}? "
+                f"(groups: {groups}; names: TotalSegmentator's v2 'total' names such as kidney_left).")
+    return f"unknown organ '{item}'; use a group ({groups}) or a TotalSegmentator v2 'total' name ({', '.join(valid)})."
+
+
+def dilate_mm(mask: np.ndarray, spacing_ijk: Iterable[float], margin_mm: float) -> np.ndarray:
+    """``mask`` (``[k, j, i]``) grown by ``margin_mm``: every voxel within that physical distance of it.
+
+    Euclidean distance transform with the grid's spacing (``sampling``), so the margin is right
+    on anisotropic grids, and on oblique (rotated) grids too, whose axes stay orthogonal. A
+    sheared grid (gantry-tilted CT) is measured as if its axes were orthogonal; the margin is
+    applied on the target (PET) grid, which scanners never shear. Only the box around the mask
+    plus the margin is transformed, so a small organ in a whole-body grid stays cheap.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if margin_mm <= 0:
+        return mask.copy()
+    box = bounding_box(mask)
+    if box is None:
+        return mask.copy()
+    sampling = np.asarray(list(spacing_ijk), dtype=np.float64)[::-1]  # i, j, k -> k, j, i
+    pad = np.ceil(margin_mm / sampling).astype(int) + 1
+    crop = tuple(slice(max(0, s.start - p), min(n, s.stop + p)) for s, p, n in zip(box, pad, mask.shape))
+    distance = ndi.distance_transform_edt(~mask[crop], sampling=sampling)
+    out = np.zeros_like(mask)
+    out[crop] = distance <= margin_mm * (1.0 + 1e-9)  # a voxel exactly at the margin is inside, despite rounding
+    return out
+
+
+def roi_mask(labels: OrganLabels, include: str | Iterable[str] | None = None,
+             exclude: str | Iterable[str] | None = None, margin_mm: float = 0.0, *,
+             grid: Volume | None = None) -> Volume:
+    """The ROI on ``grid`` (default: the labels' own grid) as a uint8 Volume (1 = inside).
+
+    ROI = (the ``include`` organs, or the whole grid when none are named) minus the ``exclude``
+    organs, each grown by ``margin_mm`` (:func:`dilate_mm`: an included organ keeps the rim
+    around it, an excluded one takes its rim with it, e.g. PET spill-over from kidneys and
+    bladder). ``include``/``exclude``: names and groups as :func:`organ_names` takes them. The
+    labels are carried onto ``grid`` by physical coordinates first (:meth:`OrganLabels.on_grid`).
+    Refused: unknown names, included organs absent from the segmentation or outside the grid, an
+    empty ROI, a negative margin.
+    """
+    margin_mm = real_number(margin_mm, "the ROI margin (mm)", 0.0)
+    valid = tuple(labels.names.values())
+    include_names, exclude_names = organ_names(include, valid), organ_names(exclude, valid)
+    if include_names:
+        present = set(labels.present)
+        if not present & set(include_names):
+            raise ValueError(
+                f"none of the included organs ({', '.join(include_names)}) is in the organ segmentation "
+                f"{labels.source}; it holds {', '.join(labels.present) or 'no structure'}.")
+    on = labels if grid is None else labels.on_grid(grid)
+    spacing = on.volume.spacing
+    if include_names:
+        inside = on.mask(include_names)
+        if not inside.any():
+            raise ValueError(
+                f"the included organs ({', '.join(include_names)}) lie outside the input volume; "
+                "include organs inside its field of view, or give the input that covers them.")
+        inside = dilate_mm(inside, spacing, margin_mm)
+    else:
+        inside = np.ones(on.volume.voxels.shape, dtype=bool)
+    if exclude_names:
+        inside &= ~dilate_mm(on.mask(exclude_names), spacing, margin_mm)
+    if not inside.any():
+        raise ValueError(
+            f"the organ ROI is empty: the excluded organs ({', '.join(exclude_names)}) cover "
+            f"{'all of ' + ', '.join(include_names) if include_names else 'the whole input'}"
+            f"{f' with the {margin_mm:g} mm margin' if margin_mm else ''}; exclude fewer organs or include others.")
+    return on.volume.with_voxels(inside.astype(np.uint8), modality=None, units=None)
