@@ -1,4 +1,4 @@
-"""The ``diffusion-anomaly`` command: phantom, train, run, evaluate, sweep, demo, import-checkpoint.
+"""The ``diffusion-anomaly`` command: phantom, train, run, evaluate, sweep, demo, import-checkpoint, totalsegmentator.
 
 Every refusal of every verb, argument errors included, ends the command with exit code 2 and one
 ``error:`` line (:func:`main`). The verbs that write a folder (phantom, run, evaluate, sweep, demo)
@@ -33,6 +33,7 @@ from .pipeline import RESULT_FILES, analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
 from .reference_import import add_import_arguments
+from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
 from .training import TrainConfig, train
 from .volume import VolumeError, read_volume, write_volume
 
@@ -168,6 +169,31 @@ def _cmd_sweep(args) -> int:
         d = card["inference_defaults"]
         print(f"wrote {args.write_defaults}: defaults noise level {d['noise_level']}, guidance scale "
               f"{d['guidance_scale']}, steps {d['steps']}")
+    return 0
+
+
+def _progress_lines():
+    """A progress callback printing one line per new message (for long child programs; no bar to redraw)."""
+    last = [None]
+
+    def update(fraction: float, message: str) -> None:
+        if message != last[0]:
+            last[0] = message
+            print(f"{100 * fraction:3.0f}% {message}", flush=True)
+
+    return update
+
+
+def _cmd_totalsegmentator(args) -> int:
+    out = run_totalsegmentator(args.ct, args.out, organs=args.organs, fast=args.fast, device=args.device,
+                               progress=_progress_lines(), environment=args.env)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_totalsegmentator_setup(args) -> int:
+    env = setup_environment(args.env, progress=_progress_lines())
+    print(f"TotalSegmentator environment: {env}")
     return 0
 
 
@@ -311,6 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     add_import_arguments(sub.add_parser("import-checkpoint", help="convert an IgCONDA-PET reference .pth to .safetensors"))
+
+    ts = sub.add_parser("totalsegmentator",
+                        help="segment the organs of a CT with TotalSegmentator (in an environment of its own)")
+    ts.add_argument("--ct", required=True, help="the CT: NIfTI, NRRD, a DICOM file or a DICOM series folder")
+    ts.add_argument("--out", required=True, metavar="SEG.nii.gz", help="the multi-label segmentation to write")
+    ts.add_argument("--organs", default=None, metavar="NAMES",
+                    help="TotalSegmentator structure names, comma-separated (default: all of them)")
+    ts.add_argument("--fast", action="store_true", help="TotalSegmentator's 3 mm model (faster, coarser)")
+    ts.add_argument("--device", choices=tuple(DEVICES), default="auto", help="auto (a GPU when present), cpu or cuda")
+    ts.add_argument("--env", default=None, help=f"the TotalSegmentator environment (default: ${ENV_VARIABLE} or "
+                                                "~/.diffusion-anomaly/totalsegmentator-venv)")
+    ts.set_defaults(func=_cmd_totalsegmentator)
+
+    tss = sub.add_parser("totalsegmentator-setup",
+                         help="install TotalSegmentator into a virtual environment of its own (once, about 2.6 GB)")
+    tss.add_argument("--env", default=None, help=f"where (default: ${ENV_VARIABLE} or "
+                                                 "~/.diffusion-anomaly/totalsegmentator-venv)")
+    tss.set_defaults(func=_cmd_totalsegmentator_setup)
 
     dm = sub.add_parser("demo", help="one phantom case through the bundled model, with overview.png")
     dm.add_argument("--out", default="diffusion-anomaly-demo")

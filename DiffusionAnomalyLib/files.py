@@ -16,7 +16,6 @@ succeeded; leftovers of killed runs (staging folders, partial files) are removed
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -27,7 +26,10 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
+
+from .processes import proc_stat
+from .processes import process_watch
 
 __all__ = [
     "LOCK_NAME",
@@ -37,7 +39,6 @@ __all__ = [
     "check_output_folder",
     "check_writable_dir",
     "output_folder",
-    "process_watch",
     "remove_leftovers",
     "staged",
 ]
@@ -187,46 +188,7 @@ def check_not_input(folder: str | os.PathLike, outputs: Iterable[str],
                                   f"would be overwritten; choose another output folder or move the {what}.")
 
 
-# ---- processes ---------------------------------------------------------------------------------
-def process_watch(pid: int) -> Callable[[], bool]:
-    """A callable telling whether process ``pid`` is still running (a zombie counts as ended)."""
-    if os.name == "nt":
-        # Untested here (no Windows CI). os.kill(pid, 0) would *terminate* the process on Windows;
-        # hold a handle and ask whether it is signalled (the handle also keeps the pid from reuse).
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        kernel32.OpenProcess.restype = ctypes.c_void_p
-        kernel32.OpenProcess.argtypes = (ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32)
-        kernel32.WaitForSingleObject.restype = ctypes.c_uint32
-        kernel32.WaitForSingleObject.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
-        synchronize, wait_timeout, error_invalid_parameter = 0x00100000, 0x102, 87
-        handle = kernel32.OpenProcess(synchronize, False, pid)
-        if not handle:
-            gone = ctypes.get_last_error() == error_invalid_parameter  # no such process
-            return lambda: not gone  # otherwise (no access): cannot watch, assume it runs
-        return lambda: kernel32.WaitForSingleObject(handle, 0) == wait_timeout
-
-    def alive() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return _proc_stat(pid)[0] != "Z"
-
-    return alive
-
-
-def _proc_stat(pid: int) -> tuple[str | None, int | None]:
-    """(state, start time in clock ticks after boot) of process ``pid`` from Linux /proc; Nones elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None, None
-
-
+# ---- the lock ---------------------------------------------------------------------------------
 def _boot_id() -> str | None:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
@@ -234,7 +196,6 @@ def _boot_id() -> str | None:
         return None
 
 
-# ---- the lock ----------------------------------------------------------------------------------
 #: folders this process holds: real path -> (thread that holds it, nesting depth)
 _HELD: dict[str, tuple[int, int]] = {}
 _HELD_GUARD = threading.Lock()
@@ -242,7 +203,7 @@ _HELD_GUARD = threading.Lock()
 
 def _lock_record() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "process_start": _proc_stat(pid)[1], "boot_id": _boot_id(), "host": socket.gethostname(),
+    return {"pid": pid, "process_start": proc_stat(pid)[1], "boot_id": _boot_id(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
 
 
@@ -274,7 +235,7 @@ def _holder_ended(record: dict) -> bool:
     pid = record["pid"]
     if not process_watch(pid)():
         return True
-    start = _proc_stat(pid)[1]
+    start = proc_stat(pid)[1]
     return record.get("process_start") is not None and start is not None and start != record["process_start"]
 
 

@@ -1,9 +1,9 @@
 """The inference worker process the Slicer module drives: ``python -m DiffusionAnomalyLib.worker``.
 
 Why a process: the diffusion loop takes minutes on a CPU; running it outside Slicer keeps the
-UI responsive, and cancelling ends the worker's process tree (see the Slicer module's
-``process.py``), so the scene is never touched by a half-finished run (the pattern of the
-established Slicer AI extensions). The worker also exits by itself when its stdin closes or its
+UI responsive, and cancelling ends the worker's process tree (:func:`.processes.end_tree`, called
+by the Slicer module's ``process.py``), so the scene is never touched by a half-finished run (the
+pattern of the established Slicer AI extensions). The worker also exits by itself when its stdin closes or its
 parent dies (:class:`Watchdog`).
 
 The worker loads one checkpoint once and keeps the model, and with it the model's LRU cache of
@@ -61,7 +61,8 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from .card import CheckpointError, shown, whole_number
 from .export import to_jsonable
-from .files import OutputError, check_writable_dir, process_watch
+from .files import OutputError, check_writable_dir
+from .processes import process_watch
 from .volume import VolumeError, read_volume, write_volume
 
 PROTOCOL_VERSION = 1

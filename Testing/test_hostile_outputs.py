@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import slicerio
 
-from DiffusionAnomalyLib import cli, files
+from DiffusionAnomalyLib import cli, files, processes
 from DiffusionAnomalyLib.files import LOCK_NAME, OutputError, output_folder, remove_leftovers
 from DiffusionAnomalyLib.methods import load_checkpoint
 from DiffusionAnomalyLib.pipeline import RESULT_FILES, analyse, lesions_from_heat
@@ -343,7 +343,7 @@ def test_a_lock_of_an_ended_run_is_taken_over(lock, tmp_path, capsys):
         record = {"pid": _ended_pid(), "host": host, "started": "earlier"}
     elif lock == "reused-pid":  # our own pid, but a process that started at another time
         record = {"pid": os.getpid(), "process_start": -1, "host": host, "started": "earlier"}
-        if files._proc_stat(os.getpid())[1] is None:
+        if processes.proc_stat(os.getpid())[1] is None:
             pytest.skip("process start times need Linux /proc")
     elif lock == "before-reboot":
         record = {"pid": os.getpid(), "boot_id": "another-boot", "host": host, "started": "earlier"}

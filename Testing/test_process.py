@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from DiffusionAnomalyLib.processes import process_watch
 from DiffusionAnomalyLib.volume import write_volume
 
 MODULE = Path(__file__).resolve().parents[1] / "DiffusionAnomaly"
@@ -54,12 +55,8 @@ sys.exit(child.wait())
 
 
 def _running(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not ended (a zombie has)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
+    """Whether ``pid`` is a process that has not ended (a zombie has): the project's own check."""
+    return process_watch(pid)()
 
 
 def tree(token: str) -> list[int]:
@@ -198,13 +195,13 @@ def test_worker_exits_when_its_parent_process_ends_mid_run(launch, tmp_path, pet
     assert any(f"parent process {parent.pid} ended" in line for line in w.client.stderr_tail)
 
 
-def test_engine_root_without_the_engine_on_the_path():
-    """process.py is torch-free, and finds the engine from the source layout when it is not importable."""
+def test_engine_root_without_the_engine_installed():
+    """process.py is torch-free, and gives the worker the engine of the source tree the module file puts on the path."""
     assert (engine_root() / "DiffusionAnomalyLib" / "__init__.py").is_file()
     code = textwrap.dedent(f"""
         import importlib.util, sys
-        sys.path.insert(0, {str(MODULE)!r})
         assert importlib.util.find_spec("DiffusionAnomalyLib") is None
+        sys.path += [{str(MODULE)!r}, {str(MODULE.parent)!r}]  # what DiffusionAnomaly.py does
         from DiffusionAnomalyModuleLib.process import engine_root
         print(engine_root())
         assert "torch" not in sys.modules and "numpy" not in sys.modules

@@ -1,20 +1,12 @@
 """The background process: starts the inference worker (``python -m DiffusionAnomalyLib.worker``) and talks to it.
 
-No Slicer, no torch, standard library only: Slicer's own process imports this file, and the logic
-drives it from the UI thread through a queue.
+No Slicer, no torch: Slicer's own process imports this file, and the logic drives it from the UI
+thread through a queue. The module file (``DiffusionAnomaly.py``) puts the engine on the path.
 
-Cancel stops the whole process tree. In Slicer the worker is started through the ``PythonSlicer``
+Cancel stops the whole process tree: in Slicer the worker is started through the ``PythonSlicer``
 launcher, which runs the real interpreter as its child, so killing the launcher alone would leave
-the worker computing. SlicerMONAIAuto3DSeg walks the tree with psutil for this; psutil is not
-guaranteed in Slicer's Python (nor in the engine's environment), so the operating system's own
-grouping is used instead, which needs no package and also reaches children that outlived their
-launcher:
-
-- POSIX: the launcher starts in a new session (``start_new_session=True``), so it and every
-  process it starts share one process group, which :meth:`WorkerClient.terminate` signals as a
-  whole (SIGTERM, then SIGKILL after a timeout).
-- Windows: the launcher starts in a new process group and ``taskkill /T /F`` ends its tree.
-  (Not tested on this project's CI, which has no Windows machine.)
+the worker computing. The worker is started and ended as a tree of its own by the engine's
+:mod:`DiffusionAnomalyLib.processes` (process group / session on POSIX, ``taskkill /T`` on Windows).
 
 If the parent itself dies, the worker notices on its own (end of stdin, or the ``--parent-pid``
 process gone; see ``DiffusionAnomalyLib.worker``).
@@ -22,11 +14,9 @@ process gone; see ``DiffusionAnomalyLib.worker``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -34,62 +24,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-#: how often terminate() looks whether the process tree has ended (seconds)
-POLL_INTERVAL = 0.05
+from DiffusionAnomalyLib import processes
 
 
 def engine_root() -> Path:
-    """The folder holding the ``DiffusionAnomalyLib`` package, for the worker's PYTHONPATH.
+    """The folder holding the ``DiffusionAnomalyLib`` package this process imports, for the worker's PYTHONPATH.
 
-    The worker is a new interpreter (``PythonSlicer`` or another Python) that may not see the
-    engine: ask the import system where the package is (``find_spec`` locates it without
-    importing it, so no torch), and fall back to the source-tree layout
-    (``<root>/DiffusionAnomaly/DiffusionAnomalyModuleLib/process.py``) when it is not importable here.
+    The worker is a new interpreter (``PythonSlicer`` or another Python) that may not see the engine.
     """
-    spec = importlib.util.find_spec("DiffusionAnomalyLib")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations))).resolve().parent
-    return Path(__file__).resolve().parents[2]
-
-
-def _group_running(pgid: int) -> bool:
-    """Whether a process of the process group ``pgid`` is still running (POSIX).
-
-    Zombies count as ended: they run nothing, and an orphan's zombie may never be reaped where
-    PID 1 is not a reaping init (containers), so ``killpg(pgid, 0)``, which still succeeds for
-    them, is only the first answer; on Linux ``/proc`` tells the states apart.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return True  # no /proc (macOS): a group member is there; its parent reaps it soon
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # ended while we looked
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")"
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def _wait_group(proc: subprocess.Popen, pgid: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` s for the process group to end; True if it has."""
-    deadline = time.monotonic() + timeout
-    while True:
-        proc.poll()  # reap the launcher, so that it does not linger in the group as a zombie
-        if not _group_running(pgid):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL_INTERVAL)
+    return Path(processes.__file__).resolve().parents[1]
 
 
 class WorkerClient:
@@ -133,15 +76,9 @@ class WorkerClient:
         env.update(self.env or {})
         self._queue = queue.Queue()
         self._terminated = False
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":  # no console window; a group of its own, ended as a tree by terminate()
-            kwargs["creationflags"] = (getattr(subprocess, "CREATE_NO_WINDOW", 0)
-                                       | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
-        else:  # a session, hence a process group, of its own: terminate() signals the whole group
-            kwargs["start_new_session"] = True
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, bufsize=1,
-                                        **kwargs)
+        self.process = processes.start_tree(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env,
+                                            bufsize=1)
         proc, q = self.process, self._queue
 
         def read_stdout() -> None:
@@ -242,45 +179,12 @@ class WorkerClient:
         if proc is None or self._terminated:
             return
         self._terminated = True
-        if os.name == "nt":
-            self._terminate_windows(proc, timeout)
-        else:
-            self._terminate_posix(proc, timeout)
+        processes.end_tree(proc, timeout)
         try:
             proc.stdin.close()
         except OSError:
             pass
         self.ready = None
-
-    @staticmethod
-    def _terminate_posix(proc: subprocess.Popen, timeout: float) -> None:
-        pgid = proc.pid  # start_new_session: the launcher leads its own process group
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break  # the whole group has ended already
-            if _wait_group(proc, pgid, timeout):
-                break
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass  # unkillable (stuck in the kernel): nothing more a user process can do
-
-    @staticmethod
-    def _terminate_windows(proc: subprocess.Popen, timeout: float) -> None:
-        # Untested here (no Windows CI). taskkill /T ends the launcher and its descendants, found
-        # through their parent ids; it cannot reach a child whose launcher has already ended, so
-        # that child relies on the worker's own parent watchdog.
-        if proc.poll() is None:
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
-                           check=False)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Ask the worker to quit, then make sure its process tree is gone."""
