@@ -57,6 +57,9 @@ ENV_VARIABLE = "DIFFUSION_ANOMALY_TOTALSEG_ENV"
 DEFAULT_ENVIRONMENT = Path("~/.diffusion-anomaly/totalsegmentator-venv")
 #: the verb that makes the environment (named in the sentence when it is missing)
 SETUP_COMMAND = "diffusion-anomaly totalsegmentator-setup"
+#: the way out when TotalSegmentator cannot run here (one wording for every such sentence)
+USE_EXISTING = ("use an existing TotalSegmentator segmentation instead (a multi-label NIfTI, a folder of "
+                "<organ>.nii.gz files or a Slicer .seg.nrrd)")
 #: ``device`` choices and what TotalSegmentator is told (it falls back to the CPU by itself when it sees no GPU)
 DEVICES = {"auto": "gpu", "cpu": "cpu", "cuda": "gpu"}
 #: the file in the environment that records a finished setup (what was installed)
@@ -99,7 +102,7 @@ def environment_program(env: str | os.PathLike | None = None) -> Path:
         raise TotalSegmentatorError(
             f"TotalSegmentator is not set up ({where}); run '{SETUP_COMMAND}' once (it installs TotalSegmentator "
             f"and PyTorch, about 2.6 GB, into an environment of their own), set {ENV_VARIABLE} to an existing one, "
-            "or give an existing segmentation with --roi-seg.")
+            f"or {USE_EXISTING}.")
     return program
 
 
@@ -394,10 +397,9 @@ class _RunProgress:
                                      self.fast)
         if returncode < 0:
             return (f"TotalSegmentator was stopped by signal {-returncode} (this is usually the computer running out "
-                    "of memory); close other programs, use --fast or name fewer organs, or give an existing "
-                    "segmentation with --roi-seg.")
+                    f"of memory); close other programs, use --fast or name fewer organs, or {USE_EXISTING}.")
         return (f"TotalSegmentator failed (exit code {returncode}: {_last_error(self.lines, 'Error')}); "
-                "check the CT, or give an existing segmentation with --roi-seg.")
+                f"check the CT, or {USE_EXISTING}.")
 
 
 def _connection_cause(lines: Sequence[str]) -> str:
@@ -413,7 +415,7 @@ def _weights_sentence(task: str, cause: str, fast: bool) -> str:
     return (f"TotalSegmentator's weights (task {task}) are not in {weights_dir()} and cannot be downloaded ({cause}); "
             f"on a computer with internet run 'totalseg_download_weights -t {'total_fast' if fast else 'total'}' and "
             f"copy its ~/.totalsegmentator folder to {home_dir()} (or set TOTALSEG_HOME_DIR or TOTALSEG_WEIGHTS_PATH "
-            "to where the weights are), or give an existing segmentation with --roi-seg.")
+            f"to where the weights are), or {USE_EXISTING}.")
 
 
 def _output_suffix(out: Path) -> str:
@@ -479,8 +481,7 @@ def run_totalsegmentator(ct: str | os.PathLike, out: str | os.PathLike, organs: 
             raise TotalSegmentatorError(watcher.failure(code))
         if not result.is_file():
             raise TotalSegmentatorError(f"TotalSegmentator ended without writing a segmentation "
-                                        f"({_last_error(watcher.lines, 'Error')}); check the CT, or give an existing "
-                                        "segmentation with --roi-seg.")
+                                        f"({_last_error(watcher.lines, 'Error')}); check the CT, or {USE_EXISTING}.")
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out, suffix=suffix) as tmp:
             shutil.copyfile(result, tmp)

@@ -262,8 +262,7 @@ def test_offline_without_weights_is_one_sentence_and_nothing_is_written(fake_env
         f"TotalSegmentator's weights (task 297) are not in {home / 'nnunet' / 'results'} and cannot be downloaded "
         "(no connection to github.com: Name or service not known); on a computer with internet run "
         f"'totalseg_download_weights -t total_fast' and copy its ~/.totalsegmentator folder to {home} (or set "
-        "TOTALSEG_HOME_DIR or TOTALSEG_WEIGHTS_PATH to where the weights are), or give an existing segmentation "
-        "with --roi-seg.")
+        f"TOTALSEG_HOME_DIR or TOTALSEG_WEIGHTS_PATH to where the weights are), or {ts.USE_EXISTING}.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "record.json", "ts-env", "ts-home"]
 
 
@@ -357,7 +356,7 @@ def test_refusals_before_any_work(fake_env, ct, tmp_path, monkeypatch, capsys):
     assert line == (f"error: TotalSegmentator is not set up (its environment {tmp_path / 'missing-env'} does not "
                     "exist); run 'diffusion-anomaly totalsegmentator-setup' once (it installs TotalSegmentator and "
                     f"PyTorch, about 2.6 GB, into an environment of their own), set {ts.ENV_VARIABLE} to an existing "
-                    "one, or give an existing segmentation with --roi-seg.")
+                    f"one, or {ts.USE_EXISTING}.")
     monkeypatch.setenv(ts.ENV_VARIABLE, str(fake_env))
     assert "must be a NIfTI file" in run_refused(capsys, "totalsegmentator", "--ct", ct, "--out", out / "seg.nrrd",
                                                  watch=watch)
