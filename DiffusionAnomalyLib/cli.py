@@ -20,11 +20,12 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, phantoms
-from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, CheckpointError, default_card, number_from_text, parse_steps,
+from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, default_card, number_from_text, parse_steps,
                    whole_number)
 from .checkpoint import bundled_checkpoint
 from .evaluation import card_with_best_defaults, evaluate, markdown_table, sweep
 from .export import write_json, write_segmentation
+from .errors import REFUSALS, refusal_sentence
 from .figures import overview_png
 from .files import OutputError, check_writable_dir, output_folder, staged
 from .methods import load_checkpoint
@@ -35,7 +36,7 @@ from .progress import Cancelled
 from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
 from .training import TrainConfig, train
-from .volume import VolumeError, read_volume, write_volume
+from .volume import read_volume, write_volume
 
 
 #: what ``evaluate`` writes (:func:`.evaluation.evaluate`) and ``sweep`` writes (:func:`.evaluation.sweep`)
@@ -313,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--modality", choices=("PT", "CT"), default=None, help="modality of a NRRD/NIfTI input")
     rn.add_argument("--units", default=None,
                     help="voxel units of an input that does not say (e.g. SUVbw, BQML, HU); must agree with the file")
-    rn.add_argument("--suv-factor", type=float, default=None, help="explicit SUV factor for PET DICOM without the tags")
+    rn.add_argument("--suv-factor", type=number_from_text, default=None,
+                    help="SUVbw per voxel unit, for PET activity whose file lacks the SUV tags (DICOM, NRRD or NIfTI)")
     _add_inference_args(rn)
     rn.set_defaults(func=_cmd_run)
 
@@ -371,24 +373,16 @@ def _one_line(text: str) -> str:
 
 
 def _refusal(exc: BaseException) -> str:
-    """The one sentence of an expected failure, its cause kept."""
+    """The one sentence of an expected failure: :func:`.errors.refusal_sentence`, plus the GPU's out-of-memory."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         first = str(exc).split(".")[0]
         return (f"the GPU ran out of memory ({first}); close other GPU programs, use --device cpu "
                 "or a smaller input")
-    if isinstance(exc, MemoryError):
-        cause = f" ({exc})" if str(exc) else ""
-        return f"not enough memory for this run{cause}; close other programs or use a smaller input"
-    if isinstance(exc, OSError) and not isinstance(exc, (OutputError, VolumeError, CheckpointError)) \
-            and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return str(exc) or type(exc).__name__
+    return refusal_sentence(exc)
 
 
-#: what :func:`main` reports as one sentence with exit code 2; anything else is a bug and keeps its traceback.
-#: (A missing CUDA device is a ValueError of :func:`.networks.pick_device`.)
-EXPECTED_ERRORS = (VolumeError, CheckpointError, OutputError, ValueError, MemoryError, OSError,
-                   torch.cuda.OutOfMemoryError)
+#: what the CLI refuses with one sentence instead of a traceback: the package's refusals and a full GPU
+EXPECTED_ERRORS = (*REFUSALS, torch.cuda.OutOfMemoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from .files import OutputError
 
-#: the exception types whose message is the whole story for the user
-REFUSALS: tuple[type[BaseException], ...] = (ValueError, OutputError, MemoryError)
+#: the exception types whose message is the whole story for the user (an OSError: a file the system refused)
+REFUSALS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
 
 
 def is_refusal(exc: BaseException) -> bool:
@@ -20,9 +20,19 @@ def is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, REFUSALS)
 
 
+def refusal_sentence(exc: BaseException) -> str:
+    """The one sentence of a refusal, its cause kept (a bare OSError or MemoryError gets words around it)."""
+    if isinstance(exc, MemoryError):
+        cause = f" ({exc})" if str(exc) else ""
+        return f"not enough memory for this run{cause}; close other programs or use a smaller input"
+    if isinstance(exc, OSError) and not isinstance(exc, OutputError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def user_sentence(exc: BaseException) -> str:
-    """The sentence to show for ``exc``: its own message for a refusal, else a bug report hint."""
+    """The sentence to show for ``exc``: its refusal sentence, else a bug report hint."""
     if is_refusal(exc):
-        return str(exc) or type(exc).__name__
+        return refusal_sentence(exc)
     return (f"An unexpected error occurred ({type(exc).__name__}: {exc}); this is a bug in DiffusionAnomaly, "
             "please report it with the details.")

@@ -47,7 +47,7 @@ HU_AIR_BELOW = -500.0
 EIGHT_BIT_MAX = 255
 
 #: How a user declares a PET volume in body-weight SUV (the command line's spelling).
-DECLARE_SUV = "--modality PT --units SUVbw"
+DECLARE_SUV = "command line: --modality PT --units SUVbw; Slicer: Units SUVbw"
 
 
 def check_modality(volume: Volume, card: dict[str, Any]) -> None:
@@ -86,6 +86,11 @@ def _refuse_undeclared(finding: str, card: dict[str, Any], remedy: str = "") -> 
 
 def _check_pet_values(volume: Volume, card: dict[str, Any], units: str | None) -> None:
     """The value checks of :func:`check_modality` for a PET (SUVbw) model."""
+    if units is not None and is_suv(units) and units != "SUVbw":
+        raise VolumeError(
+            f"the PET input is in {volume.units}, a different SUV normalisation than the body-weight SUV (SUVbw) "
+            f"model {card['id']} expects; export the PET as SUVbw or as activity (Bq/ml) from its DICOM series."
+        )
     if units is not None and not is_suv(units):
         raise VolumeError(
             f"the PET input is in {volume.units}, but model {card['id']} expects body-weight SUV; "
@@ -113,7 +118,7 @@ def _check_pet_values(volume: Volume, card: dict[str, Any], units: str | None) -
                                      "convert activity to SUV (load the DICOM series, or give --suv-factor)")
         if hi > UNDECLARED_MAX_AT_MOST:
             raise _refuse_undeclared(f"values up to {_amount(hi)}, which looks like activity (Bq/ml or kBq/ml) or a "
-                                     f"wrong scale (SUV stays below {UNDECLARED_MAX_AT_MOST:g})", card,
+                                     f"wrong scale (above {UNDECLARED_MAX_AT_MOST:g}, which body SUV rarely reaches)", card,
                                      "convert activity to SUV (load the DICOM series, or give --suv-factor)")
         if hi <= UNDECLARED_MAX_ABOVE:
             raise _refuse_undeclared(f"a maximum of {hi:.3g}, which looks like a normalised image or a wrong "

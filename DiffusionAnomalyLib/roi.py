@@ -254,12 +254,12 @@ def _read_label_file(path: Path, names: dict[int, str]) -> OrganLabels:
     ids = np.unique(volume.voxels)
     ids = ids[ids != 0]
     stem = _file_stem(path)
+    if ids.size == 0:
+        raise VolumeError(_empty_sentence(path))
     if stem in names.values() and set(ids.tolist()) <= {1}:  # one file of the per-structure output
         one = {v: k for k, v in names.items()}[stem]
         voxels = np.where(volume.voxels != 0, one, 0).astype(_label_dtype(names))
         return OrganLabels(volume.with_voxels(voxels), names, str(path))
-    if ids.size == 0:
-        raise VolumeError(_empty_sentence(path))
     unknown = sorted(set(ids.tolist()) - set(names))
     if unknown:
         shown = ", ".join(map(str, unknown[:8])) + (" ..." if len(unknown) > 8 else "")

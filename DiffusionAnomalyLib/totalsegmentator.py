@@ -41,7 +41,7 @@ from .files import OutputError, atomic_path, check_not_input, check_output_folde
 from .processes import run_lines
 from .progress import Cancel, Progress, check_cancel, report
 from .roi import organ_names
-from .volume import read_volume, write_volume
+from .volume import modality_words, read_volume, write_volume
 
 __all__ = [
     "DEFAULT_ENVIRONMENT", "DEVICES", "ENV_VARIABLE", "REQUIREMENTS", "SETUP_COMMAND", "TotalSegmentatorError",
@@ -456,7 +456,10 @@ def run_totalsegmentator(ct: str | os.PathLike, out: str | os.PathLike, organs: 
     env = _environment(environment)
     program = environment_program(env)
     report(progress, 0.0, "TotalSegmentator: reading the CT")
-    volume = read_volume(ct, modality="CT")
+    volume = read_volume(ct)
+    if volume.modality not in (None, "CT"):
+        raise TotalSegmentatorError(f"--ct must be a CT scan, but {Path(ct).name} is {modality_words(volume.modality)}; "
+                                    "choose the CT of the PET/CT pair.")
     if organs is not None:  # names and groups, checked against the environment's own class map when it answers
         organs = list(organ_names(organs, names=class_names(env)))
         if not organs:

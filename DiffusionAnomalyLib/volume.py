@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .card import MODALITY_NAMES
+from .card import MODALITY_NAMES, real_number
 from .files import OutputError, atomic_path, check_writable_dir
 
 #: diag(-1, -1, 1, 1): converts LPS <-> RAS (its own inverse).
@@ -383,8 +383,11 @@ def read_volume(
     path = Path(path).expanduser()
     if not path.exists():
         raise VolumeError(f"file not found: {path}")
-    if suv_factor is not None and not (np.isfinite(suv_factor) and suv_factor > 0):
-        raise VolumeError(f"the SUV factor must be a positive number, got {suv_factor}.")
+    if suv_factor is not None:
+        try:
+            suv_factor = real_number(suv_factor, "the SUV factor", 0.0, lo_open=True)
+        except ValueError as exc:
+            raise VolumeError(str(exc)) from None
     modality, units = canonical_modality(modality), canonical_units(units)
     if path.is_dir():
         volume = _read_dicom(path, None, series_uid, modality, units, suv_factor, max_voxels)
@@ -400,12 +403,16 @@ def read_volume(
     return volume
 
 
-def _agree(what: str, declared: str | None, found: str | None, source: str, words=str) -> str | None:
-    """The file's own ``found`` value, else the caller's ``declared`` one; refused when both differ."""
+def agree(what: str, declared: str | None, found: str | None, source: str, words=str,
+          remedy: str | None = None) -> str | None:
+    """The input's own ``found`` value, else the user's ``declared`` one; refused when both differ.
+
+    The one rule for declarations (CLI, worker, Slicer): they fill in what the input does not say.
+    """
     if declared is not None and found is not None and declared != found:
         raise VolumeError(
             f"{source} gives its {what} as {words(found)}, but {words(declared)} was declared; "
-            f"remove the {what} declaration or choose the right file."
+            f"{remedy or f'remove the {what} declaration or choose the right file'}."
         )
     return found if found is not None else declared
 
@@ -554,8 +561,8 @@ def _read_sitk_file(
     source = str(path)
     volume = Volume.from_sitk(
         image,
-        modality=_agree("modality", modality, canonical_modality(file_modality), source, modality_words),
-        units=_agree("units", units, canonical_units(file_units), source),
+        modality=agree("modality", modality, canonical_modality(file_modality), source, modality_words),
+        units=agree("units", units, canonical_units(file_units), source),
         meta={"source": source, "format": "nrrd" if _suffix(path) in _NRRD_SUFFIXES else _suffix(path).lstrip(".")},
     )
     _check_geometry(volume.ijk_to_ras, source)
@@ -802,11 +809,11 @@ def _read_dicom(
     for h, f in zip(headers, files):
         _check_pixel_data(h, f)
 
-    modality = _agree("modality", modality, canonical_modality(headers[0].get("Modality", "")), f"the {where}",
+    modality = agree("modality", modality, canonical_modality(headers[0].get("Modality", "")), f"the {where}",
                       modality_words)
     if modality == "PT":
         dicom_units = canonical_units(headers[0].get("Units", ""))
-        declared = _agree("units", units, dicom_units, f"the {where}")
+        declared = agree("units", units, dicom_units, f"the {where}")
         if dicom_units is None and declared is not None:  # the declaration stands in for the missing Units tag
             for h in headers:
                 h.Units = _DICOM_PET_UNITS.get(declared, declared)
@@ -816,7 +823,7 @@ def _read_dicom(
             )
     else:
         hu = modality == "CT" and str(headers[0].get("RescaleType", "HU")).upper() in ("HU", "")
-        units = _agree("units", units, "HU" if hu else None, f"the {where}")
+        units = agree("units", units, "HU" if hu else None, f"the {where}")
 
     # SimpleITK picks the pixel type from the FIRST slice's rescale slope/intercept, so slices with a
     # different (e.g. fractional) slope would be truncated or overflow; reading as float64 makes

@@ -59,11 +59,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from .card import CheckpointError, shown, whole_number
+from .card import shown, whole_number
+from .errors import is_refusal, user_sentence
 from .export import to_jsonable
-from .files import OutputError, check_writable_dir
+from .files import check_writable_dir
 from .processes import process_watch
-from .volume import VolumeError, read_volume, write_volume
+from .volume import read_volume, write_volume
 
 PROTOCOL_VERSION = 1
 
@@ -210,8 +211,8 @@ def check_request(request: dict[str, Any]) -> None:
 
 
 def _error(request_id: Any, exc: BaseException) -> dict[str, Any]:
-    msg = {"type": "error", "id": request_id, "kind": type(exc).__name__, "message": str(exc) or type(exc).__name__}
-    if not isinstance(exc, (VolumeError, CheckpointError, OutputError, ValueError, MemoryError)):
+    msg = {"type": "error", "id": request_id, "kind": type(exc).__name__, "message": user_sentence(exc)}
+    if not is_refusal(exc):
         msg["detail"] = traceback.format_exc()  # unexpected: keep the traceback for the log
     return msg
 

@@ -330,14 +330,15 @@ def test_table_is_large_enough():
     assert len(HOSTILE) >= 15 and len({c[0] for c in HOSTILE}) == len(HOSTILE)
 
 
-# ---- declared units (read_volume; the CLI has no --units yet) ---------------------------------------
+# ---- declared units (read_volume; the CLI passes --units through) ---------------------------------------
 def test_declared_units_fill_what_the_file_does_not_say(tmp_path, tiny_card):
     path = plain_file(tmp_path, "plain.nrrd", suv_like())
     volume = read_volume(path, modality="pt", units="SUV")
     assert (volume.modality, volume.units) == ("PT", "SUVbw")
     check_modality(volume, tiny_card)  # a declared SUV volume with plausible values is accepted
     ints = plain_file(tmp_path, "ints.nrrd", np.rint(suv_like() * 3).astype(np.int16))
-    with pytest.raises(VolumeError, match=r"whole numbers .*declare it \(--modality PT --units SUVbw\)"):
+    with pytest.raises(VolumeError, match=r"whole numbers .*declare it \(command line: --modality PT --units SUVbw; "
+                                          r"Slicer: Units SUVbw\)"):
         check_modality(read_volume(ints), tiny_card)
     check_modality(read_volume(ints, units="SUVbw"), tiny_card)  # the user said so: accepted
 

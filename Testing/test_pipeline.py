@@ -244,6 +244,14 @@ def test_activity_units_are_refused(tiny_model, small_phantom):
     assert tiny_model.network_evaluations == 0
 
 
+def test_another_suv_normalisation_is_refused(tiny_model, small_phantom):
+    """Lean-body-mass SUV is ~20-30 % lower than the body-weight SUV the model learned: not silently accepted."""
+    lbm = small_phantom.with_voxels(small_phantom.voxels * 0.75, units="SUVlbm")
+    with pytest.raises(VolumeError, match="SUVlbm, a different SUV normalisation"):
+        tiny_model.run(lbm)
+    assert tiny_model.network_evaluations == 0
+
+
 def test_pet_without_metadata_is_accepted(tiny_model, pet_slab):
     """Unknown modality/units but PET-like values: analysed (the check must not be over-eager)."""
     plain = pet_slab.with_voxels(pet_slab.voxels, modality=None, units=None)

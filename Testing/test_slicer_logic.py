@@ -281,7 +281,7 @@ def test_modality_mismatch_is_refused_with_a_sentence(env):
 @pytest.mark.parametrize("attributes, voxels, settings, message", [
     ({"DICOM.Modality": "MR"}, lambda v: v, {}, "the input is MR"),
     ({}, lambda v: np.round(v * 20).clip(0, 255), {}, "--modality PT --units SUVbw"),
-    ({"DICOM.Modality": "PT"}, lambda v: v, {"Units": "SUVbw", "Modality": "CT"}, "modality as PT, but CT was chosen"),
+    ({"DICOM.Modality": "PT"}, lambda v: v, {"Units": "SUVbw", "Modality": "CT"}, "modality as PT, but CT was declared"),
     ({"DICOM.Modality": "PT", "DiffusionAnomaly.Units": "SUVbw"}, lambda v: v, {"NoiseLevel": "20.7"},
      "NoiseLevel must be a whole number, got 20.7"),
     ({"DICOM.Modality": "PT", "DiffusionAnomaly.Units": "SUVbw"}, lambda v: v, {"Threshold": "1.5"},

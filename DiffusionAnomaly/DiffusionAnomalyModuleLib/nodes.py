@@ -12,7 +12,7 @@ import pydicom
 import slicer
 import vtk
 
-from DiffusionAnomalyLib.volume import Volume, VolumeError, canonical_modality, canonical_units, suv_factor_of_series
+from DiffusionAnomalyLib.volume import Volume, agree, canonical_modality, canonical_units, suv_factor_of_series
 
 #: node attribute a script may set to state a volume's units (e.g. "SUVbw") when Slicer does not know them
 UNITS_ATTRIBUTE = "DiffusionAnomaly.Units"
@@ -47,12 +47,10 @@ def dicomSuvFactor(node) -> float | None:
 
 
 def _declared(what: str, declared: str | None, own: str | None, canonical) -> str | None:
-    """The node's own value, or the user's declaration where the node says nothing; a contradiction is refused."""
-    declared = None if declared in (None, "", "auto") else declared
-    if declared is not None and own is not None and canonical(declared) != canonical(own):
-        raise VolumeError(f"the input volume gives its {what} as {own}, but {declared} was chosen; choose 'auto' "
-                          "or the matching scan.")
-    return own if own is not None else declared
+    """The engine's rule (:func:`~DiffusionAnomalyLib.volume.agree`) for the panel's choice ('auto' = none)."""
+    declared = None if declared in (None, "", "auto") else canonical(declared)
+    return agree(what, declared, canonical(own), "the input volume", remedy=f"choose 'auto' as {what} or the "
+                 "matching scan")
 
 
 def volumeFromNode(node, modality: str | None = None, units: str | None = None) -> Volume:
