@@ -193,7 +193,7 @@ def test_labels_showing_card_or_error_text_are_plain_text():
 
 @pytest.mark.parametrize("error, detailed", [
     (ValueError("the input is MR, but this model was trained on PET; choose a PET scan."), False),
-    (MemoryError("this volume would need 40 GB; crop it first."), False),
+    (MemoryError("Unable to allocate 40.0 GiB for an array"), False),
     (KeyError("a bug"), True),
 ])
 def test_a_ui_action_shows_a_refusal_as_its_one_sentence(monkeypatch, error, detailed):
@@ -209,5 +209,7 @@ def test_a_ui_action_shows_a_refusal_as_its_one_sentence(monkeypatch, error, det
     [(text, details)] = shown
     if detailed:
         assert "bug" in text and "KeyError" in details
+    elif isinstance(error, MemoryError):  # the allocator's words, inside a sentence saying what to do
+        assert text.startswith("not enough memory for this run (Unable to allocate 40.0 GiB") and details is None
     else:
         assert text == str(error) and details is None
