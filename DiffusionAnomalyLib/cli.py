@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -33,6 +34,7 @@ from .networks import save_checkpoint
 from .pipeline import RESULT_FILES, analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
+from .roi import read_organ_labels, roi_mask
 from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
 from .training import TrainConfig, train
@@ -124,19 +126,41 @@ def _print_table(rows) -> None:
         print("  ".join(f"{r[c]:>10.2f}" if isinstance(r[c], float) else f"{r[c]:>10}" for c in cols))
 
 
+def _organ_roi(args, volume) -> tuple[object, dict | None]:
+    """The organ ROI of ``--roi-seg`` on the input's grid (None without one), checked before any network work."""
+    options = [f"--{name.replace('_', '-')}" for name in ("roi_include", "roi_exclude", "roi_margin_mm")
+               if getattr(args, name) is not None]
+    if args.roi_seg is None:
+        if options:
+            raise ValueError(f"{', '.join(options)} need --roi-seg (a TotalSegmentator segmentation of this "
+                             "patient: a multi-label NIfTI, a folder of <organ>.nii.gz files or a Slicer .seg.nrrd).")
+        return None, None
+    labels = read_organ_labels(args.roi_seg)
+    mask = roi_mask(labels, include=args.roi_include, exclude=args.roi_exclude,
+                    margin_mm=0.0 if args.roi_margin_mm is None else args.roi_margin_mm, grid=volume)
+    inside = int(np.count_nonzero(mask.voxels))
+    return mask.voxels, {"segmentation": str(args.roi_seg), "include": args.roi_include, "exclude": args.roi_exclude,
+                         "margin_mm": args.roi_margin_mm or 0.0, "voxels_inside": inside,
+                         "fraction_inside": inside / mask.voxels.size}
+
+
 def _cmd_run(args) -> int:
     # the folder is checked and locked before any computation, and held until the results are in place
     with output_folder(args.out, outputs=RESULT_FILES,
-                       inputs={"input": args.input, "checkpoint": args.checkpoint}) as out:
+                       inputs={"input": args.input, "checkpoint": args.checkpoint, "--roi-seg": args.roi_seg}) as out:
         volume = read_volume(args.input, modality=args.modality, units=args.units, suv_factor=args.suv_factor)
+        roi, roi_record = _organ_roi(args, volume)
         model = _load_model(args)
         bar = _progress_bar("diffusion")
         try:
             result = analyse(model, volume, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-                             steps=args.steps, thresholding=_thresholding(args, model.card), progress=bar)
+                             steps=args.steps, thresholding=_thresholding(args, model.card), roi=roi, progress=bar)
         finally:
             bar.close()
-        written = write_outputs(result, out, {"input_path": str(args.input), "checkpoint": str(model.source)})
+        extra = {"input_path": str(args.input), "checkpoint": str(model.source)}
+        if roi_record is not None:
+            extra["organ_roi"] = roi_record
+        written = write_outputs(result, out, extra)
     _print_table(result.table)
     print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
     return 0
@@ -314,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--modality", choices=("PT", "CT"), default=None, help="modality of a NRRD/NIfTI input")
     rn.add_argument("--units", default=None,
                     help="voxel units of an input that does not say (e.g. SUVbw, BQML, HU); must agree with the file")
+    rn.add_argument("--roi-seg", default=None, metavar="SEG",
+                    help="TotalSegmentator segmentation of this patient (multi-label NIfTI, folder of <organ>.nii.gz "
+                         "or Slicer .seg.nrrd): lesion candidates outside the organ ROI are dropped")
+    rn.add_argument("--roi-include", default=None, metavar="NAMES|GROUP",
+                    help="organs the ROI keeps (TotalSegmentator names or groups such as kidneys; default: all)")
+    rn.add_argument("--roi-exclude", default=None, metavar="NAMES|GROUP",
+                    help="organs the ROI leaves out, e.g. physiological-uptake (brain, heart, kidneys, bladder)")
+    rn.add_argument("--roi-margin-mm", type=number_from_text, default=None, metavar="MM",
+                    help="grow the included and excluded organs by this margin (mm; default 0)")
     rn.add_argument("--suv-factor", type=number_from_text, default=None,
                     help="SUVbw per voxel unit, for PET activity whose file lacks the SUV tags (DICOM, NRRD or NIfTI)")
     _add_inference_args(rn)
