@@ -115,18 +115,17 @@ def hold():
     while not gate.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
 
+def hold_before(owner, name):
+    original = getattr(owner, name)
+    def held(*args, **kwargs):
+        hold()
+        return original(*args, **kwargs)
+    setattr(owner, name, held)
+
 if point == "analyse":
-    original_analyse = cli.analyse
-    def analyse(*args, **kwargs):
-        hold()
-        return original_analyse(*args, **kwargs)
-    cli.analyse = analyse
+    hold_before(cli, "analyse")
 elif point == "staging":
-    original_json = pipeline.write_json
-    def write_json(*args, **kwargs):
-        hold()
-        return original_json(*args, **kwargs)
-    pipeline.write_json = write_json
+    hold_before(pipeline, "write_json")
 elif point == "moving":
     original_replace = pathlib.Path.replace
     calls = []
