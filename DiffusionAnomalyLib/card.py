@@ -146,6 +146,30 @@ def check_min_size_ml(value: Any, field: str = "the minimum lesion size (ml)") -
     return real_number(value, field, 0.0)
 
 
+#: Largest organ margin (mm) a card or a user may ask for: beyond it a margin swallows the body.
+MAX_MARGIN_MM = 100.0
+
+def check_margin_mm(value: Any, field: str = "the ROI margin (mm)") -> float:
+    """An organ ROI margin in millimetres: a finite number from 0 to :data:`MAX_MARGIN_MM`."""
+    return real_number(value, field, 0.0, MAX_MARGIN_MM)
+
+
+def organ_list(value: Any, field: str = "the organs") -> list[str]:
+    """Organ names and groups as a list of texts (comma-separated text or a JSON list; "none" or "" is empty).
+
+    Only the form is checked here; the names are checked against TotalSegmentator's class map where a
+    segmentation is read (:func:`.roi.organ_names`), which this standard-library module cannot import.
+    """
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v.isprintable() for v in items):
+        raise ValueError(f"{field} must be organ names or groups (comma-separated text or a list of texts), "
+                         f"got {shown(value)}.")
+    names = [v.strip() for v in items if v.strip()]
+    return [] if [n.lower() for n in names] in ([], ["none"]) else names
+
+
 def check_threshold(method: Any, value: Any, method_field: str = "the threshold method",
                     value_field: str = "the threshold value") -> float | None:
     """The threshold rule's value (None for Otsu, which has none), after checking method and value.
@@ -221,7 +245,7 @@ UNET_REQUIRED = ("spatial_dims", "in_channels", "out_channels", "channels", "att
 SLICE_METHODS = ("igconda", "classifier_guided", "cdm")
 SCHEDULER_KEYS = ("num_train_timesteps", "schedule", "beta_start", "beta_end")
 #: provenance entries holding a [start, stop) range of phantom seeds (evaluation refuses overlaps)
-SEED_RANGE_KEYS = ("train_seeds", "val_seeds", "tuning_seeds")
+SEED_RANGE_KEYS = ("train_seeds", "val_seeds", "tuning_seeds", "threshold_tuning_seeds")
 
 #: sane bounds: far beyond any published model, small enough that a typo cannot become hours or an allocation failure
 MAX_TIMESTEPS = 100_000
@@ -481,6 +505,10 @@ def _check_inference_defaults(defaults: dict[str, Any], timesteps: int) -> None:
         check_threshold(method, value, field + "threshold.method", field + "threshold.value")
     if "min_size_ml" in defaults:
         check_min_size_ml(defaults["min_size_ml"], field + "min_size_ml")
+    if "organ_exclude" in defaults:
+        defaults["organ_exclude"] = organ_list(defaults["organ_exclude"], field + "organ_exclude")
+    if "organ_margin_mm" in defaults:
+        defaults["organ_margin_mm"] = check_margin_mm(defaults["organ_margin_mm"], field + "organ_margin_mm")
 
 
 def _check_provenance(prov: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import slicerio
 from scipy import ndimage as ndi
 
-from .card import real_number
+from .card import check_margin_mm, organ_list
 from .postprocessing import bounding_box, voxel_volume_ml
 from .volume import Volume, VolumeError, lps_ras_flip, read_volume, resample_to
 
@@ -48,6 +48,7 @@ __all__ = [
     "CLASS_MAP_TABLE",
     "ORGAN_GROUPS",
     "OrganLabels",
+    "OrganSelection",
     "class_map",
     "dilate_mm",
     "organ_names",
@@ -442,7 +443,7 @@ def roi_mask(labels: OrganLabels, include: str | Iterable[str] | None = None,
     Refused: unknown names, included organs absent from the segmentation or outside the grid, an
     empty ROI, a negative margin.
     """
-    margin_mm = real_number(margin_mm, "the ROI margin (mm)", 0.0)
+    margin_mm = check_margin_mm(margin_mm)
     valid = tuple(labels.names.values())
     include_names, exclude_names = organ_names(include, valid), organ_names(exclude, valid)
     if include_names:
@@ -470,3 +471,47 @@ def roi_mask(labels: OrganLabels, include: str | Iterable[str] | None = None,
             f"{'all of ' + ', '.join(include_names) if include_names else 'the whole input'}"
             f"{f' with the {margin_mm:g} mm margin' if margin_mm else ''}; exclude fewer organs or include others.")
     return on.volume.with_voxels(inside.astype(np.uint8), modality=None, units=None)
+
+
+@dataclass(frozen=True)
+class OrganSelection:
+    """Which organs a run looks at: included organs (none: the whole volume), excluded organs, margin.
+
+    The one record of an organ ROI choice, shared by the CLI, evaluation, the Slicer module and the
+    outputs; :meth:`from_card` fills what the user left open from the model card's defaults
+    (``inference_defaults.organ_exclude`` and ``organ_margin_mm``). Names are checked when a mask
+    is built, against the segmentation's class map.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    margin_mm: float = 0.0
+
+    @classmethod
+    def from_card(cls, card: Mapping, include=None, exclude=None, margin_mm=None) -> "OrganSelection":
+        """The card's default exclusion and margin, with each argument that is not None applied.
+
+        ``exclude="none"`` (or "") switches the card's default exclusion off.
+        """
+        d = card.get("inference_defaults", {}) or {}
+        return cls(include=tuple(organ_list(include, "the included organs")),
+                   exclude=tuple(organ_list(d.get("organ_exclude") if exclude is None else exclude,
+                                            "the excluded organs")),
+                   margin_mm=check_margin_mm(d.get("organ_margin_mm", 0.0) if margin_mm is None else margin_mm))
+
+    @property
+    def restricts(self) -> bool:
+        """True when organs are included: the method then only needs the region around them."""
+        return bool(self.include)
+
+    @property
+    def is_whole_volume(self) -> bool:
+        return not self.include and not self.exclude
+
+    def mask(self, labels: OrganLabels, grid: Volume | None = None) -> Volume:
+        """The ROI of this selection on ``grid`` (:func:`roi_mask`)."""
+        return roi_mask(labels, self.include, self.exclude, self.margin_mm, grid=grid)
+
+    def as_parameters(self) -> dict:
+        """The parameter record written into summaries, reports and evaluation results."""
+        return {"roi_include": list(self.include), "roi_exclude": list(self.exclude), "roi_margin_mm": self.margin_mm}

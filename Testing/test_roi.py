@@ -369,7 +369,7 @@ def test_empty_roi_is_refused(labels, ct):
     assert "kidney_left" in labels.present and "kidney_left" not in labels.on_grid(cranial).present
     with pytest.raises(ValueError, match=r"the included organs \(kidney_right, .*\) lie outside the input volume"):
         roi.roi_mask(labels, include="kidneys", grid=cranial)
-    with pytest.raises(ValueError, match=r"the ROI margin \(mm\) must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"the ROI margin \(mm\) must be a finite number from 0 to 100"):
         roi.roi_mask(labels, include="kidneys", margin_mm=-2)
 
 
