@@ -12,6 +12,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,7 @@ from .networks import save_checkpoint
 from .pipeline import RESULT_FILES, analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
-from .roi import read_organ_labels, roi_mask
+from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
 from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
 from .training import TrainConfig, train
@@ -43,6 +44,8 @@ from .volume import read_volume, write_volume
 
 #: what ``evaluate`` writes (:func:`.evaluation.evaluate`) and ``sweep`` writes (:func:`.evaluation.sweep`)
 EVALUATION_FILES = ("metrics.json", "metrics.md")
+#: the organ segmentation ``run --ct`` writes next to its results (TotalSegmentator's, on the CT's grid)
+ORGANS_FILE = "organs.nii.gz"
 SWEEP_FILES = ("sweep.json",)
 
 
@@ -126,41 +129,78 @@ def _print_table(rows) -> None:
         print("  ".join(f"{r[c]:>10.2f}" if isinstance(r[c], float) else f"{r[c]:>10}" for c in cols))
 
 
-def _organ_roi(args, volume) -> tuple[object, dict | None]:
-    """The organ ROI of ``--roi-seg`` on the input's grid (None without one), checked before any network work."""
-    options = [f"--{name.replace('_', '-')}" for name in ("roi_include", "roi_exclude", "roi_margin_mm")
-               if getattr(args, name) is not None]
-    if args.roi_seg is None:
+_ROI_OPTIONS = ("roi_include", "roi_exclude", "roi_margin_mm")
+
+
+def _organ_selection(args, card) -> OrganSelection | None:
+    """The organ choice of ``--roi-*`` with the card's default exclusion (None without a segmentation source).
+
+    Names are checked against TotalSegmentator's class map here, before TotalSegmentator or the network runs.
+    """
+    if args.roi_seg is not None and args.ct is not None:
+        raise ValueError("give either --roi-seg (an existing organ segmentation) or --ct (a CT to segment with "
+                         "TotalSegmentator), not both.")
+    if args.roi_seg is None and args.ct is None:
+        options = [f"--{name.replace('_', '-')}" for name in _ROI_OPTIONS if getattr(args, name) is not None]
         if options:
             raise ValueError(f"{', '.join(options)} need --roi-seg (a TotalSegmentator segmentation of this "
-                             "patient: a multi-label NIfTI, a folder of <organ>.nii.gz files or a Slicer .seg.nrrd).")
-        return None, None
-    labels = read_organ_labels(args.roi_seg)
-    mask = roi_mask(labels, include=args.roi_include, exclude=args.roi_exclude,
-                    margin_mm=0.0 if args.roi_margin_mm is None else args.roi_margin_mm, grid=volume)
-    inside = int(np.count_nonzero(mask.voxels))
-    return mask.voxels, {"segmentation": str(args.roi_seg), "include": args.roi_include, "exclude": args.roi_exclude,
-                         "margin_mm": args.roi_margin_mm or 0.0, "voxels_inside": inside,
-                         "fraction_inside": inside / mask.voxels.size}
+                             "patient: a multi-label NIfTI, a folder of <organ>.nii.gz files or a Slicer .seg.nrrd) "
+                             "or --ct (the CT of the PET/CT, segmented with TotalSegmentator first).")
+        return None
+    selection = OrganSelection.from_card(card, args.roi_include, args.roi_exclude, args.roi_margin_mm)
+    organ_names(selection.include), organ_names(selection.exclude)
+    return selection
+
+
+def _organ_labels(args, selection: OrganSelection, stage: Path) -> OrganLabels:
+    """The organ segmentation: ``--roi-seg`` read, or TotalSegmentator run on ``--ct`` into ``stage``.
+
+    With ``--ct`` only the organs the selection names are segmented (``--roi_subset``), all of them otherwise.
+    """
+    if args.roi_seg is not None:
+        return read_organ_labels(args.roi_seg)
+    bar = _progress_bar("TotalSegmentator")
+    try:
+        path = run_totalsegmentator(args.ct, stage / ORGANS_FILE, organs=list(selection.include + selection.exclude)
+                                    or None, fast=args.totalseg_fast, device=args.device,
+                                    progress=bar, environment=args.totalseg_env)
+    finally:
+        bar.close()
+    return read_organ_labels(path)
 
 
 def _cmd_run(args) -> int:
     # the folder is checked and locked before any computation, and held until the results are in place
-    with output_folder(args.out, outputs=RESULT_FILES,
-                       inputs={"input": args.input, "checkpoint": args.checkpoint, "--roi-seg": args.roi_seg}) as out:
+    inputs = {"input": args.input, "checkpoint": args.checkpoint, "--roi-seg": args.roi_seg, "--ct": args.ct}
+    with output_folder(args.out, outputs=(*RESULT_FILES, ORGANS_FILE), inputs=inputs) as out:
         volume = read_volume(args.input, modality=args.modality, units=args.units, suv_factor=args.suv_factor)
-        roi, roi_record = _organ_roi(args, volume)
         model = _load_model(args)
-        bar = _progress_bar("diffusion")
-        try:
-            result = analyse(model, volume, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-                             steps=args.steps, thresholding=_thresholding(args, model.card), roi=roi, progress=bar)
-        finally:
-            bar.close()
-        extra = {"input_path": str(args.input), "checkpoint": str(model.source)}
-        if roi_record is not None:
-            extra["organ_roi"] = roi_record
-        written = write_outputs(result, out, extra)
+        selection = _organ_selection(args, model.card)
+        thresholding = _thresholding(args, model.card)
+        model.resolve(args.noise_level, args.guidance_scale, args.steps)  # refused before TotalSegmentator runs
+        roi = region = labels = None
+        extra: dict = {"input_path": str(args.input), "checkpoint": str(model.source)}
+        with tempfile.TemporaryDirectory(prefix="diffusion-anomaly-organs-") as work:
+            if selection is not None:
+                labels = _organ_labels(args, selection, Path(work))
+                roi = selection.mask(labels, grid=volume).voxels
+                region = roi if selection.restricts else None
+                inside = int(np.count_nonzero(roi))
+                extra["organ_roi"] = {
+                    "segmentation": str(args.roi_seg) if args.roi_seg is not None else
+                    f"TotalSegmentator on {args.ct} (written as {ORGANS_FILE})",
+                    **selection.as_parameters(), "voxels_inside": inside, "fraction_inside": inside / roi.size,
+                    "heat_map": "shown inside the ROI only (0 outside)",
+                    "computed": "the model slices the included organs need" if region is not None
+                    else "the whole volume"}
+            bar = _progress_bar("diffusion")
+            try:
+                result = analyse(model, volume, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
+                                 steps=args.steps, thresholding=thresholding, roi=roi, region=region, progress=bar)
+            finally:
+                bar.close()
+            files = {ORGANS_FILE: lambda path: write_volume(labels.volume, path)} if args.ct is not None else None
+            written = write_outputs(result, out, extra, extra_files=files)
     _print_table(result.table)
     print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
     return 0
@@ -340,13 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="voxel units of an input that does not say (e.g. SUVbw, BQML, HU); must agree with the file")
     rn.add_argument("--roi-seg", default=None, metavar="SEG",
                     help="TotalSegmentator segmentation of this patient (multi-label NIfTI, folder of <organ>.nii.gz "
-                         "or Slicer .seg.nrrd): lesion candidates outside the organ ROI are dropped")
+                         "or Slicer .seg.nrrd): lesion candidates outside the organ ROI are dropped and the heat map "
+                         "is shown inside it; with --roi-include only the slices those organs need are computed")
     rn.add_argument("--roi-include", default=None, metavar="NAMES|GROUP",
                     help="organs the ROI keeps (TotalSegmentator names or groups such as kidneys; default: all)")
     rn.add_argument("--roi-exclude", default=None, metavar="NAMES|GROUP",
-                    help="organs the ROI leaves out, e.g. physiological-uptake (brain, heart, kidneys, bladder)")
+                    help="organs the ROI leaves out, e.g. physiological-uptake (brain, heart, kidneys, bladder); "
+                         "default: the model card's default exclusion; 'none' switches it off")
     rn.add_argument("--roi-margin-mm", type=number_from_text, default=None, metavar="MM",
-                    help="grow the included and excluded organs by this margin (mm; default 0)")
+                    help="grow the included and excluded organs by this margin (mm; default: the model card's, or 0)")
+    rn.add_argument("--ct", default=None, metavar="CT",
+                    help="the CT of the PET/CT: TotalSegmentator segments its organs first (in its own environment), "
+                         f"for the organ ROI; its segmentation is written as {ORGANS_FILE}")
+    rn.add_argument("--totalseg-fast", action="store_true", help="with --ct: TotalSegmentator's 3 mm model")
+    rn.add_argument("--totalseg-env", default=None, help=f"with --ct: TotalSegmentator's environment (default: "
+                                                         f"${ENV_VARIABLE} or ~/.diffusion-anomaly/totalsegmentator-venv)")
     rn.add_argument("--suv-factor", type=number_from_text, default=None,
                     help="SUVbw per voxel unit, for PET activity whose file lacks the SUV tags (DICOM, NRRD or NIfTI)")
     _add_inference_args(rn)

@@ -19,7 +19,7 @@ import numpy as np
 from .card import Steps
 from .export import write_json, write_segmentation, write_table_csv
 from .files import OutputError, output_folder, staged
-from .postprocessing import Thresholding, lesion_table, segment
+from .postprocessing import Thresholding, inside_roi, lesion_table, segment
 from .preprocessing import ModelGrid
 from .progress import Cancel, Progress
 from .version import __version__
@@ -43,6 +43,13 @@ class MethodResult:
     timings: dict[str, float] = field(default_factory=dict)
     network_evaluations: int = 0
     compute: dict[str, str] = field(default_factory=dict)  # device and arithmetic precision used
+    computed_slices: int | None = None  # model slices that went through the network (None: all of them)
+
+    @property
+    def model_slices(self) -> dict[str, int]:
+        """Model slices computed and in total (an organ ROI that includes organs computes only its own)."""
+        total = int(len(self.model_input))
+        return {"computed": total if self.computed_slices is None else int(self.computed_slices), "total": total}
 
 
 @dataclass
@@ -66,17 +73,30 @@ class CaseResult:
     compute: dict[str, str] = field(default_factory=dict)
     checkpoint: str | None = None
     method: MethodResult | None = None
+    roi: np.ndarray | None = None  # the organ ROI ([k, j, i], non-zero = inside) the lesions were kept in
 
     @property
     def lesion_count(self) -> int:
         return len(self.table)
 
-    def threshold(self, thresholding: Thresholding | None = None, roi: np.ndarray | None = None) -> "CaseResult":
-        """(Re)compute labels and lesion table from the heat map: no network evaluation."""
+    @property
+    def shown_heatmap(self) -> Volume:
+        """The heat map as shown and written: inside the organ ROI only (:func:`.postprocessing.inside_roi`).
+
+        :attr:`heatmap` keeps the whole map, so a new ROI re-filters without a network call.
+        """
+        if self.roi is None:
+            return self.heatmap
+        return self.heatmap.with_voxels(inside_roi(self.heatmap.voxels, self.roi))
+
+    def threshold(self, thresholding: Thresholding | None = None, roi: np.ndarray | Volume | None = None) -> "CaseResult":
+        """(Re)compute labels and lesion table from the heat map inside ``roi`` (None: the whole map),
+        with ``thresholding`` (None: the current one): no network evaluation."""
         thresholding = thresholding or self.thresholding
+        roi = roi.voxels if isinstance(roi, Volume) else roi
         t0 = time.perf_counter()
         self.labels, self.table = lesions_from_heat(self.heatmap, self.volume, thresholding, roi)
-        self.thresholding = thresholding
+        self.thresholding, self.roi = thresholding, roi
         self.timings["segment"] = time.perf_counter() - t0
         return self
 
@@ -94,20 +114,20 @@ def lesions_from_heat(heat: Volume, image: Volume, thresholding: Thresholding,
 
 
 def analyse(model, volume: Volume, *, noise_level: int | None = None, guidance_scale: float | None = None,
-            steps: Steps | None = None, thresholding: Thresholding | None = None, roi: np.ndarray | None = None,
+            steps: Steps | None = None, thresholding: Thresholding | None = None,
+            roi: np.ndarray | Volume | None = None, region: np.ndarray | Volume | None = None,
             progress: Progress | None = None, cancel: Cancel | None = None) -> CaseResult:
     """Run ``model`` on ``volume`` and post-process; everything on the input's exact grid.
 
     A parameter left as None takes the model card's default. The parameters and the thresholding
     are checked before any network evaluation (``model.resolve``, :meth:`Thresholding.check`).
+    ``roi``: lesions are kept, and the heat map shown, inside it. ``region``: the method computes
+    only what this region needs (an organ ROI that includes organs; None: the whole volume).
     """
-    thresholding = thresholding or Thresholding.from_card(model.card)
+    thresholding = (thresholding or Thresholding.from_card(model.card)).check()
     model.resolve(noise_level=noise_level, guidance_scale=guidance_scale, steps=steps)
-    check = getattr(thresholding, "check", None)  # TEMPORARY until postprocessing has Thresholding.check
-    if check is not None:
-        check()
     res = model.run(volume, noise_level=noise_level, guidance_scale=guidance_scale, steps=steps,
-                    progress=progress, cancel=cancel)
+                    progress=progress, cancel=cancel, region=region)
     case = CaseResult(volume=volume, heatmap=res.heatmap, counterfactual=res.counterfactual, card=model.card,
                       parameters=dict(res.parameters), thresholding=thresholding,
                       network_evaluations=res.network_evaluations, timings=dict(res.timings),
@@ -125,6 +145,7 @@ def summary(result: CaseResult, extra: dict[str, Any] | None = None) -> dict[str
         "parameters": result.parameter_record(),
         "lesion_count": result.lesion_count,
         "network_evaluations": result.network_evaluations,
+        **({"model_slices": result.method.model_slices} if result.method is not None else {}),
         "compute": dict(result.compute),
         "timings_seconds": {k: round(v, 3) for k, v in result.timings.items()},
         "input": {"shape_ijk": list(result.volume.shape_ijk), "spacing_mm": [float(s) for s in result.volume.spacing],
@@ -148,7 +169,7 @@ def write_outputs(result: CaseResult, out_dir: str | Path,
     with output_folder(out_dir, outputs=(*RESULT_FILES, *(extra_files or {}))) as out:
         try:
             with staged(out, replaces=RESULT_FILES) as stage:
-                write_volume(result.heatmap, stage / "heatmap.nrrd")
+                write_volume(result.shown_heatmap, stage / "heatmap.nrrd")
                 if write_counterfactual and result.counterfactual is not None:
                     write_volume(result.counterfactual, stage / "counterfactual.nrrd")
                 write_segmentation(result.labels, result.volume, stage / "lesions.seg.nrrd")

@@ -32,6 +32,7 @@ __all__ = [
     "LESION_TABLE_COLUMNS",
     "Thresholding",
     "bounding_box",
+    "inside_roi",
     "SUV_PEAK_RADIUS_MM",
     "THRESHOLD_METHODS",
     "lesion_table",
@@ -188,8 +189,8 @@ def threshold_value(heat: np.ndarray, method: str, value: float | None = None) -
     which selects nothing. The value returned is the upper edge of Otsu's last background bin,
     not scikit-image's bin centre, so that ``map > threshold`` reproduces Otsu's two classes
     exactly (with the bin centre, background values in the upper half of that bin leak into the
-    foreground). ``value`` is ignored. Per METHODS.md section 4 the threshold is computed on the
-    whole map, before any ROI.
+    foreground). ``value`` is ignored. With an organ ROI, :func:`segment` passes the map inside it
+    (:func:`inside_roi`), so a fraction is of the ROI's maximum and Otsu splits the ROI's values.
     """
     arr = np.asarray(heat.voxels if isinstance(heat, Volume) else heat)
     if arr.size == 0:
@@ -214,6 +215,18 @@ def threshold_value(heat: np.ndarray, method: str, value: float | None = None) -
 
 
 # ---- segmentation ----------------------------------------------------------------------------
+def inside_roi(heat: np.ndarray, roi: np.ndarray | None) -> np.ndarray:
+    """The anomaly map inside an organ ROI, 0 outside: the map that is shown and thresholded.
+
+    A hot spot the reader has excluded (bladder, brain) then neither shows nor sets the scale of a
+    "fraction of the maximum" threshold; Otsu, which ignores zeros, splits the ROI's values (as
+    METHODS.md section 4 does for maps pasted into organ patches). Without a ROI: the map itself.
+    """
+    if roi is None:
+        return heat
+    return np.where(np.asarray(roi) != 0, heat, np.zeros((), dtype=heat.dtype))
+
+
 def _padded(op, mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     """Apply a binary morphology operation with background outside the volume, without border artefacts."""
     pad = 1
@@ -235,8 +248,8 @@ def segment(
 ) -> np.ndarray:
     """Lesion label image (int32, 0 = background, 1..n) on the anomaly map's exact grid.
 
-    Steps, in the order of METHODS.md section 4: threshold (:func:`threshold_value`, strictly
-    above); keep voxels inside ``roi`` (non-zero = inside); if ``opening``, morphological opening,
+    Steps, in the order of METHODS.md section 4: threshold (:func:`threshold_value` of the map
+    inside ``roi`` (non-zero = inside), :func:`inside_roi`; strictly above); keep voxels inside ``roi``; if ``opening``, morphological opening,
     then closing (6-connected 3x3x3 cross, one voxel radius; outside the volume is background),
     then 3D hole filling, then the ROI is re-applied so a lesion never leaves it; connected
     components (``connectivity`` 6, 18 or 26 neighbours); drop components below ``min_size_voxels``
@@ -258,9 +271,6 @@ def segment(
     if min_inplane_mm is not None:
         real_number(min_inplane_mm, "the minimum in-plane lesion size (mm)", 0.0)
 
-    threshold = threshold_value(arr, method, value)  # also rejects NaN / inf
-    mask = arr > threshold
-
     roi_mask = None
     if roi is not None:
         if isinstance(roi, Volume) and not roi.same_geometry(heat, atol=1e-4):
@@ -268,6 +278,11 @@ def segment(
         roi_arr = _as_voxels(roi, "the ROI mask")
         _check_same_shape(anomaly_map=arr, roi=roi_arr)
         roi_mask = roi_arr != 0
+        arr = inside_roi(arr, roi_mask)
+
+    threshold = threshold_value(arr, method, value)  # also rejects NaN / inf
+    mask = arr > threshold
+    if roi_mask is not None:
         mask &= roi_mask
 
     if opening:

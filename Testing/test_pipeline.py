@@ -280,3 +280,23 @@ def test_invalid_volume_is_refused_before_the_network(tiny_model, small_phantom)
     with pytest.raises(VolumeError, match="NaN"):
         tiny_model.run(small_phantom.with_voxels(voxels))
     assert tiny_model.network_evaluations == 0
+
+
+@pytest.mark.parametrize("direction", [np.diag([-1.0, -1.0, 1.0]), np.diag([1.0, 1.0, -1.0])])
+def test_region_slices_cover_the_region_along_the_body_axis(direction):
+    """The model slices an organ region needs: its S extent plus one slice each side, whichever way k runs."""
+    from DiffusionAnomalyLib.methods.base import region_slices
+    from DiffusionAnomalyLib.preprocessing import model_grid
+    from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix
+
+    vol = Volume(np.zeros((50, 8, 8), np.float32), ijk_to_ras_matrix((4.0, 4.0, 3.0), (0.0, 0.0, 0.0), direction))
+    grid = model_grid(vol, {"spacing_mm": [4.0, 4.0, 6.0], "in_plane_size": [8, 8]})
+    region = np.zeros(vol.voxels.shape, bool)
+    region[20:26] = True
+    s = vol.ijk_to_ras_points([[0, 0, 19.5], [0, 0, 25.5]])[:, 2]
+    todo = region_slices(region, vol, grid)
+    z = grid.origin[2] + todo * grid.spacing[2]
+    assert z.min() < s.min() and z.max() > s.max() and len(todo) <= (s.max() - s.min()) / 6 + 4
+    assert np.array_equal(region_slices(None, vol, grid), np.arange(grid.size[2]))
+    with pytest.raises(ValueError, match="the region to analyse is empty"):
+        region_slices(np.zeros_like(region), vol, grid)

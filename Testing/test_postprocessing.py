@@ -14,6 +14,7 @@ from DiffusionAnomalyLib.postprocessing import (
     LESION_TABLE_COLUMNS,
     SUV_PEAK_RADIUS_MM,
     Thresholding,
+    inside_roi,
     lesion_table,
     segment,
     suv_threshold_baseline,
@@ -502,3 +503,20 @@ def test_segment_labels_only_the_candidates_box_but_numbers_as_the_whole_volume(
     order = sorted(kept, key=lambda lab: (-maxima[lab], -sizes[lab], lab))
     for new, lab in enumerate(order, start=1):
         np.testing.assert_array_equal(out == new, full == lab)
+
+
+def test_with_an_organ_roi_the_threshold_is_taken_from_the_map_inside_it():
+    """An excluded hot organ (a bladder) neither shows nor sets the scale of a fraction or Otsu threshold."""
+    heat = np.zeros((20, 20, 20), np.float32)
+    heat[2:6, 2:6, 2:6] = 10.0  # the excluded organ's heat
+    heat[12:16, 12:16, 12:16] = 2.0  # a lesion inside the ROI
+    heat[12:16, 2:6, 12:16] = 0.5  # a faint spot inside the ROI
+    roi = np.ones(heat.shape, np.uint8)
+    roi[:8, :8, :8] = 0
+    vol = Volume(heat, ijk_to_ras_matrix((2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), units="SUV")
+    assert not segment(vol, method="fraction", value=0.5)[12:16, 12:16, 12:16].any()  # 2 < 0.5 x 10
+    kept = segment(vol, method="fraction", value=0.5, roi=roi)
+    assert kept.max() == 1 and (kept > 0).sum() == 64 and kept[12:16, 12:16, 12:16].all()  # 2 > 0.5 x 2 > 0.5
+    otsu = segment(vol, method="otsu", roi=roi)
+    assert otsu[12:16, 12:16, 12:16].all() and not otsu[12:16, 2:6, 12:16].any() and not otsu[:8, :8, :8].any()
+    assert np.array_equal(inside_roi(heat, roi), np.where(roi > 0, heat, 0)) and inside_roi(heat, None) is heat

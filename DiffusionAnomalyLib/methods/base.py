@@ -11,6 +11,7 @@ import torch
 from ..networks import pick_device, pick_precision
 from ..preprocessing import (ModelGrid, check_modality, from_model_space, model_grid, model_units_to_input,
                              model_values_to_input, to_model_space)
+from ..postprocessing import bounding_box
 from ..volume import Volume, validate_volume
 
 #: Most model slices a run may have: 2 m of body at 1 mm (a large input slice spacing can ask for metres).
@@ -36,10 +37,12 @@ def working_bytes(volume: Volume, grid: ModelGrid) -> int:
     return 4 * (INPUT_GRID_COPIES * input_voxels + MODEL_GRID_COPIES * model_voxels)
 
 
-def check_resources(volume: Volume, grid: ModelGrid, evaluations_per_slice: int = 0) -> None:
+def check_resources(volume: Volume, grid: ModelGrid, evaluations_per_slice: int = 0,
+                    computed_slices: int | None = None) -> None:
     """Refuse a run whose model grid would need too many slices, too much memory or network evaluations.
 
-    The input voxel limit bounds the input grid only; this bounds what will actually be computed.
+    The input voxel limit bounds the input grid only; this bounds what will actually be computed
+    (``computed_slices``: the model slices that go through the network, default all of them).
     """
     slices = int(grid.size[2])
     advice = "crop it to the region of interest or resample it to a coarser grid first"
@@ -52,7 +55,35 @@ def check_resources(volume: Volume, grid: ModelGrid, evaluations_per_slice: int 
     if needed > MAX_WORKING_BYTES:
         raise ValueError(f"this volume would need about {needed / 2**30:.3g} GiB of memory "
                          f"(at most {MAX_WORKING_BYTES / 2**30:.3g} GiB): {advice}.")
-    check_evaluations(slices * int(evaluations_per_slice), slices)
+    computed = slices if computed_slices is None else int(computed_slices)
+    check_evaluations(computed * int(evaluations_per_slice), computed)
+
+
+def region_slices(region: np.ndarray | Volume | None, volume: Volume, grid: ModelGrid) -> np.ndarray:
+    """Indices of the model slices a run must compute for ``region`` (non-zero voxels, ``[k, j, i]`` on
+    ``volume``'s grid); every slice when ``region`` is None.
+
+    The region's physical extent along the body axis (its voxel box, corners included, so oblique
+    grids are covered), plus one model slice on each side: the heat map goes back to the input grid
+    by linear interpolation between model slices, so a region voxel needs both neighbours. A region
+    with no voxel is refused.
+    """
+    n = int(grid.size[2])
+    if region is None:
+        return np.arange(n)
+    arr = np.asarray(region.voxels if isinstance(region, Volume) else region)
+    if arr.shape != np.shape(volume.voxels)[:3]:
+        raise ValueError(f"the region to analyse has shape {arr.shape}, the volume {np.shape(volume.voxels)[:3]}; "
+                         "build it on the volume's grid.")
+    box = bounding_box(arr != 0)
+    if box is None:
+        raise ValueError("the region to analyse is empty: choose organs that lie inside the volume.")
+    (k0, k1), (j0, j1), (i0, i1) = ((b.start - 0.5, b.stop - 0.5) for b in box)
+    corners = np.array([[i, j, k] for i in (i0, i1) for j in (j0, j1) for k in (k0, k1)], dtype=np.float64)
+    s = volume.ijk_to_ras_points(corners)[:, 2]  # RAS S = LPS z, the model grid's slice axis
+    first = int(np.floor((s.min() - grid.origin[2]) / grid.spacing[2])) - 1
+    last = int(np.ceil((s.max() - grid.origin[2]) / grid.spacing[2])) + 1
+    return np.arange(max(first, 0), min(last, n - 1) + 1)
 
 
 def check_evaluations(evaluations: int, slices: int) -> None:
@@ -105,17 +136,24 @@ class SliceMethod:
     def defaults(self) -> dict[str, Any]:
         return dict(self.card["inference_defaults"])
 
-    def prepare(self, volume: Volume, evaluations_per_slice: int = 0) -> tuple[np.ndarray, ModelGrid]:
-        """Check ``volume`` (validity, modality, :func:`check_resources`), then resample it into model space.
+    def plan(self, volume: Volume, evaluations_per_slice: int = 0,
+             region: np.ndarray | Volume | None = None) -> tuple[ModelGrid, np.ndarray]:
+        """Check ``volume`` (validity, modality, :func:`check_resources`); its model grid and the model
+        slices to compute (all of them, or those ``region`` needs: :func:`region_slices`).
 
         ``evaluations_per_slice``: the network evaluations a model slice will cost (0: not known here).
         """
         validate_volume(volume)
         check_modality(volume, self.card)
-        prep = self.card["preprocessing"]
-        grid = model_grid(volume, prep)
-        check_resources(volume, grid, evaluations_per_slice)
-        return to_model_space(volume, prep, grid)
+        grid = model_grid(volume, self.card["preprocessing"])
+        todo = region_slices(region, volume, grid)
+        check_resources(volume, grid, evaluations_per_slice, len(todo))
+        return grid, todo
+
+    def prepare(self, volume: Volume, evaluations_per_slice: int = 0) -> tuple[np.ndarray, ModelGrid]:
+        """:meth:`plan` for the whole volume, then resample it into model space."""
+        grid, _ = self.plan(volume, evaluations_per_slice)
+        return to_model_space(volume, self.card["preprocessing"], grid)
 
     def to_input_grid(self, heat: np.ndarray, cf: np.ndarray | None, grid: ModelGrid, volume: Volume):
         prep = self.card["preprocessing"]
@@ -129,4 +167,4 @@ class SliceMethod:
 
 
 __all__ = ["INPUT_GRID_COPIES", "LRU", "MAX_MODEL_SLICES", "MAX_NETWORK_EVALUATIONS", "MAX_WORKING_BYTES",
-           "MODEL_GRID_COPIES", "SliceMethod", "check_evaluations", "check_resources", "working_bytes"]
+           "MODEL_GRID_COPIES", "SliceMethod", "check_evaluations", "check_resources", "region_slices", "working_bytes"]

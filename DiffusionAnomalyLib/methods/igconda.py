@@ -27,6 +27,7 @@ from ..card import (REFERENCE_STEPS, CheckpointError, Steps, check_guidance_scal
 from ..diffusion import DDIM, memory_batch_size, timestep_grid
 from ..pipeline import MethodResult
 from ..progress import Cancel, Progress, check_cancel, report, timer
+from ..preprocessing import to_model_space
 from ..volume import Volume, array_key
 from .base import SliceMethod
 
@@ -172,26 +173,29 @@ class IgcondaModel(SliceMethod):
 
     def run(self, volume: Volume, noise_level: int | None = None, guidance_scale: float | None = None,
             steps: Steps | None = None, progress: Progress | None = None,
-            cancel: Cancel | None = None) -> MethodResult:
-        """Counterfactual and heat map of a whole volume, back on its exact grid.
+            cancel: Cancel | None = None, region: np.ndarray | Volume | None = None) -> MethodResult:
+        """Counterfactual and heat map of a volume, back on its exact grid.
 
         ``None`` parameters take the model card's defaults (:meth:`resolve`); ``steps`` is an integer
-        >= 1 or ``"reference"``.
+        >= 1 or ``"reference"``. ``region`` (non-zero voxels on the volume's grid, e.g. an organ ROI):
+        only the model slices it needs go through the network (:func:`.base.region_slices`); the
+        others keep the input as their counterfactual, so their heat is 0.
         """
         params = self.resolve(noise_level, guidance_scale, steps)
         evals_before = self.network_evaluations
         timings: dict[str, float] = {}
         clock = timer()
         report(progress, 0.0, "preprocessing")
-        x, grid = self.prepare(volume, self.evaluations_per_slice(params))
+        grid, todo = self.plan(volume, self.evaluations_per_slice(params), region)
+        x, grid = to_model_space(volume, self.card["preprocessing"], grid)
         timings["preprocess"] = clock()
-        case = array_key(x, grid)
+        case = array_key(x, grid, todo)
         enc_key = (case, params["noise_level"], params["steps"])
         dec_key = enc_key + (params["guidance_scale"],)
         cf = self.cache.get_item(("cf",) + dec_key)
         if cf is None:
             latents = self.cache.get_item(("latent",) + enc_key)
-            images = torch.from_numpy(x).unsqueeze(1)
+            images = torch.from_numpy(x[todo]).unsqueeze(1)
             if latents is None:
                 clock = timer()
                 latents = self.encode(images, params["noise_level"], params["steps"],
@@ -202,7 +206,8 @@ class IgcondaModel(SliceMethod):
             cf = self.decode(latents, params["noise_level"], params["guidance_scale"], params["steps"],
                              (lambda f, m: report(progress, 0.47 + 0.45 * f, m)), cancel)
             timings["decode"] = clock()
-            cf = cf.squeeze(1).numpy()
+            computed, cf = cf.squeeze(1).numpy(), x.copy()
+            cf[todo] = computed
             self.cache.put(("cf",) + dec_key, cf)
         clock = timer()
         heat = np.abs(x - cf)
@@ -213,6 +218,6 @@ class IgcondaModel(SliceMethod):
         return MethodResult(
             heatmap=heat_vol, counterfactual=cf_vol, model_input=x, model_counterfactual=cf, model_heat=heat,
             grid=grid, parameters=params, timings=timings,
-            network_evaluations=self.network_evaluations - evals_before,
+            network_evaluations=self.network_evaluations - evals_before, computed_slices=len(todo),
             compute={"device": str(self.device), "precision": self.precision},
         )
