@@ -15,6 +15,7 @@ from DiffusionAnomalyLib import cli, evaluation
 from DiffusionAnomalyLib import metrics as metrics_module
 from DiffusionAnomalyLib.phantoms import make_phantom
 from DiffusionAnomalyLib.pipeline import analyse
+from DiffusionAnomalyLib.roi import read_organ_labels
 from DiffusionAnomalyLib.volume import Volume, VolumeError, read_volume, write_volume
 
 from conftest import SMALL_PHANTOM_KWARGS, TRAIN_SEEDS, VAL_SEEDS, error_line
@@ -47,7 +48,7 @@ def pet_file(tmp_path_factory, small_phantom_case) -> Path:
 # =============================================================================================
 def read_phantom(folder: Path, seed: int) -> tuple[Volume, Volume, dict]:
     stem = f"phantom_{seed:06d}"
-    assert listing(folder) == {f"{stem}_pet.nrrd", f"{stem}_lesions.nrrd", f"{stem}.json"}
+    assert listing(folder) == {f"{stem}_{kind}.nrrd" for kind in ("pet", "lesions", "ct", "organs")} | {f"{stem}.json"}
     pet = read_volume(folder / f"{stem}_pet.nrrd")
     labels = read_volume(folder / f"{stem}_lesions.nrrd", validate=False)  # a healthy case has an all-zero map
     return pet, labels, json.loads((folder / f"{stem}.json").read_text())
@@ -62,6 +63,12 @@ def test_phantom_is_written_and_deterministic(tmp_path, capsys):
     assert labels.same_geometry(pet)
     assert facts["seed"] == 3 and isinstance(facts["lesions"], list)
     assert set(np.unique(labels.voxels)) - {0} <= {les["id"] for les in facts["lesions"]}
+    # a CT of the same anatomy on a grid of its own, and its organs as TotalSegmentator would give them
+    ct = read_volume(tmp_path / "a" / "phantom_000003_ct.nrrd")
+    organs = read_organ_labels(tmp_path / "a" / "phantom_000003_organs.nrrd")
+    assert (ct.modality, ct.units) == ("CT", "HU") and not ct.same_geometry(pet) and organs.volume.same_geometry(ct)
+    assert {"liver", "kidney_left", "urinary_bladder"} <= set(organs.on_grid(pet).present)
+    assert "standing in for TotalSegmentator" in facts["organs"]
 
     assert run_cli(capsys, "phantom", "--out", tmp_path / "b", "--seed", 3)[0] == 0
     pet_b, labels_b, facts_b = read_phantom(tmp_path / "b", 3)
