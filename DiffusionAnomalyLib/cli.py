@@ -25,7 +25,8 @@ from . import metrics, phantoms
 from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, default_card, number_from_text, parse_steps,
                    whole_number)
 from .checkpoint import bundled_checkpoint
-from .evaluation import card_with_best_defaults, evaluate, markdown_table, sweep
+from .evaluation import (EVALUATION_SEEDS, card_with_best_defaults, card_with_threshold_defaults, evaluate,
+                         markdown_table, sweep, whole_volume_grid, whole_volume_sweep)
 from .export import write_json, write_segmentation
 from .errors import REFUSALS, refusal_sentence
 from .figures import overview_png
@@ -42,8 +43,9 @@ from .training import TrainConfig, train
 from .volume import read_volume, write_volume
 
 
-#: what ``evaluate`` writes (:func:`.evaluation.evaluate`) and ``sweep`` writes (:func:`.evaluation.sweep`)
-EVALUATION_FILES = ("metrics.json", "metrics.md")
+#: what ``evaluate`` writes (:func:`.evaluation.evaluate`) and ``sweep`` writes (:func:`.evaluation.sweep`,
+#: :func:`.evaluation.whole_volume_sweep`)
+EVALUATION_FILES = ("metrics.json", "metrics.md", "froc.png")
 #: the organ segmentation ``run --ct`` writes next to its results (TotalSegmentator's, on the CT's grid)
 ORGANS_FILE = "organs.nii.gz"
 SWEEP_FILES = ("sweep.json",)
@@ -52,14 +54,19 @@ SWEEP_FILES = ("sweep.json",)
 def _cmd_phantom(args) -> int:
     ext = ".nrrd" if args.format == "nrrd" else ".nii.gz"
     stems = [f"phantom_{args.seed + n:06d}" for n in range(args.count)]
-    names = [f"{stem}{tail}" for stem in stems for tail in (f"_pet{ext}", f"_lesions{ext}", ".json")]
+    tails = (f"_pet{ext}", f"_lesions{ext}", f"_ct{ext}", f"_organs{ext}", ".json")
+    names = [f"{stem}{tail}" for stem in stems for tail in tails]
     with output_folder(args.out, outputs=names) as out, staged(out) as stage:
         for n, stem in enumerate(stems):
             seed = args.seed + n
-            case = phantoms.make_phantom(seed, n_lesions=args.lesions)
+            case = phantoms.make_phantom(seed, n_lesions=args.lesions, ct=True)
             write_volume(case.pet, stage / f"{stem}_pet{ext}")
             write_volume(case.lesion_labels, stage / f"{stem}_lesions{ext}")
-            write_json({"seed": seed, "lesions": case.lesions, **case.pet.meta}, stage / f"{stem}.json")
+            write_volume(case.ct, stage / f"{stem}_ct{ext}")
+            write_volume(case.ct_organs.volume, stage / f"{stem}_organs{ext}")  # on the CT's grid, as TotalSegmentator's
+            write_json({"seed": seed, "lesions": case.lesions, **case.pet.meta,
+                        "ct": f"{stem}_ct{ext}: the same anatomy on a CT grid of its own (synthetic HU)",
+                        "organs": f"{stem}_organs{ext}: {case.ct_organs.source}"}, stage / f"{stem}.json")
             print(f"{stem}: {len(case.lesions)} lesion(s) -> {out}")
             if args.verbose:
                 print(json.dumps(case.lesions, indent=1))
@@ -169,6 +176,16 @@ def _organ_labels(args, selection: OrganSelection, stage: Path) -> OrganLabels:
     return read_organ_labels(path)
 
 
+def _selection_words(selection: OrganSelection) -> str:
+    """'including liver, excluding physiological-uptake, 5 mm margin': an organ choice in words."""
+    words = [f"including {', '.join(selection.include)}" if selection.include else "the whole volume"]
+    if selection.exclude:
+        words.append(f"excluding {', '.join(selection.exclude)}")
+    if selection.margin_mm:
+        words.append(f"{selection.margin_mm:g} mm margin")
+    return ", ".join(words)
+
+
 def _cmd_run(args) -> int:
     # the folder is checked and locked before any computation, and held until the results are in place
     inputs = {"input": args.input, "checkpoint": args.checkpoint, "--roi-seg": args.roi_seg, "--ct": args.ct}
@@ -202,6 +219,9 @@ def _cmd_run(args) -> int:
             files = {ORGANS_FILE: lambda path: write_volume(labels.volume, path)} if args.ct is not None else None
             written = write_outputs(result, out, extra, extra_files=files)
     _print_table(result.table)
+    if selection is not None:
+        done = result.method.model_slices
+        print(f"organ ROI: {_selection_words(selection)}; {done['computed']} of {done['total']} model slices computed")
     print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
     return 0
 
@@ -209,31 +229,73 @@ def _cmd_run(args) -> int:
 def _cmd_evaluate(args) -> int:
     with output_folder(args.out, outputs=EVALUATION_FILES, inputs={"checkpoint": args.checkpoint}) as out:
         model = _load_model(args)
-        with staged(out) as stage:  # both files, or neither; evaluate checks its arguments before any work
+        with staged(out) as stage:  # all files, or none; evaluate checks its arguments before any work
             result = evaluate(model, args.phantoms, args.seed, stage, noise_level=args.noise_level,
                               guidance_scale=args.guidance_scale, steps=args.steps)
     print(markdown_table(result))
-    print(f"wrote {args.out}/metrics.json and metrics.md")
+    print(f"wrote {args.out}/{', '.join(EVALUATION_FILES)}")
     return 0
+
+
+#: the options of ``sweep --whole-volume`` (the axes of :func:`.evaluation.whole_volume_grid`), and of the (D, w) sweep
+_WHOLE_VOLUME_OPTIONS = ("threshold_methods", "fractions", "absolute_values", "min_sizes_ml", "organ_excludes",
+                         "margins_mm")
+_DW_OPTIONS = ("noise_levels", "guidance_scales")
+
+
+def _options(args, names) -> str:
+    """The options of ``names`` given on the command line, with their verb: "--a, --b belong" / "--a belongs"."""
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+    return f"{', '.join(given)} {'belong' if len(given) > 1 else 'belongs'}" if given else ""
+
+
+def _sweep_grid(args, model):
+    """The checked whole-volume grid of ``sweep --whole-volume`` (None for the (D, w) sweep); refusals before any work."""
+    if not args.whole_volume:
+        if _options(args, _WHOLE_VOLUME_OPTIONS):
+            raise ValueError(f"{_options(args, _WHOLE_VOLUME_OPTIONS)} to a whole-volume sweep; add --whole-volume.")
+        return None
+    if _options(args, _DW_OPTIONS):
+        raise ValueError(f"{_options(args, _DW_OPTIONS)} to the noise level / guidance scale sweep; a whole-volume "
+                         "sweep (--whole-volume) runs the model at the card's defaults.")
+    if args.write_defaults is not None and args.steps is not None:
+        card_steps, given = model.resolve()["steps"], model.resolve(steps=args.steps)["steps"]
+        if given != card_steps:
+            raise ValueError(f"--write-defaults keeps the model card's {card_steps} steps, so the thresholds must be "
+                             f"tuned at them; leave out --steps (given {given}).")
+    given = {n: getattr(args, n) for n in _WHOLE_VOLUME_OPTIONS if getattr(args, n) is not None}
+    return whole_volume_grid(**{("methods" if n == "threshold_methods" else n): v for n, v in given.items()})
 
 
 def _cmd_sweep(args) -> int:
     inputs = {"checkpoint": args.checkpoint, "--write-defaults file": args.write_defaults}
     with output_folder(args.out, outputs=SWEEP_FILES, inputs=inputs) as out:
         model = _load_model(args)
+        grid = _sweep_grid(args, model)
         if args.write_defaults is not None:
             _check_new_checkpoint_path(args.write_defaults, model.source)
         with staged(out) as stage:  # sweep checks every grid point before any work
-            result = sweep(model, args.phantoms, args.seed, stage, args.noise_levels, args.guidance_scales,
-                           steps=args.steps)
+            if grid is None:
+                result = sweep(model, args.phantoms, args.seed, stage,
+                               "200,300,400,500" if args.noise_levels is None else args.noise_levels,
+                               "0,1,3,5" if args.guidance_scales is None else args.guidance_scales, steps=args.steps)
+                with_defaults = card_with_best_defaults
+            else:
+                result = whole_volume_sweep(model, args.phantoms, args.seed, stage, steps=args.steps, grid=grid)
+                with_defaults = card_with_threshold_defaults
             if args.write_defaults is not None:  # before sweep.json is in place: both, or neither
-                card = card_with_best_defaults(model.card, result, args.command_line)
+                card = with_defaults(model.card, result, args.command_line)
                 save_checkpoint(model.model, card, args.write_defaults)
     print(f"wrote {args.out}/sweep.json")
     if args.write_defaults is not None:
         d = card["inference_defaults"]
-        print(f"wrote {args.write_defaults}: defaults noise level {d['noise_level']}, guidance scale "
-              f"{d['guidance_scale']}, steps {d['steps']}")
+        if grid is None:
+            print(f"wrote {args.write_defaults}: defaults noise level {d['noise_level']}, guidance scale "
+                  f"{d['guidance_scale']}, steps {d['steps']}")
+        else:
+            print(f"wrote {args.write_defaults}: defaults threshold {d['threshold']['method']} "
+                  f"{d['threshold']['value']:g}, minimum size {d['min_size_ml']:g} ml, organs excluded "
+                  f"{', '.join(d['organ_exclude']) or 'none'}, margin {d['organ_margin_mm']:g} mm")
     return 0
 
 
@@ -269,7 +331,7 @@ def _check_new_checkpoint_path(path: str, source: str | None) -> None:
         raise OutputError(f"--write-defaults must name a new file, not the checkpoint being swept ({target}).")
 
 
-DEMO_FILES = ("input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png")
+DEMO_FILES = ("input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png", "input_organs.nrrd")
 
 
 def _cmd_demo(args) -> int:
@@ -284,10 +346,15 @@ def _demo(args, out: Path) -> int:
     print(f"phantom seed {args.seed}: {len(case.lesions)} lesion(s) "
           f"({', '.join('%s r=%.0f mm' % (les['site'], les['radius_mm']) for les in case.lesions)}); "
           f"model {model.card['id']} on {model.device}")
+    # the phantom's organ map stands in for TotalSegmentator's: the model card's default organ exclusion applies
+    selection = OrganSelection.from_card(model.card)
+    roi = None if selection.is_whole_volume else selection.mask(case.organs, grid=case.pet).voxels
+    if roi is not None:
+        print(f"organ ROI: {_selection_words(selection)} (the phantom's organ map, standing in for TotalSegmentator)")
     bar = _progress_bar("diffusion")
     try:
         result = analyse(model, case.pet, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-                         steps=args.steps, thresholding=_thresholding(args, model.card), progress=bar)
+                         steps=args.steps, thresholding=_thresholding(args, model.card), roi=roi, progress=bar)
     finally:
         bar.close()
     truth = case.lesion_mask
@@ -296,6 +363,8 @@ def _demo(args, out: Path) -> int:
     found = metrics.match_lesions(pred, case.lesion_labels.voxels, iou_threshold=0.2)
     heat_dsc, _ = metrics.optimal_dice(result.heatmap.voxels, truth)
     extra = {"phantom_seed": args.seed, "ground_truth_lesions": case.lesions,
+             **({"organ_roi": {"segmentation": f"{DEMO_FILES[3]}: {case.organs.source}", **selection.as_parameters()}}
+                if roi is not None else {}),
              "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc, "lesion_detection": found}
     cf = result.counterfactual.voxels if result.counterfactual is not None else None
     files = {
@@ -306,6 +375,7 @@ def _demo(args, out: Path) -> int:
             p, case.pet.voxels, cf, result.heatmap.voxels, result.labels, case.lesion_labels.voxels,
             title=f"{model.card['id']} | phantom seed {args.seed} | Dice {dsc:.2f} | {NOT_FOR_CLINICAL_USE_SHORT}",
             vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0])),
+        DEMO_FILES[3]: lambda p: write_volume(case.organs.volume, p),
     }
     written = write_outputs(result, out, extra, extra_files=files)
     _print_table(result.table)
@@ -400,22 +470,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(rn)
     rn.set_defaults(func=_cmd_run)
 
-    ev = sub.add_parser("evaluate", help="metrics of a model and the 41%% SUVmax baseline on held-out phantoms")
+    ev = sub.add_parser("evaluate", help="metrics of a model and the 41%% SUVmax baseline on held-out phantoms: "
+                                         "per-slice paper metrics, whole-volume FROC (froc.png) and operating points")
     ev.add_argument("--phantoms", type=number_from_text, default=10)
-    ev.add_argument("--seed", type=number_from_text, default=5_000_000)
+    ev.add_argument("--seed", type=number_from_text, default=EVALUATION_SEEDS[0])
     ev.add_argument("--out", required=True)
     _add_inference_args(ev, with_threshold=False)
     ev.set_defaults(func=_cmd_evaluate)
 
-    sw = sub.add_parser("sweep", help="DSC_opt over a grid of noise levels and guidance scales (unhealthy slices)")
+    sw = sub.add_parser("sweep", help="DSC_opt over a grid of noise levels and guidance scales (unhealthy slices), "
+                                      "or with --whole-volume the thresholding and organ exclusion by whole-volume "
+                                      "lesion detection")
     sw.add_argument("--phantoms", type=number_from_text, default=3)
-    sw.add_argument("--seed", type=number_from_text, default=800_000)
-    sw.add_argument("--noise-levels", default="200,300,400,500", help="comma-separated noise levels")
-    sw.add_argument("--guidance-scales", default="0,1,3,5", help="comma-separated guidance scales")
+    sw.add_argument("--seed", type=number_from_text, default=800_000,
+                    help="first tuning phantom seed (never a training, validation or evaluation seed)")
+    sw.add_argument("--noise-levels", default=None, help="comma-separated noise levels (default 200,300,400,500)")
+    sw.add_argument("--guidance-scales", default=None, help="comma-separated guidance scales (default 0,1,3,5)")
+    sw.add_argument("--whole-volume", action="store_true",
+                    help="run the model once per phantom at the card's defaults and grid the thresholding and organ "
+                         "exclusion; best = highest lesion sensitivity with at most 1 false candidate per volume")
+    sw.add_argument("--threshold-methods", default=None, metavar="LIST",
+                    help="--whole-volume: threshold rules, comma-separated (default fraction,absolute)")
+    sw.add_argument("--fractions", default=None, metavar="LIST",
+                    help="--whole-volume: fractions of the heat map's maximum (default 0.1,0.15,...,0.95)")
+    sw.add_argument("--absolute-values", default=None, metavar="LIST",
+                    help="--whole-volume: absolute thresholds in heat-map units (default 0.25,0.5,...,10)")
+    sw.add_argument("--min-sizes-ml", default=None, metavar="LIST",
+                    help="--whole-volume: minimum lesion sizes in ml (default 0,0.1,0.25,0.5,1)")
+    sw.add_argument("--organ-excludes", default=None, metavar="SETS",
+                    help="--whole-volume: organ exclusion sets separated by ';', each comma-separated names or groups, "
+                         "'none' for no exclusion (default: none;physiological-uptake)")
+    sw.add_argument("--margins-mm", default=None, metavar="LIST",
+                    help="--whole-volume: margins (mm) around the excluded organs (default 0,5,10)")
     sw.add_argument("--out", required=True)
     sw.add_argument("--write-defaults", default=None, metavar="NEW.safetensors",
-                    help="also write a copy of the checkpoint whose default noise level, guidance scale and "
-                         "steps are the sweep's best (by mean DSC_opt), with the sweep recorded in its provenance")
+                    help="also write a copy of the checkpoint with the sweep's best defaults (noise level, guidance "
+                         "scale and steps by mean DSC_opt; with --whole-volume threshold rule and value, minimum size, "
+                         "organ exclusion and margin), the sweep recorded in its provenance")
     _add_inference_args(sw, with_threshold=False, with_params=False)
     sw.set_defaults(func=_cmd_sweep)
 

@@ -1,4 +1,4 @@
-"""Figures for reports and the demo: a few axial slices of input, counterfactual, heat, lesions, truth."""
+"""Figures for reports, the demo and evaluation: key axial slices (input, counterfactual, heat, lesions, truth); FROC."""
 
 from __future__ import annotations
 
@@ -72,5 +72,50 @@ def overview_png(path: str | Path, image: np.ndarray, counterfactual: np.ndarray
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def froc_png(path: str | Path, curves: list[dict], title: str = "", max_fp: float = 8.0) -> Path:
+    """Write a FROC figure: lesion sensitivity against false candidates per volume, one line per curve.
+
+    ``curves``: dicts with ``label``, ``fp`` and ``sensitivity`` (the points, in threshold order),
+    ``operating_point`` (fp, sensitivity; a large circle), and optionally ``baseline`` (orange,
+    else blue) and ``excluded`` (solid line, else dashed). The x axis runs from 0 to ``max_fp``; an
+    operating point beyond it is drawn as an arrow at the edge with its value.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    off_axis = 0
+    for n, curve in enumerate(curves):
+        colour = ("tab:orange" if curve["baseline"] else "tab:blue") if "baseline" in curve else f"C{n}"
+        ax.plot(curve["fp"], curve["sensitivity"], "-" if curve.get("excluded") else "--", marker=".",
+                markersize=4, color=colour, label=curve["label"])
+        fp, sens = curve["operating_point"]
+        if fp <= max_fp:
+            ax.plot([fp], [sens], marker="o", markersize=9, markerfacecolor="none", markeredgewidth=1.8,
+                    color=colour, linestyle="none")
+        else:  # off the axis: an arrow at the edge, with the number
+            ax.plot([max_fp], [sens], marker=">", markersize=9, color=colour, linestyle="none", clip_on=False)
+            ax.annotate(f"{fp:.1f}", (max_fp, sens), textcoords="offset points", xytext=(-8, 6 + 9 * off_axis),
+                        ha="right", fontsize=7, color=colour)
+            off_axis += 1
+    ax.plot([], [], marker="o", markersize=8, markerfacecolor="none", color="gray", linestyle="none",
+            label="default operating point")
+    ax.set_xlim(0, max_fp)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false candidates per volume")
+    ax.set_ylabel("lesion sensitivity")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path

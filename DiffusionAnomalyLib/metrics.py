@@ -17,9 +17,9 @@ when exactly one mask is empty); aggregate detection by pooling lesions,
 ``sensitivity(sum of tp, sum of n)``.
 
 The numbers come from the field's libraries: Dice from scipy, HD95 from MONAI (the library the
-reference IgCONDA-PET code is built on), AUPRC from scikit-learn, components and the label
-contingency table from scikit-image. This module adds input checks, the empty-mask conventions
-and the lesion matching rule.
+reference IgCONDA-PET code is built on), AUPRC from scikit-learn, components from scikit-image
+(the label contingency table is one numpy ``bincount``). This module adds input checks, the
+empty-mask conventions, the lesion matching rule and the FROC read-out (:func:`sensitivity_at`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import numpy as np
 from monai.metrics import compute_hausdorff_distance
 from scipy.spatial.distance import dice as _dice_dissimilarity
 from skimage.measure import label as _label
-from skimage.metrics import contingency_table
 from sklearn.metrics import average_precision_score
 
 __all__ = [
@@ -43,6 +42,9 @@ __all__ = [
     "detection_sensitivity",
     "sensitivity",
     "match_lesions",
+    "lesion_overlaps",
+    "match_overlaps",
+    "sensitivity_at",
 ]
 
 #: Thresholds swept for DSC_opt (IgCONDA-PET section 3.4, eq. 12): 0.1, 0.2, ..., 0.9.
@@ -226,41 +228,76 @@ def _components(mask: np.ndarray, connectivity: int | None) -> tuple[np.ndarray,
     return labels, int(n)
 
 
+def lesion_overlaps(
+    pred_labels: np.ndarray, truth_labels: np.ndarray, n_pred: int | None = None, n_truth: int | None = None,
+    truth_areas: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intersections [n_truth, n_pred], truth areas, predicted areas) of two label images taken as given.
+
+    Label k (1..n) is lesion or candidate k, 0 is background; ``n_pred``/``n_truth`` default to the
+    largest label (labels above them are not counted). The table is built over the predicted voxels
+    only, so a few small candidates in a whole-body volume cost little; ``truth_areas`` (voxels of
+    truth labels 1..n_truth) lets the caller pass arrays cropped to the predictions' box.
+    """
+    n_p = int(pred_labels.max()) if n_pred is None else int(n_pred)
+    n_t = int(truth_labels.max()) if n_truth is None else int(n_truth)
+    fg = (pred_labels > 0) & (pred_labels <= n_p)
+    area_p = np.bincount(pred_labels[fg].ravel(), minlength=n_p + 1)[1:n_p + 1].astype(np.int64)
+    if truth_areas is None:
+        area_t = np.bincount(truth_labels.ravel().astype(np.int64), minlength=n_t + 1)[1:n_t + 1].astype(np.int64)
+    else:
+        area_t = np.asarray(truth_areas, dtype=np.int64)
+    # the contingency table of (truth, prediction) labels over the predicted voxels, as one bincount
+    # (scikit-image's contingency_table sorts a sparse matrix: 10x slower on a FROC's many calls)
+    truth_fg = truth_labels[fg].astype(np.int64)
+    pairs = np.where(truth_fg <= n_t, truth_fg, 0) * (n_p + 1) + pred_labels[fg]
+    joint = np.bincount(pairs, minlength=(n_t + 1) * (n_p + 1))[:(n_t + 1) * (n_p + 1)].reshape(n_t + 1, n_p + 1)
+    return joint[1:, 1:].astype(np.int64), area_t, area_p
+
+
+def match_overlaps(
+    inter: np.ndarray, area_t: np.ndarray, area_p: np.ndarray, iou_threshold: float = 0.2,
+    keep: np.ndarray | None = None,
+) -> np.ndarray:
+    """Which truth lesions a candidate matches (bool per truth lesion): one-to-one, highest IoU first.
+
+    ``inter``/``area_t``/``area_p`` as :func:`lesion_overlaps` gives them; ``keep`` (bool per
+    candidate) leaves the other candidates out (a size filter), which changes no pair's IoU. The
+    greedy loop is written out because the thesis's rule is greedy, not the optimal assignment
+    that ``scipy.optimize.linear_sum_assignment`` would find.
+    """
+    thr = _check_iou_threshold(iou_threshold)
+    n_t, n_p = inter.shape
+    matched_t = np.zeros(n_t, dtype=bool)
+    if n_t == 0 or n_p == 0:
+        return matched_t
+    union = area_t[:, None] + area_p[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    ok = (inter > 0) & (iou >= thr)
+    if keep is not None:
+        ok &= np.asarray(keep, dtype=bool)[None, :]
+    ti, pi = np.nonzero(ok)
+    # Highest IoU first; ties broken by truth then prediction label for determinism.
+    order = np.lexsort((pi, ti, -iou[ti, pi]))
+    used_p = np.zeros(n_p, dtype=bool)
+    for k in order:
+        a, b = ti[k], pi[k]
+        if not matched_t[a] and not used_p[b]:
+            matched_t[a] = used_p[b] = True
+    return matched_t
+
+
 def _greedy_matches(
     pred: np.ndarray, truth: np.ndarray, iou_threshold: float, connectivity: int | None
 ) -> tuple[int, int, int]:
-    """(matched pairs, #predicted components, #truth lesions): one-to-one, highest IoU first.
-
-    The greedy loop is written out because the thesis's rule is greedy, not the optimal
-    assignment that ``scipy.optimize.linear_sum_assignment`` would find.
-    """
+    """(matched pairs, #predicted components, #truth lesions) of two masks: :func:`match_overlaps` of their components."""
     lp, n_p = _components(pred, connectivity)
     lt, n_t = _components(truth, connectivity)
     if n_p == 0 or n_t == 0:
         return 0, n_p, n_t
-    # Contingency table of (truth label, pred label) over the voxels of either mask gives every
-    # intersection and every component's area at once (background/background is not needed).
-    either = (lt > 0) | (lp > 0)
-    joint = contingency_table(lt[either], lp[either]).toarray().astype(np.int64)
-    area_t = joint.sum(axis=1)[1:]
-    area_p = joint.sum(axis=0)[1:]
-    inter = joint[1:, 1:]
-    union = area_t[:, None] + area_p[None, :] - inter
-    iou = inter / union
-    ti, pi = np.nonzero((inter > 0) & (iou >= iou_threshold))
-    if ti.size == 0:
-        return 0, n_p, n_t
-    # Highest IoU first; ties broken by truth then prediction label for determinism.
-    order = np.lexsort((pi, ti, -iou[ti, pi]))
-    used_t = np.zeros(n_t, dtype=bool)
-    used_p = np.zeros(n_p, dtype=bool)
-    matched = 0
-    for k in order:
-        a, b = ti[k], pi[k]
-        if not used_t[a] and not used_p[b]:
-            used_t[a] = used_p[b] = True
-            matched += 1
-    return matched, n_p, n_t
+    matched = match_overlaps(*lesion_overlaps(lp, lt, n_p, n_t), iou_threshold)
+    return int(matched.sum()), n_p, n_t
 
 
 def detection_sensitivity(
@@ -323,3 +360,25 @@ def match_lesions(
         "recall": recall,
         "f1": f1,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# FROC: lesion sensitivity against false candidates per volume
+# --------------------------------------------------------------------------------------------
+def sensitivity_at(false_positives_per_volume: Sequence[float], sensitivities: Sequence[float],
+                   limit: float) -> float:
+    """The highest sensitivity among FROC operating points with at most ``limit`` false candidates per volume.
+
+    The curve read as a reader reads it ("sensitivity at 1 false candidate per volume"): an
+    operating point with more false candidates does not count, and a high enough threshold always
+    gives the point (0 false candidates, sensitivity 0), so the result is 0.0 when no point
+    qualifies; NaN sensitivities (no lesions) give NaN. Non-decreasing in ``limit``.
+    """
+    fp = np.asarray(false_positives_per_volume, dtype=np.float64)
+    sens = np.asarray(sensitivities, dtype=np.float64)
+    if fp.shape != sens.shape:
+        raise ValueError(f"need one sensitivity per operating point, got {sens.size} for {fp.size}.")
+    if sens.size and np.isnan(sens).all():
+        return float("nan")
+    ok = (fp <= float(limit) * (1.0 + 1e-12)) & np.isfinite(sens)
+    return float(sens[ok].max()) if ok.any() else 0.0

@@ -169,7 +169,7 @@ def test_demo_writes_its_set_of_files(tmp_path, capsys, tiny_checkpoint):
     out = tmp_path / "demo"
     code, stdout, _ = run_cli(capsys, "demo", "--checkpoint", tiny_checkpoint, "--out", out, "--steps", 1)
     assert code == 0 and "not for clinical use" in stdout
-    assert listing(out) == RUN_OUTPUTS | {"input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png"}
+    assert listing(out) == RUN_OUTPUTS | {"input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png", "input_organs.nrrd"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["phantom_seed"] == 7_000_001 and summary["parameters"]["steps"] == 1
 
@@ -321,7 +321,7 @@ def test_evaluate_on_held_out_small_phantoms(tmp_path, tiny_model):
     out = tmp_path / "eval"
     result = evaluation.evaluate(tiny_model, 1, seed, out, steps=2, phantom_kwargs=dict(SMALL_PHANTOM_KWARGS),
                                  log=lambda message: None)
-    assert listing(out) == {"metrics.json", "metrics.md"}
+    assert listing(out) == {"metrics.json", "metrics.md", "froc.png"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seeds"] == [seed, seed]
     assert metrics["checkpoint"] == tiny_model.card["id"]
@@ -362,7 +362,7 @@ def test_evaluate_cli_on_a_held_out_seed(tmp_path, capsys, tiny_checkpoint):
     code, stdout, _ = run_cli(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--phantoms", 1,
                               "--seed", 5_000_000, "--out", out, "--steps", 1)
     assert code == 0
-    assert listing(out) == {"metrics.json", "metrics.md"}
+    assert listing(out) == {"metrics.json", "metrics.md", "froc.png"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"igconda", "suv41"}
     assert "| igconda |" in stdout and "metrics.json" in stdout
