@@ -355,7 +355,7 @@ def test_a_lock_of_an_ended_run_is_taken_over(lock, tmp_path, capsys):
         old = time.time() - 3600
         os.utime(out / LOCK_NAME, (old, old))
     assert cli.main(["phantom", "--out", str(out), "--seed", "3"]) == 0, capsys.readouterr().err
-    assert listing(out) == {"phantom_000003_pet.nrrd", "phantom_000003_lesions.nrrd", "phantom_000003.json"}
+    assert listing(out) == {f"phantom_000003_{kind}.nrrd" for kind in ("pet", "lesions", "ct", "organs")} | {"phantom_000003.json"}
 
 
 def test_leftovers_of_ended_runs_are_removed_and_a_live_run_is_left_alone(tmp_path, children):
