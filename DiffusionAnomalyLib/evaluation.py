@@ -37,7 +37,7 @@ from .figures import froc_png
 from .files import atomic_path, check_writable_dir
 from .methods.base import check_evaluations
 from .phantoms import make_phantom
-from .postprocessing import (Thresholding, bounding_box, inside_roi, segment, suv_threshold_baseline, threshold_value,
+from .postprocessing import (Thresholding, bounding_box, inside_roi, large_enough, segment, suv_threshold_baseline, threshold_value,
                              voxel_volume_ml)
 from .preprocessing import mask_to_model_space, to_model_space
 from .roi import OrganSelection, organ_names
@@ -211,8 +211,7 @@ def detection_points(score: Volume, lesions: CaseLesions, roi: np.ndarray | None
         else:
             inter, area_t, area_p = np.zeros((n_lesions, 0), np.int64), lesions.areas, np.zeros(0, np.int64)
         for min_size in min_sizes_ml:
-            keep = np.ones(len(area_p), dtype=bool) if min_size is None else \
-                area_p * voxel_ml >= float(min_size) * (1.0 - 1e-9)  # segment's size rule
+            keep = large_enough(area_p, voxel_ml, min_size)
             found = metrics.match_overlaps(inter, area_t, area_p, DETECTION_IOU, keep)
             kept_voxels = int(area_p[keep].sum())
             overlap = int(inter[:, keep].sum())

@@ -33,6 +33,7 @@ __all__ = [
     "Thresholding",
     "bounding_box",
     "inside_roi",
+    "large_enough",
     "SUV_PEAK_RADIUS_MM",
     "THRESHOLD_METHODS",
     "lesion_table",
@@ -215,6 +216,18 @@ def threshold_value(heat: np.ndarray, method: str, value: float | None = None) -
 
 
 # ---- segmentation ----------------------------------------------------------------------------
+def large_enough(voxels: np.ndarray, voxel_ml: float, min_size_ml: float | None) -> np.ndarray:
+    """Which components of ``voxels`` voxels (of ``voxel_ml`` ml each) reach the minimum lesion size.
+
+    The one size rule of :func:`segment` and the detection sweeps; a size exactly at the minimum is
+    kept despite the rounding of voxels x ml (None: every component).
+    """
+    voxels = np.asarray(voxels)
+    if min_size_ml is None:
+        return np.ones(voxels.shape, dtype=bool)
+    return voxels * float(voxel_ml) >= float(min_size_ml) * (1.0 - 1e-9)
+
+
 def inside_roi(heat: np.ndarray, roi: np.ndarray | None) -> np.ndarray:
     """The anomaly map inside an organ ROI, 0 outside: the map that is shown and thresholded.
 
@@ -310,7 +323,7 @@ def segment(
     if min_size_voxels is not None:
         keep &= sizes >= int(min_size_voxels)
     if min_size_ml is not None:
-        keep &= sizes * voxel_volume_ml(heat.ijk_to_ras) >= float(min_size_ml) * (1.0 - 1e-9)
+        keep &= large_enough(sizes, voxel_volume_ml(heat.ijk_to_ras), min_size_ml)
     if min_inplane_mm is not None:
         spacing_i, spacing_j = heat.spacing[0], heat.spacing[1]
         for lab, sl in enumerate(ndi.find_objects(components), start=1):
