@@ -61,8 +61,8 @@ from DiffusionAnomalyLib.card import NOT_FOR_CLINICAL_USE, REFERENCE_STEPS, STEP
 from DiffusionAnomalyLib.errors import is_refusal, user_sentence  # noqa: E402
 
 from DiffusionAnomalyModuleLib.logic import DiffusionAnomalyLogic  # noqa: E402
-from DiffusionAnomalyModuleLib.parameters import (INPUT_REFERENCE, LESION_PARAMETERS, OUTPUT_REFERENCES,  # noqa: E402
-                                                  ROI_REFERENCE)
+from DiffusionAnomalyModuleLib.parameters import (INPUT_REFERENCE, LESION_PARAMETERS, ORGAN_CT_REFERENCE,  # noqa: E402
+                                                  ORGAN_REFERENCE, OUTPUT_REFERENCES, ROI_REFERENCE, organText)
 
 HELP_TEXT = f"""
 <p>Finds lesion candidates in PET (CT comes later) with weakly-supervised diffusion models: the model,
@@ -72,6 +72,13 @@ and a lesion table.</p>
 <p>Choose the input volume and a model, press Apply (it becomes Cancel while running). Threshold and
 minimum size update the lesions instantly from the heat map; a new guidance scale re-decodes only.
 On the first Apply, PyTorch and MONAI (for the analysis process) are installed after asking.</p>
+<p>Organs: choose a TotalSegmentator segmentation of the patient (for example from the TotalSegmentator
+extension), or let TotalSegmentator segment the CT of the PET/CT pair (through the TotalSegmentator
+extension when it is installed, else in an environment of its own: <i>diffusion-anomaly
+totalsegmentator-setup</i>). Its organs are carried onto the input by physical coordinates. Lesion
+candidates outside the organ ROI are dropped and the heat map is shown inside it; with included organs
+only the slices they need are computed. Excluded organs default to the model card's (physiological
+uptake); a change of organs or margin updates the lesions without a new run.</p>
 <p>DDIM steps (Advanced): a whole number of strided steps, fast; below 1 the box shows
 <i>reference</i>: the papers' stride-1 loop, one network evaluation per timestep (slow).</p>
 <p><b>{NOT_FOR_CLINICAL_USE}</b></p>
@@ -136,11 +143,16 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         "Device": ("deviceComboBox", "combo"),
         "Seed": ("seedSpinBox", "spin"),
         "Counterfactual": ("counterfactualCheckBox", "check"),
+        "OrganMarginMm": ("organMarginSlider", "slider"),
+        "OrganFast": ("organFastCheckBox", "check"),
     }
-    #: parameters bound by their own code: the model (combo item data) and the ROI segments (segment selector)
-    OTHER_PARAMETER_WIDGETS = {"Model": "modelComboBox", "ROISegments": "roiSegmentSelector"}
+    #: organ lists (checkable combo boxes): parameter -> widget; the logic says what they offer and what is checked
+    ORGAN_LIST_WIDGETS = {"OrganInclude": "organIncludeComboBox", "OrganExclude": "organExcludeComboBox"}
+    #: parameters bound by their own code: the model (combo item data), the ROI segments (segment selector), organs
+    OTHER_PARAMETER_WIDGETS = {"Model": "modelComboBox", "ROISegments": "roiSegmentSelector", **ORGAN_LIST_WIDGETS}
     #: parameter node references chosen in the UI
-    REFERENCE_WIDGETS = {INPUT_REFERENCE: "inputSelector", ROI_REFERENCE: "roiSegmentSelector"}
+    REFERENCE_WIDGETS = {INPUT_REFERENCE: "inputSelector", ROI_REFERENCE: "roiSegmentSelector",
+                         ORGAN_REFERENCE: "organSegmentationSelector", ORGAN_CT_REFERENCE: "organCTSelector"}
     #: widget kind -> the Qt signal saying its value changed
     KIND_SIGNALS = {"combo": "currentIndexChanged(int)", "slider": "valueChanged(double)", "spin": "valueChanged(int)",
                     "steps": "valueChanged(int)", "check": "toggled(bool)"}
@@ -149,6 +161,11 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ("inputSelector", "currentNodeChanged(vtkMRMLNode*)", "updateParameterNodeFromGUI"),
         ("roiSegmentSelector", "currentNodeChanged(vtkMRMLNode*)", "updateParameterNodeFromGUI"),
         ("roiSegmentSelector", "segmentSelectionChanged(QStringList)", "updateParameterNodeFromGUI"),
+        ("organSegmentationSelector", "currentNodeChanged(vtkMRMLNode*)", "updateParameterNodeFromGUI"),
+        ("organCTSelector", "currentNodeChanged(vtkMRMLNode*)", "updateParameterNodeFromGUI"),
+        ("organIncludeComboBox", "checkedIndexesChanged()", "updateParameterNodeFromGUI"),
+        ("organExcludeComboBox", "checkedIndexesChanged()", "updateParameterNodeFromGUI"),
+        ("segmentOrgansButton", "clicked(bool)", "onSegmentOrgans"),
         ("modelComboBox", "currentIndexChanged(int)", "onModelChanged"),
         ("addModelButton", "clicked(bool)", "onAddModel"),
         ("otsuButton", "clicked(bool)", "onOtsu"),
@@ -169,7 +186,9 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._updatingGUI = False
         self._modelCardKey = None
+        self._organKey = None
         self.timer = None
+        self.organTimer = None
 
     # ---- the steps spin box: "reference" at its minimum ----------------------------------------
     @classmethod
@@ -210,9 +229,13 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.timeout.connect(self.onPoll)
+        self.organTimer = qt.QTimer()
+        self.organTimer.setInterval(200)
+        self.organTimer.timeout.connect(self.onOrganPoll)
 
         self.logic = DiffusionAnomalyLogic()
         self.logic.progressCallback = self.showProgress
+        self.logic.organProgressCallback = self.showOrganProgress
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
@@ -224,8 +247,9 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        if self.timer is not None:
-            self.timer.stop()
+        for timer in (self.timer, self.organTimer):
+            if timer is not None:
+                timer.stop()
         if self.logic is not None:
             self.logic.cleanup()
 
@@ -239,6 +263,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         if self.logic.running:
             self.logic.cancel()
+        self.logic.cancelOrganRun()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -297,7 +322,11 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     widget.checked = value.lower() == "true"
             self.ui.thresholdSlider.enabled = node.GetParameter("ThresholdMethod") != "otsu"
             self.ui.roiSegmentSelector.enabled = node.GetParameter("ROIMode") == "segmentation"
+            self.showOrganLists(node)
+            self.ui.segmentOrgansButton.enabled = (self.logic.organRunning
+                                                   or node.GetNodeReference(ORGAN_CT_REFERENCE) is not None)
             self.updateModelCard()
+            self.updateOrganSummary()
             table = node.GetNodeReference(OUTPUT_REFERENCES["table"])
             self.ui.lesionTableView.setMRMLTableNode(table)
             for button in (self.ui.exportSegmentationButton, self.ui.exportTableButton, self.ui.exportReportButton,
@@ -332,6 +361,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             chosen = getattr(self.ui, widgetName).currentNode()
             node.SetNodeReferenceID(role, chosen.GetID() if chosen is not None else None)
         node.SetParameter("ROISegments", ",".join(self.ui.roiSegmentSelector.selectedSegmentIDs()))
+        node.SetParameter("OrganInclude", ",".join(self.checkedOrgans("organIncludeComboBox")))
+        node.SetParameter("OrganExclude", organText(self.checkedOrgans("organExcludeComboBox")))
         for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
             node.SetParameter(name, self.widgetValue(widgetName, kind))
         node.EndModify(wasModifying)
@@ -340,8 +371,82 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if changed and all(k in LESION_PARAMETERS for k in changed):
             self.updateLesionsQuietly()
 
+    # ---- organs ------------------------------------------------------------------------------
+    def showOrganLists(self, node):
+        """Offer the logic's organ choices in the include and exclude lists, checked as the parameters say."""
+        choices, checked = self.logic.organChoiceState(node)
+        for name, widgetName in self.ORGAN_LIST_WIDGETS.items():
+            combo = getattr(self.ui, widgetName)
+            combo.blockSignals(True)
+            if [combo.itemText(i) for i in range(combo.count)] != choices:
+                combo.clear()
+                for choice in choices:
+                    combo.addItem(choice)
+            for row, choice in enumerate(choices):
+                combo.setCheckState(combo.model().index(row, 0),
+                                    qt.Qt.Checked if choice in checked[name] else qt.Qt.Unchecked)
+            combo.blockSignals(False)
+
+    def checkedOrgans(self, widgetName: str) -> list[str]:
+        combo = getattr(self.ui, widgetName)
+        return [combo.itemText(index.row()) for index in combo.checkedIndexes()]
+
+    def updateOrganSummary(self):
+        """The organ line (recomputed only when the organ source, choice, input or model change)."""
+        node = self._parameterNode
+        params = self.logic.parameters(node)
+        inputNode = node.GetNodeReference(INPUT_REFERENCE)
+        organNode = node.GetNodeReference(ORGAN_REFERENCE)
+        key = (params["Model"], params["OrganInclude"], params["OrganExclude"], params["OrganMarginMm"],
+               inputNode.GetID() if inputNode else None, organNode.GetID() if organNode else None,
+               organNode.GetMTime() if organNode else 0)
+        if key == self._organKey or self.logic.organRunning:
+            return
+        self._organKey = key
+        self.ui.organStatusLabel.text = self.logic.organSummary(node)
+
+    def onSegmentOrgans(self):
+        if self.logic.organRunning:
+            run = self.logic.organRun
+            self.logic.cancelOrganRun()
+            self.organTimer.stop()
+            self.finishOrganRun(run)
+            return
+        with showErrors():
+            run = self.logic.startOrganRun(self._parameterNode)
+            if run.finished:
+                self.finishOrganRun(run)
+                return
+            self.ui.segmentOrgansButton.text = "Cancel"
+            self.organTimer.start()
+
+    def onOrganPoll(self):
+        run = self.logic.pollOrganRun(self._parameterNode)
+        if run is None or run.finished:
+            self.organTimer.stop()
+            self.finishOrganRun(run)
+
+    def showOrganProgress(self, run):
+        self.ui.organStatusLabel.text = f"{run.message} ({100 * run.fraction:.0f} %)"
+        if run.usesExtension:  # the extension's logic runs in this thread: keep the window painted
+            slicer.app.processEvents()
+
+    def finishOrganRun(self, run):
+        self.ui.segmentOrgansButton.text = "Segment organs"
+        if run is None:
+            return
+        if run.status == "done":
+            self._organKey = None
+            self.updateGUIFromParameterNode()
+            self.updateLesionsQuietly()
+        elif run.status == "cancelled":
+            self.ui.organStatusLabel.text = "TotalSegmentator was cancelled; the scene is unchanged."
+        else:
+            self.ui.organStatusLabel.text = f"Failed: {run.error}"
+            slicer.util.errorDisplay(run.error or "TotalSegmentator failed.")  # the run's sentence
+
     def updateLesionsQuietly(self):
-        """Threshold / size / ROI change: recompute lesions from the cached heat map (no network)."""
+        """Threshold / size / ROI / organ change: recompute lesions from the cached heat map (no network)."""
         if self.logic.running or self._parameterNode.GetNodeReference(OUTPUT_REFERENCES["table"]) is None:
             return
         try:
@@ -436,6 +541,9 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.status == "done":
             evaluations = (f"{job.networkEvaluations} network evaluations" if job.networkEvaluations
                            else "no diffusion work (cached)")
+            slices = job.modelSlices or {}
+            if slices and slices.get("computed") != slices.get("total"):
+                evaluations += f" ({slices['computed']} of {slices['total']} model slices: the included organs)"
             self.ui.statusLabel.text = f"Done: {self.logic.case.lesion_count} lesion candidate(s); {evaluations}."
         elif job.status == "cancelled":
             self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
@@ -487,7 +595,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # Self-test (inside Slicer: a phantom case end to end)
 # =================================================================================================
 class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
-    """Runs a small synthetic PET phantom through the logic with the first available model."""
+    """Runs a small synthetic PET phantom through the logic with the first available model, then its organ ROI."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -501,6 +609,7 @@ class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
 
         from DiffusionAnomalyLib.phantoms import make_phantom
         from DiffusionAnomalyModuleLib.nodes import UNITS_ATTRIBUTE, updateVolumeNodeFromVolume
+        from DiffusionAnomalyModuleLib.organs import importOrganLabels
 
         logic = DiffusionAnomalyLogic(slicer.mrmlScene)
         models = logic.availableModels()
@@ -524,5 +633,19 @@ class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
         heat = params.GetNodeReference(OUTPUT_REFERENCES["heatmap"])
         self.assertEqual(heat.GetImageData().GetDimensions(), node.GetImageData().GetDimensions())
         self.assertTrue(np.isfinite(slicer.util.arrayFromVolume(heat)).all())
+        # organs: the phantom's own organ labels stand in for TotalSegmentator's; excluding the organs with
+        # physiological uptake re-filters the lesions from the cached heat map, without the network
+        organNode = importOrganLabels(slicer.mrmlScene, case.organs,
+                                      "phantom organs (stand-in for TotalSegmentator)", node)
+        evaluations = logic.workerStats()["total_network_evaluations"]
+        params.SetNodeReferenceID("OrganSegmentation", organNode.GetID())
+        params.SetParameter("OrganInclude", "")
+        params.SetParameter("OrganExclude", "physiological-uptake")
+        organCase = logic.updateLesions(params)
+        excluded = case.organs.mask("physiological-uptake")
+        self.assertFalse(np.any((organCase.labels > 0) & excluded))
+        self.assertFalse(slicer.util.arrayFromVolume(heat)[excluded].any())
+        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), table.GetNumberOfRows())
+        self.assertEqual(logic.workerStats()["total_network_evaluations"], evaluations)
         logic.cleanup()
         self.delayDisplay("DiffusionAnomaly phantom test passed")

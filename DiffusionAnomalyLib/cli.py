@@ -201,7 +201,8 @@ def _cmd_run(args) -> int:
             if selection is not None:
                 labels = _organ_labels(args, selection, Path(work))
                 roi = selection.mask(labels, grid=volume).voxels
-                region = roi if selection.restricts else None
+                region = selection.region_mask(labels, grid=volume)
+                region = None if region is None else region.voxels
                 inside = int(np.count_nonzero(roi))
                 extra["organ_roi"] = {
                     "segmentation": str(args.roi_seg) if args.roi_seg is not None else

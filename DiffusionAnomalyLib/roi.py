@@ -54,6 +54,7 @@ __all__ = [
     "organ_names",
     "read_organ_labels",
     "roi_mask",
+    "segment_organ_name",
 ]
 
 #: The shipped copy of TotalSegmentator's v2 ``total`` class map (Apache-2.0), inside the package.
@@ -329,9 +330,14 @@ def _is_slicer_segmentation(path: Path) -> bool:
     return bool(header.get("segments"))
 
 
-def _totalsegmentator_name(segment: Mapping, by_key: Mapping[str, str]) -> str | None:
-    """The segment's TotalSegmentator name: from its name, else its ID (the Slicer extension's ID is the name)."""
-    for candidate in (segment.get("name"), segment.get("id")):
+def segment_organ_name(name: str | None, segment_id: str | None, names: Iterable[str] | None = None) -> str | None:
+    """A segment's TotalSegmentator name: from its name, else its ID (the Slicer extension's ID is the
+    v2 name when its display name is a terminology name), spelling-insensitive; None if neither is one.
+
+    ``names``: the class map's names (default :func:`class_map`).
+    """
+    by_key = {_key(n): n for n in (class_map().values() if names is None else names)}
+    for candidate in (name, segment_id):
         if candidate is not None and _key(candidate) in by_key:
             return by_key[_key(candidate)]
     return None
@@ -345,9 +351,8 @@ def _read_seg_nrrd(path: Path, names: dict[int, str]) -> OrganLabels:
         raise VolumeError(f"cannot read the Slicer segmentation {path}: {exc}; save it again from Slicer.") from None
     by_name = {v: k for k, v in names.items()}
     found, ignored = {}, []
-    by_key = {_key(n): n for n in by_name}
     for segment in segmentation.get("segments", []):
-        name = _totalsegmentator_name(segment, by_key)
+        name = segment_organ_name(segment.get("name"), segment.get("id"), by_name)
         if name is None:
             ignored.append(str(segment.get("name", segment.get("id", "?"))))
         else:
@@ -511,6 +516,13 @@ class OrganSelection:
     def mask(self, labels: OrganLabels, grid: Volume | None = None) -> Volume:
         """The ROI of this selection on ``grid`` (:func:`roi_mask`)."""
         return roi_mask(labels, self.include, self.exclude, self.margin_mm, grid=grid)
+
+    def region_mask(self, labels: OrganLabels, grid: Volume | None = None) -> Volume | None:
+        """What the method must compute: the included organs with their margin, before any exclusion
+        (so changing the exclusion never needs a new run); None when no organ is included."""
+        if not self.include:
+            return None
+        return roi_mask(labels, self.include, None, self.margin_mm, grid=grid)
 
     def as_parameters(self) -> dict:
         """The parameter record written into summaries, reports and evaluation results."""

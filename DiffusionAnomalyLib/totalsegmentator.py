@@ -45,7 +45,7 @@ from .volume import modality_words, read_volume, write_volume
 
 __all__ = [
     "DEFAULT_ENVIRONMENT", "DEVICES", "ENV_VARIABLE", "REQUIREMENTS", "SETUP_COMMAND", "TotalSegmentatorError",
-    "class_names", "command", "default_environment", "disable_usage_statistics", "environment_program",
+    "check_ct", "class_names", "command", "default_environment", "disable_usage_statistics", "environment_program",
     "home_dir", "run_totalsegmentator", "setup_environment", "weights_dir",
 ]
 
@@ -437,6 +437,14 @@ def _check_output(ct: Path, out: Path) -> str:
     return suffix
 
 
+def check_ct(volume, name: str):
+    """``volume`` if it may be a CT (its modality is CT or not stated); else one sentence naming ``name``."""
+    if volume.modality not in (None, "CT"):
+        raise TotalSegmentatorError(f"{name} is {modality_words(volume.modality)}, not a CT; choose the CT of the "
+                                    "PET/CT pair for TotalSegmentator to segment its organs.")
+    return volume
+
+
 def run_totalsegmentator(ct: str | os.PathLike, out: str | os.PathLike, organs: str | Sequence[str] | None = None,
                          fast: bool = False, device: str = "auto", progress: Progress | None = None,
                          cancel: Cancel | None = None, environment: str | os.PathLike | None = None) -> Path:
@@ -456,10 +464,7 @@ def run_totalsegmentator(ct: str | os.PathLike, out: str | os.PathLike, organs: 
     env = _environment(environment)
     program = environment_program(env)
     report(progress, 0.0, "TotalSegmentator: reading the CT")
-    volume = read_volume(ct)
-    if volume.modality not in (None, "CT"):
-        raise TotalSegmentatorError(f"--ct must be a CT scan, but {Path(ct).name} is {modality_words(volume.modality)}; "
-                                    "choose the CT of the PET/CT pair.")
+    volume = check_ct(read_volume(ct), Path(ct).name)
     if organs is not None:  # names and groups, checked against the environment's own class map when it answers
         organs = list(organ_names(organs, names=class_names(env)))
         if not organs:

@@ -13,18 +13,21 @@ a repeated request does no network work.
 Protocol: one JSON object per line. Requests on stdin::
 
     {"id": 1, "cmd": "run", "input": "/tmp/x/input.nrrd", "out_dir": "/tmp/x/out",
-     "noise_level": 50, "guidance_scale": 3.0, "steps": 3, "seed": 0, "counterfactual": true}
+     "noise_level": 50, "guidance_scale": 3.0, "steps": 3, "seed": 0, "counterfactual": true,
+     "region": "/tmp/x/region.nrrd"}
     {"id": 2, "cmd": "stats"}        {"id": 3, "cmd": "quit"}
 
 The input volume is an NRRD written with :func:`volume.write_volume` (geometry, modality and
 units in its header). ``steps`` is read by :func:`card.parse_steps`: absent, ``null`` or ``""`` =
 the model card's default; ``"reference"`` = the stride-1 reference loop; an integer >= 1 = that
-many strided DDIM steps.
+many strided DDIM steps. ``region`` (optional, null = the whole volume) is an NRRD mask on the
+input's exact grid (non-zero = inside; the organs an organ ROI includes): only the model slices it
+needs go through the network (``model.run(..., region=...)``), the others get heat 0.
 
 Every request is checked before any work (:data:`REQUEST_FIELDS`): it must be one JSON object;
 a key the command does not know is refused (a misspelt ``"guidance"`` would otherwise silently
-run with the card's default); ``input`` and ``out_dir`` are non-empty strings, ``modality`` and
-``units`` strings or null, ``seed`` a JSON integer or null, ``counterfactual`` true/false;
+run with the card's default); ``input`` and ``out_dir`` are non-empty strings, ``modality``,
+``units`` and ``region`` strings or null (a region on another grid than the input is refused), ``seed`` a JSON integer or null, ``counterfactual`` true/false;
 ``noise_level``, ``guidance_scale`` and ``steps`` are checked by the model's ``resolve`` (a whole
 number from 1 to T - 1, a finite number >= 0, steps; a number may come as text, "20" but never
 "20.7"), null meaning the card's default; the output folder must exist and be writable. A
@@ -35,7 +38,7 @@ Messages on stdout::
     {"type": "progress", "id": 1, "fraction": 0.42, "message": "decoding ..."}
     {"type": "result", "id": 1, "heatmap": ".../heatmap.nrrd", "counterfactual": ... | null,
      "network_evaluations": 120, "total_network_evaluations": 360, "parameters": {...},
-     "timings": {...}}
+     "model_slices": {"computed": 12, "total": 60}, "timings": {...}}
     {"type": "error", "id": 1, "message": "a sentence a clinician can act on", "kind": "VolumeError"}
 
 Anything else a library prints goes to stderr, so stdout carries only protocol lines.
@@ -59,12 +62,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
+import numpy as np
+
 from .card import shown, whole_number
 from .errors import is_refusal, user_sentence
 from .export import to_jsonable
 from .files import check_writable_dir
 from .processes import process_watch
-from .volume import read_volume, write_volume
+from .volume import Volume, read_volume, write_volume
 
 PROTOCOL_VERSION = 1
 
@@ -127,9 +132,10 @@ class Worker:
         params = self.model.resolve(request.get("noise_level"), request.get("guidance_scale"), request.get("steps"))
         out = check_writable_dir(request["out_dir"], create=False)
         volume = read_volume(request["input"], modality=request.get("modality"), units=request.get("units"))
+        region = read_region(request.get("region"), volume)
         if request.get("seed") is not None:
             torch.manual_seed(int(request["seed"]))
-        result = self.model.run(volume, progress=progress, **params)
+        result = self.model.run(volume, progress=progress, region=region, **params)
         # uncompressed: temporary files, read back at once by the UI process (decompression would stall it)
         heat = write_volume(result.heatmap, out / "heatmap.nrrd", compress=False)
         cf = None
@@ -138,7 +144,7 @@ class Worker:
         return {"heatmap": str(heat), "counterfactual": str(cf) if cf else None,
                 "network_evaluations": result.network_evaluations,
                 "total_network_evaluations": self.model.network_evaluations,
-                "parameters": result.parameters, "timings": result.timings}
+                "model_slices": result.model_slices, "parameters": result.parameters, "timings": result.timings}
 
     def stats(self) -> dict[str, Any]:
         return {"total_network_evaluations": self.model.network_evaluations, "cache_entries": len(self.model.cache),
@@ -148,7 +154,7 @@ class Worker:
 #: The keys each command accepts (``id`` and ``cmd`` always); any other key is refused.
 REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "run": frozenset({"input", "out_dir", "modality", "units", "noise_level", "guidance_scale", "steps", "seed",
-                      "counterfactual"}),
+                      "counterfactual", "region"}),
     "stats": frozenset(),
     "quit": frozenset(),
 }
@@ -200,7 +206,7 @@ def check_request(request: dict[str, Any]) -> None:
             raise RequestError(f"the run request has no '{key}'.")
         if not isinstance(request[key], str):
             raise RequestError(f"the run request's '{key}' must be a path as text, got {shown(request[key])}.")
-    for key in ("modality", "units"):
+    for key in ("modality", "units", "region"):
         if not (request.get(key) is None or isinstance(request[key], str)):
             raise RequestError(f"the run request's '{key}' must be a text or null, got {shown(request[key])}.")
     if request.get("seed") is not None:
@@ -208,6 +214,18 @@ def check_request(request: dict[str, Any]) -> None:
     if not isinstance(request.get("counterfactual", True), bool):
         raise RequestError(f"the run request's 'counterfactual' must be true or false, "
                            f"got {shown(request['counterfactual'])}.")
+
+
+def read_region(path: str | None, volume: Volume) -> np.ndarray | None:
+    """The run request's region as a bool [k, j, i] mask on ``volume``'s grid (None: the whole volume)."""
+    if path in (None, ""):
+        return None
+    region = read_volume(path, validate=False)
+    if not region.same_geometry(volume, atol=1e-4):
+        raise RequestError(f"the run request's region {path} is not on the input's grid (shape "
+                           f"{region.voxels.shape[:3]} vs {volume.voxels.shape[:3]} or another position); write it on "
+                           "the input's grid.")
+    return np.asarray(region.voxels) != 0
 
 
 def _error(request_id: Any, exc: BaseException) -> dict[str, Any]:

@@ -39,25 +39,32 @@ def node_ids(scene) -> list[str]:
     return sorted(scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes()))
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_checkpoint, oblique_pet):
-    """A scene with the oblique phantom as a volume node, a logic (own worker) and its parameter node."""
+def pet_scene(tmp, checkpoint, volume, name: str):
+    """A scene holding ``volume`` as a PET (SUVbw) node, a logic with its own one-thread worker, and its parameter
+    node set to the tiny model on the CPU at :data:`THRESHOLD`: (scene, logic, node, parameter node)."""
     import torch
 
     torch.set_num_threads(1)
     scene = slicer.vtkMRMLScene()
-    tmp = tmp_path_factory.mktemp("slicer")
     logic = DiffusionAnomaly.DiffusionAnomalyLogic(scene, threads=1, settingsPath=str(tmp / "settings.json"))
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique PET")
-    updateVolumeNodeFromVolume(node, oblique_pet)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    updateVolumeNodeFromVolume(node, volume)
     node.SetAttribute("DICOM.Modality", "PT")
     node.SetAttribute("DiffusionAnomaly.Units", "SUVbw")
     params = logic.getParameterNode()
     params.SetNodeReferenceID("InputVolume", node.GetID())
-    params.SetParameter("Model", str(tiny_checkpoint))
+    params.SetParameter("Model", str(checkpoint))
     params.SetParameter("Device", "cpu")
-    logic.applyCardDefaults(params, logic.readCard(str(tiny_checkpoint)))
+    logic.applyCardDefaults(params, logic.readCard(str(checkpoint)))
     params.SetParameter("Threshold", THRESHOLD)
+    return scene, logic, node, params
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_checkpoint, oblique_pet):
+    """A scene with the oblique phantom as a volume node, a logic (own worker) and its parameter node."""
+    tmp = tmp_path_factory.mktemp("slicer")
+    scene, logic, node, params = pet_scene(tmp, tiny_checkpoint, oblique_pet, "oblique PET")
     yield {"scene": scene, "logic": logic, "node": node, "params": params, "tmp": tmp, "volume": oblique_pet,
            "checkpoint": tiny_checkpoint}
     logic.cleanup()
@@ -384,18 +391,23 @@ def test_exports_read_back(env, first_run, tmp_path):
         logic.exportDicomSeg(params, str(tmp_path))
 
 
-def test_parameters_survive_a_saved_scene(env, tmp_path):
-    scene, params = env["scene"], env["params"]
-    params.SetParameter("GuidanceScale", "2.5")
-    params.SetParameter("ThresholdMethod", "otsu")
+def reopened(scene, tmp_path):
+    """The scene saved (its .mrml) and opened again: a new logic's parameter node on it, and the logic."""
     path = tmp_path / "scene.mrml"
     scene.SetURL(str(path))
     assert scene.Commit()
     restored = slicer.vtkMRMLScene()
     restored.SetURL(str(path))
     assert restored.Connect()
-    logic2 = DiffusionAnomaly.DiffusionAnomalyLogic(restored, settingsPath=str(tmp_path / "s.json"))
-    p2 = logic2.getParameterNode()
+    logic = DiffusionAnomaly.DiffusionAnomalyLogic(restored, settingsPath=str(tmp_path / "s.json"))
+    return logic.getParameterNode(), logic
+
+
+def test_parameters_survive_a_saved_scene(env, tmp_path):
+    scene, params = env["scene"], env["params"]
+    params.SetParameter("GuidanceScale", "2.5")
+    params.SetParameter("ThresholdMethod", "otsu")
+    p2, logic2 = reopened(scene, tmp_path)
     assert logic2.parameters(p2) == env["logic"].parameters(params)
     assert p2.GetNodeReferenceID("InputVolume") == env["node"].GetID()
     assert p2.GetNodeReferenceID("Table") == params.GetNodeReferenceID("Table")

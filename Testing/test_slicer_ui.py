@@ -37,6 +37,7 @@ CLASS_SIGNALS = {
     "qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)", "currentNodeIDChanged(QString)"},
     "qMRMLSegmentSelectorWidget": {"currentNodeChanged(vtkMRMLNode*)", "segmentSelectionChanged(QStringList)"},
     "qMRMLTableView": {"clicked(QModelIndex)"},
+    "ctkCheckableComboBox": {"checkedIndexesChanged()", "currentIndexChanged(int)"},
 }
 
 
@@ -71,8 +72,11 @@ def test_every_ui_attribute_the_widget_reads_exists():
 def test_every_parameter_has_exactly_one_widget():
     bound = list(Widget.PARAMETER_WIDGETS) + list(Widget.OTHER_PARAMETER_WIDGETS)
     assert sorted(bound) == sorted(parameters.PARAMETERS)
-    assert set(Widget.REFERENCE_WIDGETS) == {parameters.INPUT_REFERENCE, parameters.ROI_REFERENCE}
+    assert set(Widget.REFERENCE_WIDGETS) == {parameters.INPUT_REFERENCE, parameters.ROI_REFERENCE,
+                                             parameters.ORGAN_REFERENCE, parameters.ORGAN_CT_REFERENCE}
     widgets = ui_widgets()
+    for name, widget_name in Widget.ORGAN_LIST_WIDGETS.items():  # organ lists: checkable, one per setting
+        assert widgets[widget_name].get("class") == "ctkCheckableComboBox", name
     for name in [*Widget.OTHER_PARAMETER_WIDGETS.values(), *Widget.REFERENCE_WIDGETS.values()]:
         assert name in widgets, name
     expected = {"combo": "QComboBox", "slider": "ctkSliderWidget", "spin": "QSpinBox", "steps": "QSpinBox",
@@ -118,7 +122,8 @@ def test_ui_is_a_valid_qt_designer_file():
     slicer_classes = {w.get("class") for w in root.iter("widget") if w.get("class").startswith(("q", "ctk"))}
     assert slicer_classes <= custom  # every Slicer/CTK widget is declared
     receivers = {c.find("receiver").text for c in root.iter("connection")}
-    assert {"inputSelector", "roiSegmentSelector", "lesionTableView"} <= receivers  # get the MRML scene
+    assert {"inputSelector", "roiSegmentSelector", "lesionTableView", "organSegmentationSelector",
+            "organCTSelector"} <= receivers  # get the MRML scene
     names = [w.get("name") for w in root.iter("widget") if w.get("name")]
     assert len(names) == len(set(names)), "duplicate widget names"
     # the notice has one wording, the engine's: the .ui leaves the label empty for the Widget to fill
@@ -187,7 +192,7 @@ def test_device_sentence_comes_from_the_workers_ready_message(ready, needle):
 def test_labels_showing_card_or_error_text_are_plain_text():
     """A model card id or an error that looks like HTML must not be rendered (and hide the notice)."""
     widgets = ui_widgets()
-    for name in ("modelCardLabel", "statusLabel", "deviceLabel"):
+    for name in ("modelCardLabel", "statusLabel", "deviceLabel", "organStatusLabel"):
         assert ui_property(widgets[name], "textFormat") == "Qt::PlainText", name
 
 

@@ -7,9 +7,10 @@ import io
 import json
 import time
 
+import numpy as np
 import pytest
 
-from DiffusionAnomalyLib.volume import read_volume, write_volume
+from DiffusionAnomalyLib.volume import Volume, read_volume, write_volume
 from DiffusionAnomalyLib.worker import Channel, Worker, serve
 
 
@@ -170,3 +171,33 @@ def test_bad_checkpoint_fails_with_a_sentence(tmp_path):
         assert c.process.returncode == 2
     finally:
         c.terminate()
+
+
+def test_a_region_is_the_only_part_the_network_computes(worker, slab_file, pet_slab, tmp_path):
+    """``region`` (an organ ROI's included organs, on the input's grid): fewer model slices and network evaluations,
+    heat 0 in the slices it does not need; a region on another grid, or not a path, is refused before any work."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    mask = np.zeros(pet_slab.voxels.shape, np.uint8)
+    mask[8:11, 10:30, 10:30] = 1  # three of the slab's 20 slices
+    region = write_volume(pet_slab.with_voxels(mask, modality=None, units=None), tmp_path / "region.nrrd")
+    shifted = pet_slab.ijk_to_ras.copy()
+    shifted[:3, 3] += 30.0
+    elsewhere = write_volume(Volume(mask, shifted), tmp_path / "elsewhere.nrrd")
+    run = {"cmd": "run", "input": str(slab_file), "out_dir": str(out_dir), "noise_level": 7, "guidance_scale": 2.0}
+    before = worker.model.network_evaluations
+    msgs = [m for m in _serve(worker, [{"id": 1, **run}, {"id": 2, **run, "region": str(region)},
+                                       {"id": 3, **run, "region": str(elsewhere)}, {"id": 4, **run, "region": 5}])
+            if m["type"] in ("result", "error")]
+    assert [(m["id"], m["type"]) for m in msgs] == [(1, "result"), (2, "result"), (3, "error"), (4, "error")]
+    whole, part = msgs[0], msgs[1]
+    assert whole["model_slices"]["computed"] == whole["model_slices"]["total"]
+    assert 0 < part["model_slices"]["computed"] < part["model_slices"]["total"] == whole["model_slices"]["total"]
+    per_slice = whole["network_evaluations"] // whole["model_slices"]["computed"]
+    assert part["network_evaluations"] == per_slice * part["model_slices"]["computed"]
+    heat = read_volume(part["heatmap"], validate=False).voxels
+    assert heat[9].any() and not heat[:4].any() and not heat[16:].any()  # computed around the region only
+    assert "region" in msgs[2]["message"] and "not on the input's grid" in msgs[2]["message"]
+    assert "'region' must be a text or null" in msgs[3]["message"]
+    assert all("detail" not in m for m in msgs[2:])
+    assert worker.model.network_evaluations == before + whole["network_evaluations"] + part["network_evaluations"]

@@ -4,7 +4,9 @@ A job sends one run request to the worker process (:class:`~DiffusionAnomalyModu
 follows its progress messages and, when the result arrives, accepts it in stages, one stage per
 poll, so no single poll stalls the UI for long; a stage may run its work in a background thread.
 Nothing in the scene changes before the last stage, so a cancel (the worker's whole process tree
-is killed) leaves the scene exactly as it was. Scene-free: the caller provides the stages.
+is killed) leaves the scene exactly as it was. A job with a ``region`` (the included organs) sends
+it as a mask file on the input's grid, and the worker computes only the model slices it needs.
+Scene-free: the caller provides the stages.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 from DiffusionAnomalyLib.pipeline import CaseResult
 from DiffusionAnomalyLib.volume import Volume, write_volume
@@ -46,6 +50,8 @@ class Job:
     volume: Volume
     card: dict
     checkpoint: str
+    region: np.ndarray | None = None  # bool [k, j, i]: what the network computes (the included organs; None: all)
+    roi: np.ndarray | None = None     # bool [k, j, i]: the ROI at the start (lesions are kept inside it)
     requestId: int | None = None
     tempDir: str | None = None
     stages: list[Stage] = field(default_factory=list)
@@ -54,6 +60,7 @@ class Job:
     message: str = "starting the inference worker"
     error: str | None = None
     networkEvaluations: int | None = None
+    modelSlices: dict | None = None  # {"computed": n, "total": N} model slices, from the worker's result
     workerCall: bool = True
     longestPollSeconds: float = 0.0
     result: dict | None = None   # the worker's result message
@@ -120,8 +127,14 @@ class JobRunner:
         tempDir = tempfile.mkdtemp(prefix="DiffusionAnomaly-")
         try:
             inputPath = write_volume(job.volume, Path(tempDir) / "input.nrrd", compress=False)
+            region = None
+            if job.region is not None:  # the included organs on the input's grid: the network computes only these
+                region = str(write_volume(job.volume.with_voxels(job.region.astype(np.uint8), modality=None,
+                                                                 units=None),
+                                          Path(tempDir) / "region.nrrd", compress=False))
             job.requestId = worker.send({"cmd": "run", "input": str(inputPath), "out_dir": tempDir,
-                                         "modality": job.volume.modality, "units": job.volume.units, **request})
+                                         "modality": job.volume.modality, "units": job.volume.units,
+                                         "region": region, **request})
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
@@ -173,6 +186,7 @@ class JobRunner:
             elif kind == "result" and m.get("id") == job.requestId:
                 job.result, job.fraction = m, 1.0
                 job.networkEvaluations = int(m["network_evaluations"])
+                job.modelSlices = m.get("model_slices")
                 job.message = job.stages[0].message if job.stages else "loading the results"
             if job.finished or job.result is not None:
                 return
@@ -225,13 +239,22 @@ class JobRunner:
 
     def wait(self, job: Job, timeout: float, progress: Callable[[float, str], None] | None = None) -> Job:
         """Poll ``job`` until it finishes (scripts, tests, the self-test); cancel it after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while not job.finished:
-            if time.monotonic() > deadline:
-                self.cancel()
-                raise TimeoutError(f"the run did not finish within {timeout} s and was cancelled.")
-            time.sleep(0.05)
+        def step() -> None:
             self.poll()
             if progress is not None:
                 progress(job.fraction, job.message)
-        return job
+
+        return pollUntilFinished(job, step, self.cancel, timeout, "the run")
+
+
+def pollUntilFinished(work, poll: Callable[[], Any], cancel: Callable[[], None], timeout: float, what: str):
+    """Call ``poll`` until ``work.finished`` (scripts and tests wait like the UI's timer polls); ``cancel`` after
+    ``timeout`` s, then TimeoutError. Returns ``work``."""
+    deadline = time.monotonic() + timeout
+    while not work.finished:
+        if time.monotonic() > deadline:
+            cancel()
+            raise TimeoutError(f"{what} did not finish within {timeout} s and was cancelled.")
+        time.sleep(0.05)
+        poll()
+    return work

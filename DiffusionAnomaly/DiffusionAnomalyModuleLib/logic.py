@@ -4,14 +4,17 @@
 - :mod:`.models`: which models there are and their cards;
 - :mod:`.nodes`: volume nodes <-> engine volumes;
 - :mod:`.jobs`: runs on the worker process (start, poll, cancel);
+- :mod:`.organs`: organ segmentations, the organ ROI, TotalSegmentator on a CT node;
 - :mod:`.lesions`: ROI and re-thresholding of the cached heat map;
 - :mod:`.outputs`: the output nodes in the scene;
 - :mod:`.exports`: files.
 
-The last result is kept as the engine's case record (:class:`~DiffusionAnomalyLib.pipeline.CaseResult`)
-with two notes of the module's own beside it: the run key (what produced it) and the input node.
-So a threshold, minimum-size or ROI change re-thresholds it without the worker or the network;
-a guidance change asks the worker, whose cache re-decodes only; an Apply with unchanged settings
+The last result is kept as the engine's case record (:class:`~DiffusionAnomalyLib.pipeline.CaseResult`,
+holding the whole heat map) with three notes of the module's own beside it: the run key (what
+produced it), the input node and the region the network computed (the included organs; None: the
+whole volume). So a threshold, minimum-size or ROI change re-thresholds it without the worker or
+the network, as long as the new ROI lies inside that region (else Apply computes the rest); a
+guidance change asks the worker, whose cache re-decodes only; an Apply with unchanged settings
 does no worker call at all. It runs on the MRML library without a Slicer application
 (``slicer-core``); pass the scene explicitly there.
 """
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import slicer
 
 from DiffusionAnomalyLib.card import card_summary
@@ -31,10 +35,10 @@ from DiffusionAnomalyLib.pipeline import CaseResult
 from DiffusionAnomalyLib.preprocessing import check_modality
 from DiffusionAnomalyLib.volume import array_key, read_volume, validate_volume
 
-from DiffusionAnomalyModuleLib import exports, outputs
+from DiffusionAnomalyModuleLib import exports, organs, outputs
 from DiffusionAnomalyModuleLib import parameters as settings
-from DiffusionAnomalyModuleLib.jobs import Job, JobRunner, Stage
-from DiffusionAnomalyModuleLib.lesions import rethreshold, roiFromParameters
+from DiffusionAnomalyModuleLib.jobs import Job, JobRunner, Stage, pollUntilFinished
+from DiffusionAnomalyModuleLib.lesions import NOT_COVERED, CaseROI, caseROI, rethreshold
 from DiffusionAnomalyModuleLib.models import ModelDatabase
 from DiffusionAnomalyModuleLib.nodes import volumeFromNode
 
@@ -51,7 +55,11 @@ class DiffusionAnomalyLogic:
         self.case: CaseResult | None = None
         self.caseRunKey: tuple | None = None      # what produced ``case`` (None: rebuilt from the scene)
         self.caseInputNodeID: str | None = None   # the input volume node ``case`` belongs to
+        self.caseRegion: np.ndarray | None = None  # where ``case``'s heat map was computed (None: everywhere)
         self.lastUpdateSeconds: float | None = None
+        self.organROIs = organs.OrganROIs()
+        self.organRun: organs.OrganRun | None = None
+        self.organProgressCallback: Callable[[organs.OrganRun], None] | None = None
 
     @property
     def scene(self):
@@ -128,6 +136,8 @@ class DiffusionAnomalyLogic:
         """
         if self.jobs.running:
             raise RuntimeError("a run is already in progress; cancel it first.")
+        if self.organRunning:
+            raise ValueError("TotalSegmentator is still segmenting the organs; wait for it, or cancel it first.")
         params = self.parameters(parameterNode)
         inputNode = self.inputNode(parameterNode)
         volume = validate_volume(volumeFromNode(inputNode, params["Modality"], params["Units"]))
@@ -135,15 +145,21 @@ class DiffusionAnomalyLogic:
         card = self.models.card(checkpoint)
         check_modality(volume, card)
         settings.thresholding(params, card)  # a non-numeric threshold setting fails before any work
+        roi = self.caseROI(parameterNode, params, card, volume)  # organ and segment refusals too
         request = settings.runRequest(params)
         device = params["Device"] or "auto"
         runKey = (array_key(volume), inputNode.GetID(), checkpoint, device, json.dumps(request, sort_keys=True))
-        job = Job(runKey=runKey, inputNodeID=inputNode.GetID(), volume=volume, card=card, checkpoint=checkpoint)
-        if self.case is not None and self.caseRunKey == runKey:
+        job = Job(runKey=runKey, inputNodeID=inputNode.GetID(), volume=volume, card=card, checkpoint=checkpoint,
+                  region=roi.region, roi=roi.mask)
+        if self.case is not None and self.caseRunKey == runKey and roi.coveredBy(self.caseRegion):
             self.updateLesions(parameterNode)
             return self.jobs.finishWithoutWorker(job, "unchanged parameters: results reused (no diffusion)")
         job.stages = self._acceptStages(parameterNode)
         return self.jobs.submit(job, request, device)
+
+    def caseROI(self, parameterNode, params: dict[str, str], card: dict, volume) -> CaseROI:
+        """The segment and organ ROI the parameter node chooses, on ``volume``'s grid (see :mod:`.lesions`)."""
+        return caseROI(parameterNode, params, card, volume, self.organROIs)
 
     def _acceptStages(self, parameterNode) -> list[Stage]:
         """Read the result files -> find lesions (in a thread) -> write all nodes (the only stage changing the scene)."""
@@ -161,9 +177,14 @@ class DiffusionAnomalyLogic:
                 checkpoint=job.checkpoint)
 
         def lesions(job: Job) -> Callable[[], CaseResult]:
+            # the ROI as set now (it may have changed during the run), else the one the run started with
             params = self.parameters(parameterNode)
-            return rethreshold(job.case, settings.thresholding(params, job.card),
-                               roiFromParameters(parameterNode, params, job.volume))
+            try:
+                roi = self.caseROI(parameterNode, params, job.card, job.volume)
+                mask = roi.mask if roi.coveredBy(job.region) else job.roi
+            except ValueError:
+                mask = job.roi
+            return rethreshold(job.case, settings.thresholding(params, job.card), mask)
 
         def write(job: Job) -> None:
             inputNode = self.scene.GetNodeByID(job.inputNodeID)
@@ -171,6 +192,7 @@ class DiffusionAnomalyLogic:
                 raise ValueError("the input volume was removed from the scene.")
             self._writeCase(parameterNode, inputNode, job.case, writeVolumes=True)
             self.case, self.caseRunKey, self.caseInputNodeID = job.case, job.runKey, job.inputNodeID
+            self.caseRegion = job.region
 
         return [Stage("loading the results", read), Stage("finding lesions in the heat map", lesions, background=True),
                 Stage("writing the results into the scene", write)]
@@ -195,10 +217,102 @@ class DiffusionAnomalyLogic:
         return self.jobs.workerStats()
 
     def cleanup(self) -> None:
-        """Stop the worker (module unloaded, Slicer closing)."""
+        """Stop the worker and a TotalSegmentator run (module unloaded, Slicer closing)."""
         if self.jobs.running:
             self.jobs.cancel()
         self.jobs.stopWorker()
+        self.cancelOrganRun()
+
+    # ---- organs --------------------------------------------------------------------------------
+    @property
+    def organRunning(self) -> bool:
+        """Whether TotalSegmentator is segmenting a CT for the Organs section."""
+        return self.organRun is not None and not self.organRun.finished
+
+    def organChoiceState(self, parameterNode) -> tuple[list[str], dict[str, list[str]]]:
+        """What the include and exclude lists offer (the groups, then the organ segmentation's structures), and
+        what each has checked: the parameters' names, the card's default exclusion while OrganExclude is empty."""
+        params = self.parameters(parameterNode)
+        checked = {name: settings.organNames(params[name]) for name in ("OrganInclude", "OrganExclude")}
+        if params["OrganExclude"] == "":
+            try:
+                checked["OrganExclude"] = list(settings.organSelection(params, self.readCard(params["Model"])).exclude)
+            except ValueError:  # no usable model yet: nothing is excluded by default
+                pass
+        offered = organs.organChoices(parameterNode.GetNodeReference(settings.ORGAN_REFERENCE))
+        for names in checked.values():  # a saved choice stays visible even where it is not offered
+            offered += [n for n in names if n not in offered]
+        return offered, checked
+
+    def organSummary(self, parameterNode) -> str:
+        """One line on the organ ROI: its source and choice, or why it cannot be built."""
+        segmentationNode = parameterNode.GetNodeReference(settings.ORGAN_REFERENCE)
+        if segmentationNode is None:
+            return "No organ segmentation: lesions are looked for in the whole volume."
+        inputNode = parameterNode.GetNodeReference(settings.INPUT_REFERENCE)
+        params = self.parameters(parameterNode)
+        try:
+            card = self.readCard(params["Model"])
+        except ValueError:
+            card = {}
+        try:
+            selection = settings.organSelection(params, card)
+            if inputNode is None or inputNode.GetImageData() is None:
+                return f"{segmentationNode.GetName()}: choose the input volume."
+            roi = self.organROIs.roi(segmentationNode, selection, volumeFromNode(inputNode))
+        except ValueError as exc:
+            return str(exc)
+        parts = [f"{segmentationNode.GetName()}: {len(roi.organs)} structures on the input"]
+        parts.append(f"include {', '.join(selection.include)}" if selection.include else "whole volume")
+        if selection.exclude:
+            parts.append(f"exclude {', '.join(selection.exclude)}")
+        if selection.margin_mm:
+            parts.append(f"margin {selection.margin_mm:g} mm")
+        if roi.mask is not None:
+            parts.append(f"ROI {100.0 * roi.mask.mean():.0f} % of the input")
+        return "; ".join(parts) + "."
+
+    def startOrganRun(self, parameterNode) -> organs.OrganRun:
+        """TotalSegmentator on the Organs section's CT (returns at once with the engine's runner; poll :meth:`pollOrganRun`).
+
+        The new segmentation goes under the input volume and becomes the organ segmentation; a
+        refusal (no CT, not a CT, TotalSegmentator not set up) is raised before anything starts.
+        """
+        if self.organRunning:
+            raise RuntimeError("TotalSegmentator is already running; cancel it first.")
+        if self.jobs.running:
+            raise ValueError("the analysis is running; wait for it, or cancel it first.")
+        ctNode = parameterNode.GetNodeReference(settings.ORGAN_CT_REFERENCE)
+        if ctNode is None:
+            raise ValueError("choose the CT volume whose organs TotalSegmentator should segment.")
+        params = self.parameters(parameterNode)
+        parent = parameterNode.GetNodeReference(settings.INPUT_REFERENCE) or ctNode
+        run = organs.OrganRun(self.scene, ctNode, parent, fast=params["OrganFast"].lower() == "true",
+                              device=params["Device"] or "auto", progressCallback=self.organProgressCallback)
+        self.organRun = run.start()
+        return self.pollOrganRun(parameterNode)
+
+    def pollOrganRun(self, parameterNode) -> organs.OrganRun | None:
+        """Progress of the TotalSegmentator run; when it is done, its segmentation becomes the organ segmentation."""
+        run = self.organRun
+        if run is None:
+            return None
+        if not run.finished:
+            run.poll()
+        if run.status == "done" and not run.accepted:  # once: the user may choose another segmentation later
+            run.accepted = True
+            parameterNode.SetNodeReferenceID(settings.ORGAN_REFERENCE, run.node.GetID())
+        return run
+
+    def runOrgansBlocking(self, parameterNode, timeout: float = 3600.0) -> organs.OrganRun:
+        """TotalSegmentator on the Organs section's CT, polled until it ends (scripts, tests); cancelled after ``timeout`` s."""
+        return pollUntilFinished(self.startOrganRun(parameterNode), lambda: self.pollOrganRun(parameterNode),
+                                 self.cancelOrganRun, timeout, "TotalSegmentator")
+
+    def cancelOrganRun(self) -> None:
+        """End TotalSegmentator's process tree; the scene stays as it was."""
+        if self.organRunning:
+            self.organRun.cancel()
 
     # ---- lesions from the cached heat map ------------------------------------------------------
     def caseFromScene(self, parameterNode) -> CaseResult | None:
@@ -221,21 +335,29 @@ class DiffusionAnomalyLogic:
         No worker call and no network evaluation. ``writeVolumes`` also rewrites heat map and counterfactual.
         """
         inputNode = parameterNode.GetNodeReference(settings.INPUT_REFERENCE)
+        t0 = time.perf_counter()
+        params = self.parameters(parameterNode)
         if self.case is None or inputNode is None or self.caseInputNodeID != inputNode.GetID():
             case = self.caseFromScene(parameterNode)
             if case is None:
                 raise ValueError("run the analysis first (there is no heat map for this input yet).")
-            self.case, self.caseRunKey, self.caseInputNodeID = case, None, inputNode.GetID()
-        t0 = time.perf_counter()
-        case, params = self.case, self.parameters(parameterNode)
-        rethreshold(case, settings.thresholding(params, case.card),
-                    roiFromParameters(parameterNode, params, case.volume))()
-        self._writeCase(parameterNode, inputNode, case, writeVolumes)
+            roi = self.caseROI(parameterNode, params, case.card, case.volume)
+            # a heat map saved inside an organ ROI holds the map there only: the scene's ROI is its region
+            region = roi.mask if outputs.heatShownInsideROI(self.scene, inputNode) else None
+            self.case, self.caseRunKey, self.caseInputNodeID, self.caseRegion = case, None, inputNode.GetID(), region
+        case = self.case
+        roi = self.caseROI(parameterNode, params, case.card, case.volume)
+        if not roi.coveredBy(self.caseRegion):
+            raise ValueError(NOT_COVERED)
+        roiChanged = not _sameMask(case.roi, roi.mask)
+        rethreshold(case, settings.thresholding(params, case.card), roi.mask)()
+        self._writeCase(parameterNode, inputNode, case, writeVolumes, writeHeat=roiChanged)
         self.lastUpdateSeconds = time.perf_counter() - t0
         return case
 
-    def _writeCase(self, parameterNode, inputNode, case: CaseResult, writeVolumes: bool) -> None:
-        for role, node in outputs.writeCase(self.scene, inputNode, case, writeVolumes).items():
+    def _writeCase(self, parameterNode, inputNode, case: CaseResult, writeVolumes: bool,
+                   writeHeat: bool = False) -> None:
+        for role, node in outputs.writeCase(self.scene, inputNode, case, writeVolumes, writeHeat).items():
             parameterNode.SetNodeReferenceID(settings.OUTPUT_REFERENCES[role], node.GetID())
 
     @staticmethod
@@ -269,8 +391,12 @@ class DiffusionAnomalyLogic:
         case = self._exportable(parameterNode, "table")[1]
         params = self.parameters(parameterNode)
         inputNode = self.scene.GetNodeByID(self.caseInputNodeID or "")
+        organRecord = {}
+        if parameterNode.GetNodeReference(settings.ORGAN_REFERENCE) is not None:
+            organRecord = {"organ_segmentation": parameterNode.GetNodeReference(settings.ORGAN_REFERENCE).GetName(),
+                           **settings.organSelection(params, case.card).as_parameters()}
         return exports.exportReport(case, path, title=f"DiffusionAnomaly: {inputNode.GetName() if inputNode else 'case'}",
-                                    parameters={"roi": params["ROIMode"], "device": params["Device"],
+                                    parameters={"roi": params["ROIMode"], **organRecord, "device": params["Device"],
                                                 "checkpoint": case.checkpoint})
 
     def exportDicomSeg(self, parameterNode, outputFolder: str) -> None:
@@ -278,3 +404,10 @@ class DiffusionAnomalyLogic:
         node = self._exportable(parameterNode, "segmentation")[0]
         exports.exportDicomSeg(self.scene, node, parameterNode.GetNodeReference(settings.INPUT_REFERENCE),
                                outputFolder)
+
+
+def _sameMask(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two ROI masks (None: no ROI) are the same."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(np.array_equal(a != 0, b != 0))

@@ -1,8 +1,10 @@
-"""MRML volume nodes <-> the engine's :class:`~DiffusionAnomalyLib.volume.Volume`: the one conversion at the edge.
+"""MRML volume and segmentation nodes <-> the engine's :class:`~DiffusionAnomalyLib.volume.Volume`: the one conversion at the edge.
 
 Voxels travel as [k, j, i] arrays with the node's exact IJK->RAS matrix; modality and units come
 from the node's DICOM attributes and voxel-value units. A PET series that Slicer's DICOM reader
-loaded in Bq/ml is converted to body-weight SUV with the engine's own factor.
+loaded in Bq/ml is converted to body-weight SUV with the engine's own factor. Segments become a
+label Volume (:func:`labelmapFromSegments`) and a label Volume becomes an oriented image for
+importing segments (:func:`orientedImageFromLabels`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import numpy as np
 import pydicom
 import slicer
 import vtk
+from vtk.util import numpy_support
 
+from DiffusionAnomalyLib.postprocessing import bounding_box
 from DiffusionAnomalyLib.volume import Volume, agree, canonical_modality, canonical_units, suv_factor_of_series
 
 #: node attribute a script may set to state a volume's units (e.g. "SUVbw") when Slicer does not know them
@@ -83,3 +87,64 @@ def updateVolumeNodeFromVolume(node, volume: Volume) -> None:
     """Write the voxels and the exact geometry of ``volume`` into ``node``."""
     slicer.util.updateVolumeFromArray(node, volume.voxels)
     node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(volume.ijk_to_ras))
+
+
+def labelmapFromSegments(segmentationNode, segmentIds: list[str], labelValues: list[int] | None = None,
+                         grid: Volume | None = None) -> Volume | None:
+    """The segments ``segmentIds`` merged into one label Volume (None when they hold no voxel).
+
+    Voxel value: ``labelValues[n]`` for the n-th segment (default n + 1); where segments overlap,
+    the later one wins. On ``grid`` (Slicer resamples the segments onto it), or else on the
+    segmentation's own grid cropped to the segments. Slicer merges and resamples the segments
+    itself; slicer.util.arrayFromSegmentBinaryLabelmap would need a volume node and one call per
+    segment. The node is only read.
+    """
+    names = vtk.vtkStringArray()
+    for segmentId in segmentIds:
+        names.InsertNextValue(segmentId)
+    values = vtk.vtkIntArray()
+    for value in labelValues if labelValues is not None else range(1, len(segmentIds) + 1):
+        values.InsertNextValue(int(value))
+    reference = None
+    mode = slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS
+    if grid is not None:
+        k, j, i = grid.voxels.shape[:3]
+        reference = slicer.vtkOrientedImageData()
+        reference.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
+        reference.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(grid.ijk_to_ras))
+        mode = slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+    merged = slicer.vtkOrientedImageData()
+    if not segmentIds or not segmentationNode.GenerateMergedLabelmapForAllSegments(merged, mode, reference, names,
+                                                                                   values):
+        return None
+    x0, x1, y0, y1, z0, z1 = merged.GetExtent()
+    if x1 < x0 or y1 < y0 or z1 < z0 or merged.GetPointData().GetScalars() is None:
+        return None
+    voxels = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars()).reshape(z1 - z0 + 1, y1 - y0 + 1,
+                                                                                  x1 - x0 + 1)
+    matrix = vtk.vtkMatrix4x4()
+    merged.GetImageToWorldMatrix(matrix)
+    ijkToRas = slicer.util.arrayFromVTKMatrix(matrix)
+    if grid is not None:  # the merged image covers (at most) the reference extent: place it on the grid
+        full = np.zeros(grid.voxels.shape[:3], dtype=voxels.dtype)
+        full[z0:z1 + 1, y0:y1 + 1, x0:x1 + 1] = voxels
+        return grid.with_voxels(full, modality=None, units=None)
+    ijkToRas[:3, 3] = ijkToRas[:3, :3] @ np.array([x0, y0, z0], dtype=np.float64) + ijkToRas[:3, 3]
+    return Volume(voxels=np.array(voxels, copy=True), ijk_to_ras=ijkToRas)
+
+
+def orientedImageFromLabels(labels: np.ndarray, ijkToRas: np.ndarray):
+    """The labelled box of ``labels`` ([k, j, i]) as an oriented image that keeps its place on the grid.
+
+    Hand-written: slicer.util's segment setters import the whole volume per segment (slow threshold slider).
+    """
+    box = bounding_box(labels > 0)
+    voxels = np.ascontiguousarray(labels[box].astype(np.uint8 if labels.max() < 256 else np.uint16))
+    (k0, j0, i0), (k, j, i) = (s.start for s in box), voxels.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i0 + i - 1, j0, j0 + j - 1, k0, k0 + k - 1)
+    scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True,
+                                         array_type=numpy_support.get_vtk_array_type(voxels.dtype))
+    image.GetPointData().SetScalars(scalars)
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijkToRas))
+    return image

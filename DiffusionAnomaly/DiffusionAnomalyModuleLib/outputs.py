@@ -12,14 +12,13 @@ from typing import Any
 import numpy as np
 import slicer
 import vtk
-from vtk.util import numpy_support
 
 from DiffusionAnomalyLib.export import LESION_TERMINOLOGY, lesion_colors
 from DiffusionAnomalyLib.pipeline import CaseResult
-from DiffusionAnomalyLib.postprocessing import CENTROID_COLUMNS, LESION_COLUMNS, Thresholding, bounding_box
+from DiffusionAnomalyLib.postprocessing import CENTROID_COLUMNS, LESION_COLUMNS, Thresholding
 from DiffusionAnomalyLib.volume import Volume
 
-from DiffusionAnomalyModuleLib.nodes import updateVolumeNodeFromVolume, volumeFromNode
+from DiffusionAnomalyModuleLib.nodes import orientedImageFromLabels, updateVolumeNodeFromVolume, volumeFromNode
 
 #: node attribute naming what an output node is (a key of parameters.OUTPUT_REFERENCES)
 ROLE_ATTRIBUTE = "DiffusionAnomaly.Role"
@@ -27,6 +26,8 @@ ROLE_ATTRIBUTE = "DiffusionAnomaly.Role"
 INPUT_ATTRIBUTE = "DiffusionAnomaly.InputVolumeID"
 #: node attribute of the heat map: the id of the model that made it
 MODEL_ATTRIBUTE = "DiffusionAnomaly.ModelID"
+#: node attribute of the heat map: "true" when it shows the map inside an organ ROI only (0 outside)
+INSIDE_ROI_ATTRIBUTE = "DiffusionAnomaly.InsideROI"
 #: output role -> the node name's suffix after the input's name
 OUTPUT_NAMES = {"heatmap": "heat map", "counterfactual": "counterfactual", "segmentation": "lesions",
                 "table": "lesion table"}
@@ -117,8 +118,8 @@ def heatColorNode(scene):
     return node
 
 
-def showHeatMap(scene, inputNode, heatNode, heat: Volume) -> None:
-    """Inferno from 0 to the map's maximum, transparent near zero; a half-transparent foreground in every view."""
+def heatRange(scene, heatNode, heat: Volume) -> None:
+    """Inferno from 0 to the map's maximum, transparent near zero."""
     display = ensureDisplay(scene, heatNode)
     display.SetAndObserveColorNodeID(heatColorNode(scene).GetID())
     vmax = float(np.max(heat.voxels)) or 1.0
@@ -127,6 +128,11 @@ def showHeatMap(scene, inputNode, heatNode, heat: Volume) -> None:
     display.SetApplyThreshold(True)
     display.SetLowerThreshold(HEAT_VISIBLE_FRACTION * vmax)
     display.SetUpperThreshold(vmax * 2 + 1)
+
+
+def showHeatMap(scene, inputNode, heatNode, heat: Volume) -> None:
+    """:func:`heatRange`, and the map as a half-transparent foreground over the input in every view."""
+    heatRange(scene, heatNode, heat)
     for n in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode")
         composite.SetBackgroundVolumeID(inputNode.GetID())
@@ -134,21 +140,13 @@ def showHeatMap(scene, inputNode, heatNode, heat: Volume) -> None:
         composite.SetForegroundOpacity(0.5)
 
 
-def _labelBox(labels: np.ndarray, ijk_to_ras: np.ndarray):
-    """The lesions' bounding box of ``labels`` as an oriented image that keeps its place on the input grid.
-
-    Hand-written: slicer.util's segment setters import the whole volume per segment (slow threshold slider).
-    """
-    box = bounding_box(labels > 0)
-    voxels = np.ascontiguousarray(labels[box].astype(np.uint8 if labels.max() < 256 else np.uint16))
-    (k0, j0, i0), (k, j, i) = (s.start for s in box), voxels.shape
-    image = slicer.vtkOrientedImageData()
-    image.SetExtent(i0, i0 + i - 1, j0, j0 + j - 1, k0, k0 + k - 1)
-    scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True,
-                                         array_type=numpy_support.get_vtk_array_type(voxels.dtype))
-    image.GetPointData().SetScalars(scalars)
-    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
-    return image
+def writeHeatMap(heatNode, case: CaseResult) -> Volume:
+    """The heat map as shown (inside the organ ROI only; the case keeps the whole map) into ``heatNode``."""
+    shown = case.shown_heatmap
+    updateVolumeNodeFromVolume(heatNode, shown)
+    heatNode.SetAttribute(MODEL_ATTRIBUTE, str(case.card.get("id")))
+    heatNode.SetAttribute(INSIDE_ROI_ATTRIBUTE, "true" if case.roi is not None else "false")
+    return shown
 
 
 def updateSegmentation(segNode, inputNode, labels: np.ndarray, volume: Volume) -> None:
@@ -162,7 +160,7 @@ def updateSegmentation(segNode, inputNode, labels: np.ndarray, volume: Volume) -
     if n == 0:
         return
     if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-            _labelBox(labels, volume.ijk_to_ras), segNode, "Lesion"):
+            orientedImageFromLabels(labels, volume.ijk_to_ras), segNode, "Lesion"):
         raise RuntimeError("the lesion label map could not be imported into the segmentation.")
     colors = lesion_colors(n)
     term = LESION_TERMINOLOGY
@@ -210,20 +208,19 @@ def lesionCenterRAS(scene, tableNode, row: int) -> tuple[float, float, float]:
     return tuple(float(v) for v in point)
 
 
-def writeCase(scene, inputNode, case: CaseResult, writeVolumes: bool) -> dict[str, Any]:
+def writeCase(scene, inputNode, case: CaseResult, writeVolumes: bool, writeHeat: bool = False) -> dict[str, Any]:
     """Write ``case`` into the output nodes of ``inputNode`` (reused or created); returns role -> node.
 
     ``writeVolumes``: also (re)write heat map and counterfactual (after a worker run); without it
-    only segmentation and table change (a threshold change).
+    only segmentation and table change (a threshold change), and with ``writeHeat`` the heat map
+    shown inside the new organ ROI (an ROI change).
     """
     nodes: dict[str, Any] = {}
     scene.StartState(scene.BatchProcessState)
     try:
         if writeVolumes:
             heatNode = outputNode(scene, inputNode, "heatmap", "vtkMRMLScalarVolumeNode")
-            updateVolumeNodeFromVolume(heatNode, case.heatmap)
-            heatNode.SetAttribute(MODEL_ATTRIBUTE, str(case.card.get("id")))
-            showHeatMap(scene, inputNode, heatNode, case.heatmap)
+            showHeatMap(scene, inputNode, heatNode, writeHeatMap(heatNode, case))
             nodes["heatmap"] = heatNode
             if case.counterfactual is not None:
                 cfNode = outputNode(scene, inputNode, "counterfactual", "vtkMRMLScalarVolumeNode")
@@ -234,6 +231,8 @@ def writeCase(scene, inputNode, case: CaseResult, writeVolumes: bool) -> dict[st
             node = nodes.get(role) or findOutput(scene, inputNode, role)
             if node is not None:
                 nodes[role] = node
+        if writeHeat and not writeVolumes and "heatmap" in nodes:  # a new organ ROI: the map shown inside it
+            heatRange(scene, nodes["heatmap"], writeHeatMap(nodes["heatmap"], case))
         nodes["segmentation"] = outputNode(scene, inputNode, "segmentation", "vtkMRMLSegmentationNode")
         updateSegmentation(nodes["segmentation"], inputNode, case.labels, case.volume)
         nodes["table"] = outputNode(scene, inputNode, "table", "vtkMRMLTableNode")
@@ -260,3 +259,9 @@ def caseFromOutputs(scene, inputNode, volume: Volume, card: dict[str, Any] | Non
     return CaseResult(volume=volume, heatmap=volumeFromNode(heatNode),
                       counterfactual=volumeFromNode(cfNode) if cfNode is not None else None, card=card,
                       parameters={}, thresholding=Thresholding.from_card(card), checkpoint=checkpoint)
+
+
+def heatShownInsideROI(scene, inputNode) -> bool:
+    """Whether the input's heat map node holds the map inside an organ ROI only (so is valid only there)."""
+    heatNode = findOutput(scene, inputNode, "heatmap")
+    return heatNode is not None and heatNode.GetAttribute(INSIDE_ROI_ATTRIBUTE) == "true"

@@ -3,19 +3,21 @@
 The module's singleton ``vtkMRMLScriptedModuleNode`` holds every setting as text, so a saved and
 reopened scene restores a case's settings. This file is the one place that knows the settings'
 names and defaults and turns them into what the engine takes: a
-:class:`~DiffusionAnomalyLib.postprocessing.Thresholding` and the worker's run request.
+:class:`~DiffusionAnomalyLib.postprocessing.Thresholding`, an
+:class:`~DiffusionAnomalyLib.roi.OrganSelection` and the worker's run request.
 
-An empty value means "the model card's default". ``Steps`` holds ``""`` (card default),
-``"reference"`` (the stride-1 reference loop) or a whole number >= 1, read by
-:func:`DiffusionAnomalyLib.card.parse_steps` like everywhere else.
+An empty value means "the model card's default"; ``OrganExclude`` "none" means no exclusion.
+``Steps`` holds ``""`` (card default), ``"reference"`` (the stride-1 reference loop) or a whole
+number >= 1, read by :func:`DiffusionAnomalyLib.card.parse_steps` like everywhere else.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from DiffusionAnomalyLib.card import parse_steps, whole_number
+from DiffusionAnomalyLib.card import organ_list, parse_steps, whole_number
 from DiffusionAnomalyLib.postprocessing import Thresholding
+from DiffusionAnomalyLib.roi import OrganSelection
 
 MODULE_NAME = "DiffusionAnomaly"
 
@@ -35,14 +37,23 @@ PARAMETERS: dict[str, str] = {
     "Device": "auto",            # auto | cpu | cuda
     "Seed": "0",
     "Counterfactual": "true",
+    "OrganInclude": "",          # organ names/groups the organ ROI keeps ("" = the whole volume)
+    "OrganExclude": "",          # organ names/groups it leaves out ("" = the card's default, "none" = none)
+    "OrganMarginMm": "",         # mm the included and excluded organs grow by ("" = the card's default)
+    "OrganFast": "false",        # TotalSegmentator's faster 3 mm model when it segments a CT here
 }
-
-#: settings whose change only re-thresholds the cached heat map (no worker call, no network)
-LESION_PARAMETERS = ("ThresholdMethod", "Threshold", "MinSizeMl", "ROIMode", "ROISegments")
 
 #: node references of the parameter node: the inputs ...
 INPUT_REFERENCE = "InputVolume"
 ROI_REFERENCE = "ROISegmentation"
+ORGAN_REFERENCE = "OrganSegmentation"  # a TotalSegmentator organ segmentation (the organ ROI's source)
+ORGAN_CT_REFERENCE = "OrganCT"         # the CT whose organs TotalSegmentator segments from the module
+#: the references :func:`values` reports beside the settings (their change re-thresholds too)
+VALUE_REFERENCES = (ROI_REFERENCE, ORGAN_REFERENCE)
+
+#: settings whose change only re-thresholds the cached heat map (no worker call, no network)
+LESION_PARAMETERS = ("ThresholdMethod", "Threshold", "MinSizeMl", "ROIMode", "ROISegments", "OrganInclude",
+                     "OrganExclude", "OrganMarginMm", *VALUE_REFERENCES)
 #: ... and the outputs (output role -> reference role)
 OUTPUT_REFERENCES = {"heatmap": "HeatMap", "counterfactual": "Counterfactual", "segmentation": "Segmentation",
                      "table": "Table"}
@@ -72,17 +83,20 @@ def setDefaults(node, defaultModel: str | None = None) -> None:
 
 
 def values(node) -> dict[str, str]:
-    """All settings of ``node`` as text."""
-    return {name: node.GetParameter(name) for name in PARAMETERS}
+    """All settings of ``node`` as text, and the node IDs of :data:`VALUE_REFERENCES` ("" for none)."""
+    return {**{name: node.GetParameter(name) for name in PARAMETERS},
+            **{role: node.GetNodeReferenceID(role) or "" for role in VALUE_REFERENCES}}
 
 
 def applyCardDefaults(node, card: dict[str, Any]) -> None:
-    """Set the method and threshold settings to the model card's defaults (steps as the card says)."""
+    """Set the method, threshold and organ exclusion settings to the model card's defaults (steps as the card says)."""
     d = card.get("inference_defaults", {})
     th = Thresholding.from_card(card)
+    organs = OrganSelection.from_card(card)
     settings = {"NoiseLevel": d.get("noise_level"), "GuidanceScale": d.get("guidance_scale"),
                 "ThresholdMethod": th.method, "Threshold": th.value, "MinSizeMl": th.min_size_ml,
-                "Steps": d.get("steps")}
+                "Steps": d.get("steps"), "OrganExclude": organText(organs.exclude),
+                "OrganMarginMm": f"{organs.margin_mm:g}"}
     wasModifying = node.StartModify()
     for name, value in settings.items():
         node.SetParameter(name, "" if value is None else str(value))
@@ -105,6 +119,23 @@ def thresholding(params: dict[str, str], card: dict[str, Any]) -> Thresholding:
     """How the heat map becomes lesions: the card's default with the user's settings applied."""
     return Thresholding.from_card(card, method=params.get("ThresholdMethod") or None,
                                   value=number(params, "Threshold"), min_size_ml=number(params, "MinSizeMl"))
+
+
+def organSelection(params: dict[str, str], card: dict[str, Any]) -> OrganSelection:
+    """The organ ROI choice: the card's default exclusion and margin with the user's settings applied."""
+    return OrganSelection.from_card(card, include=params.get("OrganInclude", ""),
+                                    exclude=params.get("OrganExclude") or None,
+                                    margin_mm=number(params, "OrganMarginMm"))
+
+
+def organText(names) -> str:
+    """Organ names and groups as a parameter's text: comma-separated, "none" for none (not the card's default)."""
+    return ",".join(names) or "none"
+
+
+def organNames(text: str | None) -> list[str]:
+    """The organ names and groups a parameter's text holds ("" and "none": none)."""
+    return organ_list(text or "", "the organ setting")
 
 
 def runRequest(params: dict[str, str]) -> dict[str, Any]:
