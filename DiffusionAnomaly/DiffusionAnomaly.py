@@ -57,7 +57,8 @@ from DiffusionAnomalyModuleLib import dependencies  # noqa: E402 - standard libr
 if HAVE_GUI:  # a fresh Slicer lacks a few packages of the engine's core, which Slicer's process imports below
     dependencies.installCorePackages()
 
-from DiffusionAnomalyLib.card import NOT_FOR_CLINICAL_USE, REFERENCE_STEPS, STEPS_HELP, parse_steps  # noqa: E402
+from DiffusionAnomalyLib.card import (MAX_MARGIN_MM, NOT_FOR_CLINICAL_USE, REFERENCE_STEPS, STEPS_HELP,  # noqa: E402
+                                     parse_steps)
 from DiffusionAnomalyLib.errors import is_refusal, user_sentence  # noqa: E402
 
 from DiffusionAnomalyModuleLib.logic import DiffusionAnomalyLogic  # noqa: E402
@@ -77,8 +78,8 @@ extension), or let TotalSegmentator segment the CT of the PET/CT pair (through t
 extension when it is installed, else in an environment of its own: <i>diffusion-anomaly
 totalsegmentator-setup</i>). Its organs are carried onto the input by physical coordinates. Lesion
 candidates outside the organ ROI are dropped and the heat map is shown inside it; with included organs
-only the slices they need are computed. Excluded organs default to the model card's (physiological
-uptake); a change of organs or margin updates the lesions without a new run.</p>
+only the slices they need are computed. Excluded organs and the margin default to the model card's
+defaults (when it has them); a change of organs or margin updates the lesions without a new run.</p>
 <p>DDIM steps (Advanced): a whole number of strided steps, fast; below 1 the box shows
 <i>reference</i>: the papers' stride-1 loop, one network evaluation per timestep (slow).</p>
 <p><b>{NOT_FOR_CLINICAL_USE}</b></p>
@@ -224,6 +225,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stepsSpinBox.minimum = self.STEPS_REFERENCE_VALUE
         self.ui.stepsSpinBox.specialValueText = REFERENCE_STEPS
         self.ui.stepsSpinBox.toolTip = STEPS_HELP
+        self.ui.organMarginSlider.maximum = MAX_MARGIN_MM  # the card's rule, not a second copy in the .ui
         self.ui.deviceLabel.text = dependencies.DEVICE_UNKNOWN
         self.ui.progressBar.hide()
         self.timer = qt.QTimer()

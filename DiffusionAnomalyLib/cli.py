@@ -25,6 +25,7 @@ from . import metrics, phantoms
 from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, default_card, number_from_text, parse_steps,
                    whole_number)
 from .checkpoint import bundled_checkpoint
+from . import evaluation
 from .evaluation import (EVALUATION_SEEDS, card_with_best_defaults, card_with_threshold_defaults, evaluate,
                          markdown_table, sweep, whole_volume_grid, whole_volume_sweep)
 from .export import write_json, write_segmentation
@@ -36,7 +37,7 @@ from .networks import save_checkpoint
 from .pipeline import RESULT_FILES, analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
-from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
+from .roi import OrganLabels, OrganSelection, check_overlap, organ_names, read_organ_labels
 from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
 from .training import TrainConfig, train
@@ -137,6 +138,21 @@ def _print_table(rows) -> None:
 
 
 _ROI_OPTIONS = ("roi_include", "roi_exclude", "roi_margin_mm")
+_CT_OPTIONS = ("totalseg_fast", "totalseg_env")
+
+
+def _check_organ_source(args) -> None:
+    """Refuse an organ-ROI command line that cannot work, before anything is read or loaded."""
+    if args.roi_seg is not None and args.ct is not None:
+        raise ValueError("give either --roi-seg (an existing organ segmentation) or --ct (a CT to segment with "
+                         "TotalSegmentator), not both.")
+    if args.ct is None and _given(args, _CT_OPTIONS):
+        raise ValueError(f"{', '.join(_given(args, _CT_OPTIONS))} only apply with --ct (the CT that TotalSegmentator "
+                         "segments); add --ct, or leave them out.")
+    if args.roi_seg is None and args.ct is None and _given(args, _ROI_OPTIONS):
+        raise ValueError(f"{', '.join(_given(args, _ROI_OPTIONS))} need --roi-seg (a TotalSegmentator segmentation of "
+                         "this patient: a multi-label NIfTI, a folder of <organ>.nii.gz files or a Slicer .seg.nrrd) "
+                         "or --ct (the CT of the PET/CT, segmented with TotalSegmentator first).")
 
 
 def _organ_selection(args, card) -> OrganSelection | None:
@@ -144,51 +160,40 @@ def _organ_selection(args, card) -> OrganSelection | None:
 
     Names are checked against TotalSegmentator's class map here, before TotalSegmentator or the network runs.
     """
-    if args.roi_seg is not None and args.ct is not None:
-        raise ValueError("give either --roi-seg (an existing organ segmentation) or --ct (a CT to segment with "
-                         "TotalSegmentator), not both.")
     if args.roi_seg is None and args.ct is None:
-        options = [f"--{name.replace('_', '-')}" for name in _ROI_OPTIONS if getattr(args, name) is not None]
-        if options:
-            raise ValueError(f"{', '.join(options)} need --roi-seg (a TotalSegmentator segmentation of this "
-                             "patient: a multi-label NIfTI, a folder of <organ>.nii.gz files or a Slicer .seg.nrrd) "
-                             "or --ct (the CT of the PET/CT, segmented with TotalSegmentator first).")
         return None
     selection = OrganSelection.from_card(card, args.roi_include, args.roi_exclude, args.roi_margin_mm)
     organ_names(selection.include), organ_names(selection.exclude)
+    if args.ct is not None and selection.is_whole_volume:
+        raise ValueError("with --ct and no organ named the organ ROI would be the whole volume (this model card has "
+                         "no default exclusion); name organs with --roi-include or --roi-exclude (e.g. "
+                         "physiological-uptake), or leave out --ct.")
     return selection
 
 
-def _organ_labels(args, selection: OrganSelection, stage: Path) -> OrganLabels:
+def _organ_labels(args, selection: OrganSelection, volume, stage: Path) -> OrganLabels:
     """The organ segmentation: ``--roi-seg`` read, or TotalSegmentator run on ``--ct`` into ``stage``.
 
-    With ``--ct`` only the organs the selection names are segmented (``--roi_subset``), all of them otherwise.
+    With ``--ct`` only the organs the selection names are segmented (``--roi_subset``); a CT that
+    does not overlap the input is refused before TotalSegmentator starts.
     """
     if args.roi_seg is not None:
         return read_organ_labels(args.roi_seg)
+    check_overlap(read_volume(args.ct), volume, f"the CT {args.ct}")
     bar = _progress_bar("TotalSegmentator")
     try:
-        path = run_totalsegmentator(args.ct, stage / ORGANS_FILE, organs=list(selection.include + selection.exclude)
-                                    or None, fast=args.totalseg_fast, device=args.device,
+        path = run_totalsegmentator(args.ct, stage / ORGANS_FILE, organs=list(selection.include + selection.exclude),
+                                    fast=args.totalseg_fast, device=args.device,
                                     progress=bar, environment=args.totalseg_env)
     finally:
         bar.close()
     return read_organ_labels(path)
 
 
-def _selection_words(selection: OrganSelection) -> str:
-    """'including liver, excluding physiological-uptake, 5 mm margin': an organ choice in words."""
-    words = [f"including {', '.join(selection.include)}" if selection.include else "the whole volume"]
-    if selection.exclude:
-        words.append(f"excluding {', '.join(selection.exclude)}")
-    if selection.margin_mm:
-        words.append(f"{selection.margin_mm:g} mm margin")
-    return ", ".join(words)
-
-
 def _cmd_run(args) -> int:
     # the folder is checked and locked before any computation, and held until the results are in place
     inputs = {"input": args.input, "checkpoint": args.checkpoint, "--roi-seg": args.roi_seg, "--ct": args.ct}
+    _check_organ_source(args)
     with output_folder(args.out, outputs=(*RESULT_FILES, ORGANS_FILE), inputs=inputs) as out:
         volume = read_volume(args.input, modality=args.modality, units=args.units, suv_factor=args.suv_factor)
         model = _load_model(args)
@@ -199,7 +204,7 @@ def _cmd_run(args) -> int:
         extra: dict = {"input_path": str(args.input), "checkpoint": str(model.source)}
         with tempfile.TemporaryDirectory(prefix="diffusion-anomaly-organs-") as work:
             if selection is not None:
-                labels = _organ_labels(args, selection, Path(work))
+                labels = _organ_labels(args, selection, volume, Path(work))
                 roi = selection.mask(labels, grid=volume).voxels
                 region = selection.region_mask(labels, grid=volume)
                 region = None if region is None else region.voxels
@@ -218,11 +223,11 @@ def _cmd_run(args) -> int:
             finally:
                 bar.close()
             files = {ORGANS_FILE: lambda path: write_volume(labels.volume, path)} if args.ct is not None else None
-            written = write_outputs(result, out, extra, extra_files=files)
+            written = write_outputs(result, out, extra, extra_files=files, replaces=(ORGANS_FILE,))
     _print_table(result.table)
     if selection is not None:
         done = result.method.model_slices
-        print(f"organ ROI: {_selection_words(selection)}; {done['computed']} of {done['total']} model slices computed")
+        print(f"organ ROI: {selection.words()}; {done['computed']} of {done['total']} model slices computed")
     print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
     return 0
 
@@ -244,9 +249,14 @@ _WHOLE_VOLUME_OPTIONS = ("threshold_methods", "fractions", "absolute_values", "m
 _DW_OPTIONS = ("noise_levels", "guidance_scales")
 
 
+def _given(args, names) -> list[str]:
+    """The options of ``names`` given on the command line ("--roi-include", ...)."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+
+
 def _options(args, names) -> str:
     """The options of ``names`` given on the command line, with their verb: "--a, --b belong" / "--a belongs"."""
-    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+    given = _given(args, names)
     return f"{', '.join(given)} {'belong' if len(given) > 1 else 'belongs'}" if given else ""
 
 
@@ -278,8 +288,9 @@ def _cmd_sweep(args) -> int:
         with staged(out) as stage:  # sweep checks every grid point before any work
             if grid is None:
                 result = sweep(model, args.phantoms, args.seed, stage,
-                               "200,300,400,500" if args.noise_levels is None else args.noise_levels,
-                               "0,1,3,5" if args.guidance_scales is None else args.guidance_scales, steps=args.steps)
+                               evaluation.SWEEP_NOISE_LEVELS if args.noise_levels is None else args.noise_levels,
+                               evaluation.SWEEP_GUIDANCE_SCALES if args.guidance_scales is None
+                               else args.guidance_scales, steps=args.steps)
                 with_defaults = card_with_best_defaults
             else:
                 result = whole_volume_sweep(model, args.phantoms, args.seed, stage, steps=args.steps, grid=grid)
@@ -351,7 +362,7 @@ def _demo(args, out: Path) -> int:
     selection = OrganSelection.from_card(model.card)
     roi = None if selection.is_whole_volume else selection.mask(case.organs, grid=case.pet).voxels
     if roi is not None:
-        print(f"organ ROI: {_selection_words(selection)} (the phantom's organ map, standing in for TotalSegmentator)")
+        print(f"organ ROI: {selection.words()} (the phantom's organ map, standing in for TotalSegmentator)")
     bar = _progress_bar("diffusion")
     try:
         result = analyse(model, case.pet, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
@@ -362,7 +373,7 @@ def _demo(args, out: Path) -> int:
     pred = result.labels > 0
     dsc = metrics.dice(pred, truth)
     found = metrics.match_lesions(pred, case.lesion_labels.voxels, iou_threshold=0.2)
-    heat_dsc, _ = metrics.optimal_dice(result.heatmap.voxels, truth)
+    heat_dsc, _ = metrics.optimal_dice(result.shown_heatmap.voxels, truth)
     extra = {"phantom_seed": args.seed, "ground_truth_lesions": case.lesions,
              **({"organ_roi": {"segmentation": f"{DEMO_FILES[3]}: {case.organs.source}", **selection.as_parameters()}}
                 if roi is not None else {}),
@@ -373,7 +384,7 @@ def _demo(args, out: Path) -> int:
         DEMO_FILES[1]: lambda p: write_segmentation(case.lesion_labels.voxels, case.pet, p,
                                                               names=[f"True lesion {l['id']} ({l['site']})" for l in case.lesions]),
         DEMO_FILES[2]: lambda p: overview_png(
-            p, case.pet.voxels, cf, result.heatmap.voxels, result.labels, case.lesion_labels.voxels,
+            p, case.pet.voxels, cf, result.shown_heatmap.voxels, result.labels, case.lesion_labels.voxels,
             title=f"{model.card['id']} | phantom seed {args.seed} | Dice {dsc:.2f} | {NOT_FOR_CLINICAL_USE_SHORT}",
             vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0])),
         DEMO_FILES[3]: lambda p: write_volume(case.organs.volume, p),
@@ -409,6 +420,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(2, f"error: {self.prog}: {_one_line(message)}\n")
+
+
+def _listed(values) -> str:
+    """A default axis as the command line takes it: "0,0.1,0.25" (no trailing .0)."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,24 +501,25 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--phantoms", type=number_from_text, default=3)
     sw.add_argument("--seed", type=number_from_text, default=800_000,
                     help="first tuning phantom seed (never a training, validation or evaluation seed)")
-    sw.add_argument("--noise-levels", default=None, help="comma-separated noise levels (default 200,300,400,500)")
-    sw.add_argument("--guidance-scales", default=None, help="comma-separated guidance scales (default 0,1,3,5)")
+    sw.add_argument("--noise-levels", default=None, help=f"comma-separated noise levels (default {_listed(evaluation.SWEEP_NOISE_LEVELS)})")
+    sw.add_argument("--guidance-scales", default=None, help=f"comma-separated guidance scales (default {_listed(evaluation.SWEEP_GUIDANCE_SCALES)})")
     sw.add_argument("--whole-volume", action="store_true",
                     help="run the model once per phantom at the card's defaults and grid the thresholding and organ "
-                         "exclusion; best = highest lesion sensitivity with at most 1 false candidate per volume")
+                         "exclusion; best = highest lesion sensitivity with at most "
+                         f"{evaluation.MAX_FALSE_PER_VOLUME:g} false candidate per volume")
     sw.add_argument("--threshold-methods", default=None, metavar="LIST",
-                    help="--whole-volume: threshold rules, comma-separated (default fraction,absolute)")
+                    help=f"--whole-volume: threshold rules, comma-separated (default {_listed(evaluation.SWEEP_THRESHOLD_METHODS)})")
     sw.add_argument("--fractions", default=None, metavar="LIST",
-                    help="--whole-volume: fractions of the heat map's maximum (default 0.1,0.15,...,0.95)")
+                    help=f"--whole-volume: fractions of the heat map's maximum (default {_listed(evaluation.FROC_FRACTIONS)})")
     sw.add_argument("--absolute-values", default=None, metavar="LIST",
-                    help="--whole-volume: absolute thresholds in heat-map units (default 0.25,0.5,...,10)")
+                    help=f"--whole-volume: absolute thresholds in heat-map units (default {_listed(evaluation.FROC_ABSOLUTE)})")
     sw.add_argument("--min-sizes-ml", default=None, metavar="LIST",
-                    help="--whole-volume: minimum lesion sizes in ml (default 0,0.1,0.25,0.5,1)")
+                    help=f"--whole-volume: minimum lesion sizes in ml (default {_listed(evaluation.SWEEP_MIN_SIZES_ML)})")
     sw.add_argument("--organ-excludes", default=None, metavar="SETS",
                     help="--whole-volume: organ exclusion sets separated by ';', each comma-separated names or groups, "
-                         "'none' for no exclusion (default: none;physiological-uptake)")
+                         f"'none' for no exclusion (default: {';'.join(evaluation.SWEEP_ORGAN_EXCLUDES)})")
     sw.add_argument("--margins-mm", default=None, metavar="LIST",
-                    help="--whole-volume: margins (mm) around the excluded organs (default 0,5,10)")
+                    help=f"--whole-volume: margins (mm) around the excluded organs (default {_listed(evaluation.SWEEP_MARGINS_MM)})")
     sw.add_argument("--out", required=True)
     sw.add_argument("--write-defaults", default=None, metavar="NEW.safetensors",
                     help="also write a copy of the checkpoint with the sweep's best defaults (noise level, guidance "

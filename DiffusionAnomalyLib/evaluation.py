@@ -69,6 +69,10 @@ SUGGESTED_TUNING_SEED = 810_000
 SWEEP_MIN_SIZES_ML: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)
 SWEEP_ORGAN_EXCLUDES: tuple[str, ...] = ("none", "physiological-uptake")
 SWEEP_MARGINS_MM: tuple[float, ...] = (0.0, 5.0, 10.0)
+SWEEP_THRESHOLD_METHODS: tuple[str, ...] = ("fraction", "absolute")
+#: Default axes of the noise level / guidance scale sweep (:func:`sweep`).
+SWEEP_NOISE_LEVELS: tuple[int, ...] = (200, 300, 400, 500)
+SWEEP_GUIDANCE_SCALES: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0)
 
 
 def _slice_metrics(score: np.ndarray, truth: np.ndarray, binary: np.ndarray | None = None) -> dict[str, Any]:
@@ -610,7 +614,7 @@ def _organ_sets(values: Any) -> list[tuple[str, ...]]:
     return sets
 
 
-def whole_volume_grid(methods: Any = ("fraction", "absolute"), fractions: Any = FROC_FRACTIONS,
+def whole_volume_grid(methods: Any = SWEEP_THRESHOLD_METHODS, fractions: Any = FROC_FRACTIONS,
                       absolute_values: Any = FROC_ABSOLUTE, min_sizes_ml: Any = SWEEP_MIN_SIZES_ML,
                       organ_excludes: Any = SWEEP_ORGAN_EXCLUDES, margins_mm: Any = SWEEP_MARGINS_MM) -> dict[str, Any]:
     """The checked axes of a whole-volume sweep (lists, or the CLI's text: comma-separated, organ sets ';'-separated).

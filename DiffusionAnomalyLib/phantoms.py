@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .roi import OrganLabels, class_map
+from .roi import OrganLabels, class_map, label_dtype
 from .volume import Volume, ijk_to_ras_matrix
 
 #: default grid: 192 x 192 x 240 voxels of 2 x 2 x 3 mm (384 x 384 x 720 mm, head to pelvis)
@@ -298,7 +298,7 @@ def make_phantom(
         raise ValueError("n_lesions must be >= 0")
     rng = np.random.default_rng(seed)
     names = class_map()
-    organ_dtype = np.uint8 if max(names) <= np.iinfo(np.uint8).max else np.uint16
+    organ_dtype = label_dtype(names)
     cv = _Canvas(shape_ijk, spacing, organ_dtype=organ_dtype)
     ct_cv = _ct_canvas(cv, ct_spacing, ct_fov_mm, ct_center_mm, ct_top_mm, organ_dtype) if ct else None
     scene = _Scene(cv, ct_cv, {name: i for i, name in names.items()})

@@ -157,18 +157,20 @@ def summary(result: CaseResult, extra: dict[str, Any] | None = None) -> dict[str
 
 def write_outputs(result: CaseResult, out_dir: str | Path,
                   extra_summary: dict[str, Any] | None = None, write_counterfactual: bool = True,
-                  extra_files: dict[str, Callable[[Path], Any]] | None = None) -> dict[str, Path]:
+                  extra_files: dict[str, Callable[[Path], Any]] | None = None,
+                  replaces: tuple[str, ...] = ()) -> dict[str, Path]:
     """Write heatmap.nrrd, counterfactual.nrrd, lesions.seg.nrrd, lesions.csv, summary.json (+ ``extra_files``).
 
     The folder is held for the writing (:func:`.files.output_folder`: created if missing, locked
     against a second run, removed again if this call created it and fails) and the files are
     written into a hidden staging folder (:func:`.files.staged`) and moved into ``out_dir`` only
     when all of them succeeded, so a failure leaves no partial set; a counterfactual of an
-    earlier run is removed when this set has none, so the folder always holds one run's set.
+    earlier run is removed when this set has none, so the folder always holds one run's set
+    (``replaces``: more files of such a set, e.g. ``run --ct``'s organ segmentation).
     """
     with output_folder(out_dir, outputs=(*RESULT_FILES, *(extra_files or {}))) as out:
         try:
-            with staged(out, replaces=RESULT_FILES) as stage:
+            with staged(out, replaces=(*RESULT_FILES, *replaces)) as stage:
                 write_volume(result.shown_heatmap, stage / "heatmap.nrrd")
                 if write_counterfactual and result.counterfactual is not None:
                     write_volume(result.counterfactual, stage / "counterfactual.nrrd")

@@ -232,8 +232,9 @@ def inside_roi(heat: np.ndarray, roi: np.ndarray | None) -> np.ndarray:
     """The anomaly map inside an organ ROI, 0 outside: the map that is shown and thresholded.
 
     A hot spot the reader has excluded (bladder, brain) then neither shows nor sets the scale of a
-    "fraction of the maximum" threshold; Otsu, which ignores zeros, splits the ROI's values (as
-    METHODS.md section 4 does for maps pasted into organ patches). Without a ROI: the map itself.
+    "fraction of the maximum" threshold; Otsu, which ignores zeros, splits the ROI's values. This
+    deliberately differs from METHODS.md section 4, which thresholds the whole map before keeping
+    the organ mask (there the map is only non-zero in the organ patches anyway). Without a ROI: the map.
     """
     if roi is None:
         return heat
@@ -261,8 +262,9 @@ def segment(
 ) -> np.ndarray:
     """Lesion label image (int32, 0 = background, 1..n) on the anomaly map's exact grid.
 
-    Steps, in the order of METHODS.md section 4: threshold (:func:`threshold_value` of the map
-    inside ``roi`` (non-zero = inside), :func:`inside_roi`; strictly above); keep voxels inside ``roi``; if ``opening``, morphological opening,
+    Steps, in the order of METHODS.md section 4 except that the threshold is of the map inside
+    ``roi`` (non-zero = inside; :func:`inside_roi` says why): threshold (:func:`threshold_value`,
+    strictly above); keep voxels inside ``roi``; if ``opening``, morphological opening,
     then closing (6-connected 3x3x3 cross, one voxel radius; outside the volume is background),
     then 3D hole filling, then the ROI is re-applied so a lesion never leaves it; connected
     components (``connectivity`` 6, 18 or 26 neighbours); drop components below ``min_size_voxels``
@@ -291,6 +293,7 @@ def segment(
         roi_arr = _as_voxels(roi, "the ROI mask")
         _check_same_shape(anomaly_map=arr, roi=roi_arr)
         roi_mask = roi_arr != 0
+        _check_finite(arr, "the anomaly map")  # the whole map: a NaN outside the ROI is still a broken map
         arr = inside_roi(arr, roi_mask)
 
     threshold = threshold_value(arr, method, value)  # also rejects NaN / inf

@@ -78,7 +78,7 @@ def report_html(case: CaseResult, title: str = "DiffusionAnomaly report",
     ``parameters``: what the caller adds to the case's own parameter record (e.g. the ROI);
     ``extra``: more lines for the input section.
     """
-    image, heatmap, labels, table, card = case.volume, case.heatmap, case.labels, case.table, case.card
+    image, heatmap, labels, table, card = case.volume, case.shown_heatmap, case.labels, case.table, case.card
     if labels is None or labels.shape != image.voxels.shape or not image.same_geometry(heatmap, atol=1e-4):
         raise ValueError("the report needs the image, heat map and labels on one grid.")
     png = key_slice_png(image, heatmap, labels, case.counterfactual,

@@ -49,8 +49,10 @@ __all__ = [
     "ORGAN_GROUPS",
     "OrganLabels",
     "OrganSelection",
+    "check_overlap",
     "class_map",
     "dilate_mm",
+    "label_dtype",
     "organ_names",
     "read_organ_labels",
     "roi_mask",
@@ -181,10 +183,10 @@ class OrganLabels:
         """
         if self.volume.same_geometry(grid):
             return self
-        _check_boxes_overlap(self, grid)
+        check_overlap(self.volume, grid, _segmentation_words(self))
         carried = resample_to(self.volume, grid, "nearest")
         if not carried.voxels.any():
-            raise VolumeError(_no_overlap_sentence(self, grid))
+            raise VolumeError(_no_overlap_sentence(self.volume, grid, _segmentation_words(self)))
         return OrganLabels(volume=carried, names=dict(self.names), source=self.source, ignored=self.ignored)
 
 
@@ -201,18 +203,24 @@ def _box_words(box: np.ndarray) -> str:
     return ", ".join(f"{axis} {lo:.0f} to {hi:.0f}" for axis, lo, hi in zip("RAS", box[0], box[1]))
 
 
-def _no_overlap_sentence(labels: OrganLabels, grid: Volume) -> str:
-    return (f"the organ segmentation{' ' + labels.source if labels.source else ''} does not overlap the input volume "
-            f"(segmentation {_box_words(_ras_box(labels.volume))} mm, input {_box_words(_ras_box(grid))} mm RAS); "
-            "give the segmentation of this patient's CT from the same study, whose frame of reference the input "
-            "shares.")
+def _no_overlap_sentence(volume: Volume, grid: Volume, what: str) -> str:
+    return (f"{what} does not overlap the input volume (it covers {_box_words(_ras_box(volume))} mm, "
+            f"the input {_box_words(_ras_box(grid))} mm RAS); give the segmentation of this patient's CT from the "
+            "same study, whose frame of reference the input shares.")
 
 
-def _check_boxes_overlap(labels: OrganLabels, grid: Volume) -> None:
-    """Cheap refusal before resampling when the two grids' RAS bounding boxes are disjoint."""
-    a, b = _ras_box(labels.volume), _ras_box(grid)
+def _segmentation_words(labels: OrganLabels) -> str:
+    return f"the organ segmentation{' ' + labels.source if labels.source else ''}"
+
+
+def check_overlap(volume: Volume, grid: Volume, what: str = "the organ segmentation") -> None:
+    """Refuse ``volume`` (a segmentation, or the CT it will come from) whose RAS box misses ``grid``'s.
+
+    Cheap (voxel corners only), so ``run --ct`` refuses a CT of another study before TotalSegmentator runs.
+    """
+    a, b = _ras_box(volume), _ras_box(grid)
     if np.any(a[1] < b[0]) or np.any(b[1] < a[0]):
-        raise VolumeError(_no_overlap_sentence(labels, grid))
+        raise VolumeError(_no_overlap_sentence(volume, grid, what))
 
 
 # =============================================================================================
@@ -260,7 +268,7 @@ def _read_label_file(path: Path, names: dict[int, str]) -> OrganLabels:
         raise VolumeError(_empty_sentence(path))
     if stem in names.values() and set(ids.tolist()) <= {1}:  # one file of the per-structure output
         one = {v: k for k, v in names.items()}[stem]
-        voxels = np.where(volume.voxels != 0, one, 0).astype(_label_dtype(names))
+        voxels = np.where(volume.voxels != 0, one, 0).astype(label_dtype(names))
         return OrganLabels(volume.with_voxels(voxels), names, str(path))
     unknown = sorted(set(ids.tolist()) - set(names))
     if unknown:
@@ -281,7 +289,8 @@ def _nonempty(labels: OrganLabels) -> OrganLabels:
     return labels
 
 
-def _label_dtype(names: Mapping[int, str]):
+def label_dtype(names: Mapping[int, str]):
+    """The smallest unsigned integer type holding every id of ``names`` (uint8, else uint16)."""
     return np.uint8 if max(names, default=0) <= np.iinfo(np.uint8).max else np.uint16
 
 
@@ -313,7 +322,7 @@ def _read_folder(folder: Path, names: dict[int, str]) -> OrganLabels:
         part = read_volume(files[i], validate=False)
         if reference is None:
             reference = part
-            voxels = np.zeros(part.voxels.shape, dtype=_label_dtype(names))
+            voxels = np.zeros(part.voxels.shape, dtype=label_dtype(names))
         elif not part.same_geometry(reference):
             part = resample_to(part, reference, "nearest")
         voxels[part.voxels != 0] = i
@@ -364,7 +373,7 @@ def _read_seg_nrrd(path: Path, names: dict[int, str]) -> OrganLabels:
             "use the segmentation the TotalSegmentator extension made, or name the segments as TotalSegmentator does "
             "(spleen, kidney_left, ...).")
     spatial = segmentation["voxels"].shape[-3:]  # slicerio: [layer,] i, j, k
-    voxels = np.zeros(spatial, dtype=_label_dtype(names))
+    voxels = np.zeros(spatial, dtype=label_dtype(names))
     for i in sorted(found):
         for segment in found[i]:
             voxels[slicerio.segment_mask(segmentation, segment)] = i
@@ -523,6 +532,15 @@ class OrganSelection:
         if not self.include:
             return None
         return roi_mask(labels, self.include, None, self.margin_mm, grid=grid)
+
+    def words(self) -> str:
+        """'including liver; excluding physiological-uptake; 5 mm margin': the choice as a reader says it."""
+        parts = [f"including {', '.join(self.include)}" if self.include else "the whole volume"]
+        if self.exclude:
+            parts.append(f"excluding {', '.join(self.exclude)}")
+        if self.margin_mm and (self.include or self.exclude):
+            parts.append(f"{self.margin_mm:g} mm margin")
+        return "; ".join(parts)
 
     def as_parameters(self) -> dict:
         """The parameter record written into summaries, reports and evaluation results."""

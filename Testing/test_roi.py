@@ -338,7 +338,7 @@ def test_margin_is_physical_on_anisotropic_and_oblique_grids(spacing, direction)
 # =============================================================================================
 def test_segmentation_that_does_not_overlap_the_input_is_refused(labels, ct):
     far = pet_grid(ct, (4.0, 4.0, 4.0), (100.0, 100.0, 100.0), centre_shift_mm=(0.0, 0.0, 900.0))
-    with pytest.raises(VolumeError, match=r"does not overlap the input volume \(segmentation R .* mm RAS\); give the "
+    with pytest.raises(VolumeError, match=r"does not overlap the input volume \(it covers R .* mm, the input R .* mm RAS\); give the "
                                           r"segmentation of this patient's CT"):
         labels.on_grid(far)
     # boxes overlap, but only background lands on the grid (a corner of air)

@@ -146,8 +146,25 @@ def test_run_ct_offline_is_one_sentence_and_writes_nothing(case, tiny_checkpoint
     monkeypatch.setenv("FAKE_TS_MODE", "offline")
     out = case["tmp"] / "offline"
     line = run_refused(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", case["pet"], "--out", out,
-                       "--ct", fake_totalsegmentator["ct"], watch=(case["pet"], fake_totalsegmentator["ct"], out))
+                       "--ct", fake_totalsegmentator["ct"], "--roi-exclude", "liver",
+                       watch=(case["pet"], fake_totalsegmentator["ct"], out))
     assert "weights (task 291)" in line and "existing TotalSegmentator segmentation instead" in line, line
+
+
+def test_run_ct_refusals_come_before_totalsegmentator_runs(case, tiny_checkpoint, fake_totalsegmentator, tmp_path,
+                                                           capsys):
+    ct = read_volume(fake_totalsegmentator["ct"])
+    moved = ct.ijk_to_ras.copy()
+    moved[0, 3] += 900.0  # 90 cm to the patient's left: another frame of reference
+    elsewhere = write_volume(Volume(ct.voxels, moved, modality="CT", units="HU"), tmp_path / "other_study_ct.nii.gz")
+    out = case["tmp"] / "refused-ct"
+    common = ("run", "--checkpoint", tiny_checkpoint, "--input", case["pet"], "--out", out)
+    for extra, words in ((["--ct", fake_totalsegmentator["ct"]], "the organ ROI would be the whole volume"),
+                         (["--ct", elsewhere, "--roi-include", "liver"], "the CT .* does not overlap the input volume"),
+                         (["--totalseg-fast"], "--totalseg-fast only apply with --ct")):
+        line = run_refused(capsys, *common, *extra, watch=(case["pet"], fake_totalsegmentator["ct"], out))
+        assert re.search(words, line), line
+    assert not fake_totalsegmentator["args"].exists()  # TotalSegmentator never started
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -281,6 +281,20 @@ def test_organs_outside_the_computed_region_need_apply(env, organ_run):
         logic.updateLesions(params)
 
 
+def test_a_case_rebuilt_from_the_scene_covers_only_where_its_heat_map_was_shown(env, organ_run, tmp_path):
+    """A logic that finds the case in the scene (another session, another input chosen meanwhile) knows its heat
+    map node holds the map inside the old ROI only: widening the ROI asks for Apply instead of finding nothing."""
+    logic2 = DiffusionAnomaly.DiffusionAnomalyLogic(env.scene, settingsPath=str(tmp_path / "s.json"))
+    params2 = logic2.getParameterNode()
+    # the ROI widened (the bladder too) before this logic first rebuilds the case from the scene
+    choose_organs(params2, env.segNode, include="liver,urinary_bladder", exclude="none", margin="10")
+    before = node_state(env.scene)
+    with pytest.raises(ValueError, match="press Apply"):
+        logic2.updateLesions(params2)
+    assert node_state(env.scene) == before
+    logic2.cleanup()
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 def far_away(env):
     """The organs 2 m away from the input (another patient's frame of reference)."""
@@ -453,9 +467,9 @@ class _FakeExtensionLogic:
     def setupPythonRequirements(self, upgrade=False):
         self.logCallback("TotalSegmentator Python package is up-to-date")
 
-    def process(self, inputVolume, outputSegmentation, quality=None, cpu=False, task=None, subset=None,
+    def process(self, inputVolume, outputSegmentation, fast=True, cpu=False, task=None, subset=None,
                 interactive=False, sequenceBrowserNode=None):
-        assert (quality, cpu, task) == ("normal", True, "total")
+        assert (fast, cpu, task) == (False, True, "total")  # a bool: every release's third argument takes one
         self.logCallback("Processing started")
         if self.mode == "fail":
             raise subprocess.CalledProcessError(1, ["PythonSlicer", "TotalSegmentator"])

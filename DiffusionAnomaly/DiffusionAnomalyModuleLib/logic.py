@@ -262,12 +262,7 @@ class DiffusionAnomalyLogic:
             roi = self.organROIs.roi(segmentationNode, selection, volumeFromNode(inputNode))
         except ValueError as exc:
             return str(exc)
-        parts = [f"{segmentationNode.GetName()}: {len(roi.organs)} structures on the input"]
-        parts.append(f"include {', '.join(selection.include)}" if selection.include else "whole volume")
-        if selection.exclude:
-            parts.append(f"exclude {', '.join(selection.exclude)}")
-        if selection.margin_mm:
-            parts.append(f"margin {selection.margin_mm:g} mm")
+        parts = [f"{segmentationNode.GetName()}: {len(roi.organs)} structures on the input", selection.words()]
         if roi.mask is not None:
             parts.append(f"ROI {100.0 * roi.mask.mean():.0f} % of the input")
         return "; ".join(parts) + "."
@@ -342,8 +337,9 @@ class DiffusionAnomalyLogic:
             if case is None:
                 raise ValueError("run the analysis first (there is no heat map for this input yet).")
             roi = self.caseROI(parameterNode, params, case.card, case.volume)
-            # a heat map saved inside an organ ROI holds the map there only: the scene's ROI is its region
-            region = roi.mask if outputs.heatShownInsideROI(self.scene, inputNode) else None
+            # a heat map saved inside an organ ROI holds the map there only (0 outside): that is all it covers,
+            # whatever the ROI chosen since
+            region = case.heatmap.voxels != 0 if outputs.heatShownInsideROI(self.scene, inputNode) else None
             self.case, self.caseRunKey, self.caseInputNodeID, self.caseRegion = case, None, inputNode.GetID(), region
         case = self.case
         roi = self.caseROI(parameterNode, params, case.card, case.volume)

@@ -36,8 +36,8 @@ import slicer
 
 from DiffusionAnomalyLib.errors import user_sentence
 from DiffusionAnomalyLib.progress import Cancelled
-from DiffusionAnomalyLib.roi import (ORGAN_GROUPS, OrganLabels, OrganSelection, class_map, read_organ_labels,
-                                     segment_organ_name)
+from DiffusionAnomalyLib.roi import (ORGAN_GROUPS, OrganLabels, OrganSelection, class_map, label_dtype,
+                                     read_organ_labels, segment_organ_name)
 from DiffusionAnomalyLib.totalsegmentator import (TotalSegmentatorError, check_ct, environment_program,
                                                   run_totalsegmentator)
 from DiffusionAnomalyLib.volume import Volume, VolumeError, validate_volume, write_volume
@@ -102,7 +102,7 @@ def organLabels(segmentationNode) -> OrganLabels:
     if merged is None or not merged.voxels.any():
         raise VolumeError(f"the segments of the segmentation {source} are empty (no voxel is labelled); choose "
                           "the segmentation TotalSegmentator made of this patient's CT.")
-    dtype = np.uint8 if max(names) <= np.iinfo(np.uint8).max else np.uint16
+    dtype = label_dtype(names)
     return OrganLabels(merged.with_voxels(merged.voxels.astype(dtype)), dict(names), source, tuple(ignored))
 
 
@@ -319,7 +319,8 @@ class OrganRun:
             logic.setupPythonRequirements()  # its own installer (nothing to do once the extension was used)
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                 self.scene.GenerateUniqueName(ORGANS_NAME.format(self.ctNode.GetName())))
-            logic.process(self.ctNode, node, "fast" if self.fast else "normal", self.device == "cpu", "total")
+            # a bool: older releases take fast=True/False, newer map True/False to their "fast"/"normal" quality
+            logic.process(self.ctNode, node, bool(self.fast), self.device == "cpu", "total")
             organLabels(node)  # its segments carry TotalSegmentator names (else the sentence, and no node)
         except Exception as exc:  # noqa: BLE001 - the extension raises assorted types
             if node is not None:

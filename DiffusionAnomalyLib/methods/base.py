@@ -63,10 +63,10 @@ def region_slices(region: np.ndarray | Volume | None, volume: Volume, grid: Mode
     """Indices of the model slices a run must compute for ``region`` (non-zero voxels, ``[k, j, i]`` on
     ``volume``'s grid); every slice when ``region`` is None.
 
-    The region's physical extent along the body axis (its voxel box, corners included, so oblique
-    grids are covered), plus one model slice on each side: the heat map goes back to the input grid
-    by linear interpolation between model slices, so a region voxel needs both neighbours. A region
-    with no voxel is refused.
+    The model slices on and around the region's physical extent along the body axis (its voxel
+    box, corners included, so oblique grids are covered): the heat map goes back to the input grid
+    by linear interpolation between model slices, so a region voxel needs the slice below and the
+    slice above it. A region with no voxel is refused.
     """
     n = int(grid.size[2])
     if region is None:
@@ -81,8 +81,8 @@ def region_slices(region: np.ndarray | Volume | None, volume: Volume, grid: Mode
     (k0, k1), (j0, j1), (i0, i1) = ((b.start - 0.5, b.stop - 0.5) for b in box)
     corners = np.array([[i, j, k] for i in (i0, i1) for j in (j0, j1) for k in (k0, k1)], dtype=np.float64)
     s = volume.ijk_to_ras_points(corners)[:, 2]  # RAS S = LPS z, the model grid's slice axis
-    first = int(np.floor((s.min() - grid.origin[2]) / grid.spacing[2])) - 1
-    last = int(np.ceil((s.max() - grid.origin[2]) / grid.spacing[2])) + 1
+    first = int(np.floor((s.min() - grid.origin[2]) / grid.spacing[2]))
+    last = int(np.ceil((s.max() - grid.origin[2]) / grid.spacing[2]))
     return np.arange(max(first, 0), min(last, n - 1) + 1)
 
 
