@@ -200,9 +200,7 @@ def detection_points(score: Volume, lesions: CaseLesions, roi: np.ndarray | None
     lowest = min((t for t in thresholds if t > 0), default=None)  # 0: the map is 0 inside the ROI, nothing above it
     box = None if lowest is None else bounding_box(shown.voxels > lowest)
     if box is not None:
-        corner = score.ijk_to_ras_points([[s.start for s in box][::-1]])[0]
-        crop = Volume(shown.voxels[box], np.vstack([np.column_stack([score.ijk_to_ras[:3, :3], corner]),
-                                                    [0.0, 0.0, 0.0, 1.0]]))
+        crop = shown.crop(box)
         truth = lesions.labels[box]
     voxel_ml = voxel_volume_ml(score.ijk_to_ras)
     n_lesions = len(lesions.areas)

@@ -190,22 +190,13 @@ class OrganLabels:
         return OrganLabels(volume=carried, names=dict(self.names), source=self.source, ignored=self.ignored)
 
 
-def _ras_box(volume: Volume) -> np.ndarray:
-    """(2, 3) RAS min/max over the grid's voxel corners (half a voxel beyond the centres)."""
-    shape = np.array(volume.shape_ijk, dtype=np.float64)
-    corners = np.array([[a, b, c] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5)
-                        for c in (-0.5, shape[2] - 0.5)])
-    ras = volume.ijk_to_ras_points(corners)
-    return np.stack([ras.min(axis=0), ras.max(axis=0)])
-
-
 def _box_words(box: np.ndarray) -> str:
     return ", ".join(f"{axis} {lo:.0f} to {hi:.0f}" for axis, lo, hi in zip("RAS", box[0], box[1]))
 
 
 def _no_overlap_sentence(volume: Volume, grid: Volume, what: str) -> str:
-    return (f"{what} does not overlap the input volume (it covers {_box_words(_ras_box(volume))} mm, "
-            f"the input {_box_words(_ras_box(grid))} mm RAS); give the segmentation of this patient's CT from the "
+    return (f"{what} does not overlap the input volume (it covers {_box_words(volume.ras_box())} mm, "
+            f"the input {_box_words(grid.ras_box())} mm RAS); give the segmentation of this patient's CT from the "
             "same study, whose frame of reference the input shares.")
 
 
@@ -218,7 +209,7 @@ def check_overlap(volume: Volume, grid: Volume, what: str = "the organ segmentat
 
     Cheap (voxel corners only), so ``run --ct`` refuses a CT of another study before TotalSegmentator runs.
     """
-    a, b = _ras_box(volume), _ras_box(grid)
+    a, b = volume.ras_box(), grid.ras_box()
     if np.any(a[1] < b[0]) or np.any(b[1] < a[0]):
         raise VolumeError(_no_overlap_sentence(volume, grid, what))
 

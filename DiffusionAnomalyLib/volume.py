@@ -152,6 +152,22 @@ class Volume:
             raise VolumeError(f"voxel array shape {voxels.shape} does not match grid {self.voxels.shape}.")
         return replace(self, voxels=voxels, ijk_to_ras=self.ijk_to_ras.copy(), meta=dict(self.meta), **changes)
 
+    def ras_box(self, box: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+        """(2, 3) RAS min / max over the voxel corners (half a voxel beyond the centres) of the grid, or of
+        ``box`` (``[k, j, i]`` slices with start and stop, as :func:`.postprocessing.bounding_box` gives)."""
+        if box is None:
+            box = tuple(slice(0, n) for n in self.voxels.shape[:3])
+        (k0, k1), (j0, j1), (i0, i1) = ((b.start - 0.5, b.stop - 0.5) for b in box)
+        ras = self.ijk_to_ras_points([[i, j, k] for i in (i0, i1) for j in (j0, j1) for k in (k0, k1)])
+        return np.stack([ras.min(axis=0), ras.max(axis=0)])
+
+    def crop(self, box: tuple[slice, slice, slice]) -> "Volume":
+        """The sub-volume ``box`` (``[k, j, i]`` slices) with its own IJK->RAS: it overlays this volume exactly."""
+        start = [b.start or 0 for b in box][::-1]  # i, j, k
+        m = self.ijk_to_ras.copy()
+        m[:3, 3] = self.ijk_to_ras_points([start])[0]
+        return replace(self, voxels=self.voxels[box], ijk_to_ras=m, meta=dict(self.meta))
+
     def ijk_to_ras_points(self, ijk: np.ndarray) -> np.ndarray:
         """Map (N, 3) continuous indices (i, j, k) to (N, 3) RAS points."""
         ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))

@@ -850,3 +850,19 @@ def test_detached_nrrd_without_its_data_file_names_the_data_file(tmp_path):
     words = f"its data file {tmp_path / 'v.raw.gz'} is missing or cannot be opened."
     with pytest.raises(VolumeError, match=re.escape(words)):
         read_volume(path)
+
+
+def test_crop_overlays_and_ras_box_bounds_the_voxel_corners():
+    from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix
+
+    direction = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # axes ordered otherwise
+    vol = Volume(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6),
+                 ijk_to_ras_matrix((2.0, 3.0, 4.0), (10.0, -20.0, 30.0), direction))
+    box = (slice(1, 3), slice(2, 5), slice(0, 4))
+    crop = vol.crop(box)
+    assert np.array_equal(crop.voxels, vol.voxels[box])
+    np.testing.assert_allclose(crop.ijk_to_ras_points([[1, 2, 1]]), vol.ijk_to_ras_points([[1, 4, 2]]))
+    full = vol.ras_box()
+    centres = vol.ijk_to_ras_points([[i, j, k] for i in (0, 5) for j in (0, 4) for k in (0, 3)])
+    np.testing.assert_allclose(full, [centres.min(0) - [4 / 2, 2 / 2, 3 / 2], centres.max(0) + [2, 1, 1.5]])
+    np.testing.assert_allclose(crop.ras_box(), vol.ras_box(box))

@@ -78,11 +78,9 @@ def region_slices(region: np.ndarray | Volume | None, volume: Volume, grid: Mode
     box = bounding_box(arr != 0)
     if box is None:
         raise ValueError("the region to analyse is empty: choose organs that lie inside the volume.")
-    (k0, k1), (j0, j1), (i0, i1) = ((b.start - 0.5, b.stop - 0.5) for b in box)
-    corners = np.array([[i, j, k] for i in (i0, i1) for j in (j0, j1) for k in (k0, k1)], dtype=np.float64)
-    s = volume.ijk_to_ras_points(corners)[:, 2]  # RAS S = LPS z, the model grid's slice axis
-    first = int(np.floor((s.min() - grid.origin[2]) / grid.spacing[2]))
-    last = int(np.ceil((s.max() - grid.origin[2]) / grid.spacing[2]))
+    s_min, s_max = volume.ras_box(box)[:, 2]  # RAS S = LPS z, the model grid's slice axis
+    first = int(np.floor((s_min - grid.origin[2]) / grid.spacing[2]))
+    last = int(np.ceil((s_max - grid.origin[2]) / grid.spacing[2]))
     return np.arange(max(first, 0), min(last, n - 1) + 1)
 
 
