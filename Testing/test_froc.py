@@ -167,9 +167,8 @@ def test_evaluate_reports_froc_and_operating_points(tmp_path, tiny_model, small_
     roi = default_exclusion(tiny_model.card)[0].mask(small_case.organs, grid=small_case.pet).voxels != 0
     for (method, excluded), curve in curves.items():
         assert len(curve["points"]) == len(FROC_FRACTIONS) + (method == "suv41")  # 0.5 is on the grid, 0.41 not
-        readings = list(curve["sensitivity_at"].values())
-        assert readings == sorted(readings)
         op = curve["operating_point"]
+        assert op["found"] + op["false_positives"] > 0, (method, excluded)  # candidates to compare, not 0 == 0
         assert sum(b["lesions"] for b in op["by_size"]) == op["lesions"] == len(small_case.lesions)
         assert sum(b["found"] for b in op["by_size"]) == op["found"]
         # the operating point is what segment() gives with the card's thresholding (the baseline: 41 % SUVmax)
