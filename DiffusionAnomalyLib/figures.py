@@ -79,6 +79,9 @@ def overview_png(path: str | Path, image: np.ndarray, counterfactual: np.ndarray
 def froc_png(path: str | Path, curves: list[dict], title: str = "", max_fp: float = 8.0) -> Path:
     """Write a FROC figure: lesion sensitivity against false candidates per volume, one line per curve.
 
+    The dots are the thresholds themselves; they need not be monotonic (at IoU >= 0.2 a lower threshold
+    can merge or grow candidates past a lesion). The line is their upper-left envelope: the best
+    sensitivity some threshold reaches with at most x false candidates per volume.
     ``curves``: dicts with ``label``, ``fp`` and ``sensitivity`` (the points, in threshold order),
     ``operating_point`` (fp, sensitivity; a large circle), and optionally ``baseline`` (orange,
     else blue) and ``excluded`` (solid line, else dashed). The x axis runs from 0 to ``max_fp``; an
@@ -93,8 +96,14 @@ def froc_png(path: str | Path, curves: list[dict], title: str = "", max_fp: floa
     off_axis = 0
     for n, curve in enumerate(curves):
         colour = ("tab:orange" if curve["baseline"] else "tab:blue") if "baseline" in curve else f"C{n}"
-        ax.plot(curve["fp"], curve["sensitivity"], "-" if curve.get("excluded") else "--", marker=".",
-                markersize=4, color=colour, label=curve["label"])
+        fp_points, sens_points = np.asarray(curve["fp"], float), np.asarray(curve["sensitivity"], float)
+        order = np.argsort(fp_points, kind="stable")
+        ax.plot(fp_points, sens_points, linestyle="none", marker=".", markersize=4, color=colour, alpha=0.4)
+        envelope_x = np.append(fp_points[order], max(max_fp, fp_points.max(initial=0.0)))
+        envelope_y = np.maximum.accumulate(sens_points[order])
+        if envelope_y.size:
+            ax.plot(envelope_x, np.append(envelope_y, envelope_y[-1:]), "-" if curve.get("excluded") else "--",
+                    drawstyle="steps-post", color=colour, label=curve["label"])
         fp, sens = curve["operating_point"]
         if fp <= max_fp:
             ax.plot([fp], [sens], marker="o", markersize=9, markerfacecolor="none", markeredgewidth=1.8,
