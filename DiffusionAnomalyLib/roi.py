@@ -525,13 +525,13 @@ class OrganSelection:
         return roi_mask(labels, self.include, None, self.margin_mm, grid=grid)
 
     def words(self) -> str:
-        """'including liver; excluding physiological-uptake; 5 mm margin': the choice as a reader says it."""
-        parts = [f"including {', '.join(self.include)}" if self.include else "the whole volume"]
+        """'the whole volume excluding physiological-uptake (5 mm margin)': the choice as a reader says it."""
+        words = f"the organs {', '.join(self.include)}" if self.include else "the whole volume"
         if self.exclude:
-            parts.append(f"excluding {', '.join(self.exclude)}")
+            words += f" excluding {', '.join(self.exclude)}"
         if self.margin_mm and (self.include or self.exclude):
-            parts.append(f"{self.margin_mm:g} mm margin")
-        return "; ".join(parts)
+            words += f" ({self.margin_mm:g} mm margin)"
+        return words
 
     def as_parameters(self) -> dict:
         """The parameter record written into summaries, reports and evaluation results."""

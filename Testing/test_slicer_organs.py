@@ -374,8 +374,9 @@ def small_ct(env):
     env.scene.RemoveNode(node)
 
 
-def test_totalsegmentator_makes_the_organ_segmentation_under_the_input(env, fake_env, small_ct):
+def test_totalsegmentator_makes_the_organ_segmentation_under_the_input(env, fake_env, small_ct, monkeypatch):
     scene, logic, params = env.scene, env.logic, env.params
+    monkeypatch.setenv("FAKE_TS_PAUSE", "0.5")  # ten polls per part: progress seen from the UI thread, not by luck
     seen = []
     logic.organProgressCallback = lambda run: seen.append((run.fraction, run.message))
     params.SetParameter("OrganFast", "true")

@@ -73,6 +73,7 @@ if mode == "sleep":
     time.sleep(600)
 for part in (1, 2):
     print(f"Predicting part {{part}} of 2 ...", flush=True)
+    time.sleep(float(os.environ.get("FAKE_TS_PAUSE", "0")))  # lets a poller see each part
     for percent in (0, 50, 100):
         print(f"{{percent:3d}}%|#####     | {{percent}}/100 [00:01<00:01]", end="\\r", flush=True)
     print()
