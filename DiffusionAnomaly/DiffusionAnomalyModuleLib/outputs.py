@@ -26,7 +26,7 @@ ROLE_ATTRIBUTE = "DiffusionAnomaly.Role"
 INPUT_ATTRIBUTE = "DiffusionAnomaly.InputVolumeID"
 #: node attribute of the heat map: the id of the model that made it
 MODEL_ATTRIBUTE = "DiffusionAnomaly.ModelID"
-#: node attribute of the heat map: "true" when it shows the map inside an organ ROI only (0 outside)
+#: node attribute of the heat map: "true" when it shows the map inside a ROI only (organ ROI or ROI segments; 0 outside)
 INSIDE_ROI_ATTRIBUTE = "DiffusionAnomaly.InsideROI"
 #: output role -> the node name's suffix after the input's name
 OUTPUT_NAMES = {"heatmap": "heat map", "counterfactual": "counterfactual", "segmentation": "lesions",
