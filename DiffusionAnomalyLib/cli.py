@@ -163,11 +163,12 @@ def _organ_selection(args, card) -> OrganSelection | None:
     if args.roi_seg is None and args.ct is None:
         return None
     selection = OrganSelection.from_card(card, args.roi_include, args.roi_exclude, args.roi_margin_mm)
-    organ_names(selection.include), organ_names(selection.exclude)
+    for names in (selection.include, selection.exclude):
+        organ_names(names)  # an unknown name is refused here, with the closest valid ones
     if args.ct is not None and selection.is_whole_volume:
-        raise ValueError("with --ct and no organ named the organ ROI would be the whole volume (this model card has "
-                         "no default exclusion); name organs with --roi-include or --roi-exclude (e.g. "
-                         "physiological-uptake), or leave out --ct.")
+        raise ValueError("with --ct and no organ included or excluded (the model card has no default exclusion, or "
+                         "--roi-exclude none) the organ ROI would be the whole volume; name organs with --roi-include "
+                         "or --roi-exclude (e.g. physiological-uptake), or leave out --ct.")
     return selection
 
 
