@@ -21,13 +21,14 @@ from typing import Any, Literal, Union
 FORMAT = "diffusion-anomaly-checkpoint"
 FORMAT_VERSION = 1
 KNOWN_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
-METHODS = ("igconda", "classifier_guided", "cdm", "latent3d")
+METHODS = ("igconda", "classifier_guided", "cdm", "latent3d", "classifier")
 MODALITIES = ("PT", "CT")
 #: DICOM modality code -> the word a user reads
 MODALITY_NAMES = {"PT": "PET", "CT": "CT"}
 #: method name in a card -> the title a user reads
 METHOD_TITLES = {"igconda": "IgCONDA-PET (implicit guidance)", "classifier_guided": "classifier-guided DDIM/DDPM",
-                 "cdm": "conditional diffusion (CDM)", "latent3d": "3D latent diffusion"}
+                 "cdm": "conditional diffusion (CDM)", "latent3d": "3D latent diffusion",
+                 "classifier": "noise-conditioned classifier (healthy vs unhealthy)"}
 
 #: The notice every report, figure, summary and the Slicer panel carry.
 NOT_FOR_CLINICAL_USE = ("Research software. Not for clinical use: results come from an experimental model and "
@@ -241,8 +242,13 @@ UNET_ARGS = frozenset({
 #: the UNet arguments every card states (the card is the only source of the architecture)
 UNET_REQUIRED = ("spatial_dims", "in_channels", "out_channels", "channels", "attention_levels", "num_res_blocks",
                  "norm_num_groups", "num_head_channels", "with_conditioning")
+#: DiffusionModelEncoder arguments a classifier card may set: the UNet's, without class conditioning (the
+#: classifier sees only x_t and t) and without input_shape (that is preprocessing.in_plane_size)
+ENCODER_ARGS = UNET_ARGS - {"with_conditioning", "cross_attention_dim", "num_class_embeds", "dropout_cattn"}
+ENCODER_REQUIRED = ("spatial_dims", "in_channels", "out_channels", "channels", "attention_levels", "num_res_blocks",
+                    "norm_num_groups", "num_head_channels")
 #: methods whose network sees 2D axial slices of one channel
-SLICE_METHODS = ("igconda", "classifier_guided", "cdm")
+SLICE_METHODS = ("igconda", "classifier_guided", "cdm", "classifier")
 SCHEDULER_KEYS = ("num_train_timesteps", "schedule", "beta_start", "beta_end")
 #: provenance entries holding a [start, stop) range of phantom seeds (evaluation refuses overlaps)
 SEED_RANGE_KEYS = ("train_seeds", "val_seeds", "tuning_seeds", "threshold_tuning_seeds")
@@ -258,6 +264,9 @@ MAX_IN_PLANE = 1024
 SPACING_RANGE_MM = (0.1, 100.0)
 MAX_BATCH_SIZE = 4096
 MAX_ID_LENGTH = 200
+MAX_ACCURACY_BANDS = 100
+#: the classes a classifier card names (its logits, in the order of their numbers)
+CLASSIFIER_LABELS = ("healthy", "unhealthy")
 #: bound of intensity.scale and |intensity.offset| (input units: SUV, HU or Bq/ml)
 INTENSITY_LIMIT = 1e7
 
@@ -310,64 +319,100 @@ def _check_id(card: dict[str, Any]) -> None:
                          f"on one line, got {shown(value)}.")
 
 
+def _check_backbone(args: dict[str, Any], path: str, method: str, allowed: frozenset[str],
+                    required: tuple[str, ...], what: str) -> list[int]:
+    """The arguments a DiffusionModelUNet and a DiffusionModelEncoder share; returns the channels per level."""
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ValueError(f"{_CARD}{path} must hold only {what} arguments "
+                         f"({', '.join(sorted(allowed))}), got unknown {', '.join(unknown)}.")
+    for key in required:
+        _entry(args, key, f"{path}.{key}")
+    dims = (2,) if method in SLICE_METHODS else (2, 3)
+    if not _is_whole(args["spatial_dims"]) or int(args["spatial_dims"]) not in dims:
+        raise ValueError(f"{_CARD}{path}.spatial_dims must be {' or '.join(map(str, dims))} for the "
+                         f"{method} method, got {shown(args['spatial_dims'])}.")
+    args["spatial_dims"] = int(args["spatial_dims"])
+    channels = _whole_list(args["channels"], f"{path}.channels", None, 1, MAX_CHANNELS, "")
+    args["channels"] = channels
+    levels = len(channels)
+    attention = args["attention_levels"]
+    if not isinstance(attention, list) or len(attention) != levels or not all(isinstance(a, bool) for a in attention):
+        raise ValueError(f"{_CARD}{path}.attention_levels must be a list of {levels} true/false values "
+                         f"(one per level of {path}.channels), got {shown(attention)}.")
+    args["num_res_blocks"] = _per_level(args["num_res_blocks"], f"{path}.num_res_blocks", levels, 1, MAX_RES_BLOCKS)
+    groups = whole_number(args["norm_num_groups"], f"{_CARD}{path}.norm_num_groups", 1, MAX_CHANNELS)
+    if any(c % groups for c in channels):
+        raise ValueError(f"{_CARD}{path}.norm_num_groups must divide every entry of {path}.channels "
+                         f"({shown(channels)}), got {groups}.")
+    args["norm_num_groups"] = groups
+    args["num_head_channels"] = _per_level(args["num_head_channels"], f"{path}.num_head_channels", levels, 1,
+                                           MAX_CHANNELS)
+    if "norm_eps" in args:
+        real_number(args["norm_eps"], f"{_CARD}{path}.norm_eps", 0.0, 1.0, lo_open=True, hi_open=True)
+    if "transformer_num_layers" in args:
+        args["transformer_num_layers"] = whole_number(args["transformer_num_layers"],
+                                                      f"{_CARD}{path}.transformer_num_layers", 1, MAX_RES_BLOCKS)
+    for key in ("resblock_updown", "upcast_attention", "include_fc", "use_combined_linear"):
+        if key in args:
+            _flag(args[key], f"{path}.{key}")
+    return channels
+
+
+def _check_heads(args: dict[str, Any], path: str, levels_with_attention: list[bool]) -> None:
+    """Attention heads never wider than their level."""
+    heads = args["num_head_channels"]
+    per_level = heads if isinstance(heads, list) else [heads] * len(args["channels"])
+    for i, (c, h) in enumerate(zip(args["channels"], per_level)):
+        if levels_with_attention[i] and h > c:
+            last = " and of the last level" if path == "network.unet" else ""
+            raise ValueError(f"{_CARD}{path}.num_head_channels must be at most the channels of every attention "
+                             f"level{last} ({c} at level {i + 1}), got {shown(heads)}.")
+
+
+def _check_encoder(card: dict[str, Any]) -> list[int]:
+    """The classifier's network section: ``network.encoder``; returns the channels per level."""
+    net = card["network"]
+    unknown = sorted(set(net) - {"encoder"})
+    if unknown:
+        raise ValueError(f"{_CARD}network must hold only 'encoder' for the classifier method, got "
+                         f"{', '.join(unknown)}.")
+    encoder = _object(_entry(net, "encoder", "network.encoder"), "network.encoder")
+    if "input_shape" in encoder:
+        raise ValueError(f"{_CARD}network.encoder.input_shape must be absent: the slice size is "
+                         "preprocessing.in_plane_size, got " f"{shown(encoder['input_shape'])}.")
+    channels = _check_backbone(encoder, "network.encoder", card["method"], ENCODER_ARGS, ENCODER_REQUIRED,
+                               "DiffusionModelEncoder")
+    encoder["in_channels"] = whole_number(encoder["in_channels"], f"{_CARD}network.encoder.in_channels", 1, 1,
+                                          why=" (the classifier sees single-channel slices)")
+    encoder["out_channels"] = whole_number(encoder["out_channels"], f"{_CARD}network.encoder.out_channels", 2,
+                                           MAX_CLASSES, why=" (one logit per class of labels)")
+    _check_heads(encoder, "network.encoder", encoder["attention_levels"])
+    return channels
+
+
 def _check_network(card: dict[str, Any]) -> tuple[list[int], dict[str, Any] | None]:
     """The network section; returns (channels per level, class embedding or None)."""
     net = card["network"]
     method = card["method"]
+    if method == "classifier":
+        return _check_encoder(card), None
     unet = _object(_entry(net, "unet", "network.unet"), "network.unet")
-    unknown = sorted(set(unet) - UNET_ARGS)
-    if unknown:
-        raise ValueError(f"{_CARD}network.unet must hold only DiffusionModelUNet arguments "
-                         f"({', '.join(sorted(UNET_ARGS))}), got unknown {', '.join(unknown)}.")
-    for key in UNET_REQUIRED:
-        _entry(unet, key, f"network.unet.{key}")
-    dims = (2,) if method in SLICE_METHODS else (2, 3)
-    if not _is_whole(unet["spatial_dims"]) or int(unet["spatial_dims"]) not in dims:
-        raise ValueError(f"{_CARD}network.unet.spatial_dims must be {' or '.join(map(str, dims))} for the "
-                         f"{method} method, got {shown(unet['spatial_dims'])}.")
-    unet["spatial_dims"] = int(unet["spatial_dims"])
+    channels = _check_backbone(unet, "network.unet", method, UNET_ARGS, UNET_REQUIRED, "DiffusionModelUNet")
     for key in ("in_channels", "out_channels"):
         if method == "igconda":
             unet[key] = whole_number(unet[key], f"{_CARD}network.unet.{key}", 1, 1,
                                      why=" (IgCONDA works on single-channel slices)")
         else:
             unet[key] = whole_number(unet[key], f"{_CARD}network.unet.{key}", 1, 16)
-    channels = _whole_list(unet["channels"], "network.unet.channels", None, 1, MAX_CHANNELS, "")
-    unet["channels"] = channels
     levels = len(channels)
-    attention = unet["attention_levels"]
-    if not isinstance(attention, list) or len(attention) != levels or not all(isinstance(a, bool) for a in attention):
-        raise ValueError(f"{_CARD}network.unet.attention_levels must be a list of {levels} true/false values "
-                         f"(one per level of network.unet.channels), got {shown(attention)}.")
-    unet["num_res_blocks"] = _per_level(unet["num_res_blocks"], "network.unet.num_res_blocks", levels, 1,
-                                        MAX_RES_BLOCKS)
-    groups = whole_number(unet["norm_num_groups"], f"{_CARD}network.unet.norm_num_groups", 1, MAX_CHANNELS)
-    if any(c % groups for c in channels):
-        raise ValueError(f"{_CARD}network.unet.norm_num_groups must divide every entry of network.unet.channels "
-                         f"({shown(channels)}), got {groups}.")
-    unet["norm_num_groups"] = groups
-    heads = _per_level(unet["num_head_channels"], "network.unet.num_head_channels", levels, 1, MAX_CHANNELS)
-    unet["num_head_channels"] = heads
-    per_level = heads if isinstance(heads, list) else [heads] * levels
     # the middle block always has attention, at the last level's width
-    for i, (c, h) in enumerate(zip(channels, per_level)):
-        if (attention[i] or i == levels - 1) and h > c:
-            raise ValueError(f"{_CARD}network.unet.num_head_channels must be at most the channels of every attention "
-                             f"level and of the last level ({c} at level {i + 1}), "
-                             f"got {shown(unet['num_head_channels'])}.")
-    if "norm_eps" in unet:
-        real_number(unet["norm_eps"], f"{_CARD}network.unet.norm_eps", 0.0, 1.0, lo_open=True, hi_open=True)
+    _check_heads(unet, "network.unet", [a or i == levels - 1 for i, a in enumerate(unet["attention_levels"])])
     if "dropout_cattn" in unet:
         real_number(unet["dropout_cattn"], f"{_CARD}network.unet.dropout_cattn", 0.0, 1.0)
-    if "transformer_num_layers" in unet:
-        unet["transformer_num_layers"] = whole_number(unet["transformer_num_layers"],
-                                                      f"{_CARD}network.unet.transformer_num_layers", 1, MAX_RES_BLOCKS)
     if unet.get("num_class_embeds") is not None:
         unet["num_class_embeds"] = whole_number(unet["num_class_embeds"], f"{_CARD}network.unet.num_class_embeds",
                                                 1, MAX_CLASSES)
-    for key in ("resblock_updown", "upcast_attention", "include_fc", "use_combined_linear"):
-        if key in unet:
-            _flag(unet[key], f"network.unet.{key}")
     conditioned = _flag(unet["with_conditioning"], "network.unet.with_conditioning")
 
     embedding = net.get("class_embedding")
@@ -469,9 +514,13 @@ def _check_preprocessing(prep: dict[str, Any], levels: int) -> None:
         _flag(prep["antialias"], "preprocessing.antialias")
 
 
-def _check_labels(labels: dict[str, Any], method: str, embedding: dict[str, Any] | None) -> None:
+def _check_labels(labels: dict[str, Any], card: dict[str, Any], embedding: dict[str, Any] | None) -> None:
+    method = card["method"]
     top = embedding["num_classes"] - 1 if embedding else MAX_CLASSES
     why = " (inside network.class_embedding.num_classes)" if embedding else ""
+    if method == "classifier":
+        classes = card["network"]["encoder"]["out_channels"]
+        top, why = classes - 1, f" (one of the network.encoder.out_channels = {classes} logits)"
     for name, value in labels.items():
         if not name.strip() or len(name) > 40 or not name.isprintable():
             raise ValueError(f"{_CARD}labels must be named by short texts on one line, got {shown(name)}.")
@@ -483,6 +532,14 @@ def _check_labels(labels: dict[str, Any], method: str, embedding: dict[str, Any]
             if name not in labels:
                 raise ValueError(f"{_CARD}labels section has no '{name}' entry (IgCONDA conditions on the null and "
                                  "healthy classes).")
+    if method == "classifier":
+        for name in CLASSIFIER_LABELS:
+            if name not in labels:
+                raise ValueError(f"{_CARD}labels section has no '{name}' entry (the classifier tells healthy from "
+                                 "unhealthy slices).")
+        if len(labels) != top + 1:
+            raise ValueError(f"{_CARD}labels must name each of the network.encoder.out_channels = {top + 1} logits "
+                             f"once, got {shown(labels)}.")
 
 
 def _check_inference_defaults(defaults: dict[str, Any], timesteps: int) -> None:
@@ -509,9 +566,63 @@ def _check_inference_defaults(defaults: dict[str, Any], timesteps: int) -> None:
         defaults["organ_exclude"] = organ_list(defaults["organ_exclude"], field + "organ_exclude")
     if "organ_margin_mm" in defaults:
         defaults["organ_margin_mm"] = check_margin_mm(defaults["organ_margin_mm"], field + "organ_margin_mm")
+    if "cdm" in defaults:
+        _check_cdm_defaults(_object(defaults["cdm"], "inference_defaults.cdm"), timesteps)
 
 
-def _check_provenance(prov: dict[str, Any]) -> None:
+def _check_cdm_defaults(cdm: dict[str, Any], timesteps: int) -> None:
+    """``inference_defaults.cdm`` of a conditional network: CDM's noise level Q, steps R, tau and seed."""
+    field = f"{_CARD}inference_defaults.cdm."
+    unknown = sorted(set(cdm) - {"noise_level", "steps", "tau", "seed"})
+    if unknown:
+        raise ValueError(f"{_CARD}inference_defaults.cdm must hold only noise_level, steps, tau and seed, got "
+                         f"unknown {', '.join(unknown)}.")
+    if "noise_level" in cdm:
+        cdm["noise_level"] = check_noise_level(cdm["noise_level"], timesteps, field + "noise_level")
+    if "steps" in cdm:
+        cdm["steps"] = whole_number(cdm["steps"], field + "steps", 1)
+    if "tau" in cdm:
+        real_number(cdm["tau"], field + "tau", 0.0, 1.0, lo_open=True, hi_open=True)
+    if "seed" in cdm:
+        cdm["seed"] = whole_number(cdm["seed"], field + "seed", 0)
+
+
+def _check_classifier_defaults(defaults: dict[str, Any]) -> None:
+    """A classifier card's ``inference_defaults``: only the batch size (how it guides is the guided method's)."""
+    if "batch_size" in defaults:
+        defaults["batch_size"] = whole_number(defaults["batch_size"], f"{_CARD}inference_defaults.batch_size", 1,
+                                              MAX_BATCH_SIZE)
+
+
+def _check_accuracy_by_t(table: Any, timesteps: int) -> None:
+    """``provenance.validation_accuracy_by_t``: ordered, non-overlapping [start, stop) bands inside [0, T)."""
+    path = "provenance.validation_accuracy_by_t"
+    if not isinstance(table, list) or not 1 <= len(table) <= MAX_ACCURACY_BANDS:
+        raise ValueError(f"{_CARD}{path} must be a list of 1 to {MAX_ACCURACY_BANDS} timestep bands, "
+                         f"got {shown(table)}.")
+    previous_stop = 0
+    for n, band in enumerate(table):
+        where = f"{path}[{n}]"
+        band = _object(band, where)
+        unknown = sorted(set(band) - {"timesteps", "accuracy", "slices"})
+        if unknown:
+            raise ValueError(f"{_CARD}{where} must hold only timesteps, accuracy and slices, got unknown "
+                             f"{', '.join(unknown)}.")
+        rng = _entry(band, "timesteps", f"{where}.timesteps")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(_is_whole(v) for v in rng)
+                and previous_stop <= int(rng[0]) < int(rng[1]) <= timesteps):
+            raise ValueError(f"{_CARD}{where}.timesteps must be a [start, stop) pair of whole numbers with "
+                             f"{previous_stop} <= start < stop <= {timesteps} (bands in order, inside the noise "
+                             f"schedule), got {shown(rng)}.")
+        band["timesteps"] = [int(v) for v in rng]
+        previous_stop = band["timesteps"][1]
+        real_number(_entry(band, "accuracy", f"{where}.accuracy"), f"{_CARD}{where}.accuracy", 0.0, 1.0)
+        band["slices"] = whole_number(_entry(band, "slices", f"{where}.slices"), f"{_CARD}{where}.slices", 1)
+
+
+def _check_provenance(prov: dict[str, Any], timesteps: int) -> None:
+    if "validation_accuracy_by_t" in prov:
+        _check_accuracy_by_t(prov["validation_accuracy_by_t"], timesteps)
     for key in SEED_RANGE_KEYS:
         rng = prov.get(key)
         if rng is None:
@@ -551,9 +662,12 @@ def _validate(card: Any) -> None:
     channels, embedding = _check_network(card)
     timesteps = _check_scheduler(card["scheduler"])
     _check_preprocessing(card["preprocessing"], len(channels))
-    _check_labels(card["labels"], card["method"], embedding)
-    _check_inference_defaults(card["inference_defaults"], timesteps)
-    _check_provenance(card["provenance"])
+    _check_labels(card["labels"], card, embedding)
+    if card["method"] == "classifier":
+        _check_classifier_defaults(card["inference_defaults"])
+    else:
+        _check_inference_defaults(card["inference_defaults"], timesteps)
+    _check_provenance(card["provenance"], timesteps)
 
 
 def validate_card(card: Any) -> dict[str, Any]:
@@ -613,6 +727,34 @@ def default_card(
     }
 
 
+def classifier_card(
+    channels=(32, 64, 64),
+    attention_levels=(False, False, True),
+    spacing_mm=(6.0, 6.0, 6.0),
+    in_plane_size=(64, 64),
+    suv_scale=12.0,
+) -> dict[str, Any]:
+    """Model card of the demo noise-conditioned classifier (provenance is filled in by training).
+
+    Its scheduler and preprocessing are those of :func:`default_card` with the same arguments: the
+    classifier guides that diffusion model, so it must see the same model-space slices and noise schedule.
+    """
+    card = default_card(channels, attention_levels, spacing_mm, in_plane_size, suv_scale)
+    card.update(
+        id="classifier-pet-phantom-demo",
+        name="Noise-conditioned healthy/unhealthy classifier (synthetic phantoms)",
+        method="classifier",
+        network={"encoder": {
+            "spatial_dims": 2, "in_channels": 1, "out_channels": len(CLASSIFIER_LABELS),
+            "channels": list(channels), "attention_levels": list(attention_levels),
+            "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 32,
+        }},
+        labels={name: n for n, name in enumerate(CLASSIFIER_LABELS)},
+        inference_defaults={"batch_size": 32},
+    )
+    return card
+
+
 def card_items(card: dict[str, Any]) -> list[tuple[str, str]]:
     """What a user is shown about a model, as (label, text) pairs: reports and the Slicer panel."""
     prov = card.get("provenance", {}) or {}
@@ -626,6 +768,10 @@ def card_items(card: dict[str, Any]) -> list[tuple[str, str]]:
     if prov.get("validation_metrics"):
         items.append(("Validation metrics", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in prov["validation_metrics"].items())))
+    if prov.get("validation_accuracy_by_t"):
+        items.append(("Validation accuracy by timestep", ", ".join(
+            f"t {band['timesteps'][0]}-{band['timesteps'][1] - 1}: {band['accuracy']:.0%}"
+            for band in prov["validation_accuracy_by_t"])))
     if prov.get("note"):
         items.append(("Note", str(prov["note"])))
     flagged = card.get("not_for_clinical_use", True)

@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, phantoms
-from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, default_card, number_from_text, parse_steps,
-                   whole_number)
+from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, classifier_card, default_card, number_from_text,
+                   parse_steps, real_number, whole_number)
 from .checkpoint import bundled_checkpoint
 from . import evaluation
 from .evaluation import (EVALUATION_SEEDS, card_with_best_defaults, card_with_threshold_defaults, evaluate,
@@ -33,15 +33,18 @@ from .errors import REFUSALS, refusal_sentence
 from .figures import overview_png
 from .files import OutputError, check_writable_dir, output_folder, staged
 from .methods import load_checkpoint
-from .networks import save_checkpoint
+from .networks import pick_device, save_checkpoint
 from .pipeline import RESULT_FILES, analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
 from .roi import OrganLabels, OrganSelection, check_overlap, organ_names, read_organ_labels
 from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
-from .training import TrainConfig, train
+from .training import TrainConfig, train, train_classifier
 from .volume import read_volume, write_volume
+
+#: what ``train --method`` builds
+TRAIN_METHODS = ("igconda", "classifier")
 
 
 #: what ``evaluate`` writes (:func:`.evaluation.evaluate`) and ``sweep`` writes (:func:`.evaluation.sweep`,
@@ -74,14 +77,38 @@ def _cmd_phantom(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
+def _train_config(args) -> TrainConfig:
+    """The training run ``train`` asks for, every number checked before any work (one sentence each)."""
+    steps = whole_number(args.steps, "--steps", 1)
+    batch = whole_number(args.batch_size, "--batch-size", 2, why=" (half healthy, half unhealthy slices)")
+    train_seed, val_seed = (whole_number(v, f"--{n}-seed", 0) for v, n in ((args.train_seed, "train"),
+                                                                            (args.val_seed, "val")))
+    train_cases = whole_number(args.train_cases, "--train-cases", 1)
+    val_cases = whole_number(args.val_cases, "--val-cases", 1)
+    if train_seed < val_seed + val_cases and val_seed < train_seed + train_cases:
+        raise ValueError(f"the validation phantoms (seeds {val_seed}..{val_seed + val_cases - 1}) must not overlap "
+                         f"the training phantoms (seeds {train_seed}..{train_seed + train_cases - 1}); "
+                         "choose another --val-seed.")
+    minutes = None if args.max_minutes is None else real_number(args.max_minutes, "--max-minutes", 0.0, lo_open=True)
     cfg = TrainConfig(
-        out=Path(args.out), train_seeds=(args.train_seed, args.train_seed + args.train_cases),
-        val_seeds=(args.val_seed, args.val_seed + args.val_cases), steps=args.steps, max_minutes=args.max_minutes,
-        batch_size=args.batch_size, lr=args.lr, val_every=args.val_every, seed=args.seed, device=args.device,
-        workers=args.workers, resume=not args.no_resume,
+        out=Path(args.out), train_seeds=(train_seed, train_seed + train_cases),
+        val_seeds=(val_seed, val_seed + val_cases), steps=steps, max_minutes=minutes, batch_size=batch,
+        lr=real_number(args.lr, "--lr", 0.0, 1.0, lo_open=True), val_every=whole_number(args.val_every, "--val-every", 1),
+        seed=whole_number(args.seed, "--seed", 0), device=args.device,
+        workers=whole_number(args.workers, "--workers", 1), resume=not args.no_resume,
     )
-    best = train(cfg, default_card(), log=lambda m: print(m, flush=True))
+    pick_device(cfg.device)
+    check_writable_dir(cfg.out)
+    return cfg
+
+
+def _cmd_train(args) -> int:
+    cfg = _train_config(args)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.method == "classifier":
+        best = train_classifier(cfg, classifier_card(), log=log)
+    else:
+        best = train(cfg, default_card(), log=log)
     print(f"best checkpoint: {best}")
     return 0
 
@@ -443,20 +470,24 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--verbose", action="store_true")
     ph.set_defaults(func=_cmd_phantom)
 
-    tr = sub.add_parser("train", help="train (or resume) an IgCONDA-PET model on phantoms")
+    tr = sub.add_parser("train", help="train (or resume) an IgCONDA-PET model or a noise-conditioned classifier "
+                                      "on phantoms")
+    tr.add_argument("--method", choices=TRAIN_METHODS, default="igconda",
+                    help="igconda: the conditional diffusion model; classifier: healthy vs unhealthy on x_t at a "
+                         "random t of the same noise schedule (for classifier guidance)")
     tr.add_argument("--out", required=True, help="work folder: best.safetensors, state.safetensors, cache/")
-    tr.add_argument("--steps", type=int, default=2000)
-    tr.add_argument("--max-minutes", type=float, default=None)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--lr", type=float, default=3e-4)
-    tr.add_argument("--train-seed", type=int, default=1000)
-    tr.add_argument("--train-cases", type=int, default=160)
-    tr.add_argument("--val-seed", type=int, default=900000)
-    tr.add_argument("--val-cases", type=int, default=12)
-    tr.add_argument("--val-every", type=int, default=100)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--steps", type=number_from_text, default=2000)
+    tr.add_argument("--max-minutes", type=number_from_text, default=None)
+    tr.add_argument("--batch-size", type=number_from_text, default=32)
+    tr.add_argument("--lr", type=number_from_text, default=3e-4)
+    tr.add_argument("--train-seed", type=number_from_text, default=1000)
+    tr.add_argument("--train-cases", type=number_from_text, default=160)
+    tr.add_argument("--val-seed", type=number_from_text, default=900000)
+    tr.add_argument("--val-cases", type=number_from_text, default=12)
+    tr.add_argument("--val-every", type=number_from_text, default=100)
+    tr.add_argument("--seed", type=number_from_text, default=0)
     tr.add_argument("--device", default="auto")
-    tr.add_argument("--workers", type=int, default=2)
+    tr.add_argument("--workers", type=number_from_text, default=2)
     tr.add_argument("--no-resume", action="store_true")
     tr.set_defaults(func=_cmd_train)
 

@@ -2,7 +2,9 @@
 
 A conditional diffusion model (METHODS.md, shared building blocks) is a 2D/3D
 ``DiffusionModelUNet`` with cross-attention plus a learned class embedding (3 x 64, index 0 =
-null fixed at zero) whose output is fed as a context sequence of length 1.
+null fixed at zero) whose output is fed as a context sequence of length 1. A noise-conditioned
+classifier (METHODS.md section 2; card method "classifier") is MONAI's ``DiffusionModelEncoder``:
+logits C(y | x_t, t) of a noised slice x_t at timestep t.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder  # not re-exported by monai.networks.nets
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -38,14 +41,41 @@ class ConditionalDiffusionModel(nn.Module):
         return self.unet(x, timesteps=t, context=context)
 
 
-def build_unet(args: dict[str, Any]) -> DiffusionModelUNet:
-    """The MONAI UNet of a card's ``network.unet`` arguments (checked by :func:`.card.validate_card`)."""
+class NoisyClassifier(nn.Module):
+    """C(y | x_t, t): the encoder's logits (B, classes) of noised slices x_t (B, 1, H, W) at timesteps t (B,)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, timesteps=t)
+
+
+def _monai_kwargs(args: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(args)
     for key in ("channels", "attention_levels", "num_res_blocks", "num_head_channels"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     # scaled-dot-product attention: same maths, faster on CPU and GPU
-    return DiffusionModelUNet(**kwargs, use_flash_attention=True)
+    kwargs["use_flash_attention"] = True
+    return kwargs
+
+
+def build_unet(args: dict[str, Any]) -> DiffusionModelUNet:
+    """The MONAI UNet of a card's ``network.unet`` arguments (checked by :func:`.card.validate_card`)."""
+    return DiffusionModelUNet(**_monai_kwargs(args))
+
+
+def build_encoder(card: dict[str, Any]) -> DiffusionModelEncoder:
+    """The MONAI encoder of a classifier card: ``network.encoder`` on slices of ``preprocessing.in_plane_size``."""
+    return DiffusionModelEncoder(**_monai_kwargs(card["network"]["encoder"]),
+                                 input_shape=tuple(card["preprocessing"]["in_plane_size"]))
+
+
+def is_classifier(card: dict[str, Any]) -> bool:
+    """True for a noise-conditioned classifier's card (its network is ``network.encoder``)."""
+    return card.get("method") == "classifier"
 
 
 #: what MONAI or torch raise for a combination of arguments they refuse (the card rules catch the known ones)
@@ -57,13 +87,15 @@ def _first_line(exc: BaseException) -> str:
     return text[0].rstrip(".") if text else type(exc).__name__
 
 
-def build_model(card: dict[str, Any]) -> ConditionalDiffusionModel:
+def build_model(card: dict[str, Any]) -> ConditionalDiffusionModel | NoisyClassifier:
     """Build the (untrained) network described by a model card's ``network`` section.
 
     A combination MONAI refuses is a CheckpointError sentence, never a traceback.
     """
     net = card["network"]
     try:
+        if is_classifier(card):
+            return NoisyClassifier(build_encoder(card))
         unet = build_unet(net["unet"])
         emb_cfg = net.get("class_embedding")
         embed = None
@@ -81,6 +113,8 @@ def expected_shapes(card: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     net = card["network"]
     try:
         with torch.device("meta"):
+            if is_classifier(card):
+                return {f"encoder.{k}": tuple(v.shape) for k, v in build_encoder(card).state_dict().items()}
             unet = build_unet(net["unet"])
     except _BUILD_ERRORS as exc:
         raise CheckpointError(f"the network the model card describes cannot be built ({_first_line(exc)}); "
@@ -126,27 +160,34 @@ def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str) -> No
                               "damaged or comes from a training run that diverged.")
 
 
-def check_forward(model: ConditionalDiffusionModel, card: dict[str, Any], source: str) -> None:
-    """One forward pass on a small zero input: the output must have the input's shape and be finite.
+def check_forward(model: ConditionalDiffusionModel | NoisyClassifier, card: dict[str, Any], source: str) -> None:
+    """One forward pass on a small zero input: the output must have the expected shape and be finite.
 
     Catches what no card rule can (MONAI refusing a combination at run time) before any file is
-    written or any case is analysed; the input is the smallest slice the network accepts (cheap).
+    written or any case is analysed; the input is the smallest slice the network accepts (cheap),
+    for a classifier one slice of the card's in-plane size (its last layer is sized for it).
     """
-    unet = card["network"]["unet"]
-    side = 2 ** len(unet["channels"])  # the lowest level then has 2 pixels per side
-    spatial = (side,) * int(unet["spatial_dims"])
+    classifier = is_classifier(card)
+    args = card["network"]["encoder" if classifier else "unet"]
+    if classifier:
+        spatial = tuple(int(s) for s in card["preprocessing"]["in_plane_size"])
+    else:
+        spatial = (2 ** len(args["channels"]),) * int(args["spatial_dims"])  # the lowest level has 2 pixels per side
     device = next(model.parameters()).device
-    x = torch.zeros((1, int(unet["in_channels"])) + spatial, device=device)
+    x = torch.zeros((1, int(args["in_channels"])) + spatial, device=device)
     t = torch.zeros((1,), dtype=torch.long, device=device)
     try:
         with torch.inference_mode():
-            labels = torch.zeros((1,), dtype=torch.long, device=device)
-            context = model.context(labels) if model.embed is not None else None
-            out = model(x, t, context)
+            if classifier:
+                out = model(x, t)
+            else:
+                labels = torch.zeros((1,), dtype=torch.long, device=device)
+                context = model.context(labels) if model.embed is not None else None
+                out = model(x, t, context)
     except _BUILD_ERRORS as exc:
         raise CheckpointError(f"the network in {source} fails a test forward pass ({_first_line(exc)}); the model card "
                               "does not describe a working network.") from None
-    expected = (1, int(unet["out_channels"])) + spatial
+    expected = (1, int(args["out_channels"])) + (() if classifier else spatial)
     if tuple(out.shape) != expected:
         raise CheckpointError(f"the network in {source} returns shape {tuple(out.shape)} for an input of shape "
                               f"{tuple(x.shape)}; expected {expected}.")
@@ -213,7 +254,7 @@ def pick_precision(requested: str, device: torch.device) -> str:
 
 
 # ---- weights ------------------------------------------------------------------------------------
-def load_weights(path: str | Path, card: dict[str, Any]) -> ConditionalDiffusionModel:
+def load_weights(path: str | Path, card: dict[str, Any]) -> ConditionalDiffusionModel | NoisyClassifier:
     """Build the network the card describes and load the file's weights into it, strictly.
 
     Order: tensor names and shapes are compared with the card's network before anything is

@@ -1,10 +1,13 @@
-"""Training loops: the IgCONDA-PET conditional diffusion model on phantom (or user) slices.
+"""Training loops on phantom (or user) slices: the IgCONDA-PET conditional diffusion model and the
+noise-conditioned classifier of classifier guidance.
 
-Epsilon-prediction MSE with classifier-free condition dropout 0.15 (IgCONDA-PET section 2.2,
-3.2), the paper's augmentations (translation, rotation, scaling, elastic, gamma; MONAI
-transforms), balanced healthy/unhealthy batches, periodic validation loss, best-checkpoint
-selection and resumable state (weights, optimiser, step and RNG states stored as safetensors +
-JSON: resuming never unpickles anything).
+IgCONDA-PET (:func:`train`): epsilon-prediction MSE with classifier-free condition dropout 0.15
+(IgCONDA-PET section 2.2, 3.2). Classifier (:func:`train_classifier`, METHODS.md section 2):
+cross-entropy of healthy vs unhealthy on q_sample(x, t) with t uniform in [0, T), as Wolleb et
+al.'s reference code. Both use the paper's augmentations (translation, rotation, scaling,
+elastic, gamma; MONAI transforms), the same balanced healthy/unhealthy batches, periodic
+validation, best-checkpoint selection and resumable state (weights, optimiser, step and RNG
+states stored as safetensors + JSON: resuming never unpickles anything).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .card import default_card
+from .card import classifier_card, default_card, validate_card
 from .diffusion import monai_scheduler
 from .export import write_json
 from .files import atomic_path
@@ -34,6 +37,12 @@ from .preprocessing import mask_to_model_space, to_model_space
 
 #: model-space fraction of a pixel covered by lesion above which a slice counts as unhealthy
 UNHEALTHY_FRACTION = 0.25
+#: the slice labels :func:`phantom_slices` gives (the IgCONDA card's numbers)
+HEALTHY, UNHEALTHY = 1, 2
+#: validation slices per class (healthy, unhealthy), drawn once with a fixed seed
+VAL_SLICES_PER_CLASS = 64
+#: where the classifier's validation accuracy is reported, as fractions of T: [0, 0.1T), [0.1T, 0.25T), ...
+ACCURACY_BAND_EDGES = (0.0, 0.1, 0.25, 0.5, 1.0)
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -90,6 +99,45 @@ def augmenter(seed: int):
     return aug
 
 
+def _training_data(cfg: "TrainConfig", prep, data, out: Path, log):
+    """(train_x, train_y, val_x, val_y, pools): phantom slices of cfg's seeds (or ``data``), and the
+    indices of the healthy and unhealthy training slices."""
+    if data is None:
+        cache = out / "cache"
+        train_x, train_y = phantom_slices(range(*cfg.train_seeds), prep, cache, cfg.workers, log=log)
+        val_x, val_y = phantom_slices(range(*cfg.val_seeds), prep, cache, cfg.workers, log=log)
+    else:
+        (train_x, train_y), (val_x, val_y) = data
+    pools = {HEALTHY: np.flatnonzero(train_y == HEALTHY), UNHEALTHY: np.flatnonzero(train_y == UNHEALTHY)}
+    if len(pools[UNHEALTHY]) == 0 or len(pools[HEALTHY]) == 0:
+        raise ValueError("training data needs both healthy and unhealthy slices")
+    return train_x, train_y, val_x, val_y, pools
+
+
+def _balanced_batch(rng: np.random.Generator, pools, batch_size: int, train_x, aug, device):
+    """(indices, x0): half unhealthy, half healthy slices, augmented, clamped to [0, 1]."""
+    half = batch_size // 2
+    idx = np.concatenate([rng.choice(pools[UNHEALTHY], half), rng.choice(pools[HEALTHY], batch_size - half)])
+    batch = np.stack([np.asarray(aug(train_x[i][None].astype(np.float32))) for i in idx])
+    return idx, torch.from_numpy(batch).clamp(0, 1).to(device)
+
+
+def _validation_slices(val_x, val_y, device):
+    """(x, labels): up to :data:`VAL_SLICES_PER_CLASS` healthy and unhealthy validation slices, fixed seed."""
+    vg = np.random.default_rng(12345)
+    vidx = np.concatenate([vg.choice(np.flatnonzero(val_y == c), min(VAL_SLICES_PER_CLASS, int((val_y == c).sum())),
+                                     replace=False) for c in (HEALTHY, UNHEALTHY)])
+    vx = torch.from_numpy(val_x[vidx].astype(np.float32)).unsqueeze(1).to(device)
+    vy = torch.from_numpy(val_y[vidx].astype(np.int64)).to(device)
+    return vx, vy
+
+
+def accuracy_bands(timesteps: int) -> list[tuple[int, int]]:
+    """[start, stop) timestep bands of :data:`ACCURACY_BAND_EDGES` (T = 1000: 0-100, 100-250, 250-500, 500-1000)."""
+    edges = sorted({int(round(f * timesteps)) for f in ACCURACY_BAND_EDGES})
+    return list(zip(edges[:-1], edges[1:]))
+
+
 # ---- state ----------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
@@ -120,6 +168,18 @@ def _save_state(path: Path, model, opt, step: int, rng: np.random.Generator, ext
         save_file(tensors, str(tmp), metadata={"state": json.dumps(meta, default=int)})
 
 
+def _check_state_method(cfg: "TrainConfig", method: str) -> None:
+    """Before any work: a state to resume must come from a run of the same method."""
+    path = Path(cfg.out) / "state.safetensors"
+    if not (cfg.resume and path.exists()):
+        return
+    with safe_open(str(path), framework="pt") as f:
+        found = json.loads(f.metadata()["state"]).get("method", "igconda")  # older states are all IgCONDA's
+    if found != method:
+        raise ValueError(f"the work folder {path.parent} holds a {found} training run, not a {method} one; "
+                         "choose another --out folder (or --no-resume to start over there).")
+
+
 def _load_state(path: Path, model, opt, rng: np.random.Generator) -> dict:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
@@ -137,39 +197,45 @@ def _load_state(path: Path, model, opt, rng: np.random.Generator) -> dict:
 
 
 # ---- the loop -------------------------------------------------------------------------------
+def _model_and_optimiser(card: dict[str, Any], cfg: "TrainConfig", device):
+    """(model, AdamW, DDPMScheduler for add_noise(x0, noise, t), channels_last): channels-last on CPU (faster convs)."""
+    model = build_model(card).to(device)
+    channels_last = device.type == "cpu"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), monai_scheduler(card["scheduler"]), channels_last
+
+
+def _q_sample(noiser, x0, noise, t, channels_last: bool):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (MONAI ``DDPMScheduler.add_noise``)."""
+    xt = noiser.add_noise(x0, noise, t)
+    return xt.contiguous(memory_format=torch.channels_last) if channels_last else xt
+
+
+def _optimise(model, opt, loss) -> None:
+    """One optimiser step on ``loss`` with the gradient norm clipped to 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=print) -> Path:
     """Train (or resume) an IgCONDA model; writes ``best.safetensors`` and ``state.safetensors`` in cfg.out."""
     card = card or default_card()
+    _check_state_method(cfg, "igconda")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
-    prep = card["preprocessing"]
-    if data is None:
-        cache = out / "cache"
-        train_x, train_y = phantom_slices(range(*cfg.train_seeds), prep, cache, cfg.workers, log=log)
-        val_x, val_y = phantom_slices(range(*cfg.val_seeds), prep, cache, cfg.workers, log=log)
-    else:
-        (train_x, train_y), (val_x, val_y) = data
-    pools = {1: np.flatnonzero(train_y == 1), 2: np.flatnonzero(train_y == 2)}
-    if len(pools[2]) == 0 or len(pools[1]) == 0:
-        raise ValueError("training data needs both healthy and unhealthy slices")
+    train_x, train_y, val_x, val_y, pools = _training_data(cfg, card["preprocessing"], data, out, log)
 
-    model = build_model(card).to(device)
-    channels_last = device.type == "cpu"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    noiser = monai_scheduler(card["scheduler"])  # DDPMScheduler: add_noise(x0, noise, t)
+    model, opt, noiser, channels_last = _model_and_optimiser(card, cfg, device)
     T = int(card["scheduler"]["num_train_timesteps"])
 
     # fixed validation batch: balanced slices, fixed t and noise
-    vg = np.random.default_rng(12345)
-    vidx = np.concatenate([vg.choice(np.flatnonzero(val_y == c), min(64, int((val_y == c).sum())), replace=False)
-                           for c in (1, 2)])
-    vx = torch.from_numpy(val_x[vidx].astype(np.float32)).unsqueeze(1).to(device)
-    vy = torch.from_numpy(val_y[vidx].astype(np.int64)).to(device)
+    vx, vy = _validation_slices(val_x, val_y, device)
     gen = torch.Generator().manual_seed(54321)
     vt = torch.randint(0, T, (len(vx),), generator=gen).to(device)
     vnoise = torch.randn(vx.shape, generator=gen).to(device)
@@ -194,26 +260,18 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
 
     t_start = time.time()
     model.train()
-    half = cfg.batch_size // 2
     while step < cfg.steps:
         if cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes:
             log(f"time budget of {cfg.max_minutes} min reached at step {step}")
             break
-        idx = np.concatenate([rng.choice(pools[2], half), rng.choice(pools[1], cfg.batch_size - half)])
-        batch = np.stack([np.asarray(aug(train_x[i][None].astype(np.float32))) for i in idx])
-        x0 = torch.from_numpy(batch).clamp(0, 1).to(device)
+        idx, x0 = _balanced_batch(rng, pools, cfg.batch_size, train_x, aug, device)
         y = torch.from_numpy(train_y[idx].astype(np.int64)).to(device)
         y = torch.where(torch.rand(len(y), device=device) < cfg.cond_dropout, torch.zeros_like(y), y)
         t = torch.randint(0, T, (len(x0),), device=device)
         noise = torch.randn_like(x0)
-        xt = noiser.add_noise(x0, noise, t)
-        if channels_last:
-            xt = xt.contiguous(memory_format=torch.channels_last)
+        xt = _q_sample(noiser, x0, noise, t, channels_last)
         loss = torch.mean((model(xt, t, model.context(y)).float() - noise) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimise(model, opt, loss)
         step += 1
         if step % 10 == 0:
             log(f"step {step} loss {loss.item():.5f} ({(time.time() - t_start) / 60:.1f} min)")
@@ -233,9 +291,112 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
     return out / "best.safetensors"
 
 
-def _write_best(out, model, card, cfg: TrainConfig, step, vloss, command, n_slices, n_unhealthy) -> None:
+def train_classifier(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=print) -> Path:
+    """Train (or resume) a noise-conditioned classifier; writes ``best.safetensors`` (best validation
+    accuracy, its card holding the accuracy by timestep band) and ``state.safetensors`` in cfg.out.
+
+    Cross-entropy of C(y | x_t, t) with x_t = q_sample(x0, t) (MONAI ``DDPMScheduler.add_noise``), t
+    uniform in [0, T), on the balanced, augmented batches of :func:`train`. Validation: the same fixed
+    slices at a fixed t and noise drawn in every band of :func:`accuracy_bands`; the accuracy that
+    selects the best checkpoint is the bands' mean weighted by their width (the accuracy at uniform t).
+    """
+    card = validate_card(json.loads(json.dumps(card or classifier_card())))
+    if card["method"] != "classifier":
+        raise ValueError(f"a classifier is trained from a classifier model card, got method {card['method']!r}.")
+    _check_state_method(cfg, "classifier")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    train_x, train_y, val_x, val_y, pools = _training_data(cfg, card["preprocessing"], data, out, log)
+    classes = torch.tensor([0, card["labels"]["healthy"], card["labels"]["unhealthy"]], device=device)
+
+    model, opt, noiser, channels_last = _model_and_optimiser(card, cfg, device)
+    T = int(card["scheduler"]["num_train_timesteps"])
+
+    # fixed validation: the same balanced slices in every band, at a fixed t and noise per slice and band
+    vx, vy = _validation_slices(val_x, val_y, device)
+    vtarget = classes[vy]
+    gen = torch.Generator().manual_seed(54321)
+    bands = [(lo, hi, torch.randint(lo, hi, (len(vx),), generator=gen).to(device),
+              torch.randn(vx.shape, generator=gen).to(device)) for lo, hi in accuracy_bands(T)]
+
+    state_path = out / "state.safetensors"
+    step, best, history = 0, -1.0, []
+    if cfg.resume and state_path.exists():
+        meta = _load_state(state_path, model, opt, rng)
+        step, best, history = meta["step"], meta.get("best", best), meta.get("history", [])
+        log(f"resumed from step {step} (best validation accuracy {best:.3f})")
+    aug = augmenter(cfg.seed + step)
+    command = " ".join(shlex.quote(a) for a in sys.argv)
+
+    def validate() -> tuple[float, float, list[dict[str, Any]]]:
+        """(accuracy at uniform t, cross-entropy at uniform t, accuracy per band)."""
+        model.eval()
+        table, accuracy, loss = [], 0.0, 0.0
+        with torch.inference_mode():
+            for lo, hi, vt, vnoise in bands:
+                xt = noiser.add_noise(vx, vnoise, vt)
+                logits = torch.cat([model(xt[i:i + 64], vt[i:i + 64]).float() for i in range(0, len(xt), 64)])
+                band_accuracy = float((logits.argmax(1) == vtarget).float().mean())
+                accuracy += band_accuracy * (hi - lo) / T
+                loss += float(torch.nn.functional.cross_entropy(logits, vtarget)) * (hi - lo) / T
+                table.append({"timesteps": [lo, hi], "accuracy": round(band_accuracy, 4), "slices": len(vx)})
+        model.train()
+        return accuracy, loss, table
+
+    t_start = time.time()
+    model.train()
+    while step < cfg.steps:
+        if cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes:
+            log(f"time budget of {cfg.max_minutes} min reached at step {step}")
+            break
+        idx, x0 = _balanced_batch(rng, pools, cfg.batch_size, train_x, aug, device)
+        target = classes[torch.from_numpy(train_y[idx].astype(np.int64)).to(device)]
+        t = torch.randint(0, T, (len(x0),), device=device)
+        xt = _q_sample(noiser, x0, torch.randn_like(x0), t, channels_last)
+        loss = torch.nn.functional.cross_entropy(model(xt, t).float(), target)
+        _optimise(model, opt, loss)
+        step += 1
+        if step % 10 == 0:
+            log(f"step {step} loss {loss.item():.5f} ({(time.time() - t_start) / 60:.1f} min)")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            accuracy, vloss, table = validate()
+            history.append({"step": step, "val_accuracy": round(accuracy, 4), "val_loss": round(vloss, 6),
+                            "train_loss": round(loss.item(), 6), "val_accuracy_by_t": table})
+            log(f"step {step} validation accuracy {accuracy:.3f} ("
+                + ", ".join(f"t {b['timesteps'][0]}-{b['timesteps'][1] - 1}: {b['accuracy']:.2f}" for b in table) + ")")
+            if accuracy > best:
+                best = accuracy
+                _write_best_classifier(out, model, card, cfg, step, (accuracy, vloss, table), command,
+                                       len(train_x), int((train_y == UNHEALTHY).sum()))
+            _save_state(state_path, model, opt, step, rng, {"best": best, "history": history, "method": "classifier"})
+    if not (out / "best.safetensors").exists():
+        _write_best_classifier(out, model, card, cfg, step, validate(), command, len(train_x),
+                               int((train_y == UNHEALTHY).sum()))
+    _save_state(state_path, model, opt, step, rng, {"best": best, "history": history, "method": "classifier"})
+    write_json(history, out / "history.json", indent=1)
+    return out / "best.safetensors"
+
+
+def _write_best_classifier(out, model, card, cfg: TrainConfig, step, validation, command, n_slices,
+                           n_unhealthy) -> None:
+    accuracy, vloss, table = validation
     card = json.loads(json.dumps(card))
     card["provenance"] = {
+        **_provenance(cfg, step, command, n_slices, n_unhealthy),
+        "validation_metrics": {"val_accuracy": round(float(accuracy), 4), "val_cross_entropy": round(float(vloss), 6)},
+        "validation_accuracy_by_t": table,
+        "note": ("Demonstration noise-conditioned classifier (healthy vs unhealthy slice) trained on synthetic "
+                 "phantoms; val_accuracy is at t uniform in [0, T). Not for clinical use."),
+    }
+    _save_best(out, model, card)
+
+
+def _provenance(cfg: TrainConfig, step, command, n_slices, n_unhealthy) -> dict[str, Any]:
+    """What every trained card records about its data and run."""
+    return {
         "training_data": (
             f"synthetic whole-body FDG-like PET phantoms (DiffusionAnomalyLib.phantoms), seeds "
             f"{cfg.train_seeds[0]}..{cfg.train_seeds[1] - 1}: {n_slices} axial slices, {n_unhealthy} unhealthy; "
@@ -248,13 +409,25 @@ def _write_best(out, model, card, cfg: TrainConfig, step, vloss, command, n_slic
         "steps": step,
         "batch_size": cfg.batch_size,
         "optimizer": f"AdamW lr {cfg.lr}",
-        "condition_dropout": cfg.cond_dropout,
         "seed": cfg.seed,
-        "validation_metrics": {"val_mse": round(float(vloss), 6)},
         "torch": torch.__version__,
+    }
+
+
+def _write_best(out, model, card, cfg: TrainConfig, step, vloss, command, n_slices, n_unhealthy) -> None:
+    card = json.loads(json.dumps(card))
+    card["provenance"] = {
+        **_provenance(cfg, step, command, n_slices, n_unhealthy),
+        "condition_dropout": cfg.cond_dropout,
+        "validation_metrics": {"val_mse": round(float(vloss), 6)},
         "note": ("Demonstration model trained on synthetic phantoms with a network smaller than the "
                  "paper's (channels 32/64/64, attention at the lowest level only). Not for clinical use."),
     }
+    _save_best(out, model, card)
+
+
+def _save_best(out: Path, model, card: dict[str, Any]) -> None:
+    """``best.safetensors``: a CPU copy of the model's weights with ``card``."""
     model_cpu = build_model(card)
     model_cpu.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     save_checkpoint(model_cpu, card, out / "best.safetensors")
