@@ -171,6 +171,26 @@ def organ_list(value: Any, field: str = "the organs") -> list[str]:
     return [] if [n.lower() for n in names] in ([], ["none"]) else names
 
 
+#: the largest noise seed (what ``torch.Generator.manual_seed`` and NumPy both accept)
+MAX_SEED = 2**32 - 1
+
+
+def check_tau(value: Any, field: str = "tau") -> float:
+    """CDM's embedding weight tau: strictly between 0 and 1 (at 1 the finite difference divides by zero)."""
+    return real_number(value, field, 0.0, 1.0, lo_open=True, hi_open=True,
+                       why=" (the weight of the unhealthy class embedding in the second trajectory)")
+
+
+def check_seed(value: Any, field: str = "the seed") -> int:
+    """A noise seed: a whole number from 0 to :data:`MAX_SEED`."""
+    return whole_number(value, field, 0, MAX_SEED)
+
+
+def check_cdm_steps(value: Any, noise_level: int, field: str = "the number of CDM steps") -> int:
+    """CDM's R: a whole number from 1 to the noise level Q (the R unit DDIM steps go down from Q)."""
+    return whole_number(value, field, 1, int(noise_level), why=f" (at most the noise level {int(noise_level)})")
+
+
 def check_threshold(method: Any, value: Any, method_field: str = "the threshold method",
                     value_field: str = "the threshold value") -> float | None:
     """The threshold rule's value (None for Otsu, which has none), after checking method and value.
@@ -580,11 +600,11 @@ def _check_cdm_defaults(cdm: dict[str, Any], timesteps: int) -> None:
     if "noise_level" in cdm:
         cdm["noise_level"] = check_noise_level(cdm["noise_level"], timesteps, field + "noise_level")
     if "steps" in cdm:
-        cdm["steps"] = whole_number(cdm["steps"], field + "steps", 1)
+        cdm["steps"] = check_cdm_steps(cdm["steps"], cdm.get("noise_level", timesteps - 1), field + "steps")
     if "tau" in cdm:
-        real_number(cdm["tau"], field + "tau", 0.0, 1.0, lo_open=True, hi_open=True)
+        cdm["tau"] = check_tau(cdm["tau"], field + "tau")
     if "seed" in cdm:
-        cdm["seed"] = whole_number(cdm["seed"], field + "seed", 0)
+        cdm["seed"] = check_seed(cdm["seed"], field + "seed")
 
 
 def _check_classifier_defaults(defaults: dict[str, Any]) -> None:

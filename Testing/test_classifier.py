@@ -138,10 +138,11 @@ def test_the_accuracy_table_is_shown_and_checked_on_every_card():
 @pytest.mark.parametrize("cdm, words", [
     ({"noise_level": 400, "steps": 10, "tau": 0.95, "seed": 0}, None),
     ({"noise_level": 1000}, "inference_defaults.cdm.noise_level must be a whole number from 1 to 999"),
-    ({"steps": 0}, "inference_defaults.cdm.steps must be a whole number >= 1, got 0."),
-    ({"tau": 1.0}, "inference_defaults.cdm.tau must be a finite number in (0, 1), got 1.0."),
+    ({"steps": 0}, "inference_defaults.cdm.steps must be a whole number from 1 to 999 (at most the noise level"),
+    ({"noise_level": 5, "steps": 6}, "inference_defaults.cdm.steps must be a whole number from 1 to 5"),
+    ({"tau": 1.0}, "inference_defaults.cdm.tau must be a finite number in (0, 1) (the weight of the unhealthy"),
     ({"tau": 0}, "inference_defaults.cdm.tau must be a finite number in (0, 1)"),
-    ({"seed": -1}, "inference_defaults.cdm.seed must be a whole number >= 0, got -1."),
+    ({"seed": -1}, "inference_defaults.cdm.seed must be a whole number from 0 to 4294967295, got -1."),
     ({"R": 10}, "inference_defaults.cdm must hold only noise_level, steps, tau and seed, got unknown R."),
     ([400], "inference_defaults.cdm must be a JSON object"),
 ])

@@ -15,10 +15,15 @@ from ..checkpoint import existing_file, read_card
 from ..networks import load_weights
 from ..reference_import import REFERENCE_SUFFIXES, convert_reference_checkpoint
 from .base import SliceMethod
+from .cdm import CdmModel
 from .igconda import IgcondaModel
 
-#: method name in a model card -> the class implementing it
-METHOD_CLASSES: dict[str, type[SliceMethod]] = {"igconda": IgcondaModel}
+#: method name -> the class implementing it
+METHOD_CLASSES: dict[str, type[SliceMethod]] = {"igconda": IgcondaModel, "cdm": CdmModel}
+
+#: a card's method (what its network was trained for) -> the methods that network can run, its own first:
+#: CDM uses the conditional IgCONDA-PET network (METHODS.md section 3)
+METHODS_SERVED: dict[str, tuple[str, ...]] = {"igconda": ("igconda", "cdm"), "cdm": ("cdm",)}
 
 
 def method_class(name: str) -> type[SliceMethod]:
@@ -29,8 +34,28 @@ def method_class(name: str) -> type[SliceMethod]:
     return METHOD_CLASSES[name]
 
 
-def load_checkpoint(path: str | Path, device: str = "auto", precision: str = "fp32") -> SliceMethod:
-    """Load a checkpoint and return the method object its card names (e.g. an IgCONDA model).
+def served_method(card: dict, method: str | None = None) -> str:
+    """The method to run with a checkpoint of ``card``: ``method``, or the card's own when None.
+
+    Refuses, in one sentence, a method the checkpoint's network cannot serve.
+    """
+    own = card["method"]
+    if method is None:
+        return own
+    method_class(method)
+    served = METHODS_SERVED.get(own, (own,))
+    if method not in served:
+        raise CheckpointError(f"model {card['id']} (a {own} network) cannot run method {method!r}; "
+                              f"it can run: {', '.join(served)}.")
+    return method
+
+
+def load_checkpoint(path: str | Path, device: str = "auto", precision: str = "fp32",
+                    method: str | None = None) -> SliceMethod:
+    """Load a checkpoint and return the object of ``method`` (None: the method its card names, e.g. IgCONDA).
+
+    ``method`` may name another method the checkpoint's network can serve (:data:`METHODS_SERVED`:
+    ``"cdm"`` with an IgCONDA-PET checkpoint); anything else is refused before the weights are read.
 
     ``precision``: 'fp32' (default; the reference arithmetic), 'bf16' or 'auto' (bf16 on CPUs
     with native bf16, about twice as fast there); see :func:`..networks.pick_precision`.
@@ -40,11 +65,12 @@ def load_checkpoint(path: str | Path, device: str = "auto", precision: str = "fp
     path = existing_file(path)
     if path.suffix.lower() in REFERENCE_SUFFIXES:
         model, card = convert_reference_checkpoint(path)
+        name = served_method(card, method)
     else:
         card = read_card(path)
+        name = served_method(card, method)
         model = load_weights(path, card)
-    return method_class(card["method"])(model, copy.deepcopy(card), device=device, source=str(path),
-                                        precision=precision)
+    return method_class(name)(model, copy.deepcopy(card), device=device, source=str(path), precision=precision)
 
 
-__all__ = ["METHOD_CLASSES", "load_checkpoint", "method_class"]
+__all__ = ["METHODS_SERVED", "METHOD_CLASSES", "load_checkpoint", "method_class", "served_method"]
