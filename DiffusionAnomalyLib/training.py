@@ -220,19 +220,42 @@ def _optimise(model, opt, loss) -> None:
     opt.step()
 
 
-def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=print) -> Path:
-    """Train (or resume) an IgCONDA model; writes ``best.safetensors`` and ``state.safetensors`` in cfg.out."""
-    card = card or default_card()
-    _check_state_method(cfg, "igconda")
+@dataclass
+class _Run:
+    """What both training loops set up the same way before their first step."""
+
+    out: Path
+    rng: np.random.Generator
+    device: torch.device
+    data: tuple  # train_x, train_y, val_x, val_y, pools (:func:`_training_data`)
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    noiser: Any
+    channels_last: bool
+    timesteps: int
+
+
+def _start(cfg: "TrainConfig", card: dict[str, Any], method: str, data, log) -> _Run:
+    """The set-up of a training run of ``method``: state check, folder, seeds, device, data, network, optimiser."""
+    _check_state_method(cfg, method)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
-    train_x, train_y, val_x, val_y, pools = _training_data(cfg, card["preprocessing"], data, out, log)
-
+    prepared = _training_data(cfg, card["preprocessing"], data, out, log)
     model, opt, noiser, channels_last = _model_and_optimiser(card, cfg, device)
-    T = int(card["scheduler"]["num_train_timesteps"])
+    return _Run(out, rng, device, prepared, model, opt, noiser, channels_last,
+                int(card["scheduler"]["num_train_timesteps"]))
+
+
+def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=print) -> Path:
+    """Train (or resume) an IgCONDA model; writes ``best.safetensors`` and ``state.safetensors`` in cfg.out."""
+    card = card or default_card()
+    run = _start(cfg, card, "igconda", data, log)
+    out, rng, device, T = run.out, run.rng, run.device, run.timesteps
+    train_x, train_y, val_x, val_y, pools = run.data
+    model, opt, noiser, channels_last = run.model, run.opt, run.noiser, run.channels_last
 
     # fixed validation batch: balanced slices, fixed t and noise
     vx, vy = _validation_slices(val_x, val_y, device)
@@ -303,17 +326,11 @@ def train_classifier(cfg: TrainConfig, card: dict[str, Any] | None = None, data=
     card = validate_card(json.loads(json.dumps(card or classifier_card())))
     if card["method"] != "classifier":
         raise ValueError(f"a classifier is trained from a classifier model card, got method {card['method']!r}.")
-    _check_state_method(cfg, "classifier")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = pick_device(cfg.device)
-    train_x, train_y, val_x, val_y, pools = _training_data(cfg, card["preprocessing"], data, out, log)
+    run = _start(cfg, card, "classifier", data, log)
+    out, rng, device, T = run.out, run.rng, run.device, run.timesteps
+    train_x, train_y, val_x, val_y, pools = run.data
+    model, opt, noiser, channels_last = run.model, run.opt, run.noiser, run.channels_last
     classes = torch.tensor([0, card["labels"]["healthy"], card["labels"]["unhealthy"]], device=device)
-
-    model, opt, noiser, channels_last = _model_and_optimiser(card, cfg, device)
-    T = int(card["scheduler"]["num_train_timesteps"])
 
     # fixed validation: the same balanced slices in every band, at a fixed t and noise per slice and band
     vx, vy = _validation_slices(val_x, val_y, device)

@@ -8,10 +8,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..diffusion import memory_batch_size
 from ..networks import pick_device, pick_precision
+from ..pipeline import MethodResult
 from ..preprocessing import (ModelGrid, check_modality, from_model_space, model_grid, model_units_to_input,
                              model_values_to_input, to_model_space)
 from ..postprocessing import bounding_box
+from ..progress import Progress, report, timer
 from ..volume import Volume, validate_volume
 
 #: Most model slices a run may have: 2 m of body at 1 mm (a large input slice spacing can ask for metres).
@@ -152,6 +155,53 @@ class SliceMethod:
         """:meth:`plan` for the whole volume, then resample it into model space."""
         grid, _ = self.plan(volume, evaluations_per_slice)
         return to_model_space(volume, self.card["preprocessing"], grid)
+
+    # ---- what every run does first and last, and the one network call ---------------------------
+    def start_run(self, volume: Volume, evaluations_per_slice: int, region: np.ndarray | Volume | None,
+                  progress: Progress | None, timings: dict[str, float]) -> tuple[np.ndarray, ModelGrid, np.ndarray]:
+        """:meth:`plan` (every check before any network work), then the volume in model space: (x, grid, the
+        model slices to compute)."""
+        clock = timer()
+        report(progress, 0.0, "preprocessing")
+        grid, todo = self.plan(volume, evaluations_per_slice, region)
+        x, grid = to_model_space(volume, self.card["preprocessing"], grid)
+        timings["preprocess"] = clock()
+        return x, grid, todo
+
+    def finish_run(self, volume: Volume, x: np.ndarray, grid: ModelGrid, todo: np.ndarray, heat: np.ndarray,
+                   cf: np.ndarray | None, params: dict[str, Any], timings: dict[str, float], evaluations_before: int,
+                   progress: Progress | None, heat_units: str | None = None) -> MethodResult:
+        """The model-space heat map (and counterfactual) back on the input's exact grid, as a :class:`MethodResult`."""
+        clock = timer()
+        report(progress, 0.93, "resampling onto the input grid")
+        heat_vol, cf_vol = self.to_input_grid(heat, cf, grid, volume)
+        if heat_units is not None:
+            heat_vol.units = heat_units
+        timings["postprocess"] = clock()
+        report(progress, 1.0, "done")
+        return MethodResult(
+            heatmap=heat_vol, counterfactual=cf_vol, model_input=x, model_counterfactual=cf, model_heat=heat,
+            grid=grid, parameters=params, timings=timings,
+            network_evaluations=self.network_evaluations - evaluations_before, computed_slices=len(todo),
+            compute={"device": str(self.device), "precision": self.precision},
+        )
+
+    def batch_size(self, image_shape: tuple[int, ...]) -> int:
+        """Slices per network call (a call may carry two conditions per slice): the card's batch size, less
+        if memory is short."""
+        unet = self.card["network"]["unet"]
+        per_image = 4.0 * float(np.prod(image_shape)) * float(unet["channels"][0]) * 24.0 * 2
+        return memory_batch_size(per_image, self.device, int(self.card["inference_defaults"].get("batch_size", 32)))
+
+    def eps(self, x: torch.Tensor, t: int, context: torch.Tensor | None) -> torch.Tensor:
+        """The network's noise prediction for ``x`` at timestep ``t`` with ``context``, in float32; counted in
+        :attr:`network_evaluations` (one per image); bfloat16 autocast when the precision is bf16."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        tt = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
+        self.network_evaluations += int(x.shape[0])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model(x, tt, context).float()
 
     def to_input_grid(self, heat: np.ndarray, cf: np.ndarray | None, grid: ModelGrid, volume: Volume):
         prep = self.card["preprocessing"]

@@ -49,9 +49,8 @@ import torch
 
 from ..card import (REFERENCE_STEPS, CheckpointError, check_cdm_steps, check_noise_level, check_seed, check_tau,
                     number_from_text, shown)
-from ..diffusion import DDIM, memory_batch_size
+from ..diffusion import DDIM
 from ..pipeline import MethodResult
-from ..preprocessing import to_model_space
 from ..progress import Cancel, Progress, check_cancel, report, timer
 from ..volume import Volume, array_key
 from .base import SliceMethod
@@ -144,20 +143,6 @@ class CdmModel(SliceMethod):
         return 2 * int(params["steps"])
 
     # ---- the network ------------------------------------------------------------------------
-    def batch_size(self, image_shape: tuple[int, ...]) -> int:
-        """Slices per network call (each call carries both trajectories): the card's batch size, less if memory is short."""
-        unet = self.card["network"]["unet"]
-        per_image = 4.0 * float(np.prod(image_shape)) * float(unet["channels"][0]) * 24.0 * 2
-        return memory_batch_size(per_image, self.device, int(self.card["inference_defaults"].get("batch_size", 32)))
-
-    def _eps(self, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        tt = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
-        self.network_evaluations += int(x.shape[0])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return self.model(x, tt, context).float()
-
     def contexts(self, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The two conditions, (1, 1, dim) each: f(y1) and e(tau) = tau f(y1) + (1 - tau) f(y0)."""
         labels = torch.tensor([self.unhealthy_label, self.healthy_label], device=self.device)
@@ -198,7 +183,7 @@ class CdmModel(SliceMethod):
             a = torch.zeros_like(x)
             for t in range(q, q - r, -1):
                 check_cancel(cancel)
-                eps1, eps_tau = self._eps(torch.cat([x, x_tau]), t, context).chunk(2)
+                eps1, eps_tau = self.eps(torch.cat([x, x_tau]), t, context).chunk(2)
                 x = self.ddim.move(x, eps1, t, t - 1, REFERENCE_STEPS)
                 x_tau = self.ddim.move(x_tau, eps_tau, t, t - 1, REFERENCE_STEPS)
                 a += (x - x_tau) * scale
@@ -221,11 +206,7 @@ class CdmModel(SliceMethod):
         params = self.resolve(noise_level, steps, tau, seed)
         evals_before = self.network_evaluations
         timings: dict[str, float] = {}
-        clock = timer()
-        report(progress, 0.0, "preprocessing")
-        grid, todo = self.plan(volume, self.evaluations_per_slice(params), region)
-        x, grid = to_model_space(volume, self.card["preprocessing"], grid)
-        timings["preprocess"] = clock()
+        x, grid, todo = self.start_run(volume, self.evaluations_per_slice(params), region, progress, timings)
         key = ("cdm", array_key(x, grid, todo)) + tuple(params[name] for name in PARAMETERS)
         signed = self.cache.get_item(key)
         if signed is None:
@@ -238,19 +219,8 @@ class CdmModel(SliceMethod):
             signed = np.zeros_like(x)
             signed[todo] = computed.squeeze(1).numpy()
             self.cache.put(key, signed)
-        clock = timer()
-        heat = np.abs(signed)
-        report(progress, 0.93, "resampling onto the input grid")
-        heat_vol, _ = self.to_input_grid(heat, None, grid, volume)
-        heat_vol.units = f"|{volume.units or 'intensity'} difference| / (1 - tau)"
-        timings["postprocess"] = clock()
-        report(progress, 1.0, "done")
-        return MethodResult(
-            heatmap=heat_vol, counterfactual=None, model_input=x, model_counterfactual=None, model_heat=heat,
-            grid=grid, parameters=params, timings=timings,
-            network_evaluations=self.network_evaluations - evals_before, computed_slices=len(todo),
-            compute={"device": str(self.device), "precision": self.precision},
-        )
+        return self.finish_run(volume, x, grid, todo, np.abs(signed), None, params, timings, evals_before, progress,
+                               heat_units=f"|{volume.units or 'intensity'} difference| / (1 - tau)")
 
 
 __all__ = ["CARD_SECTION", "DEFAULT_NOISE_LEVEL", "DEFAULT_SEED", "DEFAULT_STEPS", "DEFAULT_TAU", "CdmModel"]

@@ -24,10 +24,9 @@ import torch
 
 from ..card import (REFERENCE_STEPS, CheckpointError, Steps, check_guidance_scale, check_noise_level, check_steps,
                     number_from_text, parse_steps)
-from ..diffusion import DDIM, memory_batch_size, timestep_grid
+from ..diffusion import DDIM, timestep_grid
 from ..pipeline import MethodResult
 from ..progress import Cancel, Progress, check_cancel, report, timer
-from ..preprocessing import to_model_space
 from ..volume import Volume, array_key
 from .base import SliceMethod
 
@@ -53,21 +52,8 @@ class IgcondaModel(SliceMethod):
         except ValueError as exc:
             raise CheckpointError(f"model {card['id']}: {exc}") from None
 
-    # ---- sizing -----------------------------------------------------------------------------
-    def batch_size(self, image_shape: tuple[int, ...]) -> int:
-        """Slices per network call: the card's batch size, reduced if memory is short."""
-        unet = self.card["network"]["unet"]
-        per_image = 4.0 * float(np.prod(image_shape)) * float(unet["channels"][0]) * 24.0 * 2  # pairs in decode
-        cap = int(self.card["inference_defaults"].get("batch_size", 32))
-        return memory_batch_size(per_image, self.device, cap)
-
     def _eps(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        tt = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
-        self.network_evaluations += int(x.shape[0])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return self.model(x, tt, self.model.context(labels)).float()
+        return self.eps(x, t, self.model.context(labels))
 
     def _labels(self, n: int, label: int) -> torch.Tensor:
         return torch.full((n,), label, device=self.device, dtype=torch.long)
@@ -184,11 +170,7 @@ class IgcondaModel(SliceMethod):
         params = self.resolve(noise_level, guidance_scale, steps)
         evals_before = self.network_evaluations
         timings: dict[str, float] = {}
-        clock = timer()
-        report(progress, 0.0, "preprocessing")
-        grid, todo = self.plan(volume, self.evaluations_per_slice(params), region)
-        x, grid = to_model_space(volume, self.card["preprocessing"], grid)
-        timings["preprocess"] = clock()
+        x, grid, todo = self.start_run(volume, self.evaluations_per_slice(params), region, progress, timings)
         case = array_key(x, grid, todo)
         enc_key = (case, params["noise_level"], params["steps"])
         dec_key = enc_key + (params["guidance_scale"],)
@@ -209,15 +191,4 @@ class IgcondaModel(SliceMethod):
             computed, cf = cf.squeeze(1).numpy(), x.copy()
             cf[todo] = computed
             self.cache.put(("cf",) + dec_key, cf)
-        clock = timer()
-        heat = np.abs(x - cf)
-        report(progress, 0.93, "resampling onto the input grid")
-        heat_vol, cf_vol = self.to_input_grid(heat, cf, grid, volume)
-        timings["postprocess"] = clock()
-        report(progress, 1.0, "done")
-        return MethodResult(
-            heatmap=heat_vol, counterfactual=cf_vol, model_input=x, model_counterfactual=cf, model_heat=heat,
-            grid=grid, parameters=params, timings=timings,
-            network_evaluations=self.network_evaluations - evals_before, computed_slices=len(todo),
-            compute={"device": str(self.device), "precision": self.precision},
-        )
+        return self.finish_run(volume, x, grid, todo, np.abs(x - cf), cf, params, timings, evals_before, progress)
