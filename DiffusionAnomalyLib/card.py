@@ -22,6 +22,17 @@ FORMAT = "diffusion-anomaly-checkpoint"
 FORMAT_VERSION = 1
 KNOWN_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 METHODS = ("igconda", "classifier_guided", "cdm", "latent3d", "classifier")
+#: the methods whose model makes a heat map of a scan (a "classifier" model only guides another one)
+ANALYSIS_METHODS = tuple(m for m in METHODS if m != "classifier")
+
+
+def check_analysis_model(card: dict, source: str) -> dict:
+    """``card`` if its model analyses scans; a guidance classifier is refused with one sentence naming ``source``."""
+    if card.get("method") not in ANALYSIS_METHODS:
+        raise CheckpointError(f"{source} is a {METHOD_TITLES.get(card.get('method'), card.get('method'))}, which "
+                              "guides a diffusion model but makes no heat map itself; choose a diffusion model's "
+                              "checkpoint.")
+    return card
 MODALITIES = ("PT", "CT")
 #: DICOM modality code -> the word a user reads
 MODALITY_NAMES = {"PT": "PET", "CT": "CT"}

@@ -16,7 +16,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from .card import CheckpointError, validate_card
+from .card import ANALYSIS_METHODS, CheckpointError, validate_card
 
 __all__ = ["CheckpointError", "bundled_checkpoint", "bundled_models", "existing_file", "models_dir", "read_card"]
 
@@ -65,8 +65,10 @@ def models_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "models"
 
 
-def bundled_models() -> list[dict[str, Any]]:
-    """Entries of ``Resources/models/registry.json``: id, file, title (absolute ``path`` added)."""
+def bundled_models(methods: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Entries of ``Resources/models/registry.json``: id, file, title, method (absolute ``path`` added);
+    only those whose method is in ``methods`` when given (e.g. :data:`.card.ANALYSIS_METHODS`: models a
+    user can run on a scan, not the classifiers that guide them)."""
     registry = models_dir() / "registry.json"
     if not registry.exists():
         return []
@@ -82,13 +84,13 @@ def bundled_models() -> list[dict[str, Any]]:
                               "fix the file.") from None
     for e in entries:
         e["path"] = str(models_dir() / e["file"])
-    return entries
+    return [e for e in entries if methods is None or e.get("method", "igconda") in methods]
 
 
 def bundled_checkpoint(model_id: str | None = None) -> Path:
-    """Path of a bundled checkpoint (the first one when ``model_id`` is None)."""
+    """Path of a bundled checkpoint (when ``model_id`` is None, the first one that analyses scans)."""
     entries = bundled_models()
-    for e in entries:
+    for e in entries if model_id is not None else bundled_models(ANALYSIS_METHODS):
         if model_id is None or e["id"] == model_id:
             path = Path(e["path"])
             if not path.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +261,47 @@ def test_train_without_method_stays_igconda(monkeypatch, tmp_path):
     assert cli.main(["train", "--out", str(tmp_path / "a"), "--steps", "5"]) == 0
     assert cli.main(["train", "--method", "classifier", "--out", str(tmp_path / "b")]) == 0
     assert calls == [("igconda", "igconda"), ("classifier", "classifier")]
+
+
+def test_a_classifier_is_no_model_to_run(tmp_path):
+    """A guidance classifier is refused where a scan would be analysed (CLI, Python, Slicer's model list)."""
+    from DiffusionAnomalyLib.checkpoint import bundled_checkpoint
+    from DiffusionAnomalyLib.methods import load_checkpoint
+    from DiffusionAnomalyLib.networks import build_model, save_checkpoint
+
+    card = classifier_card(channels=(8, 16, 16), in_plane_size=(32, 32))
+    card["network"]["encoder"].update(norm_num_groups=8, num_head_channels=8)
+    torch.manual_seed(0)
+    path = save_checkpoint(build_model(card), card, tmp_path / "classifier.safetensors")
+    with pytest.raises(CheckpointError, match=r"is a noise-conditioned classifier .*, which guides a diffusion model "
+                                              r"but makes no heat map itself; choose a diffusion model's checkpoint\."):
+        load_checkpoint(path, device="cpu")
+    assert read_card(bundled_checkpoint())["method"] != "classifier"  # the default bundled model analyses scans
+
+
+def test_slicers_model_list_leaves_out_guidance_classifiers(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from DiffusionAnomalyLib import checkpoint
+    from DiffusionAnomalyLib.networks import build_model, save_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DiffusionAnomaly"))
+    from DiffusionAnomalyModuleLib.models import ModelDatabase
+
+    card = classifier_card(channels=(8, 16, 16), in_plane_size=(32, 32))
+    card["network"]["encoder"].update(norm_num_groups=8, num_head_channels=8)
+    torch.manual_seed(0)
+    save_checkpoint(build_model(card), card, tmp_path / "guide.safetensors")
+    shutil.copy(checkpoint.bundled_checkpoint(), tmp_path / "demo.safetensors")
+    (tmp_path / "registry.json").write_text(json.dumps({"models": [
+        {"id": "guide", "file": "guide.safetensors", "method": "classifier"},
+        {"id": "demo", "file": "demo.safetensors", "method": "igconda"}]}))
+    monkeypatch.setattr(checkpoint, "models_dir", lambda: tmp_path)
+    assert [e["id"] for e in checkpoint.bundled_models()] == ["guide", "demo"]
+    assert checkpoint.bundled_checkpoint() == tmp_path / "demo.safetensors"  # the first model that analyses scans
+    database = ModelDatabase(settingsPath=tmp_path / "settings.json")
+    assert [e["id"] for e in database.models()] == ["demo"]
+    with pytest.raises(CheckpointError, match="guide.safetensors is a noise-conditioned classifier"):
+        database.addUserCheckpoint(tmp_path / "guide.safetensors")
+    assert not (tmp_path / "settings.json").exists()

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from DiffusionAnomalyLib.card import ANALYSIS_METHODS, check_analysis_model
 from DiffusionAnomalyLib.checkpoint import bundled_models, read_card
 from DiffusionAnomalyLib.export import write_json
 from DiffusionAnomalyLib.files import check_writable_dir
@@ -34,7 +35,7 @@ class ModelDatabase:
     def addUserCheckpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Remember a checkpoint file across sessions; returns its model entry (its card is checked first)."""
         path = str(Path(path).expanduser().resolve())
-        card = read_card(path)  # raises CheckpointError with a sentence
+        card = check_analysis_model(read_card(path), Path(path).name)  # raises CheckpointError with a sentence
         paths = [p for p in self.userCheckpoints() if p != path] + [path]
         check_writable_dir(self.settingsPath.parent)
         write_json({"checkpoints": paths}, self.settingsPath, indent=1)
@@ -42,7 +43,8 @@ class ModelDatabase:
 
     def models(self) -> list[dict[str, Any]]:
         """Model entries (id, title, path): bundled models, then remembered files that still exist."""
-        entries = [{"id": e["id"], "title": e.get("title", e["id"]), "path": e["path"]} for e in bundled_models()]
+        entries = [{"id": e["id"], "title": e.get("title", e["id"]), "path": e["path"]}
+                   for e in bundled_models(ANALYSIS_METHODS)]  # a guidance classifier is no model to run
         for path in self.userCheckpoints():
             if Path(path).is_file():
                 entries.append({"id": path, "title": f"{Path(path).name} (file)", "path": path})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ..card import CheckpointError
+from ..card import CheckpointError, check_analysis_model
 from ..checkpoint import existing_file, read_card
 from ..networks import load_weights
 from ..reference_import import REFERENCE_SUFFIXES, convert_reference_checkpoint
@@ -39,7 +39,7 @@ def served_method(card: dict, method: str | None = None) -> str:
 
     Refuses, in one sentence, a method the checkpoint's network cannot serve.
     """
-    own = card["method"]
+    own = check_analysis_model(card, f"model {card['id']}")["method"]
     if method is None:
         return own
     method_class(method)
