@@ -758,28 +758,22 @@ def default_card(
     }
 
 
-def classifier_card(
-    channels=(32, 64, 64),
-    attention_levels=(False, False, True),
-    spacing_mm=(6.0, 6.0, 6.0),
-    in_plane_size=(64, 64),
-    suv_scale=12.0,
-) -> dict[str, Any]:
+def classifier_card(**design: Any) -> dict[str, Any]:
     """Model card of the demo noise-conditioned classifier (provenance is filled in by training).
 
-    Its scheduler and preprocessing are those of :func:`default_card` with the same arguments: the
-    classifier guides that diffusion model, so it must see the same model-space slices and noise schedule.
+    ``design``: :func:`default_card`'s arguments. Its scheduler and preprocessing are that card's, and
+    its encoder has the UNet's channels, attention, blocks and normalisation: the classifier guides
+    that diffusion model, so it must see the same model-space slices and noise schedule.
     """
-    card = default_card(channels, attention_levels, spacing_mm, in_plane_size, suv_scale)
+    card = default_card(**design)
+    unet = card["network"]["unet"]
+    shared = ("spatial_dims", "in_channels", "channels", "attention_levels", "num_res_blocks", "num_head_channels",
+              "norm_num_groups")
     card.update(
         id="classifier-pet-phantom-demo",
         name="Noise-conditioned healthy/unhealthy classifier (synthetic phantoms)",
         method="classifier",
-        network={"encoder": {
-            "spatial_dims": 2, "in_channels": 1, "out_channels": len(CLASSIFIER_LABELS),
-            "channels": list(channels), "attention_levels": list(attention_levels),
-            "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 32,
-        }},
+        network={"encoder": {**{key: unet[key] for key in shared}, "out_channels": len(CLASSIFIER_LABELS)}},
         labels={name: n for n, name in enumerate(CLASSIFIER_LABELS)},
         inference_defaults={"batch_size": 32},
     )

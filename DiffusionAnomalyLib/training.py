@@ -249,6 +249,26 @@ def _start(cfg: "TrainConfig", card: dict[str, Any], method: str, data, log) -> 
                 int(card["scheduler"]["num_train_timesteps"]))
 
 
+def _run_steps(cfg: "TrainConfig", step: int, log, train_step, validation_due) -> int:
+    """Optimiser steps from ``step`` to ``cfg.steps`` within the time budget; the step reached.
+
+    ``train_step()`` makes one step and returns its loss (a tensor); ``validation_due(step, loss)``
+    runs every ``cfg.val_every`` steps and at the last one. The one loop of both trainers.
+    """
+    t_start = time.time()
+    while step < cfg.steps:
+        if cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes:
+            log(f"time budget of {cfg.max_minutes} min reached at step {step}")
+            break
+        loss = train_step()
+        step += 1
+        if step % 10 == 0:
+            log(f"step {step} loss {loss.item():.5f} ({(time.time() - t_start) / 60:.1f} min)")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            validation_due(step, loss)
+    return step
+
+
 def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=print) -> Path:
     """Train (or resume) an IgCONDA model; writes ``best.safetensors`` and ``state.safetensors`` in cfg.out."""
     card = card or default_card()
@@ -281,12 +301,7 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
         model.train()
         return loss
 
-    t_start = time.time()
-    model.train()
-    while step < cfg.steps:
-        if cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes:
-            log(f"time budget of {cfg.max_minutes} min reached at step {step}")
-            break
+    def train_step() -> torch.Tensor:
         idx, x0 = _balanced_batch(rng, pools, cfg.batch_size, train_x, aug, device)
         y = torch.from_numpy(train_y[idx].astype(np.int64)).to(device)
         y = torch.where(torch.rand(len(y), device=device) < cfg.cond_dropout, torch.zeros_like(y), y)
@@ -295,20 +310,23 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
         xt = _q_sample(noiser, x0, noise, t, channels_last)
         loss = torch.mean((model(xt, t, model.context(y)).float() - noise) ** 2)
         _optimise(model, opt, loss)
-        step += 1
-        if step % 10 == 0:
-            log(f"step {step} loss {loss.item():.5f} ({(time.time() - t_start) / 60:.1f} min)")
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            vloss = validate()
-            history.append({"step": step, "val_loss": round(vloss, 6), "train_loss": round(loss.item(), 6)})
-            log(f"step {step} validation loss {vloss:.5f}")
-            if vloss < best:
-                best = vloss
-                _write_best(out, model, card, cfg, step, vloss, command, len(train_x), int((train_y == 2).sum()))
-            _save_state(state_path, model, opt, step, rng, {"best": best, "history": history})
+        return loss
+
+    def validation_due(step: int, loss: torch.Tensor) -> None:
+        nonlocal best
+        vloss = validate()
+        history.append({"step": step, "val_loss": round(vloss, 6), "train_loss": round(loss.item(), 6)})
+        log(f"step {step} validation loss {vloss:.5f}")
+        if vloss < best:
+            best = vloss
+            _write_best(out, model, card, cfg, step, vloss, command, len(train_x), int((train_y == UNHEALTHY).sum()))
+        _save_state(state_path, model, opt, step, rng, {"best": best, "history": history})
+
+    model.train()
+    step = _run_steps(cfg, step, log, train_step, validation_due)
     if not (out / "best.safetensors").exists():
         vloss = validate()
-        _write_best(out, model, card, cfg, step, vloss, command, len(train_x), int((train_y == 2).sum()))
+        _write_best(out, model, card, cfg, step, vloss, command, len(train_x), int((train_y == UNHEALTHY).sum()))
     _save_state(state_path, model, opt, step, rng, {"best": best, "history": history})
     write_json(history, out / "history.json", indent=1)
     return out / "best.safetensors"
@@ -363,32 +381,30 @@ def train_classifier(cfg: TrainConfig, card: dict[str, Any] | None = None, data=
         model.train()
         return accuracy, loss, table
 
-    t_start = time.time()
-    model.train()
-    while step < cfg.steps:
-        if cfg.max_minutes is not None and (time.time() - t_start) / 60 > cfg.max_minutes:
-            log(f"time budget of {cfg.max_minutes} min reached at step {step}")
-            break
+    def train_step() -> torch.Tensor:
         idx, x0 = _balanced_batch(rng, pools, cfg.batch_size, train_x, aug, device)
         target = classes[torch.from_numpy(train_y[idx].astype(np.int64)).to(device)]
         t = torch.randint(0, T, (len(x0),), device=device)
         xt = _q_sample(noiser, x0, torch.randn_like(x0), t, channels_last)
         loss = torch.nn.functional.cross_entropy(model(xt, t).float(), target)
         _optimise(model, opt, loss)
-        step += 1
-        if step % 10 == 0:
-            log(f"step {step} loss {loss.item():.5f} ({(time.time() - t_start) / 60:.1f} min)")
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            accuracy, vloss, table = validate()
-            history.append({"step": step, "val_accuracy": round(accuracy, 4), "val_loss": round(vloss, 6),
-                            "train_loss": round(loss.item(), 6), "val_accuracy_by_t": table})
-            log(f"step {step} validation accuracy {accuracy:.3f} ("
-                + ", ".join(f"t {b['timesteps'][0]}-{b['timesteps'][1] - 1}: {b['accuracy']:.2f}" for b in table) + ")")
-            if accuracy > best:
-                best = accuracy
-                _write_best_classifier(out, model, card, cfg, step, (accuracy, vloss, table), command,
-                                       len(train_x), int((train_y == UNHEALTHY).sum()))
-            _save_state(state_path, model, opt, step, rng, {"best": best, "history": history, "method": "classifier"})
+        return loss
+
+    def validation_due(step: int, loss: torch.Tensor) -> None:
+        nonlocal best
+        accuracy, vloss, table = validate()
+        history.append({"step": step, "val_accuracy": round(accuracy, 4), "val_loss": round(vloss, 6),
+                        "train_loss": round(loss.item(), 6), "val_accuracy_by_t": table})
+        log(f"step {step} validation accuracy {accuracy:.3f} ("
+            + ", ".join(f"t {b['timesteps'][0]}-{b['timesteps'][1] - 1}: {b['accuracy']:.2f}" for b in table) + ")")
+        if accuracy > best:
+            best = accuracy
+            _write_best_classifier(out, model, card, cfg, step, (accuracy, vloss, table), command,
+                                   len(train_x), int((train_y == UNHEALTHY).sum()))
+        _save_state(state_path, model, opt, step, rng, {"best": best, "history": history, "method": "classifier"})
+
+    model.train()
+    step = _run_steps(cfg, step, log, train_step, validation_due)
     if not (out / "best.safetensors").exists():
         _write_best_classifier(out, model, card, cfg, step, validate(), command, len(train_x),
                                int((train_y == UNHEALTHY).sum()))
