@@ -37,7 +37,7 @@ from .networks import pick_device, save_checkpoint
 from .pipeline import RESULT_FILES, analyse, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
-from .roi import OrganLabels, OrganSelection, check_overlap, organ_names, read_organ_labels
+from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
 from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
 from .training import TrainConfig, train, train_classifier
@@ -207,12 +207,11 @@ def _organ_labels(args, selection: OrganSelection, volume, stage: Path) -> Organ
     """
     if args.roi_seg is not None:
         return read_organ_labels(args.roi_seg)
-    check_overlap(read_volume(args.ct), volume, f"the CT {args.ct}")
     bar = _progress_bar("TotalSegmentator")
     try:
         path = run_totalsegmentator(args.ct, stage / ORGANS_FILE, organs=list(selection.include + selection.exclude),
-                                    fast=args.totalseg_fast, device=args.device,
-                                    progress=bar, environment=args.totalseg_env)
+                                    fast=args.totalseg_fast, device=args.device, progress=bar,
+                                    environment=args.totalseg_env, overlapping=volume)
     finally:
         bar.close()
     return read_organ_labels(path)

@@ -40,8 +40,8 @@ from typing import Sequence
 from .files import OutputError, atomic_path, check_not_input, check_output_folder
 from .processes import run_lines
 from .progress import Cancel, Progress, check_cancel, report
-from .roi import organ_names
-from .volume import modality_words, read_volume, write_volume
+from .roi import check_overlap, organ_names
+from .volume import Volume, modality_words, read_volume, write_volume
 
 __all__ = [
     "DEFAULT_ENVIRONMENT", "DEVICES", "ENV_VARIABLE", "REQUIREMENTS", "SETUP_COMMAND", "TotalSegmentatorError",
@@ -447,13 +447,15 @@ def check_ct(volume, name: str):
 
 def run_totalsegmentator(ct: str | os.PathLike, out: str | os.PathLike, organs: str | Sequence[str] | None = None,
                          fast: bool = False, device: str = "auto", progress: Progress | None = None,
-                         cancel: Cancel | None = None, environment: str | os.PathLike | None = None) -> Path:
+                         cancel: Cancel | None = None, environment: str | os.PathLike | None = None,
+                         overlapping: Volume | None = None) -> Path:
     """Segment the CT ``ct`` (NIfTI, NRRD or DICOM) with TotalSegmentator into the multi-label NIfTI ``out``; its path.
 
     ``organs``: TotalSegmentator structure names or groups, a list or comma-separated text
     (:func:`.roi.organ_names`, checked against the environment's class map; ``--roi_subset``), None
     for all; ``fast``: its 3 mm model; ``device``: auto (GPU when its environment sees one), cpu or
-    cuda. Runs the program of ``environment`` (default :func:`default_environment`) as a process tree of its own;
+    cuda. ``overlapping``: a volume the CT must overlap physically (the PET it is segmented for),
+    checked on the CT as read here, before TotalSegmentator starts. Runs the program of ``environment`` (default :func:`default_environment`) as a process tree of its own;
     ``cancel`` ends the whole tree (:class:`.progress.Cancelled`). Everything is checked before it
     starts; nothing is written on failure or cancel. Raises :class:`TotalSegmentatorError` (or
     :class:`.files.OutputError`, :class:`.volume.VolumeError`) with one sentence.
@@ -465,6 +467,8 @@ def run_totalsegmentator(ct: str | os.PathLike, out: str | os.PathLike, organs: 
     program = environment_program(env)
     report(progress, 0.0, "TotalSegmentator: reading the CT")
     volume = check_ct(read_volume(ct), Path(ct).name)
+    if overlapping is not None:
+        check_overlap(volume, overlapping, f"the CT {ct}")
     if organs is not None:  # names and groups, checked against the environment's own class map when it answers
         organs = list(organ_names(organs, names=class_names(env)))
         if not organs:
