@@ -148,6 +148,7 @@ class OrganLabels:
     names: dict[int, str]
     source: str = ""
     ignored: tuple[str, ...] = field(default_factory=tuple)
+    _carried: dict = field(default_factory=dict, repr=False, compare=False)  # grid -> labels on it (on_grid)
 
     @property
     def ids(self) -> dict[str, int]:
@@ -183,11 +184,16 @@ class OrganLabels:
         """
         if self.volume.same_geometry(grid):
             return self
-        check_overlap(self.volume, grid, _segmentation_words(self))
-        carried = resample_to(self.volume, grid, "nearest")
-        if not carried.voxels.any():
-            raise VolumeError(_no_overlap_sentence(self.volume, grid, _segmentation_words(self)))
-        return OrganLabels(volume=carried, names=dict(self.names), source=self.source, ignored=self.ignored)
+        key = (grid.voxels.shape[:3], grid.ijk_to_ras.tobytes())
+        if key not in self._carried:  # the ROI and the region of one run ask for the same grid
+            check_overlap(self.volume, grid, _segmentation_words(self))
+            carried = resample_to(self.volume, grid, "nearest")
+            if not carried.voxels.any():
+                raise VolumeError(_no_overlap_sentence(self.volume, grid, _segmentation_words(self)))
+            self._carried.clear()  # one grid kept: a whole-body label map per grid is large
+            self._carried[key] = OrganLabels(volume=carried, names=dict(self.names), source=self.source,
+                                             ignored=self.ignored)
+        return self._carried[key]
 
 
 def _box_words(box: np.ndarray) -> str:
