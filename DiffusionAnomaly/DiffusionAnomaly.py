@@ -57,22 +57,28 @@ from DiffusionAnomalyModuleLib import dependencies  # noqa: E402 - standard libr
 if HAVE_GUI:  # a fresh Slicer lacks a few packages of the engine's core, which Slicer's process imports below
     dependencies.installCorePackages()
 
-from DiffusionAnomalyLib.card import (MAX_MARGIN_MM, NOT_FOR_CLINICAL_USE, REFERENCE_STEPS, STEPS_HELP,  # noqa: E402
-                                     parse_steps)
+from DiffusionAnomalyLib.card import MAX_MARGIN_MM, NOT_FOR_CLINICAL_USE, REFERENCE_STEPS, parse_steps  # noqa: E402
 from DiffusionAnomalyLib.errors import is_refusal, user_sentence  # noqa: E402
+from DiffusionAnomalyLib.method_catalog import RECOMPUTE_WORDS  # noqa: E402
 
 from DiffusionAnomalyModuleLib.logic import DiffusionAnomalyLogic  # noqa: E402
-from DiffusionAnomalyModuleLib.parameters import (INPUT_REFERENCE, LESION_PARAMETERS, ORGAN_CT_REFERENCE,  # noqa: E402
-                                                  ORGAN_REFERENCE, OUTPUT_REFERENCES, ROI_REFERENCE, organText)
+from DiffusionAnomalyModuleLib.parameters import (INPUT_REFERENCE, LESION_PARAMETERS, METHOD_SETTINGS,  # noqa: E402
+                                                  ORGAN_CT_REFERENCE, ORGAN_REFERENCE, OUTPUT_REFERENCES,
+                                                  ROI_REFERENCE, organText)
 
 HELP_TEXT = f"""
 <p>Finds lesion candidates in PET (CT comes later) with weakly-supervised diffusion models: the model,
 trained only with slice labels (healthy / unhealthy), turns the scan into a healthy counterfactual;
 where scan and counterfactual differ is the anomaly heat map, thresholded into a lesion segmentation
 and a lesion table.</p>
-<p>Choose the input volume and a model, press Apply (it becomes Cancel while running). Threshold and
-minimum size update the lesions instantly from the heat map; a new guidance scale re-decodes only.
-On the first Apply, PyTorch and MONAI (for the analysis process) are installed after asking.</p>
+<p>Choose the input volume, a model and a method, press Apply (it becomes Cancel while running). The
+methods a model's network can run are offered: IgCONDA-PET (implicit guidance), classifier-guided DDIM
+and DDPM (they need a noise-conditioned classifier: the bundled one that fits the model, or a file),
+CDM and CG-CDM (a heat map from two short trajectories, no counterfactual). Each method shows its own
+parameters with their ranges; their tooltips say what a change recomputes. Threshold and minimum size
+update the lesions instantly from the heat map; a new guidance or classifier scale of IgCONDA-PET or
+classifier-guided DDIM re-decodes only. On the first Apply, PyTorch and MONAI (for the analysis
+process) are installed after asking.</p>
 <p>Organs: choose a TotalSegmentator segmentation of the patient (for example from the TotalSegmentator
 extension), or let TotalSegmentator segment the CT of the PET/CT pair (through the TotalSegmentator
 extension when it is installed, else in an environment of its own: <i>diffusion-anomaly
@@ -80,8 +86,8 @@ totalsegmentator-setup</i>). Its organs are carried onto the input by physical c
 candidates outside the organ ROI are dropped and the heat map is shown inside it; with included organs
 only the slices they need are computed. Excluded organs and the margin default to the model card's
 defaults (when it has them); a change of organs or margin updates the lesions without a new run.</p>
-<p>DDIM steps (Advanced): a whole number of strided steps, fast; below 1 the box shows
-<i>reference</i>: the papers' stride-1 loop, one network evaluation per timestep (slow).</p>
+<p>DDIM steps: a whole number of strided steps, fast; below 1 the box shows <i>reference</i>: the
+papers' stride-1 loop, one network evaluation per timestep (slow). CDM's steps R are a plain number.</p>
 <p><b>{NOT_FOR_CLINICAL_USE}</b></p>
 <p>The four papers the methods come from:</p>
 <ol>
@@ -137,26 +143,38 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         "ROIMode": ("roiModeComboBox", "combo"),
         "NoiseLevel": ("noiseLevelSlider", "slider"),
         "GuidanceScale": ("guidanceScaleSlider", "slider"),
+        "ClassifierScale": ("classifierScaleSlider", "slider"),
+        "Tau": ("tauSlider", "slider"),
+        "Steps": ("stepsSpinBox", "steps"),
+        "Seed": ("seedSpinBox", "spin"),
+        "Classifier": ("classifierPathLineEdit", "path"),
         "ThresholdMethod": ("thresholdMethodComboBox", "combo"),
         "Threshold": ("thresholdSlider", "slider"),
         "MinSizeMl": ("minSizeSlider", "slider"),
-        "Steps": ("stepsSpinBox", "steps"),
         "Device": ("deviceComboBox", "combo"),
-        "Seed": ("seedSpinBox", "spin"),
         "Counterfactual": ("counterfactualCheckBox", "check"),
         "OrganMarginMm": ("organMarginSlider", "slider"),
         "OrganFast": ("organFastCheckBox", "check"),
     }
+    #: method parameter setting -> its label; label, tooltip and range are the chosen method's (the catalog's
+    #: Parameter), and only the chosen method's parameters are shown (:meth:`showMethod`)
+    METHOD_PARAMETER_LABELS = {"NoiseLevel": "noiseLevelLabel", "GuidanceScale": "guidanceScaleLabel",
+                               "ClassifierScale": "classifierScaleLabel", "Tau": "tauLabel", "Steps": "stepsLabel",
+                               "Seed": "seedLabel"}
+    #: the classifier row: shown for a classifier-guided method only
+    CLASSIFIER_WIDGETS = ("classifierLabel", "classifierPathLineEdit", "classifierStatusLabel")
     #: organ lists (checkable combo boxes): parameter -> widget; the logic says what they offer and what is checked
     ORGAN_LIST_WIDGETS = {"OrganInclude": "organIncludeComboBox", "OrganExclude": "organExcludeComboBox"}
-    #: parameters bound by their own code: the model (combo item data), the ROI segments (segment selector), organs
-    OTHER_PARAMETER_WIDGETS = {"Model": "modelComboBox", "ROISegments": "roiSegmentSelector", **ORGAN_LIST_WIDGETS}
+    #: parameters bound by their own code: model and method (combo item data), the ROI segments (segment selector),
+    #: organs
+    OTHER_PARAMETER_WIDGETS = {"Model": "modelComboBox", "Method": "methodComboBox",
+                               "ROISegments": "roiSegmentSelector", **ORGAN_LIST_WIDGETS}
     #: parameter node references chosen in the UI
     REFERENCE_WIDGETS = {INPUT_REFERENCE: "inputSelector", ROI_REFERENCE: "roiSegmentSelector",
                          ORGAN_REFERENCE: "organSegmentationSelector", ORGAN_CT_REFERENCE: "organCTSelector"}
     #: widget kind -> the Qt signal saying its value changed
     KIND_SIGNALS = {"combo": "currentIndexChanged(int)", "slider": "valueChanged(double)", "spin": "valueChanged(int)",
-                    "steps": "valueChanged(int)", "check": "toggled(bool)"}
+                    "steps": "valueChanged(int)", "check": "toggled(bool)", "path": "currentPathChanged(QString)"}
     #: every other connection: (widget name, signal, slot of this class)
     CONNECTIONS = (
         ("inputSelector", "currentNodeChanged(vtkMRMLNode*)", "updateParameterNodeFromGUI"),
@@ -168,6 +186,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ("organExcludeComboBox", "checkedIndexesChanged()", "updateParameterNodeFromGUI"),
         ("segmentOrgansButton", "clicked(bool)", "onSegmentOrgans"),
         ("modelComboBox", "currentIndexChanged(int)", "onModelChanged"),
+        ("methodComboBox", "currentIndexChanged(int)", "onMethodChanged"),
         ("addModelButton", "clicked(bool)", "onAddModel"),
         ("otsuButton", "clicked(bool)", "onOtsu"),
         ("applyButton", "clicked(bool)", "onApplyButton"),
@@ -187,6 +206,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._updatingGUI = False
         self._modelCardKey = None
+        self._methodKey = None
+        self._method = None  # the chosen method's catalog record (None: no usable model)
         self._organKey = None
         self.timer = None
         self.organTimer = None
@@ -214,6 +235,57 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if value is not None:
             spinBox.value = value
 
+    # ---- the chosen method's parameters: the catalog's labels, help and ranges ------------------
+    @classmethod
+    def configureParameterWidget(cls, widget, kind: str, label, parameter) -> None:
+        """Show the catalog's ``parameter`` in its widget (of binding ``kind``) and label: label, help (with what a
+        change recomputes), range and decimals; DDIM steps keep "reference" at the minimum, CDM's R does not."""
+        label.text = f"{parameter.label}:"
+        widget.toolTip = f"{parameter.help}; a change {RECOMPUTE_WORDS[parameter.recompute]}."
+        if kind == "slider":
+            widget.decimals = parameter.decimals
+            widget.singleStep = 10.0 ** -parameter.decimals
+        elif kind == "steps":
+            widget.specialValueText = REFERENCE_STEPS if parameter.kind == "steps" else ""
+        widget.minimum = cls.STEPS_REFERENCE_VALUE if parameter.kind == "steps" else parameter.minimum
+        widget.maximum = parameter.maximum
+
+    def showMethod(self, spec) -> None:
+        """Show the parameters of method ``spec`` only (None: none), and the classifier row for a classifier method."""
+        parameters = {p.setting: p for p in spec.parameters} if spec is not None else {}
+        for setting, labelName in self.METHOD_PARAMETER_LABELS.items():
+            widgetName, kind = self.PARAMETER_WIDGETS[setting]
+            widget, label = getattr(self.ui, widgetName), getattr(self.ui, labelName)
+            parameter = parameters.get(setting)
+            widget.visible = label.visible = parameter is not None
+            if parameter is not None:
+                self.configureParameterWidget(widget, kind, label, parameter)
+        for name in self.CLASSIFIER_WIDGETS:
+            getattr(self.ui, name).visible = spec is not None and spec.classifier
+        self.ui.methodComboBox.toolTip = spec.summary if spec is not None else ""
+        self.ui.counterfactualCheckBox.enabled = spec is None or spec.counterfactual
+
+    def updateMethodSection(self, node) -> None:
+        """The method list (the model's network's methods), the chosen one's parameters and the classifier line;
+        recomputed only when model, method or classifier change."""
+        params = self.logic.parameters(node)
+        key = (params["Model"], params["Method"], params["Classifier"])
+        if key == self._methodKey:
+            return
+        self._methodKey = key
+        combo = self.ui.methodComboBox
+        choices = self.logic.methodChoices(node)
+        if [combo.itemData(i) for i in range(combo.count)] != [name for name, _ in choices]:
+            combo.blockSignals(True)
+            combo.clear()
+            for name, title in choices:
+                combo.addItem(title, name)
+            combo.blockSignals(False)
+        self._method = self.logic.chosenMethod(node)
+        combo.setCurrentIndex(combo.findData(self._method.name) if self._method is not None else -1)
+        self.showMethod(self._method)
+        self.ui.classifierStatusLabel.text = self.logic.classifierSummary(node)
+
     # ---- set-up --------------------------------------------------------------------------------
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -222,9 +294,6 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.notForClinicalUseLabel.text = NOT_FOR_CLINICAL_USE
-        self.ui.stepsSpinBox.minimum = self.STEPS_REFERENCE_VALUE
-        self.ui.stepsSpinBox.specialValueText = REFERENCE_STEPS
-        self.ui.stepsSpinBox.toolTip = STEPS_HELP
         self.ui.organMarginSlider.maximum = MAX_MARGIN_MM  # the card's rule, not a second copy in the .ui
         self.ui.deviceLabel.text = dependencies.DEVICE_UNKNOWN
         self.ui.progressBar.hide()
@@ -308,6 +377,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 getattr(self.ui, widgetName).setCurrentNode(node.GetNodeReference(role))
             self.ui.roiSegmentSelector.setSelectedSegmentIDs([s for s in node.GetParameter("ROISegments").split(",") if s])
             self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(node.GetParameter("Model")))
+            self.updateMethodSection(node)  # the chosen method's ranges before its values
             # fraction of the map maximum: (0, 1]; absolute: map units (set before the value)
             self.ui.thresholdSlider.maximum = 100.0 if node.GetParameter("ThresholdMethod") == "absolute" else 1.0
             for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
@@ -322,6 +392,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.showSteps(widget, value)
                 elif kind == "check":
                     widget.checked = value.lower() == "true"
+                elif kind == "path":
+                    widget.currentPath = value
             self.ui.thresholdSlider.enabled = node.GetParameter("ThresholdMethod") != "otsu"
             self.ui.roiSegmentSelector.enabled = node.GetParameter("ROIMode") == "segmentation"
             self.showOrganLists(node)
@@ -331,6 +403,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateOrganSummary()
             table = node.GetNodeReference(OUTPUT_REFERENCES["table"])
             self.ui.lesionTableView.setMRMLTableNode(table)
+            self.ui.resultMethodLabel.text = self.logic.resultSummary(node)
             for button in (self.ui.exportSegmentationButton, self.ui.exportTableButton, self.ui.exportReportButton,
                            self.ui.exportDicomSegButton):
                 button.enabled = table is not None
@@ -351,6 +424,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.stepsFromSpinBox(widget.value)
         if kind == "spin":
             return str(int(widget.value))
+        if kind == "path":
+            return widget.currentPath
         return "true" if widget.checked else "false"
 
     def updateParameterNodeFromGUI(self, *args):
@@ -365,7 +440,10 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("ROISegments", ",".join(self.ui.roiSegmentSelector.selectedSegmentIDs()))
         node.SetParameter("OrganInclude", ",".join(self.checkedOrgans("organIncludeComboBox")))
         node.SetParameter("OrganExclude", organText(self.checkedOrgans("organExcludeComboBox")))
+        shown = {p.setting for p in self._method.parameters} if self._method is not None else set()
         for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
+            if name in METHOD_SETTINGS and name not in shown:  # another method's: hidden, kept as it is
+                continue
             node.SetParameter(name, self.widgetValue(widgetName, kind))
         node.EndModify(wasModifying)
         after = self.logic.parameters(node)
@@ -472,6 +550,14 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.SetParameter("Model", self.ui.modelComboBox.itemData(index) or "")
         self.applyModelDefaults(self._parameterNode)
 
+    def onMethodChanged(self, index):
+        """Another method: its parameters and threshold take their defaults for this model."""
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        with showErrors():
+            card = self.logic.readCard(self._parameterNode.GetParameter("Model"))
+            self.logic.applyMethodDefaults(self._parameterNode, card, self.ui.methodComboBox.itemData(index) or "")
+
     def updateModelCard(self):
         """Model card summary + whether it fits the input (recomputed only when model or input change)."""
         node = self._parameterNode
@@ -543,6 +629,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.status == "done":
             evaluations = (f"{job.networkEvaluations} network evaluations" if job.networkEvaluations
                            else "no diffusion work (cached)")
+            if job.classifierEvaluations:
+                evaluations += f", {job.classifierEvaluations} classifier evaluations"
             slices = job.modelSlices or {}
             if slices and slices.get("computed") != slices.get("total"):
                 evaluations += f" ({slices['computed']} of {slices['total']} model slices: the included organs)"

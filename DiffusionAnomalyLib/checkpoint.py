@@ -18,7 +18,8 @@ from safetensors import SafetensorError, safe_open
 
 from .card import ANALYSIS_METHODS, CheckpointError, validate_card
 
-__all__ = ["CheckpointError", "bundled_checkpoint", "bundled_models", "existing_file", "models_dir", "read_card"]
+__all__ = ["CheckpointError", "bundled_checkpoint", "bundled_classifier", "bundled_models", "check_classifier_fits",
+           "existing_file", "models_dir", "read_card"]
 
 #: the safetensors metadata key holding the model card
 CARD_KEY = "model_card"
@@ -98,3 +99,40 @@ def bundled_checkpoint(model_id: str | None = None) -> Path:
             return path
     known = ", ".join(e["id"] for e in entries) or "none"
     raise CheckpointError(f"no bundled model {model_id!r} in {models_dir()} (available: {known}).")
+
+
+#: what a classifier must share with the diffusion model it guides: it sees the same x_t of the same slices
+_CLASSIFIER_SHARED = {"scheduler": "noise schedule", "preprocessing": "model grid and intensity scaling",
+                      "modality": "modality"}
+
+
+def check_classifier_fits(card: dict[str, Any], classifier: dict[str, Any], source: str = "the classifier") -> None:
+    """Refuse a classifier that cannot guide the diffusion model of ``card``: not a classifier, no
+    healthy/unhealthy labels, or another noise schedule, model grid or modality (it would judge x_t it
+    was never trained on)."""
+    if classifier.get("method") != "classifier":
+        raise CheckpointError(f"{source} ({classifier.get('id')}) is a {classifier.get('method')} model, not a "
+                              "noise-conditioned classifier; give one trained with 'diffusion-anomaly train --method "
+                              "classifier'.")
+    for key, words in _CLASSIFIER_SHARED.items():
+        if classifier.get(key) != card.get(key):
+            raise CheckpointError(f"{source} ({classifier.get('id')}) was trained with another {words} than model "
+                                  f"{card.get('id')}, so it cannot guide it; train one for this model with "
+                                  "'diffusion-anomaly train --method classifier'.")
+
+
+def bundled_classifier(card: dict[str, Any]) -> Path:
+    """The bundled noise-conditioned classifier that fits the diffusion model of ``card``
+    (:func:`check_classifier_fits`); CheckpointError in one sentence when none does."""
+    for entry in bundled_models(("classifier",)):
+        path = Path(entry["path"])
+        if not path.exists():
+            continue
+        try:
+            check_classifier_fits(card, read_card(path))
+        except CheckpointError:
+            continue
+        return path
+    raise CheckpointError(f"no bundled classifier fits model {card.get('id')} (same noise schedule, model grid and "
+                          "modality); train one with 'diffusion-anomaly train --method classifier' and give it with "
+                          "--classifier.")

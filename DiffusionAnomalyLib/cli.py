@@ -22,37 +22,36 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, phantoms
+from .method_catalog import BASELINES, METHODS, method_spec, parameter_words, unknown_owner
 from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, classifier_card, default_card, number_from_text,
                    parse_steps, real_number, whole_number)
-from .checkpoint import bundled_checkpoint
+from .checkpoint import bundled_checkpoint, read_card
 from . import evaluation
-from .evaluation import (EVALUATION_SEEDS, card_with_best_defaults, card_with_threshold_defaults, evaluate,
-                         markdown_table, sweep, whole_volume_grid, whole_volume_sweep)
+from .evaluation import (EVALUATION_FILES, EVALUATION_SEEDS, SWEEP_FILES, card_with_best_defaults,
+                         card_with_threshold_defaults, evaluate, markdown_table, sweep, whole_volume_grid,
+                         whole_volume_sweep)
 from .export import write_json, write_segmentation
 from .errors import REFUSALS, refusal_sentence
 from .figures import overview_png
 from .files import OutputError, check_writable_dir, output_folder, staged
 from .methods import load_checkpoint
 from .networks import pick_device, save_checkpoint
-from .pipeline import RESULT_FILES, analyse, write_outputs
+from .pipeline import RESULT_FILES, analyse, method_name, write_outputs
 from .postprocessing import LESION_COLUMNS, Thresholding
 from .progress import Cancelled
 from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
 from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
 from .training import TrainConfig, train, train_classifier
+from .preprocessing import mask_to_model_space
 from .volume import read_volume, write_volume
 
 #: what ``train --method`` builds
 TRAIN_METHODS = ("igconda", "classifier")
 
 
-#: what ``evaluate`` writes (:func:`.evaluation.evaluate`) and ``sweep`` writes (:func:`.evaluation.sweep`,
-#: :func:`.evaluation.whole_volume_sweep`)
-EVALUATION_FILES = ("metrics.json", "metrics.md", "froc.png")
 #: the organ segmentation ``run --ct`` writes next to its results (TotalSegmentator's, on the CT's grid)
 ORGANS_FILE = "organs.nii.gz"
-SWEEP_FILES = ("sweep.json",)
 
 
 def _cmd_phantom(args) -> int:
@@ -113,9 +112,11 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _load_model(args):
+def _load_model(args, method: str | None = None):
+    """The method object of ``--method`` (or ``method``; None: the checkpoint's own) on ``--checkpoint``."""
     path = args.checkpoint or bundled_checkpoint()
-    return load_checkpoint(path, device=args.device, precision=args.precision)
+    return load_checkpoint(path, device=args.device, precision=args.precision,
+                           method=method or getattr(args, "method", None), classifier=args.classifier)
 
 
 def _progress_bar(desc: str):
@@ -130,8 +131,9 @@ def _progress_bar(desc: str):
     return update
 
 
-def _thresholding(args, card) -> Thresholding:
-    return Thresholding.from_card(card, method=args.threshold_method, value=args.threshold, min_size_ml=args.min_size_ml)
+def _thresholding(args, model) -> Thresholding:
+    return Thresholding.for_method(model.card, method_name(model), method=args.threshold_method, value=args.threshold,
+                                   min_size_ml=args.min_size_ml)
 
 
 def _steps_argument(text: str):
@@ -219,14 +221,16 @@ def _organ_labels(args, selection: OrganSelection, volume, stage: Path) -> Organ
 
 def _cmd_run(args) -> int:
     # the folder is checked and locked before any computation, and held until the results are in place
-    inputs = {"input": args.input, "checkpoint": args.checkpoint, "--roi-seg": args.roi_seg, "--ct": args.ct}
+    inputs = {"input": args.input, "checkpoint": args.checkpoint, "--classifier": args.classifier,
+              "--roi-seg": args.roi_seg, "--ct": args.ct}
     _check_organ_source(args)
     with output_folder(args.out, outputs=(*RESULT_FILES, ORGANS_FILE), inputs=inputs) as out:
         volume = read_volume(args.input, modality=args.modality, units=args.units, suv_factor=args.suv_factor)
         model = _load_model(args)
         selection = _organ_selection(args, model.card)
-        thresholding = _thresholding(args, model.card)
-        model.resolve(args.noise_level, args.guidance_scale, args.steps)  # refused before TotalSegmentator runs
+        thresholding = _thresholding(args, model)
+        parameters = _method_parameters(args, method_name(model))
+        model.resolve(**parameters)  # refused before TotalSegmentator runs
         roi = region = labels = None
         extra: dict = {"input_path": str(args.input), "checkpoint": str(model.source)}
         with tempfile.TemporaryDirectory(prefix="diffusion-anomaly-organs-") as work:
@@ -245,8 +249,8 @@ def _cmd_run(args) -> int:
                     else "the whole volume"}
             bar = _progress_bar("diffusion")
             try:
-                result = analyse(model, volume, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-                                 steps=args.steps, thresholding=thresholding, roi=roi, region=region, progress=bar)
+                result = analyse(model, volume, parameters=parameters, thresholding=thresholding, roi=roi,
+                                 region=region, progress=bar)
             finally:
                 bar.close()
             files = {ORGANS_FILE: lambda path: write_volume(labels.volume, path)} if args.ct is not None else None
@@ -259,12 +263,40 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _evaluation_methods(args, card: dict) -> tuple[list[str], list[str]]:
+    """(methods, baselines) of ``evaluate --methods``: known names, each once; default the model's own and suv41."""
+    if args.methods is None:
+        return [method_spec(card["method"]).name], list(BASELINES)
+    names = [n.strip() for n in str(args.methods).split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS and n not in BASELINES]
+    if unknown or not names:
+        raise ValueError(f"--methods must list methods and baselines out of {', '.join((*METHODS, *BASELINES))}, "
+                         f"comma-separated; got {', '.join(map(repr, unknown)) or 'none'}.")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--methods lists {', '.join(twice)} more than once; name each method once.")
+    methods = [n for n in names if n in METHODS]
+    if not methods:
+        raise ValueError("--methods names no diffusion method; add at least one of " + ", ".join(METHODS) + ".")
+    given = [n for n in PARAMETER_NAMES if getattr(args, _dest(n), None) is not None]
+    if given and len(methods) > 1:
+        raise ValueError(f"{', '.join(PARAMETER_OPTIONS[n].option for n in given)}: method parameters apply to one "
+                         "method; with several --methods each runs at its own defaults (compare them at equal "
+                         "footing), or evaluate one method at a time.")
+    return methods, [n for n in names if n in BASELINES]
+
+
 def _cmd_evaluate(args) -> int:
-    with output_folder(args.out, outputs=EVALUATION_FILES, inputs={"checkpoint": args.checkpoint}) as out:
-        model = _load_model(args)
+    with output_folder(args.out, outputs=EVALUATION_FILES, inputs={"checkpoint": args.checkpoint,
+                                                                   "--classifier": args.classifier}) as out:
+        card = read_card(args.checkpoint or bundled_checkpoint())
+        names, baselines = _evaluation_methods(args, card)
+        # every method object before any phantom: a method the checkpoint cannot serve is refused first
+        models = {name: _load_model(args, name) for name in names}
+        parameters = {name: _method_parameters(args, name) for name in names}
         with staged(out) as stage:  # all files, or none; evaluate checks its arguments before any work
-            result = evaluate(model, args.phantoms, args.seed, stage, noise_level=args.noise_level,
-                              guidance_scale=args.guidance_scale, steps=args.steps)
+            result = evaluate(models, args.phantoms, args.seed, stage, parameters=parameters,
+                              baselines=tuple(baselines))
     print(markdown_table(result))
     print(f"wrote {args.out}/{', '.join(EVALUATION_FILES)}")
     return 0
@@ -273,7 +305,7 @@ def _cmd_evaluate(args) -> int:
 #: the options of ``sweep --whole-volume`` (the axes of :func:`.evaluation.whole_volume_grid`), and of the (D, w) sweep
 _WHOLE_VOLUME_OPTIONS = ("threshold_methods", "fractions", "absolute_values", "min_sizes_ml", "organ_excludes",
                          "margins_mm")
-_DW_OPTIONS = ("noise_levels", "guidance_scales")
+_DW_OPTIONS = ("noise_levels", "guidance_values")
 
 
 def _given(args, names) -> list[str]:
@@ -294,10 +326,14 @@ def _sweep_grid(args, model):
             raise ValueError(f"{_options(args, _WHOLE_VOLUME_OPTIONS)} to a whole-volume sweep; add --whole-volume.")
         return None
     if _options(args, _DW_OPTIONS):
-        raise ValueError(f"{_options(args, _DW_OPTIONS)} to the noise level / guidance scale sweep; a whole-volume "
+        raise ValueError(f"{_options(args, _DW_OPTIONS)} to the noise level / guidance sweep; a whole-volume "
                          "sweep (--whole-volume) runs the model at the card's defaults.")
-    if args.write_defaults is not None and args.steps is not None:
-        card_steps, given = model.resolve()["steps"], model.resolve(steps=args.steps)["steps"]
+    if args.write_defaults is not None and method_name(model) != model.card["method"]:
+        raise ValueError(f"--write-defaults with --whole-volume tunes the model card's thresholds, which belong to its "
+                         f"own method {model.card['method']}; method {method_name(model)} uses its paper's threshold "
+                         "rule. Leave out --write-defaults (sweep.json still reports every setting).")
+    if args.write_defaults is not None and args.method_steps is not None:
+        card_steps, given = model.resolve()["steps"], model.resolve(steps=args.method_steps)["steps"]
         if given != card_steps:
             raise ValueError(f"--write-defaults keeps the model card's {card_steps} steps, so the thresholds must be "
                              f"tuned at them; leave out --steps (given {given}).")
@@ -306,7 +342,8 @@ def _sweep_grid(args, model):
 
 
 def _cmd_sweep(args) -> int:
-    inputs = {"checkpoint": args.checkpoint, "--write-defaults file": args.write_defaults}
+    inputs = {"checkpoint": args.checkpoint, "--classifier": args.classifier,
+              "--write-defaults file": args.write_defaults}
     with output_folder(args.out, outputs=SWEEP_FILES, inputs=inputs) as out:
         model = _load_model(args)
         grid = _sweep_grid(args, model)
@@ -314,23 +351,22 @@ def _cmd_sweep(args) -> int:
             _check_new_checkpoint_path(args.write_defaults, model.source)
         with staged(out) as stage:  # sweep checks every grid point before any work
             if grid is None:
-                result = sweep(model, args.phantoms, args.seed, stage,
-                               evaluation.SWEEP_NOISE_LEVELS if args.noise_levels is None else args.noise_levels,
-                               evaluation.SWEEP_GUIDANCE_SCALES if args.guidance_scales is None
-                               else args.guidance_scales, steps=args.steps)
+                result = sweep(model, args.phantoms, args.seed, stage, args.noise_levels, args.guidance_values,
+                               steps=args.method_steps)
                 with_defaults = card_with_best_defaults
             else:
-                result = whole_volume_sweep(model, args.phantoms, args.seed, stage, steps=args.steps, grid=grid)
+                result = whole_volume_sweep(model, args.phantoms, args.seed, stage, steps=args.method_steps, grid=grid)
                 with_defaults = card_with_threshold_defaults
             if args.write_defaults is not None:  # before sweep.json is in place: both, or neither
                 card = with_defaults(model.card, result, args.command_line)
                 save_checkpoint(model.model, card, args.write_defaults)
-    print(f"wrote {args.out}/sweep.json")
+    print(f"wrote {', '.join(f'{args.out}/{name}' for name in SWEEP_FILES if (Path(args.out) / name).exists())}")
     if args.write_defaults is not None:
         d = card["inference_defaults"]
         if grid is None:
-            print(f"wrote {args.write_defaults}: defaults noise level {d['noise_level']}, guidance scale "
-                  f"{d['guidance_scale']}, steps {d['steps']}")
+            spec = method_spec(method_name(model))
+            chosen = d if not spec.card_defaults else d[spec.card_defaults]
+            print(f"wrote {args.write_defaults}: {spec.name} defaults {parameter_words(spec.name, chosen)}")
         else:
             print(f"wrote {args.write_defaults}: defaults threshold {d['threshold']['method']} "
                   f"{d['threshold']['value']:g}, minimum size {d['min_size_ml']:g} ml, organs excluded "
@@ -374,7 +410,8 @@ DEMO_FILES = ("input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png", "input_
 
 
 def _cmd_demo(args) -> int:
-    with output_folder(args.out, outputs=RESULT_FILES + DEMO_FILES, inputs={"checkpoint": args.checkpoint}) as out:
+    with output_folder(args.out, outputs=RESULT_FILES + DEMO_FILES,
+                       inputs={"checkpoint": args.checkpoint, "--classifier": args.classifier}) as out:
         return _demo(args, out)
 
 
@@ -384,7 +421,7 @@ def _demo(args, out: Path) -> int:
     case = phantoms.make_phantom(args.seed, n_lesions=args.lesions)
     print(f"phantom seed {args.seed}: {len(case.lesions)} lesion(s) "
           f"({', '.join('%s r=%.0f mm' % (les['site'], les['radius_mm']) for les in case.lesions)}); "
-          f"model {model.card['id']} on {model.device}")
+          f"model {model.card['id']}, method {method_name(model)}, on {model.device}")
     # the phantom's organ map stands in for TotalSegmentator's: the model card's default organ exclusion applies
     selection = OrganSelection.from_card(model.card)
     roi = None if selection.is_whole_volume else selection.mask(case.organs, grid=case.pet).voxels
@@ -392,8 +429,8 @@ def _demo(args, out: Path) -> int:
         print(f"organ ROI: {selection.words()} (the phantom's organ map, standing in for TotalSegmentator)")
     bar = _progress_bar("diffusion")
     try:
-        result = analyse(model, case.pet, noise_level=args.noise_level, guidance_scale=args.guidance_scale,
-                         steps=args.steps, thresholding=_thresholding(args, model.card), roi=roi, progress=bar)
+        result = analyse(model, case.pet, parameters=_method_parameters(args, method_name(model)),
+                         thresholding=_thresholding(args, model), roi=roi, progress=bar)
     finally:
         bar.close()
     truth = case.lesion_mask
@@ -406,14 +443,20 @@ def _demo(args, out: Path) -> int:
                 if roi is not None else {}),
              "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc, "lesion_detection": found}
     cf = result.counterfactual.voxels if result.counterfactual is not None else None
+    unhealthy = None  # the model slices the ground truth calls unhealthy, marked on the classifier's curve
+    if result.method.classifier_confidence is not None:
+        lesion = mask_to_model_space(case.lesion_labels, result.method.grid) >= 0.5
+        unhealthy = lesion.reshape(len(lesion), -1).any(axis=1)
     files = {
         DEMO_FILES[0]: lambda p: write_volume(case.pet, p),
         DEMO_FILES[1]: lambda p: write_segmentation(case.lesion_labels.voxels, case.pet, p,
                                                               names=[f"True lesion {l['id']} ({l['site']})" for l in case.lesions]),
         DEMO_FILES[2]: lambda p: overview_png(
             p, case.pet.voxels, cf, result.shown_heatmap.voxels, result.labels, case.lesion_labels.voxels,
-            title=f"{model.card['id']} | phantom seed {args.seed} | Dice {dsc:.2f} | {NOT_FOR_CLINICAL_USE_SHORT}",
-            vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0])),
+            title=f"{model.card['id']} ({method_name(model)}) | phantom seed {args.seed} | Dice {dsc:.2f} | "
+                  f"{NOT_FOR_CLINICAL_USE_SHORT}",
+            vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0]),
+            confidence=result.method.classifier_confidence, confidence_unhealthy=unhealthy),
         DEMO_FILES[3]: lambda p: write_volume(case.organs.volume, p),
     }
     written = write_outputs(result, out, extra, extra_files=files)
@@ -425,13 +468,54 @@ def _demo(args, out: Path) -> int:
     return 0
 
 
-def _add_inference_args(p, with_threshold: bool = True, with_params: bool = True) -> None:
+def _first_records() -> dict:
+    records: dict = {}
+    for spec in METHODS.values():
+        for param in spec.parameters:
+            records.setdefault(param.name, param)
+    return records
+
+
+#: every method parameter's name -> its first record (one command-line option each: Parameter.option)
+PARAMETER_OPTIONS = _first_records()
+PARAMETER_NAMES = tuple(PARAMETER_OPTIONS)
+
+
+def _dest(name: str) -> str:
+    """Where argparse keeps a method parameter (apart from the verbs' own options: ``--seed`` is a phantom seed)."""
+    return f"method_{name}"
+
+
+def _parameter_help(name: str) -> str:
+    """--help of a method parameter: which methods take it, under which label, and its range."""
+    uses = [(m, spec.parameter(name)) for m, spec in METHODS.items() if name in spec.parameter_names]
+    first = uses[0][1]
+    labels = "; ".join(f"{p.label} for {m}" for m, p in uses)
+    return f"{first.help} ({labels}; default: the method's, see the model card)"
+
+
+def _add_inference_args(p, with_threshold: bool = True, parameters: tuple[str, ...] | None = None,
+                        several: bool = False) -> None:
+    """The options every verb that runs a model shares: checkpoint, method(s), classifier, the method
+    parameters (``parameters``: their names; None: every one of :data:`.method_catalog.METHODS`), device,
+    precision and, ``with_threshold``, the thresholding."""
     p.add_argument("--checkpoint", default=None, help="model file (.safetensors, or an IgCONDA-PET .pth); default: bundled demo model")
-    if with_params:
-        p.add_argument("--noise-level", type=number_from_text, default=None, help="noise level D (default: the model card's)")
-        p.add_argument("--guidance-scale", type=number_from_text, default=None,
-                       help="guidance scale w (default: the model card's)")
-    p.add_argument("--steps", type=_steps_argument, default=None, help=f"{STEPS_HELP} (default: the card's)")
+    if several:
+        p.add_argument("--methods", default=None, metavar="LIST",
+                       help=f"comma-separated methods and baselines to compare ({', '.join((*METHODS, *BASELINES))}); "
+                            "default: the model's own method and suv41")
+    else:
+        p.add_argument("--method", choices=tuple(METHODS), default=None,
+                       help="the analysis method (default: the one the model was trained for); "
+                            + "; ".join(f"{m}: {spec.title}" for m, spec in METHODS.items()))
+    p.add_argument("--classifier", default=None, metavar="CLASSIFIER.safetensors",
+                   help="noise-conditioned classifier for the classifier-guided methods (default: the bundled one "
+                        "that fits the model)")
+    for name in PARAMETER_NAMES if parameters is None else parameters:
+        param = PARAMETER_OPTIONS[name]
+        steps = param.kind == "steps"
+        p.add_argument(param.option, dest=_dest(name), type=_steps_argument if steps else number_from_text,
+                       default=None, help=_parameter_help(name) + (f"; {STEPS_HELP}" if steps else ""))
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="network arithmetic: auto = bf16 on CPUs with native bf16 (1.5-2x faster), else fp32")
@@ -439,6 +523,21 @@ def _add_inference_args(p, with_threshold: bool = True, with_params: bool = True
         p.add_argument("--threshold-method", choices=("fraction", "absolute", "otsu"), default=None)
         p.add_argument("--threshold", type=number_from_text, default=None, help="fraction of the map maximum, or absolute value")
         p.add_argument("--min-size-ml", type=number_from_text, default=None, help="drop lesion candidates smaller than this")
+
+
+
+
+def _method_parameters(args, method: str) -> dict:
+    """The method parameters given on the command line, refusing one that ``method`` does not take."""
+    given = {n: getattr(args, _dest(n)) for n in PARAMETER_NAMES if getattr(args, _dest(n), None) is not None}
+    spec = method_spec(method)
+    foreign = [n for n in given if n not in spec.parameter_names]
+    if foreign:
+        options = ", ".join(PARAMETER_OPTIONS[n].option for n in foreign)
+        takes = ", ".join(p.option for p in spec.parameters)
+        raise ValueError(f"{options} {'do' if len(foreign) > 1 else 'does'} not apply to method {method} (it takes "
+                         f"{takes}; {unknown_owner(foreign)}).")
+    return given
 
 
 class _Parser(argparse.ArgumentParser):
@@ -523,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--phantoms", type=number_from_text, default=10)
     ev.add_argument("--seed", type=number_from_text, default=EVALUATION_SEEDS[0])
     ev.add_argument("--out", required=True)
-    _add_inference_args(ev, with_threshold=False)
+    _add_inference_args(ev, with_threshold=False, several=True)
     ev.set_defaults(func=_cmd_evaluate)
 
     sw = sub.add_parser("sweep", help="DSC_opt over a grid of noise levels and guidance scales (unhealthy slices), "
@@ -532,8 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--phantoms", type=number_from_text, default=3)
     sw.add_argument("--seed", type=number_from_text, default=800_000,
                     help="first tuning phantom seed (never a training, validation or evaluation seed)")
-    sw.add_argument("--noise-levels", default=None, help=f"comma-separated noise levels (default {_listed(evaluation.SWEEP_NOISE_LEVELS)})")
-    sw.add_argument("--guidance-scales", default=None, help=f"comma-separated guidance scales (default {_listed(evaluation.SWEEP_GUIDANCE_SCALES)})")
+    sw.add_argument("--noise-levels", default=None, help="comma-separated noise levels (default: "
+                    + "; ".join(f"{m} {_listed(evaluation.sweep_axes(m)[0])}" for m in METHODS) + ")")
+    sw.add_argument("--guidance-values", default=None, metavar="LIST",
+                    help="comma-separated values of the method's guidance parameter: "
+                         + "; ".join(f"{m}: {METHODS[m].parameter(METHODS[m].guidance).label} "
+                                     f"(default {_listed(evaluation.sweep_axes(m)[1])})" for m in METHODS))
     sw.add_argument("--whole-volume", action="store_true",
                     help="run the model once per phantom at the card's defaults and grid the thresholding and organ "
                          "exclusion; best = highest lesion sensitivity with at most "
@@ -556,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write a copy of the checkpoint with the sweep's best defaults (noise level, guidance "
                          "scale and steps by mean DSC_opt; with --whole-volume threshold rule and value, minimum size, "
                          "organ exclusion and margin), the sweep recorded in its provenance")
-    _add_inference_args(sw, with_threshold=False, with_params=False)
+    _add_inference_args(sw, with_threshold=False, parameters=("steps",))
     sw.set_defaults(func=_cmd_sweep)
 
     add_import_arguments(sub.add_parser("import-checkpoint", help="convert an IgCONDA-PET reference .pth to .safetensors"))

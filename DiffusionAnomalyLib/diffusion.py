@@ -1,8 +1,10 @@
 """Diffusion building blocks shared by the methods (METHODS.md, "Shared building blocks").
 
-Noise schedules, training noising and the stride-1 ("reference") DDIM loop come from MONAI's
-schedulers (:func:`monai_scheduler`, :class:`DDIM`); only the strided DDIM move is written out
-here (:func:`ddim_step`), because MONAI's uniform stride cannot express the grid ending at D.
+Noise schedules, training noising and the stride-1 ("reference") DDIM and DDPM loops come from
+MONAI's schedulers (:func:`monai_scheduler`, :class:`DDIM`, :class:`DDPM`); only the strided moves
+are written out here (:func:`ddim_step`, :func:`ddpm_posterior`), because MONAI's uniform stride
+cannot express the grid ending at the noise level. The random noise of the stochastic methods
+comes from one generator per model slice (:func:`slice_generators`).
 """
 
 from __future__ import annotations
@@ -87,6 +89,80 @@ class DDIM:
         if t_to == t_from - 1:
             return self.scheduler.step(eps, t_from, x)[0]
         raise ValueError(f"the reference loop moves by one timestep, not {t_from} -> {t_to}")
+
+
+class DDPM:
+    """The ancestral (stochastic) DDPM moves of a model card's schedule: fixed-small posterior variance,
+    no clipping.
+
+    With ``steps="reference"`` a move t -> t-1 is MONAI's ``DDPMScheduler(clip_sample=False).step``
+    (one call per slice, each with the slice's own generator); with an integer ``steps`` it is the
+    posterior q(x_s | x_t, x0_hat) between two grid points (:func:`ddpm_posterior`), its noise drawn
+    from the same generators in the same order, so ``steps = L`` equals the reference within rounding.
+    """
+
+    def __init__(self, section: dict[str, Any]):
+        self.scheduler = monai_scheduler(section, DDPMScheduler, clip_sample=False)  # variance: fixed_small
+        self.abar: list[float] = self.scheduler.alphas_cumprod.tolist()
+        # log prod_{u <= t} (1 - beta_u) in float64, so beta_{t|s} = 1 - abar_t / abar_s keeps its digits when
+        # t - s is small (at stride 1 it is MONAI's beta_t)
+        self._log_alpha = np.concatenate([[0.0], np.cumsum(np.log1p(-self.scheduler.betas.double().numpy()))])
+
+    def beta(self, t_from: int, t_to: int) -> float:
+        """beta_{t|s} = 1 - prod_{s < u <= t} (1 - beta_u): the forward noise added between s = ``t_to`` and t."""
+        return float(-np.expm1(self._log_alpha[t_from + 1] - self._log_alpha[t_to + 1]))
+
+    def variance(self, t_from: int, t_to: int) -> float:
+        """The posterior variance of a move t -> s: (1 - abar_s) / (1 - abar_t) beta_{t|s} (MONAI's fixed_small
+        at stride 1, clamped at 1e-20 as there)."""
+        return max((1.0 - self.abar[t_to]) / (1.0 - self.abar[t_from]) * self.beta(t_from, t_to), 1e-20)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+        """Closed-form forward noising to ``level``: sqrt(abar) x0 + sqrt(1 - abar) noise (MONAI ``add_noise``)."""
+        levels = torch.full((len(x0),), int(level), dtype=torch.long)
+        return self.scheduler.add_noise(x0.cpu(), noise.cpu(), levels).to(x0.device)
+
+    def move(self, x: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int, steps: Steps,
+             generators: list[torch.Generator], shift: torch.Tensor | None = None) -> torch.Tensor:
+        """One ancestral move of ``x`` (n, ...) from ``t_from`` down to ``t_to``: posterior mean (+ ``shift``, e.g.
+        classifier guidance) plus its standard deviation times the next draw of each slice's generator."""
+        if steps == REFERENCE_STEPS:
+            if t_to != t_from - 1:
+                raise ValueError(f"the reference loop moves by one timestep, not {t_from} -> {t_to}")
+            out = torch.cat([self.scheduler.step(eps[i : i + 1].cpu(), t_from, x[i : i + 1].cpu(), generator=g)[0]
+                             for i, g in enumerate(generators)]).to(x.device)
+        else:
+            mean, variance = ddpm_posterior(x, eps, self.abar[t_from], self.abar[t_to], self.beta(t_from, t_to))
+            out = mean + variance**0.5 * draw_noise(generators, tuple(x.shape[1:])).to(x.device)
+        return out if shift is None else out + shift
+
+
+def ddpm_posterior(x: torch.Tensor, eps: torch.Tensor, abar_from: float, abar_to: float,
+                   beta: float) -> tuple[torch.Tensor, float]:
+    """Mean and variance of the DDPM posterior q(x_s | x_t, x0_hat) between any two noise levels (s < t).
+
+    Hand-written: MONAI's DDPMScheduler steps one timestep at a time, not along :func:`timestep_grid` to L.
+    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); with beta = beta_{t|s} = 1 - abar_t / abar_s:
+    mean = sqrt(abar_s) beta / (1 - abar_t) x0_hat + sqrt(1 - beta) (1 - abar_s) / (1 - abar_t) x_t,
+    variance = (1 - abar_s) / (1 - abar_t) beta: Ho et al. eq. 6-7 across a stride, i.e. DDIM with eta = 1.
+    """
+    x0 = (x - (1.0 - abar_from) ** 0.5 * eps) / abar_from**0.5
+    mean = (abar_to**0.5 * beta / (1.0 - abar_from)) * x0 + ((1.0 - beta) ** 0.5 * (1.0 - abar_to) / (1.0 - abar_from)) * x
+    return mean, max((1.0 - abar_to) / (1.0 - abar_from) * beta, 1e-20)
+
+
+def slice_generators(seed: int, slice_ids) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per model slice, seeded from (``seed``, slice id) through numpy's
+    ``SeedSequence``: a slice's noise depends on the run's seed and its own position only, not on the
+    region computed or the batching, and is the same on every CPU."""
+    return [torch.Generator(device="cpu").manual_seed(
+        int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1, np.uint64)[0])) for i in slice_ids]
+
+
+def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal noise (len(generators),) + ``shape`` on the CPU, float32: row i is the next draw of
+    generator i (the same numbers MONAI's ``DDPMScheduler.step`` draws for a one-slice batch)."""
+    return torch.cat([torch.randn((1,) + tuple(shape), generator=g, dtype=torch.float32) for g in generators])
 
 
 def memory_batch_size(bytes_per_item: float, device: torch.device, cap: int, fraction: float = 0.25) -> int:

@@ -13,13 +13,18 @@ Whole-volume lesion detection (what a user of ``run`` sees; not part of the pape
 3D candidates of :func:`.postprocessing.segment` on the whole volume, matched one-to-one to the
 phantom's lesions at IoU >= 0.2, as a FROC curve over the threshold value and at the card's
 operating point, with and without an organ exclusion (the phantom's organ labels stand in for
-TotalSegmentator's), for the model and for the 41 % SUVmax baseline on the SUV volume.
+TotalSegmentator's), for each method and for the 41 % SUVmax baseline on the SUV volume.
 :func:`whole_volume_sweep` chooses those defaults on tuning seeds with the same code.
+
+Several methods (:mod:`.method_catalog`) are evaluated on the same cases in one :func:`evaluate`
+and compared pairwise (:func:`paired_comparison`: Wilcoxon signed-rank tests, Bonferroni);
+:func:`sweep` grids any method's noise level against its guidance parameter.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,14 +32,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
+from scipy.stats import wilcoxon
 
 from . import metrics
 from .card import (SEED_RANGE_KEYS, THRESHOLD_METHODS, Steps, check_margin_mm, check_min_size_ml, check_threshold,
                    number_from_text, organ_list, whole_number)
 from .export import write_json
-from .figures import froc_png
+from .figures import comparison_png, froc_png, sweep_png
 from .files import atomic_path, check_writable_dir
+from .method_catalog import BASELINES, method_spec, parameter_words
 from .methods.base import check_evaluations
 from .phantoms import make_phantom
 from .postprocessing import (Thresholding, bounding_box, inside_roi, large_enough, segment, suv_threshold_baseline, threshold_value,
@@ -45,6 +51,12 @@ from .volume import Volume
 
 METRIC_NAMES = ("dsc_opt", "hd95", "auprc", "sensitivity")
 
+#: What :func:`evaluate` writes, and what :func:`sweep` writes (:func:`whole_volume_sweep`: sweep.json only).
+EVALUATION_FILES: tuple[str, ...] = ("metrics.json", "metrics.md", "froc.png", "comparison.csv", "comparison.md",
+                                     "comparison.png")
+SWEEP_FILES: tuple[str, ...] = ("sweep.json", "sweep.png")
+#: Unhealthy slices comparison.png shows, side by side for every method.
+FIGURE_SLICES = 4
 #: Whole-volume detection: a candidate finds a lesion when their IoU is at least this (thesis 5.3.2).
 DETECTION_IOU = 0.2
 #: The 41 % SUVmax baseline: voxels above this fraction of the maximum (inside the organ ROI, if any).
@@ -70,9 +82,15 @@ SWEEP_MIN_SIZES_ML: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)
 SWEEP_ORGAN_EXCLUDES: tuple[str, ...] = ("none", "physiological-uptake")
 SWEEP_MARGINS_MM: tuple[float, ...] = (0.0, 5.0, 10.0)
 SWEEP_THRESHOLD_METHODS: tuple[str, ...] = ("fraction", "absolute")
-#: Default axes of the noise level / guidance scale sweep (:func:`sweep`).
+#: Default axes of the noise level / guidance sweep (:func:`sweep`, :func:`sweep_axes`): the noise levels, and the
+#: values of each method's guidance parameter (:attr:`.method_catalog.MethodSpec.guidance`) around its default.
 SWEEP_NOISE_LEVELS: tuple[int, ...] = (200, 300, 400, 500)
-SWEEP_GUIDANCE_SCALES: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0)
+SWEEP_GUIDANCE_VALUES: dict[str, tuple[float, ...]] = {
+    "guidance_scale": (0.0, 1.0, 3.0, 5.0),
+    "classifier_scale": (0.0, 10.0, 100.0, 300.0),
+    "tau": (0.8, 0.9, 0.95, 0.99),
+}
+SWEEP_GUIDANCE_SCALES: tuple[float, ...] = SWEEP_GUIDANCE_VALUES["guidance_scale"]
 
 
 def _slice_metrics(score: np.ndarray, truth: np.ndarray, binary: np.ndarray | None = None) -> dict[str, Any]:
@@ -105,37 +123,56 @@ def _summarise(rows: list[dict[str, Any]], seconds: list[float]) -> dict[str, fl
 
 def check_held_out(card: dict[str, Any], seeds: list[int], kinds: tuple[str, ...] = SEED_RANGE_KEYS,
                    what: str = "evaluation seeds", advice: str = "choose held-out seeds") -> None:
-    """Refuse seeds that overlap the card's training, validation or tuning seeds (``kinds``: which ranges)."""
+    """Refuse seeds that overlap the card's training, validation or tuning seeds (``kinds``: which ranges);
+    a guidance classifier's card is named as the classifier's."""
     prov = card.get("provenance", {})
+    whose = "the guidance classifier's" if card.get("method") == "classifier" else "the model's"
     for key in kinds:
         rng = prov.get(key)
         if rng and any(rng[0] <= s < rng[1] for s in seeds):
             raise ValueError(
-                f"{what} {seeds[0]}..{seeds[-1]} overlap the model's {key.replace('_', ' ')} "
+                f"{what} {seeds[0]}..{seeds[-1]} overlap {whose} {key.replace('_', ' ')} "
                 f"{rng[0]}..{rng[1] - 1}; {advice}."
             )
 
 
 def card_with_best_defaults(card: dict[str, Any], sweep_result: dict[str, Any], command: str) -> dict[str, Any]:
-    """A copy of ``card`` whose default D, w and steps are the sweep's best by mean DSC_opt.
+    """A copy of ``card`` whose defaults for the swept method are the sweep's best grid point by mean DSC_opt.
 
-    The sweep's phantom seeds are recorded as ``tuning_seeds`` so that ``evaluate`` refuses them:
-    parameters chosen on a set of cases are never scored on the same cases.
+    IgCONDA-PET's go to the card's top-level ``inference_defaults`` (noise_level, guidance_scale,
+    steps), another method's to its section ``inference_defaults.<name>``
+    (:attr:`.method_catalog.MethodSpec.card_defaults`): every parameter of the best grid point. The
+    sweep's phantom seeds join ``tuning_seeds`` (the range is widened to cover earlier tuning too) so
+    that ``evaluate`` refuses them: parameters chosen on a set of cases are never scored on the same
+    cases. A sweep.json written before there were several methods is IgCONDA-PET's.
     """
-    rows = [r for r in sweep_result["grid"] if np.isfinite(r["dsc_opt"])]
+    name = sweep_result.get("method") or card.get("method") or "igconda"
+    spec = method_spec(name)
+    rows = [r for r in sweep_result["grid"] if r.get("dsc_opt") is not None and np.isfinite(r["dsc_opt"])]
     if not rows:
         raise ValueError("the sweep produced no finite DSC_opt (no unhealthy slices?); no defaults were written.")
     best = max(rows, key=lambda r: r["dsc_opt"])
+    chosen = {p: best[p] for p in spec.parameter_names if p in best}
     card = copy.deepcopy(card)
-    card["inference_defaults"].update(
-        noise_level=int(best["noise_level"]), guidance_scale=float(best["guidance_scale"]), steps=best["steps"])
+    defaults = card.setdefault("inference_defaults", {})
+    if spec.card_defaults:
+        defaults[spec.card_defaults] = {**(defaults.get(spec.card_defaults) or {}), **chosen}
+    else:
+        defaults.update(chosen)
     first, last = sweep_result["seeds"]
     prov = card.setdefault("provenance", {})
-    prov["tuning_seeds"] = [int(first), int(last) + 1]
-    prov["inference_defaults_chosen_by"] = (
-        f"{command} (tuning phantom seeds {first}..{last}, {sweep_result['slices']} unhealthy slices); best mean "
-        f"DSC_opt {best['dsc_opt']:.3f} at D={best['noise_level']}, w={best['guidance_scale']:g}")
+    earlier = prov.get("tuning_seeds")
+    prov["tuning_seeds"] = [int(first), int(last) + 1] if not earlier else \
+        [min(int(earlier[0]), int(first)), max(int(earlier[1]), int(last) + 1)]
+    key = "inference_defaults_chosen_by" if not spec.card_defaults else f"{spec.card_defaults}_defaults_chosen_by"
+    prov[key] = (f"{command} (tuning phantom seeds {first}..{last}, {sweep_result['slices']} unhealthy slices); best "
+                 f"mean DSC_opt {best['dsc_opt']:.3f} at {parameter_words(name, chosen)}")
     return card
+
+
+def sweep_axes(method: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The default axes of method ``method``'s :func:`sweep`: noise levels and values of its guidance parameter."""
+    return SWEEP_NOISE_LEVELS, SWEEP_GUIDANCE_VALUES[method_spec(method).guidance]
 
 
 def phantom_seeds(n_cases: Any, seed: Any) -> list[int]:
@@ -352,89 +389,246 @@ def _whole_volume_result(curves, tally: DetectionTally, exclusion: OrganSelectio
     }
 
 
-def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level=None, guidance_scale=None,
-             steps: Steps | None = None, phantom_kwargs: dict[str, Any] | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate ``model`` and the 41 % SUVmax baseline on ``n_cases`` phantoms from ``seed``; write results.
+# =============================================================================================
+# evaluate: every method and baseline on the same held-out phantoms, compared pairwise
+# =============================================================================================
+@dataclass
+class _Evaluated:
+    """One method of an evaluation: its name, loaded object, parameters (as given and resolved) and operating point."""
 
-    Per-slice paper metrics (module docstring), and whole-volume lesion detection: a FROC curve
-    (lesion sensitivity against false candidates per volume over the threshold value) and the
-    default operating point (the card's thresholding), for the model and the baseline (the SUV
-    volume itself at 0.41 of its maximum, the card's minimum size), each with and without the
-    organ exclusion of :func:`default_exclusion`; sensitivity by lesion size at the operating
-    point. The network runs once per case; every curve comes from its heat map (and the SUV).
-    Writes metrics.json, metrics.md and froc.png. Every argument is checked (and the output
-    folder made) before any phantom goes through the network.
+    name: str
+    model: Any
+    given: dict[str, Any]
+    parameters: dict[str, Any]
+    thresholding: Thresholding
+
+
+def _cards(model) -> list[dict[str, Any]]:
+    """The model cards a method object runs on: its network's, and its guidance classifier's when it has one."""
+    return [c for c in (model.card, getattr(getattr(model, "classifier", None), "card", None)) if c is not None]
+
+
+def _classifier_id(model) -> str | None:
+    cards = _cards(model)
+    return cards[1].get("id") if len(cards) > 1 else None
+
+
+def _checked_methods(methods: Any, parameters: Any, baselines: Any,
+                     seeds: list[int]) -> tuple[list[_Evaluated], tuple[str, ...]]:
+    """Every check of :func:`evaluate`'s methods, parameters and baselines (no phantom, no network work)."""
+    if not isinstance(methods, dict) or not methods:
+        raise ValueError("evaluate needs at least one method: a name and its loaded model.")
+    baselines = tuple(baselines or ())
+    for name in baselines:
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}; the baselines are: {', '.join(BASELINES)}.")
+    parameters = {} if parameters is None else parameters
+    if not isinstance(parameters, dict):
+        raise ValueError(f"the parameters must map a method name to its parameters, got {parameters!r}.")
+    extra = [name for name in parameters if name not in methods]
+    if extra:
+        raise ValueError(f"parameters are given for {', '.join(map(repr, extra))}, which "
+                         f"{'is' if len(extra) == 1 else 'are'} not evaluated; the methods evaluated are "
+                         f"{', '.join(methods)}.")
+    cards: list[dict[str, Any]] = []
+    for name, model in methods.items():
+        method_spec(name)  # an unknown name: the list of methods
+        runs = getattr(model, "method", name)
+        if runs != name:
+            raise ValueError(f"the model given for method {name} runs {runs}; load one for {name}.")
+        cards += [c for c in _cards(model) if all(c is not seen for seen in cards)]
+    for card in cards:  # every card the methods run on: no seed it was trained, validated or tuned on
+        check_held_out(card, seeds)
+    entries = []
+    for name, model in methods.items():
+        given = parameters.get(name) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"the parameters of {name} must map a parameter name to its value, got {given!r}.")
+        given = {key: value for key, value in given.items() if value is not None}
+        entries.append(_Evaluated(name, model, given, model.resolve(**given),
+                                  Thresholding.for_method(model.card, name).check()))
+    return entries, baselines
+
+
+def _unhealthy(truth: np.ndarray) -> np.ndarray:
+    """Indices of the model slices with ground-truth lesion pixels."""
+    return np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1))
+
+
+class _FigureSlices:
+    """The unhealthy slices comparison.png shows: each case's slices with the most lesion pixels (apart from
+    each other), taken one case at a time, at most :data:`FIGURE_SLICES` in all."""
+
+    def __init__(self):
+        self.cases: list[list[dict[str, Any]]] = []
+
+    def add(self, seed: int, image: np.ndarray, truth: np.ndarray, maps: dict[str, np.ndarray]) -> None:
+        area = truth.reshape(len(truth), -1).sum(axis=1)
+        chosen: list[dict[str, Any]] = []
+        for k in np.argsort(-area, kind="stable"):
+            if area[k] == 0 or len(chosen) == FIGURE_SLICES:
+                break
+            if all(abs(int(k) - c["slice"]) > 2 for c in chosen):
+                chosen.append({"seed": seed, "slice": int(k), "image": image[k].copy(), "truth": truth[k].copy(),
+                               "maps": {name: m[k].copy() for name, m in maps.items()}})  # not views: free the case
+        if chosen:
+            self.cases.append(chosen)
+
+    def picked(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for rank in range(FIGURE_SLICES):
+            out += [case[rank] for case in self.cases if rank < len(case)]
+        return out[:FIGURE_SLICES]
+
+
+def _confidence_means(per_case: list[dict[str, Any]]) -> tuple[float, float]:
+    """Mean p(unhealthy) of the guidance classifier over the unhealthy and over the healthy slices (pooled)."""
+    sick, healthy = [], []
+    for case in per_case:
+        p = np.array([np.nan if v is None else v for v in case["classifier_confidence"]], dtype=np.float64)
+        mark = np.zeros(p.size, dtype=bool)
+        mark[case["unhealthy_slices"]] = True
+        sick += list(p[mark & np.isfinite(p)])
+        healthy += list(p[~mark & np.isfinite(p)])
+    return (float(np.mean(sick)) if sick else float("nan"), float(np.mean(healthy)) if healthy else float("nan"))
+
+
+def evaluate(methods: dict[str, Any], n_cases: int, seed: int, out_dir: str | Path, *,
+             parameters: dict[str, dict[str, Any]] | None = None, baselines: Sequence[str] = ("suv41",),
+             phantom_kwargs: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate every method of ``methods`` (name -> loaded method object) and the ``baselines`` on the
+    same ``n_cases`` held-out phantoms from ``seed``, compare them pairwise, and write the results.
+
+    ``parameters``: method name -> its parameters (None or a missing name: the defaults), checked by
+    the method's ``resolve``. Per method: the per-slice paper metrics (module docstring);
+    whole-volume lesion detection as a FROC curve over the threshold value and at its default
+    operating point (:meth:`.postprocessing.Thresholding.for_method`: the card's rule for the card's
+    own method, the paper's rule for the others), each with and without the organ exclusion of
+    :func:`default_exclusion` (the first method's card: every method is scored in the same ROI);
+    sensitivity by lesion size; seconds, network and classifier evaluations per volume; the
+    classifier's per-slice confidence when the method has one. The 41 % SUVmax baseline: the SUV
+    volume at 0.41 of its maximum, the first card's minimum size. Then the paired Wilcoxon tests of
+    :func:`paired_comparison`. Each method runs once per case; every curve comes from its heat map.
+    Writes :data:`EVALUATION_FILES`. Every argument is checked (seeds against every card the methods
+    run on) and the output folder made before any phantom goes through a network.
     """
     seeds = phantom_seeds(n_cases, seed)
-    check_held_out(model.card, seeds)
-    model.resolve(noise_level, guidance_scale, steps)
-    thresholding = Thresholding.from_card(model.card)
-    exclusion, exclusion_note = default_exclusion(model.card)
+    entries, baselines = _checked_methods(methods, parameters, baselines, seeds)
+    first = entries[0]
+    exclusion, exclusion_note = default_exclusion(first.model.card)
     out = check_writable_dir(out_dir)
-    prep = model.card["preprocessing"]
+    prep = first.model.card["preprocessing"]
     raw_prep = {**prep, "intensity": {"scale": 1.0, "offset": 0.0, "clip": [None, None]}}
-    name = model.card["method"]
-    rows: dict[str, list[dict[str, Any]]] = {name: [], "suv41": []}
-    seconds: dict[str, list[float]] = {name: [], "suv41": []}
-    kwargs: dict[str, Any] = {"noise_level": noise_level, "guidance_scale": guidance_scale, "steps": steps}
-    params, compute = None, {}
+    names = [e.name for e in entries] + list(baselines)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    runs: dict[str, dict[str, Any]] = {e.name: {"per_case": []} for e in entries}
+    baseline_seconds: dict[str, list[float]] = {name: [] for name in baselines}
     curves = []
-    for method, (rule, op_value), min_size in (
-            (name, (thresholding.method, thresholding.value), thresholding.min_size_ml),
-            ("suv41", ("fraction", BASELINE_FRACTION), thresholding.min_size_ml)):
+    for name, (rule, op_value), min_size in (
+            [(e.name, (e.thresholding.method, e.thresholding.value), e.thresholding.min_size_ml) for e in entries]
+            + [(b, ("fraction", BASELINE_FRACTION), first.thresholding.min_size_ml) for b in baselines]):
         rules, op = _curve_rules(rule, op_value)
         for excluded in (False, True):
-            label = ("model" if method == name else "41 % SUVmax") + (
+            label = (BASELINES[name] if name in BASELINES else name) + (
                 f", {_exclusion_words(exclusion.exclude, exclusion.margin_mm)} excluded" if excluded else "")
-            curves.append({"key": (method, excluded), "method": method, "excluded": excluded, "label": label,
+            curves.append({"key": (name, excluded), "method": name, "excluded": excluded, "label": label,
                            "rules": rules, "op": op, "min_size_ml": min_size})
     tally = DetectionTally()
+    figure = _FigureSlices()
     froc_seconds = []
     for s in seeds:
         case = make_phantom(s, **(phantom_kwargs or {}))
-        t0 = time.perf_counter()
-        res = model.run(case.pet, **kwargs)
-        seconds[name].append(time.perf_counter() - t0)
-        params, compute = res.parameters, res.compute
-        truth = mask_to_model_space(case.lesion_labels, res.grid) >= 0.5
-        t0 = time.perf_counter()
-        suv, _ = to_model_space(case.pet, raw_prep, res.grid)
-        baseline = suv_threshold_baseline(suv, BASELINE_FRACTION, axis=0)
-        seconds["suv41"].append(time.perf_counter() - t0)
-        unhealthy = np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1))
-        for k in unhealthy:
-            common = {"seed": s, "slice": int(k)}
-            rows[name].append({**common, **_slice_metrics(res.model_heat[k], truth[k])})
-            rows["suv41"].append({**common, **_slice_metrics(suv[k], truth[k], binary=baseline[k])})
-        # whole volumes: every curve from the cached heat map (model) or the SUV volume (baseline)
-        t0 = time.perf_counter()
         lesions = CaseLesions.of(case)
         rois = {False: None, True: exclusion.mask(case.organs, grid=case.pet).voxels != 0}
-        for curve in curves:
-            score = res.heatmap if curve["method"] == name else case.pet
-            points = detection_points(score, lesions, rois[curve["excluded"]], curve["rules"],
-                                      [curve["min_size_ml"]])
-            for rule, point in zip(curve["rules"], points):
-                tally.add((curve["key"], rule), point, lesions, s)
-        froc_seconds.append(time.perf_counter() - t0)
+        grids, truths, shown = [], [], {}
+        froc_seconds.append(0.0)
+
+        def score_volume(name: str, score: Volume) -> None:
+            t0 = time.perf_counter()
+            for curve in curves:
+                if curve["method"] == name:
+                    points = detection_points(score, lesions, rois[curve["excluded"]], curve["rules"],
+                                              [curve["min_size_ml"]])
+                    for rule, point in zip(curve["rules"], points):
+                        tally.add((curve["key"], rule), point, lesions, s)
+            froc_seconds[-1] += time.perf_counter() - t0
+
+        for e in entries:
+            t0 = time.perf_counter()
+            res = e.model.run(case.pet, **e.given)
+            seconds = time.perf_counter() - t0
+            if res.grid not in grids:  # methods on one model grid are paired slice by slice
+                grids.append(res.grid)
+                truths.append(mask_to_model_space(case.lesion_labels, res.grid) >= 0.5)
+            g = grids.index(res.grid)
+            truth = truths[g]
+            unhealthy = _unhealthy(truth)
+            for k in unhealthy:
+                rows[e.name].append({"seed": s, "slice": int(k), "grid": g,
+                                     **_slice_metrics(res.model_heat[k], truth[k])})
+            if g == 0:
+                shown[e.name] = res.model_heat
+            conf = getattr(res, "classifier_confidence", None)
+            runs[e.name]["per_case"].append({
+                "seed": s, "seconds": seconds, "network_evaluations": int(res.network_evaluations),
+                "classifier_evaluations": int(getattr(res, "classifier_evaluations", 0)),
+                "unhealthy_slices": [int(k) for k in unhealthy],
+                "classifier_confidence": None if conf is None else [float(v) for v in np.asarray(conf).ravel()]})
+            runs[e.name].update(parameters=res.parameters, compute=res.compute)
+            score_volume(e.name, res.heatmap)
+            log(f"case {s}, {e.name}: {seconds:.1f} s, {res.network_evaluations} network evaluations")
+            del res
+        truth = truths[0]
+        unhealthy = _unhealthy(truth)
+        t0 = time.perf_counter()
+        suv, _ = to_model_space(case.pet, raw_prep, grids[0])  # the SUV on the first method's model grid
+        resample = time.perf_counter() - t0
+        for b in baselines:  # BASELINES: the 41 % SUVmax baseline
+            t0 = time.perf_counter()
+            binary = suv_threshold_baseline(suv, BASELINE_FRACTION, axis=0)
+            baseline_seconds[b].append(resample + time.perf_counter() - t0)
+            for k in unhealthy:
+                rows[b].append({"seed": s, "slice": int(k), "grid": 0,
+                                **_slice_metrics(suv[k], truth[k], binary=binary[k])})
+            shown[b] = binary.astype(np.float32)
+            score_volume(b, case.pet)
+        figure.add(s, suv, truth, shown)
         log(f"case {s}: {len(case.lesions)} lesion(s), {len(unhealthy)} unhealthy slices, "
-            f"{seconds[name][-1]:.1f} s network, {froc_seconds[-1]:.1f} s whole-volume curves")
+            f"{froc_seconds[-1]:.1f} s whole-volume curves")
     whole = _whole_volume_result(curves, tally, exclusion, exclusion_note)
     whole["seconds_per_volume"] = float(np.mean(froc_seconds))
-    plain = tally.summary(((name, False), curves[0]["op"]), detail=True)
+    summaries = {}
+    for e in entries:
+        per_case = runs[e.name]["per_case"]
+        summary = _summarise(rows[e.name], [c["seconds"] for c in per_case])
+        summary["network_evaluations_per_volume"] = float(np.mean([c["network_evaluations"] for c in per_case]))
+        summary["classifier_evaluations_per_volume"] = float(np.mean([c["classifier_evaluations"]
+                                                                      for c in per_case]))
+        with_confidence = [c for c in per_case if c["classifier_confidence"] is not None]
+        if with_confidence:
+            summary["confidence_unhealthy"], summary["confidence_healthy"] = _confidence_means(with_confidence)
+        summaries[e.name] = summary
+    for b in baselines:
+        summaries[b] = {**_summarise(rows[b], baseline_seconds[b]), "network_evaluations_per_volume": 0.0,
+                        "classifier_evaluations_per_volume": 0.0}
+    plain = tally.summary(((first.name, False), curves[0]["op"]), detail=True)
     result = {
         "protocol": "IgCONDA-PET section 3.4 on the model's slice space; synthetic phantoms (no real PET)",
-        "checkpoint": model.card["id"],
+        "checkpoint": first.model.card["id"],
         "seeds": [seeds[0], seeds[-1]],
-        "parameters": params,
-        "compute": compute,
-        "methods": {m: _summarise(rows[m], seconds[m]) for m in rows},
+        "parameters": runs[first.name]["parameters"],  # the first method's (one-method files read the same)
+        "compute": runs[first.name]["compute"],
+        "runs": {e.name: {"title": method_spec(e.name).title, "checkpoint": e.model.card["id"],
+                          "classifier": _classifier_id(e.model),
+                          "threshold": e.thresholding.as_parameters(), **runs[e.name]} for e in entries},
+        "baselines": {b: BASELINES[b] for b in baselines},
+        "methods": summaries,
         "per_slice": rows,
         "detection": {
-            "criterion": "3D connected components of the whole-volume segmentation at the model's default "
+            "method": first.name,
+            "criterion": f"3D connected components of {first.name}'s whole-volume segmentation at its default "
                          f"threshold (no organ exclusion) vs true lesions, matched at IoU >= {DETECTION_IOU:g}",
-            "threshold": thresholding.as_parameters(),
+            "threshold": first.thresholding.as_parameters(),
             "lesions": plain["lesions"], "found": plain["found"], "false_positives": plain["false_positives"],
             "lesion_sensitivity": plain["sensitivity"],
             "false_positives_per_volume": plain["false_positives_per_volume"],
@@ -443,14 +637,35 @@ def evaluate(model, n_cases: int, seed: int, out_dir: str | Path, *, noise_level
         },
         "whole_volume": whole,
     }
+    result["comparison"] = paired_comparison(_paired_values(result, names), names)
+    _write_evaluation(out, result, figure.picked())
+    return result
+
+
+def _write_evaluation(out: Path, result: dict[str, Any], picked: list[dict[str, Any]]) -> None:
+    """Write :data:`EVALUATION_FILES` of an :func:`evaluate` result; ``picked``: the slices comparison.png shows."""
+    first, last = result["seeds"]
     write_json(result, out / "metrics.json")
     with atomic_path(out / "metrics.md") as tmp:
         tmp.write_text(markdown_table(result), encoding="utf-8")
     with atomic_path(out / "froc.png", suffix=".png") as tmp:
-        froc_png(tmp, _figure_curves(whole), max_fp=FP_LIMITS[-1],
-                 title=f"Whole-volume FROC on synthetic phantoms (not clinical data)\n{model.card['id']}, "
-                       f"seeds {seeds[0]}..{seeds[-1]}, {plain['lesions']} lesions")
-    return result
+        froc_png(tmp, _figure_curves(result["whole_volume"]), max_fp=FP_LIMITS[-1],
+                 title=f"Whole-volume FROC on synthetic phantoms (not clinical data)\n{result['checkpoint']}, "
+                       f"seeds {first}..{last}, {result['detection']['lesions']} lesions")
+    table = comparison_rows(result)
+    with atomic_path(out / "comparison.csv", suffix=".csv") as tmp:
+        _write_csv(tmp, table)
+    with atomic_path(out / "comparison.md") as tmp:
+        tmp.write_text(comparison_markdown(result, table), encoding="utf-8")
+    header = [h for key, h, _ in COMPARISON_COLUMNS if key in FIGURE_COLUMNS]
+    cells = [[_cell(row[key], fmt) for key, _, fmt in COMPARISON_COLUMNS if key in FIGURE_COLUMNS] for row in table]
+    shown = [n for n in result["methods"] if picked and all(n in p["maps"] for p in picked)]
+    with atomic_path(out / "comparison.png", suffix=".png") as tmp:
+        comparison_png(tmp, np.array([p["image"] for p in picked]), np.array([p["truth"] for p in picked]),
+                       {n: np.array([p["maps"][n] for p in picked]) for n in shown}, header, cells,
+                       slice_names=[f"seed {p['seed']}, k={p['slice']}" for p in picked],
+                       title="Methods on the same held-out phantom slices (synthetic, not clinical data): input "
+                             f"(SUV), ground truth, each method's map; seeds {first}..{last}")
 
 
 def _figure_curves(whole: dict[str, Any]) -> list[dict[str, Any]]:
@@ -458,11 +673,187 @@ def _figure_curves(whole: dict[str, Any]) -> list[dict[str, Any]]:
     for curve in whole["curves"]:
         points = sorted(curve["points"], key=lambda p: -p["threshold_value"])  # high threshold first: few candidates
         op = curve["operating_point"]
-        out.append({"label": curve["label"], "baseline": curve["method"] == "suv41", "excluded": curve["organ_exclusion"],
+        out.append({"label": curve["label"], "group": curve["method"], "excluded": curve["organ_exclusion"],
                     "fp": [p["false_positives_per_volume"] for p in points],
                     "sensitivity": [p["sensitivity"] for p in points],
                     "operating_point": (op["false_positives_per_volume"], op["sensitivity"])})
     return out
+
+
+# ---- the paired comparison -----------------------------------------------------------------------
+#: Fewest non-zero paired differences a Wilcoxon test is run on: with n of them even the exact two-sided
+#: p is at least 2 / 2**n, so below 6 no difference could reach p < 0.05.
+MIN_PAIRS = 6
+#: Significance level of the comparison, after the Bonferroni correction.
+ALPHA = 0.05
+#: The paired figures: (key, name, what is paired). Per slice: the unhealthy model slices of every case;
+#: per volume: each case at the method's default operating point without organ exclusion.
+PAIRED_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("dsc_opt", "DSC_opt", "slice"), ("hd95", "HD95 (px)", "slice"), ("auprc", "AUPRC", "slice"),
+    ("volume_sensitivity", "whole-volume sensitivity", "volume"),
+    ("false_candidates", "false candidates", "volume"),
+)
+
+
+def _paired_values(result: dict[str, Any], names: Sequence[str]) -> dict[str, dict[str, dict[Any, float]]]:
+    """metric -> method -> {pairing key: value}: slices keyed (seed, slice, model grid), volumes by seed."""
+    out: dict[str, dict[str, dict[Any, float]]] = {key: {} for key, _, _ in PAIRED_METRICS}
+    ops = {c["method"]: c["operating_point"] for c in result["whole_volume"]["curves"] if not c["organ_exclusion"]}
+    for name in names:
+        for key, _, unit in PAIRED_METRICS:
+            if unit == "slice":
+                out[key][name] = {(r["seed"], r["slice"], r["grid"]): r[key] for r in result["per_slice"][name]}
+        cases = ops[name]["per_case"]
+        out["volume_sensitivity"][name] = {c["seed"]: c["found"] / c["lesions"] if c["lesions"] else float("nan")
+                                           for c in cases}
+        out["false_candidates"][name] = {c["seed"]: float(c["false_positives"]) for c in cases}
+    return out
+
+
+def wilcoxon_pair(a: dict[Any, float], b: dict[Any, float]) -> dict[str, Any]:
+    """The paired Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided) of ``a`` against ``b``
+    on the keys both have, pairs with a non-finite value left out.
+
+    Returns n (pairs), nonzero (pairs that differ), median_difference (of a - b), statistic and p;
+    with no pair differing, or fewer than :data:`MIN_PAIRS` that do, statistic and p are None and
+    ``note`` says why (no test is run).
+    """
+    keys = sorted(set(a) & set(b))
+    x = np.array([a[k] for k in keys], dtype=np.float64)
+    y = np.array([b[k] for k in keys], dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    diff = x - y
+    nonzero = int(np.count_nonzero(diff))
+    out = {"n": int(diff.size), "nonzero": nonzero,
+           "median_difference": float(np.median(diff)) if diff.size else float("nan"),
+           "statistic": None, "p": None, "note": ""}
+    if not diff.size:
+        out["note"] = "no pairs"
+    elif nonzero == 0:
+        out["note"] = f"all {diff.size} differences are zero"
+    elif nonzero < MIN_PAIRS:
+        out["note"] = f"too few pairs that differ ({nonzero} < {MIN_PAIRS})"
+    else:
+        test = wilcoxon(x, y)
+        out["statistic"], out["p"] = float(test.statistic), float(test.pvalue)
+    return out
+
+
+def paired_comparison(values: dict[str, dict[str, dict[Any, float]]], names: Sequence[str]) -> dict[str, Any]:
+    """Every pair of methods (in ``names`` order) on each metric of ``values`` (metric -> method -> {key:
+    value}, the keys pairing the samples): :func:`wilcoxon_pair`, then the Bonferroni correction over all
+    tests run (p x tests, at most 1; written out: it is one multiplication). A test is significant when
+    its corrected p is below :data:`ALPHA`."""
+    labels = {key: (label, unit) for key, label, unit in PAIRED_METRICS}
+    tests = []
+    for metric, by_method in values.items():
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if a in by_method and b in by_method:
+                    label, unit = labels.get(metric, (metric, ""))
+                    tests.append({"metric": metric, "label": label, "paired": unit, "a": a, "b": b,
+                                  **wilcoxon_pair(by_method[a], by_method[b])})
+    run = sum(t["p"] is not None for t in tests)
+    for t in tests:
+        t["p_corrected"] = None if t["p"] is None else min(1.0, t["p"] * run)
+        t["significant"] = None if t["p"] is None else bool(t["p_corrected"] < ALPHA)
+        t["result"] = t["note"] or (f"{'significant' if t['significant'] else 'not significant'} at {ALPHA:g} "
+                                    "after Bonferroni")
+    return {"test": "Paired Wilcoxon signed-rank tests (scipy.stats.wilcoxon, two-sided, zero differences dropped)",
+            "correction": "Bonferroni", "alpha": ALPHA, "tests_run": run, "tests": tests}
+
+
+# ---- the comparison table: one owner of its columns ---------------------------------------------
+#: The columns of comparison.csv, comparison.md and (:data:`FIGURE_COLUMNS`) the table of comparison.png:
+#: (key, header, format). Whole-volume figures are at each method's default operating point.
+COMPARISON_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("method", "method", "s"),
+    ("slices", "slices", "d"),
+    ("dsc_opt", "DSC_opt", ".3f"),
+    ("hd95", "HD95 (px)", ".2f"),
+    ("auprc", "AUPRC", ".3f"),
+    ("sensitivity", "slice detection sensitivity", ".3f"),
+    ("lesions", "lesions", "d"),
+    ("volume_sensitivity", "whole-volume sensitivity", ".3f"),
+    ("false_candidates_per_volume", "false candidates / volume", ".2f"),
+    ("volume_sensitivity_excluded", "whole-volume sensitivity, organs excluded", ".3f"),
+    ("false_candidates_per_volume_excluded", "false candidates / volume, organs excluded", ".2f"),
+    ("operating_point", "operating point", "s"),
+    ("seconds_per_volume", "s / volume", ".2f"),
+    ("network_evaluations_per_volume", "network evaluations / volume", ".0f"),
+    ("classifier_evaluations_per_volume", "classifier evaluations / volume", ".0f"),
+    ("confidence_unhealthy", "mean p(unhealthy), unhealthy slices", ".3f"),
+    ("confidence_healthy", "mean p(unhealthy), healthy slices", ".3f"),
+    ("parameters", "parameters", "s"),
+)
+#: The columns of :data:`COMPARISON_COLUMNS` the figure's table shows (the figure has room for few).
+FIGURE_COLUMNS: tuple[str, ...] = ("method", "dsc_opt", "hd95", "auprc", "volume_sensitivity",
+                                   "false_candidates_per_volume", "seconds_per_volume",
+                                   "network_evaluations_per_volume")
+
+
+def comparison_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method and baseline of an :func:`evaluate` result, keyed by :data:`COMPARISON_COLUMNS`."""
+    ops = {(c["method"], c["organ_exclusion"]): c["operating_point"] for c in result["whole_volume"]["curves"]}
+    rows = []
+    for name, summary in result["methods"].items():
+        plain, excluded = ops[(name, False)], ops[(name, True)]
+        run = result.get("runs", {}).get(name)
+        row = {**summary, "method": name, "lesions": plain["lesions"],
+               "volume_sensitivity": plain["sensitivity"],
+               "false_candidates_per_volume": plain["false_positives_per_volume"],
+               "volume_sensitivity_excluded": excluded["sensitivity"],
+               "false_candidates_per_volume_excluded": excluded["false_positives_per_volume"],
+               "operating_point": _rule_words(plain["threshold_method"], plain["threshold_value"],
+                                             plain["min_size_ml"]),
+               "parameters": parameter_words(name, run["parameters"]) if run else result["baselines"][name]}
+        rows.append({key: row.get(key, float("nan")) for key, _, _ in COMPARISON_COLUMNS})
+    return rows
+
+
+def _cell(value: Any, fmt: str) -> str:
+    """A table cell: the value in its format, "-" for none."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return format(value, fmt)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """comparison.csv: a header of :data:`COMPARISON_COLUMNS` keys, numbers in full, an empty cell for none."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([key for key, _, _ in COMPARISON_COLUMNS])
+        for row in rows:
+            writer.writerow(["" if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
+                             for v in (row[key] for key, _, _ in COMPARISON_COLUMNS)])
+
+
+def _p_words(p: float | None) -> str:
+    return "-" if p is None else ("< 0.0001" if p < 1e-4 else f"{p:.4f}")
+
+
+def comparison_markdown(result: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> str:
+    """comparison.md: the metric table (:data:`COMPARISON_COLUMNS`) and the paired tests."""
+    rows = comparison_rows(result) if rows is None else rows
+    comp = result["comparison"]
+    lines = [f"Methods on the same held-out phantom cases (seeds {result['seeds'][0]}..{result['seeds'][1]}; "
+             "synthetic phantoms, not clinical data). Per-slice metrics on the unhealthy model slices; whole-volume "
+             "figures at each method's default operating point.", "",
+             "| " + " | ".join(h for _, h, _ in COMPARISON_COLUMNS) + " |",
+             "|" + "---|" * len(COMPARISON_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[key], fmt) for key, _, fmt in COMPARISON_COLUMNS) + " |")
+    lines += ["", f"{comp['test']} between every pair of methods: per slice on the same unhealthy slices, "
+                  "per volume on the same cases (no organ exclusion). "
+                  f"{comp['correction']} correction over the {comp['tests_run']} tests run (corrected p = p x "
+                  f"{comp['tests_run']}, at most 1); a pair with no differing values or fewer than {MIN_PAIRS} is "
+                  "not tested.", "",
+              "| metric | A | B | n | median A - B | p | corrected p | result |", "|---|---|---|---|---|---|---|---|"]
+    for t in comp["tests"]:
+        lines.append(f"| {t['label']} | {t['a']} | {t['b']} | {t['n']} | {_cell(t['median_difference'], '.3g')} | "
+                     f"{_p_words(t['p'])} | {_p_words(t['p_corrected'])} | {t['result']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fraction(found: int, lesions: int) -> str:
@@ -470,21 +861,32 @@ def _fraction(found: int, lesions: int) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = [
-        f"Held-out phantom seeds {result['seeds'][0]}..{result['seeds'][1]}, parameters {result['parameters']}"
-        + (f", {result['compute'].get('precision')} on {result['compute'].get('device')}" if result.get("compute") else ""),
-        "",
-        "| method | DSC_opt | HD95 (px) | AUPRC | sensitivity | s / volume | slices |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """metrics.md (and what ``evaluate`` prints): per-slice metrics, whole-volume detection, FROC read-outs."""
+    runs = result.get("runs") or {}
+    lines = [f"Held-out phantom seeds {result['seeds'][0]}..{result['seeds'][1]}"
+             + (f", {result['compute'].get('precision')} on {result['compute'].get('device')}"
+                if result.get("compute") else "")]
+    if runs:
+        lines += [f"- {name}: {run['title']}; {parameter_words(name, run['parameters'])}" for name, run in runs.items()]
+    else:
+        lines[0] += f", parameters {result['parameters']}"
+    lines += ["",
+              "| method | DSC_opt | HD95 (px) | AUPRC | sensitivity | s / volume | network evaluations / volume | "
+              "slices |", "|---|---|---|---|---|---|---|---|"]
     for m, r in result["methods"].items():
         lines.append(f"| {m} | {r['dsc_opt']:.3f} | {r['hd95']:.2f} | {r['auprc']:.3f} | {r['sensitivity']:.3f} | "
-                     f"{r['seconds_per_volume']:.1f} | {r['slices']} |")
+                     f"{r['seconds_per_volume']:.1f} | {_cell(r.get('network_evaluations_per_volume'), '.0f')} | "
+                     f"{r['slices']} |")
+    sure = {m: r for m, r in result["methods"].items() if "confidence_unhealthy" in r}
+    if sure:
+        lines += ["", "Guidance classifier confidence (mean p(unhealthy | slice) at t = 0; per slice in metrics.json): "
+                  + "; ".join(f"{m}: {_cell(r['confidence_unhealthy'], '.3f')} on unhealthy slices, "
+                              f"{_cell(r['confidence_healthy'], '.3f')} on healthy slices" for m, r in sure.items())]
     det = result.get("detection")
     if det:
         th = det["threshold"]
-        lines += ["", f"Whole volumes at the default threshold ({th['threshold_method']} "
-                      f"{th['threshold_value']}, >= {th['min_size_ml']} ml): "
+        lines += ["", f"Whole volumes{' of ' + det['method'] if 'method' in det else ''} at the default threshold "
+                      f"({th['threshold_method']} {th['threshold_value']}, >= {th['min_size_ml']} ml): "
                       f"{det['found']}/{det['lesions']} lesions found (IoU >= {DETECTION_IOU:g}), "
                       f"{det['false_positives_per_volume']:.1f} false positives per volume, "
                       f"mean volume Dice {det['mean_volume_dice']:.3f} on cases with lesions"]
@@ -515,50 +917,83 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: list[int], guidance_scales: list[float],
-          steps: Steps | None = None, phantom_kwargs: dict[str, Any] | None = None,
+def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: Any = None, guidance_values: Any = None,
+          steps: Any = None, phantom_kwargs: dict[str, Any] | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Hyperparameter sensitivity (IgCONDA-PET figure 13): mean DSC_opt / AUPRC over a (D, w) grid.
+    """Hyperparameter sensitivity (IgCONDA-PET figure 13) of any method: mean DSC_opt / AUPRC over a grid of
+    noise level x the method's guidance parameter (:attr:`.method_catalog.MethodSpec.guidance`:
+    guidance_scale, classifier_scale or tau).
 
-    Only the unhealthy slices go through the network (the metrics need no others), and each
-    noise level is encoded once for all guidance scales: the same cache logic the sliders use.
-    ``noise_levels`` and ``guidance_scales``: lists, or comma-separated text; every value is
-    checked by the model's ``resolve`` before any work, as are the total network evaluations.
+    ``noise_levels`` and ``guidance_values``: lists, or comma-separated text (None:
+    :data:`SWEEP_NOISE_LEVELS`, :data:`SWEEP_GUIDANCE_VALUES`); ``steps`` as the method takes it
+    (None: its default); the other parameters are the method's defaults. Only the unhealthy slices
+    go through the network, by ``model.compute`` one case at a time, every guidance value of a
+    noise level in turn, so the method's cache does what a slider move does (IgCONDA-PET and
+    classifier-guided DDIM invert each case once per noise level). Every grid point is checked by
+    ``model.resolve`` and the network evaluations (``model.evaluations_per_slice`` of each noise
+    level with all its guidance values) by :func:`.methods.base.check_evaluations` before any
+    network work. Writes :data:`SWEEP_FILES`: sweep.json (rows name the axes by parameter name)
+    and sweep.png.
     """
     seeds = phantom_seeds(n_cases, seed)
-    check_tuning_seeds(model.card, seeds)
-    noise_levels = [model.resolve(noise_level=d)["noise_level"] for d in _number_list(noise_levels, "noise levels")]
-    guidance_scales = [model.resolve(guidance_scale=w)["guidance_scale"]
-                       for w in _number_list(guidance_scales, "guidance scales")]
-    steps = model.resolve(steps=steps)["steps"]
-    images, truths = [], []
+    for card in _cards(model):
+        check_tuning_seeds(card, seeds)
+    name = getattr(model, "method", None) or model.card["method"]
+    spec = method_spec(name)
+    axis = spec.guidance
+    levels = _number_list(SWEEP_NOISE_LEVELS if noise_levels is None else noise_levels, "noise levels")
+    values = _number_list(SWEEP_GUIDANCE_VALUES[axis] if guidance_values is None else guidance_values,
+                          spec.parameter(axis).words.rsplit(" ", 1)[0] + "s")  # "guidance scale w" -> "guidance scales"
+    fixed = {} if steps is None else {"steps": steps}
+    grid = [[model.resolve(noise_level=d, **{axis: g}, **fixed) for g in values] for d in levels]
+    levels = [row[0]["noise_level"] for row in grid]
+    values = [p[axis] for p in grid[0]]
+    cases = []
     for s in seeds:
         case = make_phantom(s, **(phantom_kwargs or {}))
-        x, grid = model.prepare(case.pet)
-        truth = mask_to_model_space(case.lesion_labels, grid) >= 0.5
-        idx = np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1))
-        images.append(x[idx])
-        truths.append(truth[idx])
-    x = np.concatenate(images)
-    truth = np.concatenate(truths)
-    per_slice = sum(model.evaluations_per_slice({"noise_level": d, "steps": steps}, len(guidance_scales))
-                    for d in noise_levels)
-    check_evaluations(len(x) * per_slice, len(x))
+        x, model_grid = model.prepare(case.pet)
+        truth = mask_to_model_space(case.lesion_labels, model_grid) >= 0.5
+        idx = _unhealthy(truth)
+        if idx.size:
+            cases.append((s, np.ascontiguousarray(x[idx]), idx, truth[idx]))
+    slices = sum(len(c[2]) for c in cases)
+    if not slices:
+        raise ValueError(f"the tuning phantoms {seeds[0]}..{seeds[-1]} have no unhealthy model slice; use more "
+                         "phantoms.")
+    check_evaluations(slices * sum(model.evaluations_per_slice(row[0], guidance_values=len(row)) for row in grid),
+                      slices)
     out = check_writable_dir(out_dir)
-    batch = torch.from_numpy(x).unsqueeze(1)
-    grid_rows = []
-    for d in noise_levels:
-        latents = model.encode(batch, int(d), steps)
-        for w in guidance_scales:
-            cf = model.decode(latents, int(d), float(w), steps).squeeze(1).numpy()
-            heat = np.abs(x - cf)
-            rows = [_slice_metrics(heat[k], truth[k]) for k in range(len(x))]
-            summ = _summarise(rows, [])
-            grid_rows.append({"noise_level": int(d), "guidance_scale": float(w), "steps": steps,
-                              "dsc_opt": summ["dsc_opt"], "auprc": summ["auprc"], "sensitivity": summ["sensitivity"]})
-            log(f"D={d} w={w}: DSC_opt {summ['dsc_opt']:.3f} AUPRC {summ['auprc']:.3f} on {len(x)} slices")
-    result = {"seeds": [seeds[0], seeds[-1]], "slices": int(len(x)), "grid": grid_rows}
+    before = getattr(model, "network_evaluations", None)
+    t_start = time.perf_counter()
+    scored: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for i, row in enumerate(grid):
+        for s, x, idx, truth in cases:
+            for j, params in enumerate(row):  # one noise level and case: the method's cache keeps its inversion
+                maps = model.compute(x, idx, params)
+                scored.setdefault((i, j), []).extend(_slice_metrics(maps.heat[k], truth[k]) for k in range(len(x)))
+        for j, params in enumerate(row):
+            summ = _summarise(scored[i, j], [])
+            log(f"{parameter_words(name, {'noise_level': levels[i], axis: values[j]})}: DSC_opt "
+                f"{summ['dsc_opt']:.3f} AUPRC {summ['auprc']:.3f} on {slices} slices")
+    rows = []
+    for i, row in enumerate(grid):
+        for j, params in enumerate(row):
+            summ = _summarise(scored[i, j], [])
+            rows.append({**params, **{k: summ[k] for k in ("dsc_opt", "hd95", "auprc", "sensitivity")}})
+    result = {"method": name, "noise_level": "noise_level", "guidance": axis, "noise_levels": levels,
+              "guidance_values": values, "seeds": [seeds[0], seeds[-1]], "slices": int(slices),
+              "seconds": time.perf_counter() - t_start,
+              "network_evaluations": None if before is None else model.network_evaluations - before,
+              "grid": rows}
     write_json(result, out / "sweep.json")
+    panels = {f"mean {label}": np.array([[r[key] for r in rows[i * len(values):(i + 1) * len(values)]]
+                                        for i in range(len(levels))], dtype=np.float64)
+              for key, label in (("dsc_opt", "DSC_opt"), ("auprc", "AUPRC"))}
+    with atomic_path(out / "sweep.png", suffix=".png") as tmp:
+        sweep_png(tmp, levels, values, panels, noise_label=spec.parameter("noise_level").label,
+                  guidance_label=spec.parameter(axis).label,
+                  title=f"{spec.title} on tuning phantoms {seeds[0]}..{seeds[-1]} ({slices} unhealthy slices; "
+                        "synthetic, not clinical data)")
     return result
 
 

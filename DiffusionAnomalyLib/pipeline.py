@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .card import Steps
 from .export import write_json, write_segmentation, write_table_csv
 from .files import OutputError, output_folder, staged
 from .postprocessing import Thresholding, inside_roi, lesion_table, segment
@@ -24,6 +23,10 @@ from .preprocessing import ModelGrid
 from .progress import Cancel, Progress
 from .version import __version__
 from .volume import Volume, write_volume
+
+#: what summary.json's classifier_confidence column holds
+CONFIDENCE_DEFINITION = ("p(unhealthy | slice) of the guidance classifier at t = 0 for each computed model slice; "
+                         "z_mm: the slice's LPS z (= RAS S) in millimetres")
 
 #: the files of one case's result set, as :func:`write_outputs` writes them
 RESULT_FILES = ("heatmap.nrrd", "counterfactual.nrrd", "lesions.seg.nrrd", "lesions.csv", "summary.json")
@@ -44,6 +47,11 @@ class MethodResult:
     network_evaluations: int = 0
     compute: dict[str, str] = field(default_factory=dict)  # device and arithmetic precision used
     computed_slices: int | None = None  # model slices that went through the network (None: all of them)
+    method: str = ""  # the method that ran (:data:`.method_catalog.METHODS`), e.g. "cg-ddim"
+    classifier_evaluations: int = 0  # classifier gradient evaluations (images), for the classifier-guided methods
+    #: p(unhealthy | slice) of the guidance classifier at t = 0 for each model slice (NaN where not computed);
+    #: None for the methods without a classifier
+    classifier_confidence: np.ndarray | None = None
 
     @property
     def model_slices(self) -> dict[str, int]:
@@ -74,6 +82,15 @@ class CaseResult:
     checkpoint: str | None = None
     method: MethodResult | None = None
     roi: np.ndarray | None = None  # the organ ROI ([k, j, i], non-zero = inside) the lesions were kept in
+    method_name: str = ""  # the method that made the heat map ("" for a case rebuilt without one: the card's)
+    classifier: dict[str, Any] | None = None  # the guidance classifier (id, checkpoint) of a classifier-guided run
+    #: (n, 2) rows of [z_mm (LPS z of a computed model slice), p(unhealthy | slice)] of the guidance classifier
+    confidence: np.ndarray | None = None
+
+    @property
+    def method_run(self) -> str:
+        """The name of the method that made the heat map (the card's own when not recorded)."""
+        return self.method_name or self.card["method"]
 
     @property
     def lesion_count(self) -> int:
@@ -113,26 +130,53 @@ def lesions_from_heat(heat: Volume, image: Volume, thresholding: Thresholding,
     return labels, lesion_table(labels, image, heat)
 
 
-def analyse(model, volume: Volume, *, noise_level: int | None = None, guidance_scale: float | None = None,
-            steps: Steps | None = None, thresholding: Thresholding | None = None,
-            roi: np.ndarray | Volume | None = None, region: np.ndarray | Volume | None = None,
-            progress: Progress | None = None, cancel: Cancel | None = None) -> CaseResult:
-    """Run ``model`` on ``volume`` and post-process; everything on the input's exact grid.
+def analyse(model, volume: Volume, *, parameters: dict[str, Any] | None = None,
+            thresholding: Thresholding | None = None, roi: np.ndarray | Volume | None = None,
+            region: np.ndarray | Volume | None = None, progress: Progress | None = None,
+            cancel: Cancel | None = None) -> CaseResult:
+    """Run ``model`` (any method object: ``model.method`` names it) on ``volume`` and post-process;
+    everything on the input's exact grid.
 
-    A parameter left as None takes the model card's default. The parameters and the thresholding
-    are checked before any network evaluation (``model.resolve``, :meth:`Thresholding.check`).
-    ``roi``: lesions are kept, and the heat map shown, inside it. ``region``: the method computes
-    only what this region needs (an organ ROI that includes organs; None: the whole volume).
+    ``parameters``: the method's parameters by name (:data:`.method_catalog.METHODS`); one left out
+    or None takes its default. The parameters and the thresholding (None: the method's default,
+    :meth:`Thresholding.for_method`) are checked before any network evaluation. ``roi``: lesions
+    are kept, and the heat map shown, inside it. ``region``: the method computes only what this
+    region needs (an organ ROI that includes organs; None: the whole volume).
     """
-    thresholding = (thresholding or Thresholding.from_card(model.card)).check()
-    model.resolve(noise_level=noise_level, guidance_scale=guidance_scale, steps=steps)
-    res = model.run(volume, noise_level=noise_level, guidance_scale=guidance_scale, steps=steps,
-                    progress=progress, cancel=cancel, region=region)
+    given = dict(parameters or {})
+    thresholding = (thresholding or Thresholding.for_method(model.card, method_name(model))).check()
+    model.resolve(**given)
+    res = model.run(volume, progress=progress, cancel=cancel, region=region, **given)
     case = CaseResult(volume=volume, heatmap=res.heatmap, counterfactual=res.counterfactual, card=model.card,
                       parameters=dict(res.parameters), thresholding=thresholding,
                       network_evaluations=res.network_evaluations, timings=dict(res.timings),
-                      compute=dict(res.compute), checkpoint=getattr(model, "source", None), method=res)
+                      compute=dict(res.compute), checkpoint=getattr(model, "source", None), method=res,
+                      method_name=method_name(model), classifier=classifier_record(model),
+                      confidence=slice_confidence(res))
     return case.threshold(roi=roi)
+
+
+def slice_confidence(res: MethodResult) -> np.ndarray | None:
+    """[z_mm, p(unhealthy)] rows of the computed model slices of a classifier-guided run (None without one)."""
+    if res.classifier_confidence is None:
+        return None
+    p = np.asarray(res.classifier_confidence, dtype=float)
+    z = res.grid.origin[2] + res.grid.spacing[2] * np.arange(len(p))
+    keep = np.isfinite(p)
+    return np.stack([z[keep], p[keep]], axis=1)
+
+
+def method_name(model) -> str:
+    """The name of the method a method object runs (its card's own method for an object without one)."""
+    return getattr(model, "method", None) or model.card["method"]
+
+
+def classifier_record(model) -> dict[str, Any] | None:
+    """The guidance classifier of a method object (id and file), None for a method without one."""
+    guidance = getattr(model, "classifier", None)
+    if guidance is None:
+        return None
+    return {"id": guidance.card["id"], "checkpoint": getattr(guidance, "source", None)}
 
 
 def summary(result: CaseResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -140,12 +184,18 @@ def summary(result: CaseResult, extra: dict[str, Any] | None = None) -> dict[str
     card = result.card
     return {
         "software": f"DiffusionAnomalyLib {__version__}",
-        "model": {"id": card["id"], "method": card["method"], "modality": card["modality"],
-                  "not_for_clinical_use": bool(card.get("not_for_clinical_use", True))},
+        "model": {"id": card["id"], "method": result.method_run, "network": card["method"],
+                  "modality": card["modality"], "not_for_clinical_use": bool(card.get("not_for_clinical_use", True))},
+        **({"classifier": result.classifier} if result.classifier is not None else {}),
         "parameters": result.parameter_record(),
         "lesion_count": result.lesion_count,
         "network_evaluations": result.network_evaluations,
         **({"model_slices": result.method.model_slices} if result.method is not None else {}),
+        **({"classifier_evaluations": int(result.method.classifier_evaluations)}
+           if result.method is not None and result.classifier is not None else {}),
+        **({"classifier_confidence": {"definition": CONFIDENCE_DEFINITION, "slices": [
+            {"z_mm": round(float(z), 2), "p_unhealthy": round(float(p), 4)} for z, p in result.confidence]}}
+           if result.confidence is not None else {}),
         "compute": dict(result.compute),
         "timings_seconds": {k: round(v, 3) for k, v in result.timings.items()},
         "input": {"shape_ijk": list(result.volume.shape_ijk), "spacing_mm": [float(s) for s in result.volume.spacing],

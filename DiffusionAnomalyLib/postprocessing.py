@@ -22,6 +22,7 @@ from scipy import signal
 from skimage import measure
 from skimage.filters import threshold_otsu
 
+from .method_catalog import method_spec
 from .card import THRESHOLD_METHODS, check_min_size_ml, check_threshold, real_number
 from .volume import Volume
 
@@ -106,6 +107,22 @@ class Thresholding:
         if out.method == "otsu":
             out.value = None
         return out.check()
+
+    @classmethod
+    def for_method(cls, card: dict[str, Any], analysis: str | None = None, **overrides: Any) -> "Thresholding":
+        """:meth:`from_card` for a run of the analysis method ``analysis`` (None: the card's own) with a
+        checkpoint of ``card``; ``overrides`` as there (``method``, ``value``, ``min_size_ml``).
+
+        The card's threshold rule was tuned on its own method's maps; another method's map has other
+        units and scale, so it takes the rule of its paper (:attr:`.method_catalog.MethodSpec.threshold`:
+        35 % of the maximum for classifier guidance, Otsu for CDM) and the card's minimum size.
+        """
+        spec = method_spec(analysis) if analysis is not None else None
+        if spec is None or spec.threshold is None or analysis == card.get("method"):
+            return cls.from_card(card, **overrides)
+        rule, value = spec.threshold
+        return cls.from_card(card, **{"method": rule, "value": value, **{k: v for k, v in overrides.items()
+                                                                           if v is not None}})
 
     def check(self) -> "Thresholding":
         """Raise ValueError (with the valid range) if :func:`segment` would refuse these settings; else self.

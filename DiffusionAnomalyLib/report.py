@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .method_catalog import METHODS, parameter_words
 from .card import NOT_FOR_CLINICAL_USE, NOT_FOR_CLINICAL_USE_SHORT, card_items
 from .export import format_number
 from .files import atomic_path
@@ -57,15 +58,17 @@ def lesion_table_html(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def key_slice_png(image: Volume, heatmap: Volume, labels: np.ndarray, counterfactual: Volume | None = None,
-                  title: str = "", slices: list[int] | None = None) -> bytes:
-    """PNG bytes of the key-slice figure (figures.overview_png): input, counterfactual, heat map, contours."""
+                  title: str = "", slices: list[int] | None = None, confidence: np.ndarray | None = None) -> bytes:
+    """PNG bytes of the key-slice figure (figures.overview_png): input, counterfactual, heat map, contours,
+    and the guidance classifier's p(unhealthy) per computed model slice (``confidence``) as a curve."""
     fd, tmp = tempfile.mkstemp(suffix=".png")
     os.close(fd)
     try:
         aspect = float(image.spacing[1] / image.spacing[0])
         vmax = float(np.percentile(image.voxels, 99.5)) or None
         overview_png(tmp, image.voxels, None if counterfactual is None else counterfactual.voxels, heatmap.voxels,
-                     labels, slices=slices or key_slices(labels), title=title, vmax=vmax, aspect=aspect)
+                     labels, slices=slices or key_slices(labels), title=title, vmax=vmax, aspect=aspect,
+                     confidence=confidence)
         return Path(tmp).read_bytes()
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -82,10 +85,23 @@ def report_html(case: CaseResult, title: str = "DiffusionAnomaly report",
     if labels is None or labels.shape != image.voxels.shape or not image.same_geometry(heatmap, atol=1e-4):
         raise ValueError("the report needs the image, heat map and labels on one grid.")
     png = key_slice_png(image, heatmap, labels, case.counterfactual,
-                        title=f"{card.get('id', '')} | {NOT_FOR_CLINICAL_USE_SHORT}")
+                        title=f"{card.get('id', '')} ({case.method_run}) | {NOT_FOR_CLINICAL_USE_SHORT}",
+                        confidence=None if case.confidence is None else case.confidence[:, 1])
     figure = base64.b64encode(png).decode("ascii")
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     params = {**case.parameter_record(), "network_evaluations": case.network_evaluations, **(parameters or {})}
+    spec = METHODS.get(case.method_run)
+    method = [("Method", spec.title if spec else case.method_run)]
+    if spec is not None:
+        method += [("What it does", spec.summary),
+                   ("Parameters", parameter_words(spec.name, case.parameters) or "the defaults")]
+    if case.classifier is not None:
+        method.append(("Guidance classifier", str(case.classifier.get("id"))))
+    if case.confidence is not None and len(case.confidence):
+        p = case.confidence[:, 1]
+        top = int(np.argmax(p))
+        method.append(("Classifier confidence", f"p(unhealthy | slice) over {len(p)} model slices: median "
+                       f"{np.median(p):.2f}, highest {p[top]:.2f} at z = {case.confidence[top, 0]:.0f} mm (RAS S)"))
     inp = [("Grid (i, j, k)", " x ".join(str(s) for s in image.shape_ijk)),
            ("Spacing (mm)", " x ".join(format_number(float(s)) for s in image.spacing)),
            ("Modality", image.modality or "unknown"), ("Units", image.units or "unknown")]
@@ -99,8 +115,11 @@ def report_html(case: CaseResult, title: str = "DiffusionAnomaly report",
 {lesion_table_html(table)}
 <p class="small">SUV columns are intensity statistics in the input's units; centroids in RAS millimetres.</p>
 <h2>Key slices</h2>
-<p class="small">Rows: input, healthy counterfactual (if computed), anomaly heat map, lesion contours (red).</p>
+<p class="small">Rows: input, healthy counterfactual (if computed), anomaly heat map, lesion contours (red); for a
+classifier-guided method, the classifier's p(unhealthy) per computed model slice, inferior to superior.</p>
 <img alt="key slices: input, heat map and lesion contours" src="data:image/png;base64,{figure}">
+<h2>Method</h2>
+{_kv_table(method)}
 <h2>Parameters</h2>
 {_kv_table(sorted((str(k), v if v is not None else "not used") for k, v in params.items()))}
 <h2>Input</h2>

@@ -122,11 +122,52 @@ def _balanced_batch(rng: np.random.Generator, pools, batch_size: int, train_x, a
     return idx, torch.from_numpy(batch).clamp(0, 1).to(device)
 
 
-def _validation_slices(val_x, val_y, device):
-    """(x, labels): up to :data:`VAL_SLICES_PER_CLASS` healthy and unhealthy validation slices, fixed seed."""
+#: a healthy slice paired with an unhealthy one for the classifier lies within this many model slices of the
+#: same body position (6 mm slices: +-18 mm), so anatomy alone cannot tell the classes apart
+POSITION_WINDOW = 3
+
+
+def healthy_near(labels: np.ndarray, n_cases: int, window: int = POSITION_WINDOW) -> list[np.ndarray] | None:
+    """For each body position (a slice's index within its phantom case: every phantom has the same grid), the
+    healthy slices within ``window`` positions of it; None when the slices do not split evenly into cases."""
+    if n_cases < 1 or len(labels) % n_cases:
+        return None
+    per_case = len(labels) // n_cases
+    position = np.arange(len(labels)) % per_case
+    healthy = np.flatnonzero(labels == HEALTHY)
+    near = [healthy[np.abs(position[healthy] - p) <= window] for p in range(per_case)]
+    return [idx if len(idx) else healthy for idx in near]
+
+
+def matched_pairs(rng: np.random.Generator, unhealthy: np.ndarray, near: list[np.ndarray]) -> np.ndarray:
+    """A healthy slice of the same body position (:func:`healthy_near`) for each of the ``unhealthy`` slices."""
+    per_case = len(near)
+    return np.array([rng.choice(near[int(u) % per_case]) for u in unhealthy], dtype=np.int64)
+
+
+def _classifier_batch(rng: np.random.Generator, pools, near, batch_size: int, train_x, aug, device):
+    """(indices, x0) of a classifier batch: half unhealthy slices, half healthy ones of the same body positions
+    (:func:`matched_pairs`; any healthy slices when ``near`` is None), augmented, clamped to [0, 1]."""
+    if near is None:
+        return _balanced_batch(rng, pools, batch_size, train_x, aug, device)
+    unhealthy = rng.choice(pools[UNHEALTHY], batch_size // 2)
+    idx = np.concatenate([unhealthy, matched_pairs(rng, unhealthy, near)])
+    batch = np.stack([np.asarray(aug(train_x[i][None].astype(np.float32))) for i in idx])
+    return idx, torch.from_numpy(batch).clamp(0, 1).to(device)
+
+
+def _validation_slices(val_x, val_y, device, near: list[np.ndarray] | None = None):
+    """(x, labels): up to :data:`VAL_SLICES_PER_CLASS` healthy and unhealthy validation slices, fixed seed; with
+    ``near`` (:func:`healthy_near`) each healthy slice is one of the same body position as an unhealthy one."""
     vg = np.random.default_rng(12345)
-    vidx = np.concatenate([vg.choice(np.flatnonzero(val_y == c), min(VAL_SLICES_PER_CLASS, int((val_y == c).sum())),
-                                     replace=False) for c in (HEALTHY, UNHEALTHY)])
+    if near is not None:
+        unhealthy = vg.choice(np.flatnonzero(val_y == UNHEALTHY),
+                              min(VAL_SLICES_PER_CLASS, int((val_y == UNHEALTHY).sum())), replace=False)
+        vidx = np.concatenate([matched_pairs(vg, unhealthy, near), unhealthy])
+    else:
+        vidx = np.concatenate([vg.choice(np.flatnonzero(val_y == c), min(VAL_SLICES_PER_CLASS,
+                                                                         int((val_y == c).sum())), replace=False)
+                               for c in (HEALTHY, UNHEALTHY)])
     vx = torch.from_numpy(val_x[vidx].astype(np.float32)).unsqueeze(1).to(device)
     vy = torch.from_numpy(val_y[vidx].astype(np.int64)).to(device)
     return vx, vy
@@ -350,8 +391,13 @@ def train_classifier(cfg: TrainConfig, card: dict[str, Any] | None = None, data=
     model, opt, noiser, channels_last = run.model, run.opt, run.noiser, run.channels_last
     classes = torch.tensor([0, card["labels"]["healthy"], card["labels"]["unhealthy"]], device=device)
 
+    # healthy slices paired by body position with the unhealthy ones (phantom data: every case has the same grid)
+    train_near = val_near = None
+    if data is None:
+        train_near = healthy_near(train_y, cfg.train_seeds[1] - cfg.train_seeds[0])
+        val_near = healthy_near(val_y, cfg.val_seeds[1] - cfg.val_seeds[0])
     # fixed validation: the same balanced slices in every band, at a fixed t and noise per slice and band
-    vx, vy = _validation_slices(val_x, val_y, device)
+    vx, vy = _validation_slices(val_x, val_y, device, val_near)
     vtarget = classes[vy]
     gen = torch.Generator().manual_seed(54321)
     bands = [(lo, hi, torch.randint(lo, hi, (len(vx),), generator=gen).to(device),
@@ -382,7 +428,7 @@ def train_classifier(cfg: TrainConfig, card: dict[str, Any] | None = None, data=
         return accuracy, loss, table
 
     def train_step() -> torch.Tensor:
-        idx, x0 = _balanced_batch(rng, pools, cfg.batch_size, train_x, aug, device)
+        idx, x0 = _classifier_batch(rng, pools, train_near, cfg.batch_size, train_x, aug, device)
         target = classes[torch.from_numpy(train_y[idx].astype(np.int64)).to(device)]
         t = torch.randint(0, T, (len(x0),), device=device)
         xt = _q_sample(noiser, x0, torch.randn_like(x0), t, channels_last)
@@ -400,29 +446,32 @@ def train_classifier(cfg: TrainConfig, card: dict[str, Any] | None = None, data=
         if accuracy > best:
             best = accuracy
             _write_best_classifier(out, model, card, cfg, step, (accuracy, vloss, table), command,
-                                   len(train_x), int((train_y == UNHEALTHY).sum()))
+                                   len(train_x), int((train_y == UNHEALTHY).sum()), train_near is not None)
         _save_state(state_path, model, opt, step, rng, {"best": best, "history": history, "method": "classifier"})
 
     model.train()
     step = _run_steps(cfg, step, log, train_step, validation_due)
     if not (out / "best.safetensors").exists():
         _write_best_classifier(out, model, card, cfg, step, validate(), command, len(train_x),
-                               int((train_y == UNHEALTHY).sum()))
+                               int((train_y == UNHEALTHY).sum()), train_near is not None)
     _save_state(state_path, model, opt, step, rng, {"best": best, "history": history, "method": "classifier"})
     write_json(history, out / "history.json", indent=1)
     return out / "best.safetensors"
 
 
 def _write_best_classifier(out, model, card, cfg: TrainConfig, step, validation, command, n_slices,
-                           n_unhealthy) -> None:
+                           n_unhealthy, matched: bool) -> None:
     accuracy, vloss, table = validation
+    pairing = (f" Healthy slices were drawn from the same body position (within {POSITION_WINDOW} model slices) as "
+               "the unhealthy ones, in training batches and in validation, so anatomy alone cannot separate the "
+               "classes." if matched else "")
     card = json.loads(json.dumps(card))
     card["provenance"] = {
         **_provenance(cfg, step, command, n_slices, n_unhealthy),
         "validation_metrics": {"val_accuracy": round(float(accuracy), 4), "val_cross_entropy": round(float(vloss), 6)},
         "validation_accuracy_by_t": table,
         "note": ("Demonstration noise-conditioned classifier (healthy vs unhealthy slice) trained on synthetic "
-                 "phantoms; val_accuracy is at t uniform in [0, T). Not for clinical use."),
+                 f"phantoms; val_accuracy is at t uniform in [0, T).{pairing} Not for clinical use."),
     }
     _save_best(out, model, card)
 

@@ -6,38 +6,45 @@ by the Slicer module's ``process.py``), so the scene is never touched by a half-
 pattern of the established Slicer AI extensions). The worker also exits by itself when its stdin closes or its
 parent dies (:class:`Watchdog`).
 
-The worker loads one checkpoint once and keeps the model, and with it the model's LRU cache of
-inverted latents and counterfactuals, for its whole life: a new guidance scale only re-decodes,
-a repeated request does no network work.
+The worker serves every method its checkpoint's network serves (:func:`.method_catalog.methods_for_network`):
+the method object of each is made on its first request (the checkpoint's own at start) and kept,
+with its LRU cache of inverted latents and maps, for the worker's whole life: a new guidance or
+classifier scale only re-decodes (IgCONDA-PET, CG-DDIM), a repeated request does no network work.
+The classifier-guided methods use the ``--classifier`` checkpoint given at start, else the bundled
+classifier that fits the model (:func:`.checkpoint.bundled_classifier`).
 
 Protocol: one JSON object per line. Requests on stdin::
 
     {"id": 1, "cmd": "run", "input": "/tmp/x/input.nrrd", "out_dir": "/tmp/x/out",
-     "noise_level": 50, "guidance_scale": 3.0, "steps": 3, "seed": 0, "counterfactual": true,
-     "region": "/tmp/x/region.nrrd"}
+     "method": "igconda", "parameters": {"noise_level": 50, "guidance_scale": 3.0, "steps": 3},
+     "counterfactual": true, "region": "/tmp/x/region.nrrd"}
     {"id": 2, "cmd": "stats"}        {"id": 3, "cmd": "quit"}
 
 The input volume is an NRRD written with :func:`volume.write_volume` (geometry, modality and
-units in its header). ``steps`` is read by :func:`card.parse_steps`: absent, ``null`` or ``""`` =
-the model card's default; ``"reference"`` = the stride-1 reference loop; an integer >= 1 = that
-many strided DDIM steps. ``region`` (optional, null = the whole volume) is an NRRD mask on the
+units in its header). ``method``: a name of :data:`.method_catalog.METHODS` the checkpoint serves
+(absent or null: the checkpoint's own); ``parameters``: that method's parameters by name (absent,
+null or a null value: the method's default; ``steps`` as :func:`card.parse_steps` reads it:
+``"reference"`` = the stride-1 reference loop, an integer >= 1 = that many strided steps).
+``region`` (optional, null = the whole volume) is an NRRD mask on the
 input's exact grid (non-zero = inside; the organs an organ ROI includes): only the model slices it
 needs go through the network (``model.run(..., region=...)``), the others get heat 0.
 
 Every request is checked before any work (:data:`REQUEST_FIELDS`): it must be one JSON object;
 a key the command does not know is refused (a misspelt ``"guidance"`` would otherwise silently
 run with the card's default); ``input`` and ``out_dir`` are non-empty strings, ``modality``,
-``units`` and ``region`` strings or null (a region on another grid than the input is refused), ``seed`` a JSON integer or null, ``counterfactual`` true/false;
-``noise_level``, ``guidance_scale`` and ``steps`` are checked by the model's ``resolve`` (a whole
-number from 1 to T - 1, a finite number >= 0, steps; a number may come as text, "20" but never
-"20.7"), null meaning the card's default; the output folder must exist and be writable. A
+``units`` and ``region`` strings or null (a region on another grid than the input is refused),
+``counterfactual`` true/false, ``method`` a text or null, ``parameters`` an object or null whose
+entries the method's ``resolve`` checks (:func:`.method_catalog.resolve_parameters`: a parameter of
+another method is refused; a number may come as text, "20" but never "20.7"); the output folder
+must exist and be writable. A
 refusal is one error message with the sentence (no ``detail`` traceback: that is kept for bugs).
 Messages on stdout::
 
     {"type": "ready", "model_id": ..., "device": "cpu", "gpu": false, "precision": "bf16", "card": {...}}
     {"type": "progress", "id": 1, "fraction": 0.42, "message": "decoding ..."}
-    {"type": "result", "id": 1, "heatmap": ".../heatmap.nrrd", "counterfactual": ... | null,
-     "network_evaluations": 120, "total_network_evaluations": 360, "parameters": {...},
+    {"type": "result", "id": 1, "method": "igconda", "heatmap": ".../heatmap.nrrd", "counterfactual": ... | null,
+     "network_evaluations": 120, "total_network_evaluations": 360, "classifier_evaluations": 0,
+     "classifier_confidence": [[z_mm, p_unhealthy], ...] | null, "parameters": {...},
      "model_slices": {"computed": 12, "total": 60}, "timings": {...}}
     {"type": "error", "id": 1, "message": "a sentence a clinician can act on", "kind": "VolumeError"}
 
@@ -64,14 +71,16 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 
-from .card import shown, whole_number
+from .card import shown
+from .method_catalog import method_spec, methods_for_network, served_method
+from .pipeline import method_name, slice_confidence
 from .errors import is_refusal, user_sentence
 from .export import to_jsonable
 from .files import check_writable_dir
 from .processes import process_watch
 from .volume import Volume, read_volume, write_volume
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: progress messages are sent at most this often (seconds), plus every change of stage message
 PROGRESS_INTERVAL = 0.2
@@ -110,57 +119,76 @@ def throttled_progress(channel: Channel, request_id: Any) -> Callable[[float, st
 
 
 class Worker:
-    """Holds the loaded model; answers requests (see the module docstring)."""
+    """Holds the loaded method objects (one per method asked for); answers requests (see the module docstring)."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto"):
+    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
+                 classifier: str | Path | None = None):
         from .methods import load_checkpoint  # torch, MONAI: imported here, so main() reports a failure as a message
-
-        self.model = load_checkpoint(checkpoint, device=device, precision=precision)
+        self._load = load_checkpoint
         self.checkpoint = str(checkpoint)
+        self.classifier = None if classifier is None else str(classifier)
+        self.device, self.precision = device, precision
+        self.model = load_checkpoint(checkpoint, device=device, precision=precision)
+        self.models = {method_name(self.model): self.model}
+
+    def method(self, name: str | None):
+        """The method object of ``name`` (None: the checkpoint's own), made on first use and kept."""
+        if name is None:
+            return self.model
+        if not isinstance(name, str):
+            raise RequestError(f"the run request's 'method' must be a method name or null, got {shown(name)}.")
+        if name not in self.models:
+            spec = method_spec(served_method(self.model.card, name))
+            self.models[name] = self._load(self.checkpoint, device=self.device, precision=self.precision, method=name,
+                                           classifier=self.classifier if spec.classifier else None)
+        return self.models[name]
+
+    @property
+    def network_evaluations(self) -> int:
+        return sum(m.network_evaluations for m in self.models.values())
 
     def ready_message(self) -> dict[str, Any]:
         device = self.model.device
         return {"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "model_id": self.model.card["id"],
                 "checkpoint": self.checkpoint, "device": str(device), "gpu": device.type == "cuda",
-                "precision": self.model.precision, "card": self.model.card}
+                "precision": self.model.precision, "card": self.model.card, "method": method_name(self.model),
+                "methods": list(methods_for_network(self.model.card["method"])), "classifier": self.classifier}
 
     def run(self, request: dict[str, Any], progress: Callable[[float, str], None]) -> dict[str, Any]:
-        import torch  # imported where used, as in main(), which reports a broken torch as a message
-
         check_request(request)
-        # every check before minutes of diffusion, not after: parameters, output folder, input
-        params = self.model.resolve(request.get("noise_level"), request.get("guidance_scale"), request.get("steps"))
+        # every check before minutes of diffusion, not after: method, parameters, output folder, input
+        model = self.method(request.get("method"))
+        given = request.get("parameters") or {}
+        params = model.resolve(**given)
         out = check_writable_dir(request["out_dir"], create=False)
         volume = read_volume(request["input"], modality=request.get("modality"), units=request.get("units"))
         region = read_region(request.get("region"), volume)
-        if request.get("seed") is not None:
-            torch.manual_seed(int(request["seed"]))
-        result = self.model.run(volume, progress=progress, region=region, **params)
+        result = model.run(volume, progress=progress, region=region, **params)
         # uncompressed: temporary files, read back at once by the UI process (decompression would stall it)
         heat = write_volume(result.heatmap, out / "heatmap.nrrd", compress=False)
         cf = None
         if request.get("counterfactual", True) and result.counterfactual is not None:
             cf = write_volume(result.counterfactual, out / "counterfactual.nrrd", compress=False)
-        return {"heatmap": str(heat), "counterfactual": str(cf) if cf else None,
+        confidence = slice_confidence(result)
+        return {"method": result.method or method_name(model), "heatmap": str(heat), "counterfactual": str(cf) if cf else None,
                 "network_evaluations": result.network_evaluations,
-                "total_network_evaluations": self.model.network_evaluations,
+                "total_network_evaluations": self.network_evaluations,
+                "classifier_evaluations": result.classifier_evaluations,
+                "classifier_confidence": None if confidence is None else confidence.tolist(),
                 "model_slices": result.model_slices, "parameters": result.parameters, "timings": result.timings}
 
     def stats(self) -> dict[str, Any]:
-        return {"total_network_evaluations": self.model.network_evaluations, "cache_entries": len(self.model.cache),
-                "model_id": self.model.card["id"], "device": str(self.model.device)}
+        return {"total_network_evaluations": self.network_evaluations,
+                "cache_entries": sum(len(m.cache) for m in self.models.values()),
+                "model_id": self.model.card["id"], "device": str(self.model.device), "methods": sorted(self.models)}
 
 
 #: The keys each command accepts (``id`` and ``cmd`` always); any other key is refused.
 REQUEST_FIELDS: dict[str, frozenset[str]] = {
-    "run": frozenset({"input", "out_dir", "modality", "units", "noise_level", "guidance_scale", "steps", "seed",
-                      "counterfactual", "region"}),
+    "run": frozenset({"input", "out_dir", "modality", "units", "method", "parameters", "counterfactual", "region"}),
     "stats": frozenset(),
     "quit": frozenset(),
 }
-
-#: Largest seed accepted: the top of the signed 64-bit range every random generator (torch, NumPy) takes.
-MAX_SEED = 2**63 - 1
 
 
 class RequestError(ValueError):
@@ -209,8 +237,11 @@ def check_request(request: dict[str, Any]) -> None:
     for key in ("modality", "units", "region"):
         if not (request.get(key) is None or isinstance(request[key], str)):
             raise RequestError(f"the run request's '{key}' must be a text or null, got {shown(request[key])}.")
-    if request.get("seed") is not None:
-        whole_number(request["seed"], "the run request's 'seed'", 0, MAX_SEED)
+    if not (request.get("method") is None or isinstance(request["method"], str)):
+        raise RequestError(f"the run request's 'method' must be a method name or null, got {shown(request['method'])}.")
+    if not (request.get("parameters") is None or isinstance(request["parameters"], dict)):
+        raise RequestError("the run request's 'parameters' must be an object of the method's parameters (e.g. "
+                           f"{{\"noise_level\": 150}}) or null, got {shown(request['parameters'])}.")
     if not isinstance(request.get("counterfactual", True), bool):
         raise RequestError(f"the run request's 'counterfactual' must be true or false, "
                            f"got {shown(request['counterfactual'])}.")
@@ -324,6 +355,9 @@ def serve(worker: Worker, requests: Iterable[str], channel: Channel) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m DiffusionAnomalyLib.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--classifier", default=None,
+                        help="noise-conditioned classifier for the classifier-guided methods (default: the bundled "
+                             "one that fits the checkpoint)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="network arithmetic (auto: bf16 on CPUs with native bf16, else fp32)")
@@ -344,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        worker = Worker(args.checkpoint, device=args.device, precision=args.precision)
+        worker = Worker(args.checkpoint, device=args.device, precision=args.precision, classifier=args.classifier)
     except Exception as exc:  # noqa: BLE001
         channel.send({"type": "error", "id": None, "fatal": True, **{k: v for k, v in _error(None, exc).items()
                                                                        if k not in ("type", "id")}})

@@ -305,3 +305,41 @@ def test_slicers_model_list_leaves_out_guidance_classifiers(tmp_path, monkeypatc
     with pytest.raises(CheckpointError, match="guide.safetensors is a noise-conditioned classifier"):
         database.addUserCheckpoint(tmp_path / "guide.safetensors")
     assert not (tmp_path / "settings.json").exists()
+
+
+# ---- guidance --------------------------------------------------------------------------------------
+def test_guidance_in_bf16_is_float32_deterministic_and_close_to_fp32():
+    """The guidance classifier follows the method's precision (bf16 autocast on the CPU); its gradient and
+    confidence stay float32 / float64 and deterministic. (Its use by the methods: Testing/test_guided.py.)"""
+    from DiffusionAnomalyLib.methods.guidance import Guidance
+
+    card = validate_card(tiny_classifier_card())
+    torch.manual_seed(0)
+    model = networks.build_model(card)
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    fp32 = Guidance(copy.deepcopy(model), card, device="cpu", precision="fp32")
+    bf16 = Guidance(copy.deepcopy(model), card, device="cpu", precision="bf16")
+    ref = fp32.grad_log_prob(x, 100, card["labels"]["healthy"])
+    a, b = (bf16.grad_log_prob(x, 100, card["labels"]["healthy"]) for _ in range(2))
+    assert a.dtype == torch.float32 and torch.equal(a, b) and torch.isfinite(a).all()
+    assert float((a - ref).abs().max()) < 0.1 * float(ref.abs().max())
+    p32, p16 = fp32.p_unhealthy(x), bf16.p_unhealthy(x.squeeze(1).numpy())
+    assert p16.dtype == np.float64 and np.all((p16 >= 0) & (p16 <= 1)) and np.abs(p16 - p32).max() < 0.05
+    assert bf16.classifier_evaluations == 4 + 4 + 4 and fp32.classifier_evaluations == 4 + 4
+    assert not any(p.requires_grad for p in bf16.model.parameters())  # only the input's gradient is taken
+
+
+def test_healthy_slices_are_paired_by_body_position():
+    """The classifier sees healthy slices of the same body position as the unhealthy ones, so anatomy alone
+    (lesions sit in the torso more often than in the head) cannot separate the classes."""
+    from DiffusionAnomalyLib.training import HEALTHY, POSITION_WINDOW, UNHEALTHY, healthy_near, matched_pairs
+
+    per_case, cases = 40, 5
+    labels = np.full(per_case * cases, HEALTHY, np.uint8)
+    labels[[12, 13, 55, 170, 171]] = UNHEALTHY  # positions 12, 13, 15, 10, 11
+    near = healthy_near(labels, cases)
+    assert len(near) == per_case
+    pairs = matched_pairs(np.random.default_rng(0), np.flatnonzero(labels == UNHEALTHY), near)
+    assert (labels[pairs] == HEALTHY).all()
+    assert (np.abs(pairs % per_case - np.flatnonzero(labels == UNHEALTHY) % per_case) <= POSITION_WINDOW).all()
+    assert healthy_near(labels, 3) is None  # 200 slices do not split into 3 equal cases: no pairing

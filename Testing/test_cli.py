@@ -319,9 +319,9 @@ def test_evaluate_on_held_out_small_phantoms(tmp_path, tiny_model):
     """The CLI has no option for phantom size, so the library call is tested with small phantoms."""
     seed = TRAIN_SEEDS[1]  # the first seed after the training range [1000, 1010) is held out
     out = tmp_path / "eval"
-    result = evaluation.evaluate(tiny_model, 1, seed, out, steps=2, phantom_kwargs=dict(SMALL_PHANTOM_KWARGS),
-                                 log=lambda message: None)
-    assert listing(out) == {"metrics.json", "metrics.md", "froc.png"}
+    result = evaluation.evaluate({"igconda": tiny_model}, 1, seed, out, parameters={"igconda": {"steps": 2}},
+                                 phantom_kwargs=dict(SMALL_PHANTOM_KWARGS), log=lambda message: None)
+    assert listing(out) == set(evaluation.EVALUATION_FILES)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seeds"] == [seed, seed]
     assert metrics["checkpoint"] == tiny_model.card["id"]
@@ -345,7 +345,7 @@ def test_evaluate_on_held_out_small_phantoms(tmp_path, tiny_model):
     det = metrics["detection"]
     case = make_phantom(seed, **SMALL_PHANTOM_KWARGS)
     assert det["lesions"] == len(np.unique(case.lesion_labels.voxels)) - 1 == len(case.lesions)
-    again = analyse(tiny_model, case.pet, steps=2)  # the same run the user would make
+    again = analyse(tiny_model, case.pet, parameters={"steps": 2})  # the same run the user would make
     expected = metrics_module.match_lesions(again.labels > 0, case.lesion_labels.voxels, iou_threshold=0.2)
     assert (det["found"], det["false_positives"]) == (expected["tp"], expected["fp"])
     assert det["found"] + det["false_positives"] == again.lesion_count
@@ -362,7 +362,7 @@ def test_evaluate_cli_on_a_held_out_seed(tmp_path, capsys, tiny_checkpoint):
     code, stdout, _ = run_cli(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--phantoms", 1,
                               "--seed", 5_000_000, "--out", out, "--steps", 1)
     assert code == 0
-    assert listing(out) == {"metrics.json", "metrics.md", "froc.png"}
+    assert listing(out) == set(evaluation.EVALUATION_FILES)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"igconda", "suv41"}
     assert "| igconda |" in stdout and "metrics.json" in stdout
@@ -378,7 +378,7 @@ def test_sweep_writes_a_checkpoint_with_the_best_defaults(tmp_path, capsys, tiny
 
     out, tuned = tmp_path / "sweep", tmp_path / "tuned.safetensors"
     code, stdout, _ = run_cli(capsys, "sweep", "--checkpoint", tiny_checkpoint, "--phantoms", 1, "--seed", 800_000,
-                              "--noise-levels", "20,60", "--guidance-scales", "0,5", "--steps", 2,
+                              "--noise-levels", "20,60", "--guidance-values", "0,5", "--steps", 2,
                               "--out", out, "--write-defaults", tuned)
     assert code == 0 and "tuned.safetensors" in stdout
     grid = json.loads((out / "sweep.json").read_text())["grid"]
@@ -406,7 +406,7 @@ def test_sweep_writes_a_checkpoint_with_the_best_defaults(tmp_path, capsys, tiny
 def test_sweep_refuses_to_overwrite_the_checkpoint_it_sweeps(tmp_path, capsys, tiny_checkpoint):
     before = Path(tiny_checkpoint).read_bytes()
     code, _, err = run_cli(capsys, "sweep", "--checkpoint", tiny_checkpoint, "--phantoms", 1, "--seed", 800_000,
-                           "--noise-levels", "20", "--guidance-scales", "0", "--steps", 1,
+                           "--noise-levels", "20", "--guidance-values", "0", "--steps", 1,
                            "--out", tmp_path / "sweep", "--write-defaults", tiny_checkpoint)
     assert code == 2 and "new file" in error_line(err)
     assert Path(tiny_checkpoint).read_bytes() == before

@@ -253,5 +253,5 @@ def test_a_card_whose_default_noise_level_breaks_its_schedule_is_refused_at_load
     card = copy.deepcopy(tiny_card)
     card["scheduler"].update(beta_start=1e-4, beta_end=0.5)
     card["inference_defaults"]["noise_level"] = 700
-    with pytest.raises(CheckpointError, match="default noise level must be at most"):
+    with pytest.raises(CheckpointError, match="default noise level D must be at most"):
         IgcondaModel(build_model(card), card, device="cpu")

@@ -154,9 +154,9 @@ def test_detection_points_agree_with_segment_and_match_lesions(small_case, small
 def test_evaluate_reports_froc_and_operating_points(tmp_path, tiny_model, small_case, small_heat):
     seed = TRAIN_SEEDS[1]
     out = tmp_path / "eval"
-    result = evaluation.evaluate(tiny_model, 1, seed, out, steps=2, phantom_kwargs=dict(SMALL_PHANTOM_KWARGS),
-                                 log=lambda m: None)
-    assert sorted(p.name for p in out.iterdir()) == sorted(cli.EVALUATION_FILES)
+    result = evaluation.evaluate({"igconda": tiny_model}, 1, seed, out, parameters={"igconda": {"steps": 2}},
+                                 phantom_kwargs=dict(SMALL_PHANTOM_KWARGS), log=lambda m: None)
+    assert sorted(p.name for p in out.iterdir()) == sorted(evaluation.EVALUATION_FILES)
     assert (out / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "metrics.json").read_text())
     whole = saved["whole_volume"]
@@ -284,7 +284,7 @@ REFUSALS = [
     pytest.param(WHOLE + ["--organ-excludes", "none;kidny"], r"unknown organ 'kidny'; did you mean", id="organ-typo"),
     pytest.param(WHOLE + ["--threshold-methods", "otsu"], r"fraction and/or absolute \(Otsu has no value",
                  id="otsu"),
-    pytest.param(WHOLE + ["--noise-levels", "20"], r"--noise-levels belongs to the noise level / guidance scale sweep",
+    pytest.param(WHOLE + ["--noise-levels", "20"], r"--noise-levels belongs to the noise level / guidance sweep",
                  id="whole-volume-with-noise-levels"),
     pytest.param(["sweep", "--phantoms", "1", "--fractions", "0.5"], r"--fractions belongs to a whole-volume sweep; "
                  r"add --whole-volume", id="grid-without-whole-volume"),

@@ -194,7 +194,7 @@ def _case(kind: str, tmp: Path, pet: Path, ckpt: Path, children: Children):
         return (["evaluate", "--checkpoint", out / "metrics.json", "--phantoms", 1, "--out", out, "--steps", 1],
                 ["checkpoint", "metrics.json", "also an output"])
     if kind == "write-defaults-is-an-output":
-        return (["sweep", "--checkpoint", ckpt, "--phantoms", 1, "--noise-levels", "20", "--guidance-scales", "0",
+        return (["sweep", "--checkpoint", ckpt, "--phantoms", 1, "--noise-levels", "20", "--guidance-values", "0",
                  "--steps", 1, "--out", out, "--write-defaults", out / "sweep.json"], ["--write-defaults", "sweep.json", "also an output"])
     if kind == "out-is-a-file":
         (tmp / "out").write_text("a file")
@@ -295,7 +295,7 @@ WRITING_VERBS = {
     "phantom": ["phantom", "--seed", "3"],
     "run": ["run", "--input", "{pet}", "--checkpoint", "{ckpt}", "--steps", "1"],
     "evaluate": ["evaluate", "--checkpoint", "{ckpt}", "--phantoms", "1", "--steps", "1"],
-    "sweep": ["sweep", "--checkpoint", "{ckpt}", "--phantoms", "1", "--noise-levels", "20", "--guidance-scales", "0",
+    "sweep": ["sweep", "--checkpoint", "{ckpt}", "--phantoms", "1", "--noise-levels", "20", "--guidance-values", "0",
               "--steps", "1"],
     "demo": ["demo", "--checkpoint", "{ckpt}", "--steps", "1"],
 }
@@ -476,8 +476,7 @@ def assert_one_consistent_set(out: Path, pet_file: Path, model, expected: dict) 
     assert {k: params[k] for k in expected} == expected
     image = read_volume(pet_file)
     heat = read_volume(out / "heatmap.nrrd", validate=False)
-    again = analyse(model, image, noise_level=params["noise_level"], guidance_scale=params["guidance_scale"],
-                    steps=params["steps"])
+    again = analyse(model, image, parameters={k: params[k] for k in ("noise_level", "guidance_scale", "steps")})
     np.testing.assert_allclose(heat.voxels, again.heatmap.voxels, rtol=1e-4, atol=1e-4)
     thresholding = Thresholding(params["threshold_method"], params["threshold_value"], params["min_size_ml"])
     labels, table = lesions_from_heat(heat, image, thresholding)

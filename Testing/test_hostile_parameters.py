@@ -25,9 +25,9 @@ from DiffusionAnomalyLib.worker import Channel, Worker, serve
 
 from conftest import run_refused, snapshot
 
-NOISE_RANGE = r"noise level must be a whole number from 1 to 999"
-GUIDANCE_RANGE = r"guidance scale must be a finite number >= 0"
-STEPS_RANGE = r"steps must be a whole number from 1 to 999"
+NOISE_RANGE = r"noise level [DLQ] must be a whole number from 1 to 999"
+GUIDANCE_RANGE = r"guidance scale w must be a finite number >= 0"
+STEPS_RANGE = r"DDIM steps must be a whole number from 1 to 999"
 FRACTION_RANGE = r"threshold value must be a finite number in \(0(\.0)?, 1(\.0)?\]"
 ABSOLUTE_RANGE = r"threshold value must be a finite number > 0"
 MIN_SIZE_RANGE = r"minimum lesion size \(ml\) must be a finite number >= 0"
@@ -94,6 +94,16 @@ RUN_CASES = [
     pytest.param(["--device", "cuda"], r"CUDA", id="device-cuda-without-cuda",
                  marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA")),
     pytest.param(["--device", "tpu"], r"unknown device 'tpu'", id="device-unknown"),
+    pytest.param(["--tau", "0.5"], r"--tau does not apply to method igconda \(it takes --noise-level, "
+                 r"--guidance-scale, --steps; 'tau' belongs to cdm, cg-cdm\)", id="tau-to-igconda"),
+    pytest.param(["--method", "cdm", "--guidance-scale", "3"], r"--guidance-scale does not apply to method cdm",
+                 id="guidance-to-cdm"),
+    pytest.param(["--method", "cdm", "--tau", "1"], r"tau must be a finite number in \(0, 1\)", id="cdm-tau-1"),
+    pytest.param(["--method", "cdm", "--noise-level", "20", "--steps", "30"], r"CDM steps R must be a whole number "
+                 r"from 1 to 20", id="cdm-steps-above-q"),
+    pytest.param(["--method", "cg-ddim", "--classifier", "/nonexistent/c.safetensors"], r"checkpoint not found",
+                 id="classifier-missing"),
+    pytest.param(["--method", "igconda-pet"], r"invalid choice", id="method-unknown"),
 ]
 
 
@@ -128,15 +138,27 @@ EVALUATION_CASES = [
                  id="evaluate-guidance-nan"),
     pytest.param(["evaluate", "--phantoms", "1", "--noise-level", "5000"], NOISE_RANGE, id="evaluate-noise-5000"),
     pytest.param(["evaluate", "--phantoms", "1", "--steps", "5000"], STEPS_RANGE, id="evaluate-steps-5000"),
+    pytest.param(["evaluate", "--phantoms", "1", "--methods", "igconda,bogus"], r"--methods must list.*'bogus'",
+                 id="evaluate-unknown-method"),
+    pytest.param(["evaluate", "--phantoms", "1", "--methods", "igconda,suv41,igconda"], r"igconda more than once",
+                 id="evaluate-method-twice"),
+    pytest.param(["evaluate", "--phantoms", "1", "--methods", "suv41"], r"names no diffusion method",
+                 id="evaluate-baseline-only"),
+    pytest.param(["evaluate", "--phantoms", "1", "--methods", "igconda,cdm", "--noise-level", "20"],
+                 r"--noise-level: method parameters apply to one method", id="evaluate-parameters-with-two-methods"),
+    pytest.param(["evaluate", "--phantoms", "1", "--tau", "0.5"], r"--tau does not apply to method igconda.*cdm, cg-cdm",
+                 id="evaluate-tau-to-igconda"),
+    pytest.param(["evaluate", "--phantoms", "1", "--methods", "cdm", "--tau", "1"],
+                 r"embedding weight tau must be a finite number in \(0, 1\)", id="evaluate-cdm-tau-1"),
     pytest.param(["sweep", "--phantoms", "0"], r"whole number >= 1", id="sweep-0-phantoms"),
     pytest.param(["sweep", "--phantoms", "1", "--noise-levels", ""], r"noise.levels", id="sweep-empty-noise-levels"),
     pytest.param(["sweep", "--phantoms", "1", "--noise-levels", "20,,40"], r"noise.levels", id="sweep-hole-in-list"),
     pytest.param(["sweep", "--phantoms", "1", "--noise-levels", "20.7"], r"noise.level", id="sweep-noise-20.7"),
     pytest.param(["sweep", "--phantoms", "1", "--noise-levels", "20,0"], NOISE_RANGE, id="sweep-noise-0"),
     pytest.param(["sweep", "--phantoms", "1", "--noise-levels", "20,99999"], NOISE_RANGE, id="sweep-noise-huge"),
-    pytest.param(["sweep", "--phantoms", "1", "--guidance-scales", "1,nan"], r"guidance.scale",
+    pytest.param(["sweep", "--phantoms", "1", "--guidance-values", "1,nan"], r"guidance.scale",
                  id="sweep-guidance-nan"),
-    pytest.param(["sweep", "--phantoms", "1", "--guidance-scales", "-1"], GUIDANCE_RANGE, id="sweep-guidance-negative"),
+    pytest.param(["sweep", "--phantoms", "1", "--guidance-values", "-1"], GUIDANCE_RANGE, id="sweep-guidance-negative"),
 ]
 
 
@@ -157,13 +179,15 @@ EVALUATION_API_CASES = [
     pytest.param("evaluate", {"n_cases": "3"}, r"number of phantoms must be a whole number", id="text-count"),
     pytest.param("evaluate", {"seed": -1}, r"first phantom seed must be a whole number >= 0", id="negative-seed"),
     pytest.param("evaluate", {"seed": 1.5}, r"first phantom seed must be a whole number >= 0", id="fractional-seed"),
-    pytest.param("evaluate", {"guidance_scale": float("nan")}, GUIDANCE_RANGE, id="evaluate-guidance-nan"),
-    pytest.param("evaluate", {"noise_level": 20.7}, NOISE_RANGE, id="evaluate-noise-20.7"),
+    pytest.param("evaluate", {"parameters": {"igconda": {"guidance_scale": float("nan")}}}, GUIDANCE_RANGE,
+                 id="evaluate-guidance-nan"),
+    pytest.param("evaluate", {"parameters": {"igconda": {"noise_level": 20.7}}}, NOISE_RANGE, id="evaluate-noise-20.7"),
+    pytest.param("evaluate", {"parameters": {"igconda": {"tau": 0.5}}}, r"no parameter 'tau'", id="evaluate-tau"),
     pytest.param("sweep", {"noise_levels": []}, r"list of noise levels", id="sweep-no-noise-levels"),
-    pytest.param("sweep", {"guidance_scales": ""}, r"list of guidance scales", id="sweep-empty-text"),
+    pytest.param("sweep", {"guidance_values": ""}, r"list of guidance scales", id="sweep-empty-text"),
     pytest.param("sweep", {"noise_levels": "20,x"}, NOISE_RANGE + r'.*got "x"', id="sweep-noise-text"),
     pytest.param("sweep", {"noise_levels": [20.7]}, NOISE_RANGE, id="sweep-noise-20.7"),
-    pytest.param("sweep", {"guidance_scales": [1.0, float("inf")]}, GUIDANCE_RANGE, id="sweep-guidance-inf"),
+    pytest.param("sweep", {"guidance_values": [1.0, float("inf")]}, GUIDANCE_RANGE, id="sweep-guidance-inf"),
     pytest.param("sweep", {"n_cases": 0}, r"number of phantoms", id="sweep-0-phantoms"),
 ]
 
@@ -173,9 +197,9 @@ def test_evaluation_functions_check_their_arguments_first(tmp_path, tiny_model, 
     out = tmp_path / "out"
     if verb == "evaluate":
         args = {"n_cases": 1, "seed": 5_000_000, "out_dir": out, **changes}
-        call = lambda: evaluation.evaluate(tiny_model, log=lambda m: None, **args)  # noqa: E731
+        call = lambda: evaluation.evaluate({"igconda": tiny_model}, log=lambda m: None, **args)  # noqa: E731
     else:
-        args = {"n_cases": 1, "seed": 800_000, "out_dir": out, "noise_levels": [20], "guidance_scales": [1.0],
+        args = {"n_cases": 1, "seed": 800_000, "out_dir": out, "noise_levels": [20], "guidance_values": [1.0],
                 **changes}
         call = lambda: evaluation.sweep(tiny_model, log=lambda m: None, **args)  # noqa: E731
     with pytest.raises(ValueError, match=message):
@@ -194,6 +218,11 @@ def _with(**changes):
     return ("run", changes)
 
 
+def _parameters(**changes):
+    """A run request whose method parameters have ``changes`` applied."""
+    return ("run", {"parameters": {"noise_level": 20, "guidance_scale": 2.0, **changes}})
+
+
 WORKER_CASES = [
     pytest.param("not json", None, r"not valid JSON", id="not-json"),
     pytest.param('{"cmd": "run", ', None, r"not valid JSON", id="truncated-json"),
@@ -205,20 +234,26 @@ WORKER_CASES = [
     pytest.param('{"id": 1, "cmd": ["run"]}', 1, r"unknown worker command", id="list-cmd"),
     pytest.param('{"id": 1, "cmd": "stats", "verbose": true}', 1, r"unknown field.*'verbose'", id="stats-extra-key"),
     pytest.param(_with(guidance=3.0), 1, r"unknown field.*'guidance'", id="misspelt-key"),
-    pytest.param(_with(guidance_scale=float("nan")), 1, GUIDANCE_RANGE + r", got NaN", id="guidance-nan"),
-    pytest.param(_with(guidance_scale=float("inf")), 1, GUIDANCE_RANGE, id="guidance-inf"),
-    pytest.param(_with(guidance_scale=-0.5), 1, GUIDANCE_RANGE, id="guidance-negative"),
-    pytest.param(_with(guidance_scale="strong"), 1, GUIDANCE_RANGE, id="guidance-text"),
-    pytest.param(_with(noise_level=20.7), 1, NOISE_RANGE + r".*got 20.7", id="noise-20.7"),
-    pytest.param(_with(noise_level="20.7"), 1, NOISE_RANGE, id="noise-text-20.7"),
-    pytest.param(_with(noise_level=True), 1, NOISE_RANGE, id="noise-true"),
-    pytest.param(_with(noise_level=0), 1, NOISE_RANGE, id="noise-0"),
-    pytest.param(_with(noise_level=[20]), 1, NOISE_RANGE, id="noise-list"),
-    pytest.param(_with(steps=0), 1, r"steps must be >= 1", id="steps-0"),
-    pytest.param(_with(steps=10**9), 1, STEPS_RANGE, id="steps-huge"),
-    pytest.param(_with(seed=1.5), 1, r"'seed' must be a whole number from 0", id="seed-fractional"),
-    pytest.param(_with(seed="3"), 1, r"'seed' must be a whole number", id="seed-text"),
-    pytest.param(_with(seed=-1), 1, r"'seed' must be a whole number from 0", id="seed-negative"),
+    pytest.param(_parameters(guidance_scale=float("nan")), 1, GUIDANCE_RANGE + r", got NaN", id="guidance-nan"),
+    pytest.param(_parameters(guidance_scale=float("inf")), 1, GUIDANCE_RANGE, id="guidance-inf"),
+    pytest.param(_parameters(guidance_scale=-0.5), 1, GUIDANCE_RANGE, id="guidance-negative"),
+    pytest.param(_parameters(guidance_scale="strong"), 1, GUIDANCE_RANGE, id="guidance-text"),
+    pytest.param(_parameters(noise_level=20.7), 1, NOISE_RANGE + r".*got 20.7", id="noise-20.7"),
+    pytest.param(_parameters(noise_level="20.7"), 1, NOISE_RANGE, id="noise-text-20.7"),
+    pytest.param(_parameters(noise_level=True), 1, NOISE_RANGE, id="noise-true"),
+    pytest.param(_parameters(noise_level=0), 1, NOISE_RANGE, id="noise-0"),
+    pytest.param(_parameters(noise_level=[20]), 1, NOISE_RANGE, id="noise-list"),
+    pytest.param(_parameters(steps=0), 1, r"steps must be >= 1", id="steps-0"),
+    pytest.param(_parameters(steps=10**9), 1, STEPS_RANGE, id="steps-huge"),
+    pytest.param(_with(seed=3), 1, r"unknown field.*'seed'", id="seed-is-a-method-parameter"),
+    pytest.param(_with(noise_level=20), 1, r"unknown field.*'noise_level'", id="parameter-outside-parameters"),
+    pytest.param(_parameters(seed=3), 1, r"method igconda has no parameter 'seed'.*cg-ddpm, cdm, cg-cdm",
+                 id="seed-of-another-method"),
+    pytest.param(_parameters(tau=0.5), 1, r"no parameter 'tau'.*'tau' belongs to cdm, cg-cdm", id="tau-to-igconda"),
+    pytest.param(_with(parameters="fast"), 1, r"'parameters' must be an object", id="parameters-text"),
+    pytest.param(_with(method=5), 1, r"'method' must be a method name or null", id="method-number"),
+    pytest.param(_with(method="igconda-pet"), 1, r"unknown method \"igconda-pet\"; the methods are: igconda, cg-ddim",
+                 id="method-unknown"),
     pytest.param(_with(counterfactual="yes"), 1, r"'counterfactual' must be true or false", id="counterfactual-text"),
     pytest.param(_with(input=42), 1, r"'input' must be a path as text", id="input-number"),
     pytest.param(_with(modality=5), 1, r"'modality' must be a text or null", id="modality-number"),
@@ -234,8 +269,8 @@ def test_worker_refuses_a_bad_request_with_one_sentence(worker, tmp_path, pet_sl
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     if isinstance(request_line, tuple):
-        request = {"id": 1, "cmd": "run", "input": str(slab), "out_dir": str(out_dir), "noise_level": 20,
-                   "guidance_scale": 2.0}
+        request = {"id": 1, "cmd": "run", "input": str(slab), "out_dir": str(out_dir),
+                   "parameters": {"noise_level": 20, "guidance_scale": 2.0}}
         for key, value in request_line[1].items():
             if value is ...:
                 request.pop(key)

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
 
 #: a run that would take minutes on a CPU (stride-1 reference loop from a high noise level): still
 #: running whenever a test acts on it
-LONG_RUN = {"cmd": "run", "noise_level": 900, "steps": "reference"}
+LONG_RUN = {"cmd": "run", "parameters": {"noise_level": 900, "steps": "reference"}}
 
 #: generous limits for a slow, busy 2-core machine
 START_TIMEOUT = 300.0

@@ -290,7 +290,7 @@ def test_modality_mismatch_is_refused_with_a_sentence(env):
     ({}, lambda v: np.round(v * 20).clip(0, 255), {}, "--modality PT --units SUVbw"),
     ({"DICOM.Modality": "PT"}, lambda v: v, {"Units": "SUVbw", "Modality": "CT"}, "modality as PT, but CT was declared"),
     ({"DICOM.Modality": "PT", "DiffusionAnomaly.Units": "SUVbw"}, lambda v: v, {"NoiseLevel": "20.7"},
-     "NoiseLevel must be a whole number, got 20.7"),
+     "the noise level D must be a whole number from 1 to 999 .*, got 20.7"),
     ({"DICOM.Modality": "PT", "DiffusionAnomaly.Units": "SUVbw"}, lambda v: v, {"Threshold": "1.5"},
      r"\(0, 1\]"),
 ])
@@ -554,10 +554,10 @@ def test_steps_have_one_representation_from_card_to_request(tiny_card):
         card = {**tiny_card, "inference_defaults": {**tiny_card["inference_defaults"], "steps": card_steps}}
         parameters.applyCardDefaults(node, card)
         assert node.GetParameter("Steps") == stored
-        assert parameters.runRequest(parameters.values(node))["steps"] == card_steps
-    node.SetParameter("Steps", "")  # not given: the worker applies the card's default
-    assert parameters.runRequest(parameters.values(node))["steps"] is None
+        assert parameters.runRequest(parameters.values(node), card)["parameters"]["steps"] == card_steps
+    node.SetParameter("Steps", "")  # not given: the worker applies the method's default
+    assert parameters.runRequest(parameters.values(node), tiny_card)["parameters"]["steps"] is None
     for bad in ("0", "-2", "2.5", "fast"):
         node.SetParameter("Steps", bad)
-        with pytest.raises(ValueError, match="Steps"):
-            parameters.runRequest(parameters.values(node))
+        with pytest.raises(ValueError, match="DDIM steps"):
+            parameters.runRequest(parameters.values(node), tiny_card)

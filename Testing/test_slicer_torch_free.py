@@ -1,4 +1,5 @@
-"""Slicer's own process stays torch-free: threshold change, table update and exports import only the core.
+"""Slicer's own process stays torch-free: threshold change, table update, exports and choosing a method
+(its defaults, its checked request, the classifier line) import only the core.
 
 In a fresh interpreter (so nothing another test imported counts), the module is imported as Slicer
 imports it, a scene holds an existing result (input and heat map nodes, as a saved scene or a
@@ -77,6 +78,14 @@ SCRIPT = textwrap.dedent("""
              logic.exportSegmentation(params, str(out / "lesions.nii.gz")),
              logic.exportTableCsv(params, str(out / "lesions.csv")),
              logic.exportReport(params, str(out / "report.html"))]
+    # every method the model serves: its defaults, its checked request and the classifier line (no worker)
+    from DiffusionAnomalyModuleLib import parameters as settings
+    card = logic.readCard(params.GetParameter("Model"))
+    for method, _ in logic.methodChoices(params):
+        logic.applyMethodDefaults(params, card, method)
+        settings.runRequest(settings.values(params), card)
+        logic.classifierSummary(params)
+
     print(json.dumps({{"counts": counts, "table_rows": table.GetNumberOfRows(),
                       "files": [str(f) for f in files if Path(f).stat().st_size > 0],
                       "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai"))}}))

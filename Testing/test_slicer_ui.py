@@ -2,7 +2,10 @@
 
 No Qt here (CI has only the MRML library), so the Widget's declared bindings are checked against
 the Qt Designer file: every widget the Widget touches exists with the class whose signal it uses,
-every parameter-node setting has a widget, and the steps spin box can say "reference".
+every parameter-node setting has a widget, the steps spin box can say "reference", and every
+method parameter of the catalog has a widget and a label that can show it. What the Widget shows
+for each method (labels, help, ranges, which parameters) is checked on stand-in widgets: the
+Widget's code that configures them runs as in Slicer.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import ast
 import re
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -23,6 +27,7 @@ LIB = MODULE / "DiffusionAnomalyModuleLib"
 sys.path.insert(0, str(MODULE))
 
 import DiffusionAnomaly  # noqa: E402
+from DiffusionAnomalyLib.method_catalog import METHODS, RECOMPUTE_WORDS  # noqa: E402
 from DiffusionAnomalyModuleLib import parameters  # noqa: E402
 
 Widget = DiffusionAnomaly.DiffusionAnomalyWidget
@@ -38,6 +43,7 @@ CLASS_SIGNALS = {
     "qMRMLSegmentSelectorWidget": {"currentNodeChanged(vtkMRMLNode*)", "segmentSelectionChanged(QStringList)"},
     "qMRMLTableView": {"clicked(QModelIndex)"},
     "ctkCheckableComboBox": {"checkedIndexesChanged()", "currentIndexChanged(int)"},
+    "ctkPathLineEdit": {"currentPathChanged(QString)", "validInputChanged(bool)"},
 }
 
 
@@ -80,7 +86,7 @@ def test_every_parameter_has_exactly_one_widget():
     for name in [*Widget.OTHER_PARAMETER_WIDGETS.values(), *Widget.REFERENCE_WIDGETS.values()]:
         assert name in widgets, name
     expected = {"combo": "QComboBox", "slider": "ctkSliderWidget", "spin": "QSpinBox", "steps": "QSpinBox",
-                "check": "QCheckBox"}
+                "check": "QCheckBox", "path": "ctkPathLineEdit"}
     for name, (widget_name, kind) in Widget.PARAMETER_WIDGETS.items():
         assert widgets[widget_name].get("class") == expected[kind], name
 
@@ -110,8 +116,9 @@ def test_steps_spin_box_round_trips_reference():
     assert Widget.stepsToSpinBox("reference") == reference
     for steps in ("1", "7", "1000"):
         assert Widget.stepsFromSpinBox(Widget.stepsToSpinBox(steps)) == steps
-    assert Widget.stepsToSpinBox("") is None  # the card's default: the box is left as it is
-    assert int(ui_property(box, "maximum")) >= 1000
+    assert Widget.stepsToSpinBox("") is None  # the method's default: the box is left as it is
+    # the range is the catalog's (set per method): the .ui's maximum is only where the box starts
+    assert max(p.maximum for spec in METHODS.values() for p in spec.parameters if p.setting == "Steps") <= 2**31 - 1
 
 
 def test_ui_is_a_valid_qt_designer_file():
@@ -192,7 +199,8 @@ def test_device_sentence_comes_from_the_workers_ready_message(ready, needle):
 def test_labels_showing_card_or_error_text_are_plain_text():
     """A model card id or an error that looks like HTML must not be rendered (and hide the notice)."""
     widgets = ui_widgets()
-    for name in ("modelCardLabel", "statusLabel", "deviceLabel", "organStatusLabel"):
+    for name in ("modelCardLabel", "statusLabel", "deviceLabel", "organStatusLabel", "classifierStatusLabel",
+                 "resultMethodLabel"):
         assert ui_property(widgets[name], "textFormat") == "Qt::PlainText", name
 
 
@@ -218,3 +226,118 @@ def test_a_ui_action_shows_a_refusal_as_its_one_sentence(monkeypatch, error, det
         assert text.startswith("not enough memory for this run (Unable to allocate 40.0 GiB") and details is None
     else:
         assert text == str(error) and details is None
+
+
+# ---- the methods' parameters ------------------------------------------------------------------------
+#: the binding kinds that can show a catalog parameter of each kind (a float needs decimals: a slider)
+PARAMETER_KIND_BINDINGS = {"float": {"slider"}, "int": {"slider", "spin", "steps"}, "steps": {"steps"}}
+
+
+def test_every_method_parameter_has_a_widget_and_a_label_that_can_show_it():
+    widgets = ui_widgets()
+    settings = {p.setting: [] for spec in METHODS.values() for p in spec.parameters}
+    for spec in METHODS.values():
+        for p in spec.parameters:
+            settings[p.setting].append(p)
+    assert set(settings) == set(parameters.METHOD_SETTINGS) == set(Widget.METHOD_PARAMETER_LABELS)
+    for setting, params in settings.items():
+        widget_name, kind = Widget.PARAMETER_WIDGETS[setting]
+        label = Widget.METHOD_PARAMETER_LABELS[setting]
+        assert widgets[label].get("class") == "QLabel", label
+        assert not ui_property(widgets[label], "text"), f"{label}: the catalog's label, not a second copy in the .ui"
+        for p in params:
+            assert kind in PARAMETER_KIND_BINDINGS[p.kind], (setting, p.kind, kind)
+            if widgets[widget_name].get("class") == "QSpinBox":
+                assert p.decimals == 0 and p.maximum <= 2**31 - 1, setting
+    for name in Widget.CLASSIFIER_WIDGETS:
+        assert name in widgets, name
+    assert widgets["methodComboBox"].get("class") == "QComboBox"
+    assert Widget.PARAMETER_WIDGETS["Classifier"] == ("classifierPathLineEdit", "path")
+    # the catalog owns the ranges, labels and help: none of them is written into the .ui's parameter widgets
+    for setting in settings:
+        widget = widgets[Widget.PARAMETER_WIDGETS[setting][0]]
+        assert ui_property(widget, "toolTip") is None and ui_property(widget, "decimals") is None, setting
+
+
+class Stand:
+    """A stand-in for a Qt widget: its properties are plain attributes, as PythonQt sets them."""
+
+    def __init__(self, **properties):
+        self.visible, self.enabled, self.toolTip, self.text = True, True, "", ""
+        self.__dict__.update(properties)
+
+
+class StandCombo(Stand):
+    """A stand-in for a QComboBox holding (text, data) items."""
+
+    def __init__(self):
+        super().__init__(items=[], currentIndex=-1)
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    def itemData(self, index: int):
+        return self.items[index][1] if 0 <= index < len(self.items) else None
+
+    def addItem(self, text: str, data=None) -> None:
+        self.items.append((text, data))
+
+    def clear(self) -> None:
+        self.items, self.currentIndex = [], -1
+
+    def findData(self, data) -> int:
+        return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
+
+    def setCurrentIndex(self, index: int) -> None:
+        self.currentIndex = index
+
+    def blockSignals(self, block: bool) -> bool:
+        return False
+
+
+def stand_in_widget(logic=None):
+    """A Widget whose ``ui`` holds stand-ins for every widget the method section touches."""
+    widget = Widget()
+    widget.logic = logic
+    names = [*Widget.METHOD_PARAMETER_LABELS.values(), *Widget.CLASSIFIER_WIDGETS, "counterfactualCheckBox"]
+    names += [Widget.PARAMETER_WIDGETS[s][0] for s in Widget.METHOD_PARAMETER_LABELS]
+    widget.ui = types.SimpleNamespace(methodComboBox=StandCombo(), **{
+        name: Stand(minimum=None, maximum=None, decimals=None, singleStep=None, specialValueText=None)
+        for name in names})
+    return widget
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_widget_shows_exactly_the_catalogs_parameters_of_the_chosen_method(method):
+    spec = METHODS[method]
+    widget = stand_in_widget()
+    widget.showMethod(spec)
+    ui = widget.ui
+    shown = {s for s, label in Widget.METHOD_PARAMETER_LABELS.items() if getattr(ui, label).visible}
+    assert shown == {p.setting for p in spec.parameters}
+    for p in spec.parameters:
+        name, kind = Widget.PARAMETER_WIDGETS[p.setting]
+        box, label = getattr(ui, name), getattr(ui, Widget.METHOD_PARAMETER_LABELS[p.setting])
+        assert box.visible and label.text == f"{p.label}:"
+        assert box.toolTip == f"{p.help}; a change {RECOMPUTE_WORDS[p.recompute]}."
+        assert box.maximum == p.maximum
+        if p.kind == "steps":  # "reference" at the minimum, below 1
+            assert box.minimum == Widget.STEPS_REFERENCE_VALUE < 1 and box.specialValueText == "reference"
+        else:
+            assert box.minimum == p.minimum
+        if kind == "steps" and p.kind != "steps":  # CDM's R: a plain whole number, no "reference"
+            assert box.specialValueText == "" and box.minimum >= 1
+        if kind == "slider":
+            assert box.decimals == p.decimals and box.singleStep == pytest.approx(10.0 ** -p.decimals)
+    for name in Widget.CLASSIFIER_WIDGETS:
+        assert getattr(ui, name).visible == spec.classifier, name
+    assert ui.counterfactualCheckBox.enabled == spec.counterfactual
+    assert ui.methodComboBox.toolTip == spec.summary
+
+
+def test_without_a_usable_model_no_method_parameter_is_shown():
+    widget = stand_in_widget()
+    widget.showMethod(None)
+    assert not any(getattr(widget.ui, label).visible for label in Widget.METHOD_PARAMETER_LABELS.values())
+    assert not any(getattr(widget.ui, name).visible for name in Widget.CLASSIFIER_WIDGETS)

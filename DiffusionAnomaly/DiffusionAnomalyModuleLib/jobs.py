@@ -6,7 +6,10 @@ poll, so no single poll stalls the UI for long; a stage may run its work in a ba
 Nothing in the scene changes before the last stage, so a cancel (the worker's whole process tree
 is killed) leaves the scene exactly as it was. A job with a ``region`` (the included organs) sends
 it as a mask file on the input's grid, and the worker computes only the model slices it needs.
-Scene-free: the caller provides the stages.
+The worker serves every method its model's network serves and keeps each method's cache, so a
+method or parameter change is a new request to the same worker; it is restarted only for another
+checkpoint, device or (for a classifier-guided method) another classifier. Scene-free: the caller
+provides the stages.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ class Job:
     volume: Volume
     card: dict
     checkpoint: str
+    method: str = ""                  # the method that runs (its catalog name)
+    classifier: Any = None            # models.Classifier of a classifier-guided method; None: the method needs none
+    workerClassifier: str | None = None  # the worker's --classifier (a file chosen; None: the bundled one that fits)
     region: np.ndarray | None = None  # bool [k, j, i]: what the network computes (the included organs; None: all)
     roi: np.ndarray | None = None     # bool [k, j, i]: the ROI at the start (lesions are kept inside it)
     requestId: int | None = None
@@ -60,6 +66,7 @@ class Job:
     message: str = "starting the inference worker"
     error: str | None = None
     networkEvaluations: int | None = None
+    classifierEvaluations: int = 0
     modelSlices: dict | None = None  # {"computed": n, "total": N} model slices, from the worker's result
     workerCall: bool = True
     longestPollSeconds: float = 0.0
@@ -95,14 +102,18 @@ class JobRunner:
         return self.job is not None and not self.job.finished
 
     # ---- the worker ------------------------------------------------------------------------
-    def ensureWorker(self, checkpoint: str, device: str) -> WorkerClient:
-        """The worker for ``checkpoint`` on ``device`` (started unless it already runs)."""
-        key = (checkpoint, device)
-        if self.worker is not None and self.worker.alive and self.workerKey == key:
+    def ensureWorker(self, checkpoint: str, device: str, classifier: str | None = None,
+                     needsClassifier: bool = False) -> WorkerClient:
+        """The worker for ``checkpoint`` on ``device`` with the guidance ``classifier`` (None: the bundled one that
+        fits), started unless it already runs. A method without a classifier (``needsClassifier`` False) takes
+        the running worker of that checkpoint and device whatever its classifier, so its cache is kept."""
+        key = (checkpoint, device, classifier)
+        if (self.worker is not None and self.worker.alive and self.workerKey is not None
+                and (self.workerKey == key or (not needsClassifier and self.workerKey[:2] == key[:2]))):
             return self.worker
         self.stopWorker()
         self.worker = WorkerClient(checkpoint, device=device, python=self.python or pythonExecutable(),
-                                   threads=self.threads).start()
+                                   threads=self.threads, classifier=classifier).start()
         self.workerKey = key
         return self.worker
 
@@ -123,7 +134,8 @@ class JobRunner:
         """Send ``job``'s volume and ``request`` to the worker; returns at once (then :meth:`poll`)."""
         if self.running:
             raise RuntimeError("a run is already in progress; cancel it first.")
-        worker = self.ensureWorker(job.checkpoint, device)
+        worker = self.ensureWorker(job.checkpoint, device, job.workerClassifier,
+                                   needsClassifier=job.classifier is not None)
         tempDir = tempfile.mkdtemp(prefix="DiffusionAnomaly-")
         try:
             inputPath = write_volume(job.volume, Path(tempDir) / "input.nrrd", compress=False)
@@ -186,6 +198,7 @@ class JobRunner:
             elif kind == "result" and m.get("id") == job.requestId:
                 job.result, job.fraction = m, 1.0
                 job.networkEvaluations = int(m["network_evaluations"])
+                job.classifierEvaluations = int(m.get("classifier_evaluations") or 0)
                 job.modelSlices = m.get("model_slices")
                 job.message = job.stages[0].message if job.stages else "loading the results"
             if job.finished or job.result is not None:

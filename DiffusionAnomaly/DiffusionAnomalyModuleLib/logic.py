@@ -11,12 +11,14 @@
 
 The last result is kept as the engine's case record (:class:`~DiffusionAnomalyLib.pipeline.CaseResult`,
 holding the whole heat map) with three notes of the module's own beside it: the run key (what
-produced it), the input node and the region the network computed (the included organs; None: the
-whole volume). So a threshold, minimum-size or ROI change re-thresholds it without the worker or
-the network, as long as the new ROI lies inside that region (else Apply computes the rest); a
-guidance change asks the worker, whose cache re-decodes only; an Apply with unchanged settings
-does no worker call at all. It runs on the MRML library without a Slicer application
-(``slicer-core``); pass the scene explicitly there.
+produced it: input, model, device, method, its checked parameters, classifier), the input node and
+the region the network computed (the included organs; None: the whole volume). So a threshold,
+minimum-size or ROI change re-thresholds it without the worker or the network, as long as the new
+ROI lies inside that region (else Apply computes the rest); a change of method or of a method
+parameter asks the worker, whose per-method cache recomputes only what the parameter needs
+(``Parameter.recompute``: a guidance or classifier scale of IgCONDA-PET and CG-DDIM re-decodes
+only); an Apply with unchanged settings does no worker call at all. It runs on the MRML library
+without a Slicer application (``slicer-core``); pass the scene explicitly there.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import slicer
 
 from DiffusionAnomalyLib.card import card_summary
+from DiffusionAnomalyLib.method_catalog import METHODS, MethodSpec, methods_for_network
 from DiffusionAnomalyLib.pipeline import CaseResult
 from DiffusionAnomalyLib.preprocessing import check_modality
 from DiffusionAnomalyLib.volume import array_key, read_volume, validate_volume
@@ -39,7 +42,7 @@ from DiffusionAnomalyModuleLib import exports, organs, outputs
 from DiffusionAnomalyModuleLib import parameters as settings
 from DiffusionAnomalyModuleLib.jobs import Job, JobRunner, Stage, pollUntilFinished
 from DiffusionAnomalyModuleLib.lesions import NOT_COVERED, CaseROI, caseROI, rethreshold
-from DiffusionAnomalyModuleLib.models import ModelDatabase
+from DiffusionAnomalyModuleLib.models import Classifier, ModelDatabase, classifierFor, workerClassifier
 from DiffusionAnomalyModuleLib.nodes import volumeFromNode
 
 
@@ -96,8 +99,45 @@ class DiffusionAnomalyLogic:
         return settings.values(parameterNode)
 
     @staticmethod
-    def applyCardDefaults(parameterNode, card: dict) -> None:
-        settings.applyCardDefaults(parameterNode, card)
+    def applyCardDefaults(parameterNode, card: dict, method: str | None = None) -> None:
+        settings.applyCardDefaults(parameterNode, card, method)
+
+    @staticmethod
+    def applyMethodDefaults(parameterNode, card: dict, method: str) -> None:
+        settings.applyMethodDefaults(parameterNode, card, method)
+
+    def methodChoices(self, parameterNode) -> list[tuple[str, str]]:
+        """(name, title) of the methods the chosen model's network serves, its own first; [] without a usable model."""
+        try:
+            card = self.readCard(self.parameters(parameterNode)["Model"])
+        except ValueError:
+            return []
+        return [(name, METHODS[name].title) for name in methods_for_network(card["method"])]
+
+    def chosenMethod(self, parameterNode) -> MethodSpec | None:
+        """The catalog record of the method the parameter node chooses ("" = the model's own); None when the
+        model cannot be read or does not serve it (the run says why)."""
+        params = self.parameters(parameterNode)
+        try:
+            return settings.servedMethod(self.readCard(params["Model"]), params["Method"])
+        except ValueError:
+            return None
+
+    def classifier(self, params: dict[str, str], card: dict, spec: MethodSpec) -> Classifier | None:
+        """The guidance classifier of a run of ``spec`` (None: the method needs none); refused in one sentence."""
+        return classifierFor(card, params["Classifier"]) if spec.classifier else None
+
+    def classifierSummary(self, parameterNode) -> str:
+        """One line: which classifier guides the chosen method (the bundled one or the file), or why none can."""
+        params = self.parameters(parameterNode)
+        try:
+            card = self.readCard(params["Model"])
+            spec = settings.servedMethod(card, params["Method"])
+            if not spec.classifier:
+                return f"{spec.title} needs no classifier."
+            return f"Guided by the {self.classifier(params, card, spec).words}."
+        except ValueError as exc:
+            return str(exc)
 
     def availableModels(self) -> list[dict]:
         return self.models.models()
@@ -144,12 +184,17 @@ class DiffusionAnomalyLogic:
         checkpoint = self.models.checkpointPath(params["Model"])
         card = self.models.card(checkpoint)
         check_modality(volume, card)
+        spec, resolved = settings.resolvedMethod(params, card)  # the method's parameters, checked before any work
+        classifier = self.classifier(params, card, spec)
         settings.thresholding(params, card)  # a non-numeric threshold setting fails before any work
         roi = self.caseROI(parameterNode, params, card, volume)  # organ and segment refusals too
-        request = settings.runRequest(params)
+        request = settings.runRequest(params, card)
         device = params["Device"] or "auto"
-        runKey = (array_key(volume), inputNode.GetID(), checkpoint, device, json.dumps(request, sort_keys=True))
+        made = {"method": spec.name, "parameters": resolved, "counterfactual": request["counterfactual"],
+                "classifier": classifier.path if classifier is not None else None}
+        runKey = (array_key(volume), inputNode.GetID(), checkpoint, device, json.dumps(made, sort_keys=True))
         job = Job(runKey=runKey, inputNodeID=inputNode.GetID(), volume=volume, card=card, checkpoint=checkpoint,
+                  method=spec.name, classifier=classifier, workerClassifier=workerClassifier(params),
                   region=roi.region, roi=roi.mask)
         if self.case is not None and self.caseRunKey == runKey and roi.coveredBy(self.caseRegion):
             self.updateLesions(parameterNode)
@@ -174,7 +219,10 @@ class DiffusionAnomalyLogic:
                 thresholding=settings.thresholding(self.parameters(parameterNode), job.card),
                 network_evaluations=job.networkEvaluations, timings=dict(m.get("timings", {})),
                 compute={k: str(ready[k]) for k in ("device", "precision") if k in ready} if ready else {},
-                checkpoint=job.checkpoint)
+                checkpoint=job.checkpoint, method_name=m.get("method") or job.method,
+                classifier=job.classifier.record() if job.classifier is not None else None,
+                confidence=np.asarray(m["classifier_confidence"], dtype=float).reshape(-1, 2)
+                if m.get("classifier_confidence") is not None else None)
 
         def lesions(job: Job) -> Callable[[], CaseResult]:
             # the ROI as set now (it may have changed during the run), else the one the run started with
@@ -353,8 +401,14 @@ class DiffusionAnomalyLogic:
 
     def _writeCase(self, parameterNode, inputNode, case: CaseResult, writeVolumes: bool,
                    writeHeat: bool = False) -> None:
-        for role, node in outputs.writeCase(self.scene, inputNode, case, writeVolumes, writeHeat).items():
-            parameterNode.SetNodeReferenceID(settings.OUTPUT_REFERENCES[role], node.GetID())
+        nodes = outputs.writeCase(self.scene, inputNode, case, writeVolumes, writeHeat)
+        for role, reference in settings.OUTPUT_REFERENCES.items():  # None: the run made none (CDM: no counterfactual)
+            parameterNode.SetNodeReferenceID(reference, nodes[role].GetID() if role in nodes else None)
+
+    def resultSummary(self, parameterNode) -> str:
+        """The method and parameters that made the lesion table shown (its description), "" without one."""
+        table = parameterNode.GetNodeReference(settings.OUTPUT_REFERENCES["table"])
+        return (table.GetDescription() or "") if table is not None else ""
 
     @staticmethod
     def updateSegmentation(segmentationNode, inputNode, labels, volume) -> None:
@@ -392,8 +446,11 @@ class DiffusionAnomalyLogic:
             organRecord = {"organ_segmentation": parameterNode.GetNodeReference(settings.ORGAN_REFERENCE).GetName(),
                            **settings.organSelection(params, case.card).as_parameters()}
         return exports.exportReport(case, path, title=f"DiffusionAnomaly: {inputNode.GetName() if inputNode else 'case'}",
-                                    parameters={"roi": params["ROIMode"], **organRecord, "device": params["Device"],
-                                                "checkpoint": case.checkpoint})
+                                    parameters={"method": outputs.methodWords(case), "roi": params["ROIMode"],
+                                                **organRecord, "device": params["Device"],
+                                                "checkpoint": case.checkpoint,
+                                                **({"classifier": case.classifier["checkpoint"]}
+                                                   if case.classifier else {})})
 
     def exportDicomSeg(self, parameterNode, outputFolder: str) -> None:
         """DICOM SEG through Slicer's exporter."""

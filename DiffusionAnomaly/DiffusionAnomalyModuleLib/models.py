@@ -1,8 +1,11 @@
-"""The model database: the bundled models (registry.json) and the checkpoint files a user added.
+"""The model database: the bundled models (registry.json) and the checkpoint files a user added,
+and the guidance classifier a classifier-guided method uses.
 
 A model is chosen by id: a bundled model's id, or the path of a checkpoint file. Added files are
 remembered across sessions in a small JSON settings file. Cards are read without loading any
-weights (:func:`DiffusionAnomalyLib.checkpoint.read_card`, no torch).
+weights (:func:`DiffusionAnomalyLib.checkpoint.read_card`, no torch). A classifier is a checkpoint
+file, or (none chosen) the bundled one that fits the model
+(:func:`DiffusionAnomalyLib.checkpoint.bundled_classifier`, the worker's own choice too).
 """
 
 from __future__ import annotations
@@ -10,12 +13,55 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from DiffusionAnomalyLib.card import ANALYSIS_METHODS, check_analysis_model
-from DiffusionAnomalyLib.checkpoint import bundled_models, read_card
+from DiffusionAnomalyLib.checkpoint import bundled_classifier, bundled_models, check_classifier_fits, read_card
 from DiffusionAnomalyLib.export import write_json
 from DiffusionAnomalyLib.files import check_writable_dir
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """The guidance classifier of a run: its checkpoint file, its card's id, and whether it is the bundled one."""
+
+    path: str
+    id: str
+    bundled: bool
+
+    @property
+    def words(self) -> str:
+        """Which classifier is used, in words (the panel's classifier line, the lesion table's description)."""
+        return (f"bundled classifier {self.id}" if self.bundled
+                else f"classifier {self.id} ({Path(self.path).name})")
+
+    def record(self) -> dict[str, Any]:
+        """The case's classifier record (as the command line's summary.json has it)."""
+        return {"id": self.id, "checkpoint": self.path}
+
+
+def classifierFor(card: dict[str, Any], setting: str) -> Classifier:
+    """The classifier that guides the model of ``card``: the file ``setting``, or ("") the bundled one that fits.
+
+    A file that is missing, not a classifier, or made for another schedule, model grid or modality is
+    refused in one sentence (CheckpointError), as is a model no bundled classifier fits.
+    """
+    if setting:
+        path = str(Path(setting).expanduser().resolve())
+        classifier = read_card(path)
+        check_classifier_fits(card, classifier, source=f"the classifier {Path(path).name}")
+    else:
+        path = str(bundled_classifier(card))
+        classifier = read_card(path)
+    return Classifier(path, str(classifier.get("id")), bundled=not setting)
+
+
+def workerClassifier(params: dict[str, str]) -> str | None:
+    """The worker's ``--classifier``: the chosen file when it exists, whatever the method (so a later classifier-
+    guided run needs no new worker); None: the worker takes the bundled one that fits, when a method needs one."""
+    setting = params.get("Classifier", "")
+    return str(Path(setting).expanduser().resolve()) if setting and Path(setting).expanduser().is_file() else None
 
 
 class ModelDatabase:

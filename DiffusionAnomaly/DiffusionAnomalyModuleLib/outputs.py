@@ -2,11 +2,15 @@
 
 Outputs are standard nodes, placed under their input volume in the subject hierarchy and found
 again by two node attributes (what the node is, which input it belongs to), so a re-run or a
-threshold change reuses them and a reopened scene can be re-thresholded without a re-run.
+threshold change reuses them and a reopened scene can be re-thresholded without a re-run. The heat
+map records the method and parameters that made it, and the lesion table says them in words (its
+description). A run that makes no counterfactual (CDM, CG-CDM, or the box unticked) removes the
+counterfactual node an earlier run left, so no output of another run stays beside the heat map.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -14,6 +18,7 @@ import slicer
 import vtk
 
 from DiffusionAnomalyLib.export import LESION_TERMINOLOGY, lesion_colors
+from DiffusionAnomalyLib.method_catalog import METHODS, parameter_words
 from DiffusionAnomalyLib.pipeline import CaseResult
 from DiffusionAnomalyLib.postprocessing import CENTROID_COLUMNS, LESION_COLUMNS, Thresholding
 from DiffusionAnomalyLib.volume import Volume
@@ -26,6 +31,11 @@ ROLE_ATTRIBUTE = "DiffusionAnomaly.Role"
 INPUT_ATTRIBUTE = "DiffusionAnomaly.InputVolumeID"
 #: node attribute of the heat map: the id of the model that made it
 MODEL_ATTRIBUTE = "DiffusionAnomaly.ModelID"
+#: node attributes of the heat map: the method that made it (its catalog name), its parameters and the guidance
+#: classifier (JSON; "null" for a method without one)
+METHOD_ATTRIBUTE = "DiffusionAnomaly.Method"
+PARAMETERS_ATTRIBUTE = "DiffusionAnomaly.MethodParameters"
+CLASSIFIER_ATTRIBUTE = "DiffusionAnomaly.Classifier"
 #: node attribute of the heat map: "true" when it shows the map inside a ROI only (organ ROI or ROI segments; 0 outside)
 INSIDE_ROI_ATTRIBUTE = "DiffusionAnomaly.InsideROI"
 #: output role -> the node name's suffix after the input's name
@@ -145,6 +155,9 @@ def writeHeatMap(heatNode, case: CaseResult) -> Volume:
     shown = case.shown_heatmap
     updateVolumeNodeFromVolume(heatNode, shown)
     heatNode.SetAttribute(MODEL_ATTRIBUTE, str(case.card.get("id")))
+    heatNode.SetAttribute(METHOD_ATTRIBUTE, case.method_name)
+    heatNode.SetAttribute(PARAMETERS_ATTRIBUTE, json.dumps(case.parameters, sort_keys=True))
+    heatNode.SetAttribute(CLASSIFIER_ATTRIBUTE, json.dumps(case.classifier, sort_keys=True))
     heatNode.SetAttribute(INSIDE_ROI_ATTRIBUTE, "true" if case.roi is not None else "false")
     return shown
 
@@ -227,6 +240,8 @@ def writeCase(scene, inputNode, case: CaseResult, writeVolumes: bool, writeHeat:
                 updateVolumeNodeFromVolume(cfNode, case.counterfactual)
                 ensureDisplay(scene, cfNode)
                 copyWindowLevel(inputNode, cfNode)
+            elif findOutput(scene, inputNode, "counterfactual") is not None:  # another run's: it would mislead
+                scene.RemoveNode(findOutput(scene, inputNode, "counterfactual"))
         for role in ("heatmap", "counterfactual"):
             node = nodes.get(role) or findOutput(scene, inputNode, role)
             if node is not None:
@@ -237,6 +252,7 @@ def writeCase(scene, inputNode, case: CaseResult, writeVolumes: bool, writeHeat:
         updateSegmentation(nodes["segmentation"], inputNode, case.labels, case.volume)
         nodes["table"] = outputNode(scene, inputNode, "table", "vtkMRMLTableNode")
         updateTable(nodes["table"], case.table)
+        nodes["table"].SetDescription(methodWords(case))
     finally:
         scene.EndState(scene.BatchProcessState)
     return nodes
@@ -246,8 +262,9 @@ def caseFromOutputs(scene, inputNode, volume: Volume, card: dict[str, Any] | Non
                     checkpoint: str | None) -> CaseResult | None:
     """The case held by the output nodes of ``inputNode`` (a reopened scene), None without a heat map.
 
-    Enough to re-threshold and export without a re-run (the method's parameters are not known).
-    ``card`` None (the model is gone): a card naming only the model id the heat map records.
+    Enough to re-threshold and export without a re-run; the method and its parameters are those the
+    heat map node records. ``card`` None (the model is gone): a card naming only the model id the heat
+    map records.
     """
     heatNode = findOutput(scene, inputNode, "heatmap")
     if heatNode is None or heatNode.GetImageData() is None:
@@ -255,10 +272,36 @@ def caseFromOutputs(scene, inputNode, volume: Volume, card: dict[str, Any] | Non
     if card is None:
         card = {"id": heatNode.GetAttribute(MODEL_ATTRIBUTE) or "unknown", "method": "", "modality": "",
                 "inference_defaults": {}}
+    method = heatNode.GetAttribute(METHOD_ATTRIBUTE) or ""
+    method = method if method in METHODS else ""
+    parameters, classifier = (_jsonAttribute(heatNode, name) for name in (PARAMETERS_ATTRIBUTE, CLASSIFIER_ATTRIBUTE))
     cfNode = findOutput(scene, inputNode, "counterfactual")
     return CaseResult(volume=volume, heatmap=volumeFromNode(heatNode),
                       counterfactual=volumeFromNode(cfNode) if cfNode is not None else None, card=card,
-                      parameters={}, thresholding=Thresholding.from_card(card), checkpoint=checkpoint)
+                      parameters=parameters or {}, thresholding=Thresholding.for_method(card, method or None),
+                      checkpoint=checkpoint, method_name=method, classifier=classifier)
+
+
+def _jsonAttribute(node, name: str) -> dict[str, Any] | None:
+    """A node attribute holding a JSON object; None when absent or not one (edited by hand: the map still serves)."""
+    try:
+        value = json.loads(node.GetAttribute(name) or "null")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def methodWords(case: CaseResult) -> str:
+    """The method that made ``case`` and its parameters in words (the lesion table's description, the report):
+    "Classifier-guided DDIM: noise level L 500, classifier scale s 100, DDIM steps 100 (bundled classifier x)"."""
+    name = case.method_run
+    if name not in METHODS:
+        return "method not recorded"
+    words = parameter_words(name, case.parameters)
+    text = METHODS[name].title + (f": {words}" if words else "")
+    if case.classifier:
+        text += f" (classifier {case.classifier.get('id')})"
+    return text
 
 
 def heatShownInsideROI(scene, inputNode) -> bool:

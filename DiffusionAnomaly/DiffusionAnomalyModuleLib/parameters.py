@@ -6,20 +6,29 @@ names and defaults and turns them into what the engine takes: a
 :class:`~DiffusionAnomalyLib.postprocessing.Thresholding`, an
 :class:`~DiffusionAnomalyLib.roi.OrganSelection` and the worker's run request.
 
-An empty value means "the model card's default"; ``OrganExclude`` "none" means no exclusion.
-``Steps`` holds ``""`` (card default), ``"reference"`` (the stride-1 reference loop) or a whole
-number >= 1, read by :func:`DiffusionAnomalyLib.card.parse_steps` like everywhere else.
+An empty value means "the default": ``Method`` "" the model's own method, a method parameter ""
+the method's default (:func:`~DiffusionAnomalyLib.method_catalog.method_defaults`), ``Classifier``
+"" the bundled classifier that fits the model; ``OrganExclude`` "none" means no exclusion. The
+method parameters are the catalog's (:data:`~DiffusionAnomalyLib.method_catalog.METHODS`), one
+setting per ``Parameter.setting`` (``NoiseLevel``, ``Steps``, ``Tau``, ...): several methods share
+a setting (each method's noise level is ``NoiseLevel``), and a run sends only its method's. The
+names, ranges, labels and checks are the catalog's; nothing here repeats them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from DiffusionAnomalyLib.card import organ_list, parse_steps, whole_number
+from DiffusionAnomalyLib.card import number_from_text, organ_list, whole_number
+from DiffusionAnomalyLib.method_catalog import (METHODS, MethodSpec, method_defaults, method_spec,
+                                                methods_for_network, resolve_parameters, served_method)
 from DiffusionAnomalyLib.postprocessing import Thresholding
 from DiffusionAnomalyLib.roi import OrganSelection
 
 MODULE_NAME = "DiffusionAnomaly"
+
+#: the parameter-node settings of the methods' parameters (the catalog's ``Parameter.setting``), in catalog order
+METHOD_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(p.setting for spec in METHODS.values() for p in spec.parameters))
 
 #: every user-visible setting with its default, as stored in the parameter node ("" = the card's default)
 PARAMETERS: dict[str, str] = {
@@ -28,14 +37,13 @@ PARAMETERS: dict[str, str] = {
     "Model": "",                 # a bundled model id or a checkpoint path
     "ROIMode": "whole",          # whole | segmentation
     "ROISegments": "",           # comma-separated segment IDs of the ROI segmentation ("" = all)
-    "NoiseLevel": "",
-    "GuidanceScale": "",
+    "Method": "",                # an analysis method's name ("" = the model's own)
+    **{setting: "" for setting in METHOD_SETTINGS},  # the method parameters ("" = the method's default)
+    "Classifier": "",            # a guidance classifier checkpoint ("" = the bundled one that fits the model)
     "ThresholdMethod": "",       # fraction | absolute | otsu
     "Threshold": "",
     "MinSizeMl": "",
-    "Steps": "",                 # "" = card default | "reference" | a whole number >= 1
     "Device": "auto",            # auto | cpu | cuda
-    "Seed": "0",
     "Counterfactual": "true",
     "OrganInclude": "",          # organ names/groups the organ ROI keeps ("" = the whole volume)
     "OrganExclude": "",          # organ names/groups it leaves out ("" = the card's default, "none" = none)
@@ -88,19 +96,65 @@ def values(node) -> dict[str, str]:
             **{role: node.GetNodeReferenceID(role) or "" for role in VALUE_REFERENCES}}
 
 
-def applyCardDefaults(node, card: dict[str, Any]) -> None:
-    """Set the method, threshold and organ exclusion settings to the model card's defaults (steps as the card says)."""
-    d = card.get("inference_defaults", {})
-    th = Thresholding.from_card(card)
+def applyCardDefaults(node, card: dict[str, Any], method: str | None = None) -> None:
+    """Set the method, its parameters and threshold, and the organ exclusion to the model card's defaults.
+
+    ``method`` None: the node's method if the model serves it, else the model's own (a new model);
+    "" the model's own. See :func:`applyMethodDefaults`.
+    """
+    if method is None:
+        method = node.GetParameter("Method")
+        method = method if method in methods_for_network(card["method"]) else ""
     organs = OrganSelection.from_card(card)
-    settings = {"NoiseLevel": d.get("noise_level"), "GuidanceScale": d.get("guidance_scale"),
-                "ThresholdMethod": th.method, "Threshold": th.value, "MinSizeMl": th.min_size_ml,
-                "Steps": d.get("steps"), "OrganExclude": organText(organs.exclude),
-                "OrganMarginMm": f"{organs.margin_mm:g}"}
+    wasModifying = node.StartModify()
+    applyMethodDefaults(node, card, method)
+    node.SetParameter("OrganExclude", organText(organs.exclude))
+    node.SetParameter("OrganMarginMm", f"{organs.margin_mm:g}")
+    node.EndModify(wasModifying)
+
+
+def applyMethodDefaults(node, card: dict[str, Any], method: str) -> None:
+    """Choose ``method`` ("" = the model's own) and set its parameters to their defaults for this model
+    (:func:`~DiffusionAnomalyLib.method_catalog.method_defaults`) and the threshold to the method's
+    (:meth:`~DiffusionAnomalyLib.postprocessing.Thresholding.for_method`). The other methods'
+    settings are left as they are (a run does not send them)."""
+    spec = servedMethod(card, method)
+    defaults, _ = method_defaults(card, spec.name)
+    th = Thresholding.for_method(card, spec.name)
+    settings = {"Method": method, **{p.setting: defaults[p.name] for p in spec.parameters},
+                "ThresholdMethod": th.method, "Threshold": th.value, "MinSizeMl": th.min_size_ml}
     wasModifying = node.StartModify()
     for name, value in settings.items():
         node.SetParameter(name, "" if value is None else str(value))
     node.EndModify(wasModifying)
+
+
+def servedMethod(card: dict[str, Any], method: str | None) -> MethodSpec:
+    """The catalog record of ``method`` ("" or None: the model's own), refused in one sentence if the model's
+    network cannot run it (:func:`DiffusionAnomalyLib.method_catalog.served_method`)."""
+    return method_spec(served_method(card, method))
+
+
+def methodParameters(params: dict[str, str], spec: MethodSpec) -> dict[str, Any]:
+    """The settings of ``spec``'s parameters by parameter name: a number as a number ("20.7" stays 20.7 for the
+    check to refuse), other text as it is ("reference"), "" as None (the default).
+
+    Only this method's parameters: another method's setting in the node is never sent.
+    """
+    texts = {p.name: (params.get(p.setting) or "").strip() for p in spec.parameters}
+    return {name: number_from_text(text) if text else None for name, text in texts.items()}
+
+
+def resolvedMethod(params: dict[str, str], card: dict[str, Any]) -> tuple[MethodSpec, dict[str, Any]]:
+    """The run's method and its checked parameters, defaults filled in, before any work
+    (:func:`~DiffusionAnomalyLib.method_catalog.resolve_parameters`: one sentence naming the parameter).
+
+    The noise level is bounded here by the model's timesteps; the tighter bound of its noise schedule
+    (where alpha_bar vanishes) needs the schedule itself and is checked by the worker, also before any work.
+    """
+    spec = servedMethod(card, params.get("Method", ""))
+    timesteps = int(card["scheduler"]["num_train_timesteps"])
+    return spec, resolve_parameters(spec.name, methodParameters(params, spec), card, timesteps - 1)
 
 
 def number(params: dict[str, str], name: str, kind: type = float) -> Any:
@@ -116,9 +170,12 @@ def number(params: dict[str, str], name: str, kind: type = float) -> Any:
 
 
 def thresholding(params: dict[str, str], card: dict[str, Any]) -> Thresholding:
-    """How the heat map becomes lesions: the card's default with the user's settings applied."""
-    return Thresholding.from_card(card, method=params.get("ThresholdMethod") or None,
-                                  value=number(params, "Threshold"), min_size_ml=number(params, "MinSizeMl"))
+    """How the heat map becomes lesions: the method's default (:meth:`Thresholding.for_method`) with the user's
+    settings applied."""
+    method = params.get("Method") or None
+    return Thresholding.for_method(card, method if method in METHODS else None,
+                                   method=params.get("ThresholdMethod") or None, value=number(params, "Threshold"),
+                                   min_size_ml=number(params, "MinSizeMl"))
 
 
 def organSelection(params: dict[str, str], card: dict[str, Any]) -> OrganSelection:
@@ -138,12 +195,10 @@ def organNames(text: str | None) -> list[str]:
     return organ_list(text or "", "the organ setting")
 
 
-def runRequest(params: dict[str, str]) -> dict[str, Any]:
-    """The method arguments of the worker's run request (None = the card's default)."""
-    try:
-        steps = parse_steps(params.get("Steps"))
-    except ValueError as exc:
-        raise ValueError(f"the parameter Steps: {exc}") from None
-    return {"noise_level": number(params, "NoiseLevel", int), "guidance_scale": number(params, "GuidanceScale"),
-            "steps": steps, "seed": number(params, "Seed", int),
+def runRequest(params: dict[str, str], card: dict[str, Any]) -> dict[str, Any]:
+    """The method part of the worker's run request (protocol 2): the method (None = the model's own), its
+    parameters only (None = the method's default) and whether to write the counterfactual. The values are
+    checked first (:func:`resolvedMethod`), so a bad one is refused before the worker is asked."""
+    spec, _ = resolvedMethod(params, card)
+    return {"method": params.get("Method") or None, "parameters": methodParameters(params, spec),
             "counterfactual": params.get("Counterfactual", "true").lower() == "true"}

@@ -43,12 +43,16 @@ class WorkerClient:
     whole process tree ends; the caller's state is untouched.
 
     ``python`` is the interpreter or launcher to run (``PythonSlicer`` in Slicer); ``parent_pid``
-    is the process whose end makes the worker quit by itself (default: this process).
+    is the process whose end makes the worker quit by itself (default: this process). ``classifier``:
+    the guidance classifier checkpoint of the classifier-guided methods (None: the worker takes the
+    bundled one that fits its model).
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", python: str | None = None,
-                 threads: int = 0, env: dict[str, str] | None = None, parent_pid: int | None = None):
+                 threads: int = 0, env: dict[str, str] | None = None, parent_pid: int | None = None,
+                 classifier: str | Path | None = None):
         self.checkpoint = str(checkpoint)
+        self.classifier = str(classifier) if classifier else None
         self.device = device
         self.python = python or sys.executable
         self.threads = threads
@@ -66,6 +70,8 @@ class WorkerClient:
                "--device", self.device, "--parent-pid", str(self.parent_pid)]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
+        if self.classifier:
+            cmd += ["--classifier", self.classifier]
         return cmd
 
     def start(self) -> "WorkerClient":

@@ -1,8 +1,10 @@
 """The methods, all with the same shape (see :class:`.base.SliceMethod`), and the model loader.
 
-A method object wraps a loaded network and its model card; ``run(volume, ...)`` returns a
+A method object wraps a loaded network, its model card and, for the classifier-guided methods, a
+noise-conditioned classifier (:class:`.guidance.Guidance`); ``run(volume, ...)`` returns a
 :class:`..pipeline.MethodResult` (heat map and optional counterfactual on the input's exact grid).
-:func:`load_checkpoint` is the one entry point from a file to a ready method object.
+:func:`load_checkpoint` is the one entry point from files to a ready method object; which methods a
+checkpoint's network serves is :func:`..method_catalog.methods_for_network`.
 """
 
 from __future__ import annotations
@@ -10,52 +12,40 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ..card import CheckpointError, check_analysis_model
-from ..checkpoint import existing_file, read_card
+from ..card import CheckpointError
+from ..checkpoint import bundled_classifier, check_classifier_fits, existing_file, read_card
+from ..method_catalog import method_spec, served_method
 from ..networks import load_weights
 from ..reference_import import REFERENCE_SUFFIXES, convert_reference_checkpoint
-from .base import SliceMethod
-from .cdm import CdmModel
+from .base import SliceMethod, no_classifier_taken
+from .cdm import CdmModel, CgCdmModel
+from .guidance import Guidance
+from .guided import CgDdimModel, CgDdpmModel
 from .igconda import IgcondaModel
 
-#: method name -> the class implementing it
-METHOD_CLASSES: dict[str, type[SliceMethod]] = {"igconda": IgcondaModel, "cdm": CdmModel}
-
-#: a card's method (what its network was trained for) -> the methods that network can run, its own first:
-#: CDM uses the conditional IgCONDA-PET network (METHODS.md section 3)
-METHODS_SERVED: dict[str, tuple[str, ...]] = {"igconda": ("igconda", "cdm"), "cdm": ("cdm",)}
+#: method name (:data:`..method_catalog.METHODS`) -> the class implementing it
+METHOD_CLASSES: dict[str, type[SliceMethod]] = {cls.method: cls for cls in (
+    IgcondaModel, CgDdimModel, CgDdpmModel, CdmModel, CgCdmModel)}
 
 
 def method_class(name: str) -> type[SliceMethod]:
-    """The class implementing the method a model card names."""
+    """The class implementing method ``name``."""
     if name not in METHOD_CLASSES:
         raise CheckpointError(f"method {name!r} is not available in this version of DiffusionAnomaly "
                               f"(available: {', '.join(METHOD_CLASSES)}).")
     return METHOD_CLASSES[name]
 
 
-def served_method(card: dict, method: str | None = None) -> str:
-    """The method to run with a checkpoint of ``card``: ``method``, or the card's own when None.
-
-    Refuses, in one sentence, a method the checkpoint's network cannot serve.
-    """
-    own = check_analysis_model(card, f"model {card['id']}")["method"]
-    if method is None:
-        return own
-    method_class(method)
-    served = METHODS_SERVED.get(own, (own,))
-    if method not in served:
-        raise CheckpointError(f"model {card['id']} (a {own} network) cannot run method {method!r}; "
-                              f"it can run: {', '.join(served)}.")
-    return method
-
-
-def load_checkpoint(path: str | Path, device: str = "auto", precision: str = "fp32",
-                    method: str | None = None) -> SliceMethod:
+def load_checkpoint(path: str | Path, device: str = "auto", precision: str = "fp32", method: str | None = None,
+                    classifier: str | Path | None = None) -> SliceMethod:
     """Load a checkpoint and return the object of ``method`` (None: the method its card names, e.g. IgCONDA).
 
-    ``method`` may name another method the checkpoint's network can serve (:data:`METHODS_SERVED`:
-    ``"cdm"`` with an IgCONDA-PET checkpoint); anything else is refused before the weights are read.
+    ``method`` may name another method the checkpoint's network can serve
+    (:func:`..method_catalog.methods_for_network`: cg-ddim, cg-ddpm, cdm and cg-cdm with an IgCONDA-PET
+    checkpoint); anything else is refused before the weights are read. The classifier-guided methods
+    load the noise-conditioned classifier ``classifier`` (None: the bundled one that fits,
+    :func:`..checkpoint.bundled_classifier`), its card checked against the model's before any weights
+    load; a classifier given to a method that uses none is refused.
 
     ``precision``: 'fp32' (default; the reference arithmetic), 'bf16' or 'auto' (bf16 on CPUs
     with native bf16, about twice as fast there); see :func:`..networks.pick_precision`.
@@ -63,14 +53,29 @@ def load_checkpoint(path: str | Path, device: str = "auto", precision: str = "fp
     (converted in memory with weights-only unpickling; see :mod:`..reference_import`).
     """
     path = existing_file(path)
-    if path.suffix.lower() in REFERENCE_SUFFIXES:
+    if classifier is not None and method in METHOD_CLASSES and not method_spec(method).classifier:
+        raise CheckpointError(no_classifier_taken(method))  # before a reference checkpoint is converted
+    reference = path.suffix.lower() in REFERENCE_SUFFIXES
+    if reference:
         model, card = convert_reference_checkpoint(path)
-        name = served_method(card, method)
     else:
         card = read_card(path)
-        name = served_method(card, method)
+    name = served_method(card, method)
+    spec = method_spec(name)
+    if classifier is not None and not spec.classifier:
+        raise CheckpointError(no_classifier_taken(name))
+    classifier_path = classifier_card = guidance = None
+    if spec.classifier:
+        classifier_path = existing_file(classifier) if classifier is not None else bundled_classifier(card)
+        classifier_card = read_card(classifier_path)
+        check_classifier_fits(card, classifier_card, f"the classifier {classifier_path.name}")
+    if not reference:
         model = load_weights(path, card)
-    return method_class(name)(model, copy.deepcopy(card), device=device, source=str(path), precision=precision)
+    if classifier_path is not None:
+        guidance = Guidance(load_weights(classifier_path, classifier_card), classifier_card, device=device,
+                            precision=precision, source=str(classifier_path))
+    return method_class(name)(model, copy.deepcopy(card), device=device, source=str(path), precision=precision,
+                              classifier=guidance)
 
 
-__all__ = ["METHODS_SERVED", "METHOD_CLASSES", "load_checkpoint", "method_class", "served_method"]
+__all__ = ["METHOD_CLASSES", "load_checkpoint", "method_class", "served_method"]

@@ -1,21 +1,28 @@
-"""What every slice-wise method shares: device and precision, the model-space round trip, the case cache."""
+"""What every slice-wise method shares: device and precision, parameters, the model-space round trip,
+the case cache and :meth:`SliceMethod.run` (one interface for every method, METHODS.md)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..diffusion import memory_batch_size
+from ..card import CheckpointError, Steps
+from ..checkpoint import check_classifier_fits
+from ..diffusion import DDIM, memory_batch_size, timestep_grid
+from ..method_catalog import METHODS, method_spec, resolve_parameters
 from ..networks import pick_device, pick_precision
 from ..pipeline import MethodResult
 from ..preprocessing import (ModelGrid, check_modality, from_model_space, model_grid, model_units_to_input,
                              model_values_to_input, to_model_space)
 from ..postprocessing import bounding_box
-from ..progress import Progress, report, timer
-from ..volume import Volume, validate_volume
+from ..progress import Cancel, Progress, check_cancel, report, timer
+from ..volume import Volume, array_key, validate_volume
+from .guidance import Guidance
 
 #: Most model slices a run may have: 2 m of body at 1 mm (a large input slice spacing can ask for metres).
 MAX_MODEL_SLICES = 2000
@@ -115,13 +122,43 @@ class LRU(OrderedDict):
             self.popitem(last=False)
 
 
+@dataclass
+class SliceMaps:
+    """What a method computes for a batch of model slices (n of them, model units): the heat map, the
+    healthy counterfactual (None for the methods that make none) and the guidance classifier's
+    p(unhealthy | slice) at t = 0 (None without a classifier). Cached objects: do not modify."""
+
+    heat: np.ndarray  # (n, H, W)
+    counterfactual: np.ndarray | None = None  # (n, H, W)
+    confidence: np.ndarray | None = None  # (n,)
+
+
 class SliceMethod:
-    """Base for 2D slice-wise methods: owns the network, device, counters and the case cache."""
+    """Base for 2D slice-wise methods: the network, device, counters, the case cache, the parameters
+    (:mod:`..method_catalog`), :meth:`compute` (cached) and :meth:`run`; a method writes :meth:`maps` and
+    :meth:`evaluations_per_slice`.
+
+    ``classifier``: a :class:`.guidance.Guidance` for the methods whose catalog record needs one
+    (checked against the model card by :func:`..checkpoint.check_classifier_fits`), None otherwise.
+    """
+
+    #: the method's name in :data:`..method_catalog.METHODS` (a checkpoint's card keeps the name of the method
+    #: its network was trained for)
+    method: str = ""
 
     def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: str = "auto", source: str | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", classifier: Guidance | None = None):
         self.card = card
         self.source = source
+        self.spec = method_spec(self.method)
+        if classifier is not None and not self.spec.classifier:
+            raise CheckpointError(no_classifier_taken(self.method))
+        if classifier is None and self.spec.classifier:
+            raise CheckpointError(f"method {self.method} needs a noise-conditioned classifier; train one with "
+                                  "'diffusion-anomaly train --method classifier' and give it with --classifier.")
+        if classifier is not None:
+            check_classifier_fits(card, classifier.card, f"the classifier {Path(classifier.source or '').name}".strip())
+        self.classifier = classifier
         self.device = pick_device(device)  # a device that is not there: a ValueError sentence
         self.precision = pick_precision(precision, self.device)
         self.model = model.to(self.device).eval()
@@ -129,13 +166,122 @@ class SliceMethod:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.network_evaluations = 0  # images passed through the network (for tests and benchmarks)
-        # latents and counterfactuals of recent (case, parameter) pairs: a 64 x 64 x 120 case is
-        # ~2 MB each, so a few dozen entries let slider moves back and forth stay free.
+        # maps and latents of recent (slices, parameter) pairs: a 64 x 64 x 120 case is ~2 MB each, so a
+        # few dozen entries let slider moves back and forth stay free.
         self.cache = LRU(capacity=32)
+        self.ddim = DDIM(card["scheduler"])
+        labels = card["labels"]
+        self.null_label = int(labels.get("null", 0))
+        self.healthy_label = int(labels.get("healthy", 1))
+        self.unhealthy_label = int(labels.get("unhealthy", 2))
+        try:  # the card's defaults against what its schedule allows: refused at load, not at the first run
+            self.resolve()
+        except ValueError as exc:
+            raise CheckpointError(f"model {card['id']}: {exc}") from None
+
+    # ---- parameters -------------------------------------------------------------------------
+    def resolve(self, **given: Any) -> dict[str, Any]:
+        """The parameters of a run, checked: each one given, or its default when None or absent
+        (:func:`..method_catalog.resolve_parameters`: the method's built-in defaults, overridden by the
+        model card). A name the method does not take is refused; a number may come as text ("20", not
+        "20.7"), never rounded. Raises ValueError with one sentence and the valid range; changes nothing.
+        """
+        return resolve_parameters(self.method, given, self.card, self.ddim.max_noise_level)
+
+    def evaluations_per_slice(self, params: dict[str, Any], guidance_values: int = 1) -> int:
+        """Network evaluations a model slice costs with resolved ``params``; ``guidance_values``: how many values
+        of the method's guidance parameter (:attr:`MethodSpec.guidance`) are computed, as a sweep does."""
+        raise NotImplementedError
 
     @property
-    def defaults(self) -> dict[str, Any]:
-        return dict(self.card["inference_defaults"])
+    def classifier_evaluations(self) -> int:
+        """Images passed through the guidance classifier so far (0 without one)."""
+        return 0 if self.classifier is None else self.classifier.classifier_evaluations
+
+    # ---- the per-slice work -----------------------------------------------------------------
+    def compute(self, images: np.ndarray, slice_ids: np.ndarray, params: dict[str, Any],
+                progress: Progress | None = None, cancel: Cancel | None = None,
+                timings: dict[str, float] | None = None) -> SliceMaps:
+        """The maps of model slices ``images`` (n, H, W) float32 in model units, whose model slice indices are
+        ``slice_ids`` (n,) (the random noise of a slice derives from its index), with resolved ``params``.
+
+        Cached by the slices (:meth:`slice_key`) and every parameter, so an identical repeat does no
+        network or classifier work; the classifier's confidence is cached by the slices alone, and a
+        method may keep more (the DDIM methods' inverted latents), so that a parameter change recomputes
+        what its :attr:`Parameter.recompute` says. ``timings`` receives the seconds of the stages that ran.
+        """
+        timings = {} if timings is None else timings
+        images = np.asarray(images, dtype=np.float32)
+        slice_ids = np.asarray(slice_ids, dtype=np.int64)
+        case = self.slice_key(images, slice_ids)
+        key = ("maps", case) + tuple(params[name] for name in self.spec.parameter_names)
+        maps = self.cache.get_item(key)
+        if maps is None:
+            confidence = None if self.classifier is None else self.confidence(images, case, cancel, timings)
+            heat, counterfactual = self.maps(images, slice_ids, case, params, progress, cancel, timings)
+            maps = SliceMaps(heat, counterfactual, confidence)
+            self.cache.put(key, maps)
+        return maps
+
+    def maps(self, images: np.ndarray, slice_ids: np.ndarray, case: str, params: dict[str, Any],
+             progress: Progress | None, cancel: Cancel | None,
+             timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The method's work for :meth:`compute` (not cached there yet): (heat, counterfactual or None), (n, H, W)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def slice_key(images: np.ndarray, slice_ids: np.ndarray) -> str:
+        """The cache key of a batch of model slices: their content and their indices."""
+        return array_key(np.asarray(images, dtype=np.float32), np.asarray(slice_ids, dtype=np.int64))
+
+    def confidence(self, images: np.ndarray, key: str, cancel: Cancel | None = None,
+                   timings: dict[str, float] | None = None) -> np.ndarray:
+        """p(unhealthy | slice) at t = 0 of each of ``images`` (the guidance classifier), cached under ``key``."""
+        cached = self.cache.get_item(("confidence", key))
+        if cached is None:
+            check_cancel(cancel)
+            clock = timer()
+            cached = self.classifier.p_unhealthy(images)
+            if timings is not None:
+                timings["confidence"] = clock()
+            self.cache.put(("confidence", key), cached)
+        return cached
+
+    # ---- volumes ----------------------------------------------------------------------------
+    def run(self, volume: Volume, *, progress: Progress | None = None, cancel: Cancel | None = None,
+            region: np.ndarray | Volume | None = None, **params: Any) -> MethodResult:
+        """The method's heat map (and counterfactual) of a volume, back on its exact grid.
+
+        ``params``: the method's parameters (:meth:`resolve`; None or absent = the default), checked
+        with the volume before any network work. ``region`` (non-zero voxels on the volume's grid,
+        e.g. an organ ROI): only the model slices it needs go through the network
+        (:func:`region_slices`); the others keep the input as their counterfactual, heat 0 and
+        confidence NaN.
+        """
+        resolved = self.resolve(**params)
+        before = (self.network_evaluations, self.classifier_evaluations)
+        timings: dict[str, float] = {}
+        x, grid, todo = self.start_run(volume, self.evaluations_per_slice(resolved), region, progress, timings)
+        maps = self.compute(x[todo], todo, resolved, (lambda f, m: report(progress, 0.02 + 0.9 * f, m)), cancel,
+                            timings)
+        heat = np.zeros_like(x)
+        heat[todo] = maps.heat
+        cf = None
+        if maps.counterfactual is not None:
+            cf = x.copy()
+            cf[todo] = maps.counterfactual
+        confidence = None
+        if self.classifier is not None:
+            confidence = np.full(len(x), np.nan)
+            if maps.confidence is not None:
+                confidence[todo] = maps.confidence
+        return self.finish_run(volume, x, grid, todo, heat, cf, resolved, timings, before, progress,
+                               confidence=confidence)
+
+    def heat_units(self, volume: Volume) -> str:
+        """The units of the heat map on the input grid: an absolute difference of input intensities (IgCONDA-PET,
+        the classifier-guided methods)."""
+        return f"|{volume.units or 'intensity'} difference|"
 
     def plan(self, volume: Volume, evaluations_per_slice: int = 0,
              region: np.ndarray | Volume | None = None) -> tuple[ModelGrid, np.ndarray]:
@@ -169,21 +315,21 @@ class SliceMethod:
         return x, grid, todo
 
     def finish_run(self, volume: Volume, x: np.ndarray, grid: ModelGrid, todo: np.ndarray, heat: np.ndarray,
-                   cf: np.ndarray | None, params: dict[str, Any], timings: dict[str, float], evaluations_before: int,
-                   progress: Progress | None, heat_units: str | None = None) -> MethodResult:
-        """The model-space heat map (and counterfactual) back on the input's exact grid, as a :class:`MethodResult`."""
+                   cf: np.ndarray | None, params: dict[str, Any], timings: dict[str, float],
+                   before: tuple[int, int], progress: Progress | None, confidence: np.ndarray | None = None) -> MethodResult:
+        """The model-space heat map (and counterfactual) back on the input's exact grid, as a :class:`MethodResult`
+        (``before``: the network and classifier evaluation counters when the run started)."""
         clock = timer()
         report(progress, 0.93, "resampling onto the input grid")
         heat_vol, cf_vol = self.to_input_grid(heat, cf, grid, volume)
-        if heat_units is not None:
-            heat_vol.units = heat_units
         timings["postprocess"] = clock()
         report(progress, 1.0, "done")
+        compute = {"device": str(self.device), "precision": self.precision}
         return MethodResult(
             heatmap=heat_vol, counterfactual=cf_vol, model_input=x, model_counterfactual=cf, model_heat=heat,
-            grid=grid, parameters=params, timings=timings,
-            network_evaluations=self.network_evaluations - evaluations_before, computed_slices=len(todo),
-            compute={"device": str(self.device), "precision": self.precision},
+            grid=grid, parameters=params, timings=timings, network_evaluations=self.network_evaluations - before[0],
+            computed_slices=len(todo), compute=compute, method=self.method,
+            classifier_evaluations=self.classifier_evaluations - before[1], classifier_confidence=confidence,
         )
 
     def batch_size(self, image_shape: tuple[int, ...]) -> int:
@@ -203,16 +349,136 @@ class SliceMethod:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return self.model(x, tt, context).float()
 
+    def _eps(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
+        """:meth:`eps` with class ``labels`` (n,) as the condition."""
+        return self.eps(x, t, self.model.context(labels))
+
+    def _labels(self, n: int, label: int) -> torch.Tensor:
+        return torch.full((n,), label, device=self.device, dtype=torch.long)
+
+    def guided(self, eps: torch.Tensor, x: torch.Tensor, t: int, scale: float, label: int | torch.Tensor) -> torch.Tensor:
+        """Classifier guidance of a noise estimate: eps - s sqrt(1 - abar_t) grad_x log C(label | x_t, t)
+        (Dhariwal and Nichol's score form, Wolleb's ``condition_score``); ``eps`` itself when s = 0."""
+        if scale == 0:
+            return eps
+        grad = self.classifier.grad_log_prob(x, t, label)
+        return eps - (scale * (1.0 - self.ddim.abar[t]) ** 0.5) * grad
+
     def to_input_grid(self, heat: np.ndarray, cf: np.ndarray | None, grid: ModelGrid, volume: Volume):
         prep = self.card["preprocessing"]
         heat_vol = from_model_space(model_units_to_input(heat, prep), grid, volume)
         heat_vol.voxels = np.clip(heat_vol.voxels, 0, None)
-        heat_vol.units = f"|{volume.units or 'intensity'} difference|"
+        heat_vol.units = self.heat_units(volume)
         cf_vol = None
         if cf is not None:
             cf_vol = from_model_space(model_values_to_input(cf, prep), grid, volume)
         return heat_vol, cf_vol
 
 
+class DdimCounterfactual(SliceMethod):
+    """The methods that DDIM-invert the input to the noise level D unguided (the network's null label), then
+    decode it guided towards 'healthy' (IgCONDA-PET, CG-DDIM): map = |input - counterfactual|.
+
+    The inverted latents are cached by (slices, D, steps), so a change of :attr:`scale_parameter` only
+    re-decodes (:data:`..method_catalog.RECOMPUTE_DECODE`). A subclass writes :meth:`decode_eps`.
+    """
+
+    #: the parameter steering the decoding (a change re-decodes only), its symbol, and the network evaluations
+    #: of one decoding move
+    scale_parameter = ""
+    scale_symbol = ""
+    decode_evaluations = 1
+
+    def decode_eps(self, x: torch.Tensor, t: int, scale: float) -> torch.Tensor:
+        """The guided noise estimate of a decoding move from timestep ``t``."""
+        raise NotImplementedError
+
+    def walk(self, images: torch.Tensor, moves: list[tuple[int, int]], steps: Steps, eps_of, message: str,
+             progress: Progress | None, cancel: Cancel | None) -> torch.Tensor:
+        """``images`` (B, 1, H, W) moved by DDIM along ``moves`` ((t_from, t_to) pairs of the grid of ``steps``),
+        in batches, with the noise estimate ``eps_of(x, t_from)``."""
+        bs = self.batch_size(tuple(images.shape[1:]))
+        out = []
+        total = max(1, len(moves) * len(images))
+        done = 0
+        for start in range(0, len(images), bs):
+            x = images[start : start + bs].to(self.device, torch.float32)
+            for t_from, t_to in moves:
+                check_cancel(cancel)
+                x = self.ddim.move(x, eps_of(x, t_from), t_from, t_to, steps)
+                done += len(x)
+                report(progress, done / total, message)
+            out.append(x.cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, noise_level: int, steps: Steps,
+               progress: Progress | None = None, cancel: Cancel | None = None) -> torch.Tensor:
+        """DDIM inversion with the unconditional model (the null label) from t = 0 to D.
+
+        ``steps``: an integer K >= 1 or ``"reference"`` (network at t = 0..D-1, MONAI ``reversed_step``).
+        """
+        grid = timestep_grid(noise_level, steps)
+        return self.walk(images, list(zip(grid[:-1], grid[1:])), steps,
+                         lambda x, t: self._eps(x, t, self._labels(len(x), self.null_label)),
+                         f"encoding to noise level {noise_level}", progress, cancel)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, noise_level: int, scale: float, steps: Steps,
+               progress: Progress | None = None, cancel: Cancel | None = None) -> torch.Tensor:
+        """Guided DDIM decoding from D to 0 (:meth:`decode_eps` with ``scale``).
+
+        ``steps``: an integer K >= 1 or ``"reference"`` (network at t = D..1, MONAI ``step``).
+        """
+        grid = timestep_grid(noise_level, steps)
+        scale = float(scale)
+        return self.walk(latents, list(zip(grid[:0:-1], grid[-2::-1])), steps,
+                         lambda x, t: self.decode_eps(x, t, scale),
+                         f"decoding towards healthy ({self.scale_symbol} = {scale:g})", progress, cancel)
+
+    def counterfactual(self, images: torch.Tensor, noise_level: int, scale: float, steps: Steps,
+                       progress: Progress | None = None, cancel: Cancel | None = None) -> torch.Tensor:
+        """Healthy counterfactual of ``images`` (B, 1, H, W) in model units, same shape: :meth:`encode`, :meth:`decode`.
+
+        ``steps``: an integer K >= 1 or ``"reference"`` (no "default" here: see :meth:`resolve`).
+        """
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must be (B, 1, H, W); got {tuple(images.shape)}")
+        split = None if progress is None else (lambda f, m: progress(0.5 * f, m))
+        latents = self.encode(images, noise_level, steps, split, cancel)
+        split = None if progress is None else (lambda f, m: progress(0.5 + 0.5 * f, m))
+        return self.decode(latents, noise_level, scale, steps, split, cancel)
+
+    def evaluations_per_slice(self, params: dict[str, Any], guidance_values: int = 1) -> int:
+        """Network evaluations a model slice costs with resolved ``params``: one encode, and a decode for each of
+        ``guidance_values`` scales (a sweep decodes several from the same latents)."""
+        moves = len(timestep_grid(params["noise_level"], params["steps"])) - 1
+        return moves * (1 + self.decode_evaluations * guidance_values)
+
+    def maps(self, images, slice_ids, case, params, progress, cancel, timings):
+        """|input - counterfactual| and the counterfactual, from the cached latents when only the scale changed."""
+        enc_key = ("latent", case, params["noise_level"], params["steps"])
+        latents = self.cache.get_item(enc_key)
+        if latents is None:
+            clock = timer()
+            latents = self.encode(torch.from_numpy(images).unsqueeze(1), params["noise_level"], params["steps"],
+                                  (lambda f, m: report(progress, 0.5 * f, m)), cancel)
+            timings["encode"] = clock()
+            self.cache.put(enc_key, latents)
+        clock = timer()
+        cf = self.decode(latents, params["noise_level"], params[self.scale_parameter], params["steps"],
+                         (lambda f, m: report(progress, 0.5 + 0.5 * f, m)), cancel)
+        timings["decode"] = clock()
+        cf = cf.squeeze(1).numpy()
+        return np.abs(images - cf), cf
+
+
+def no_classifier_taken(method: str) -> str:
+    """The sentence refusing a classifier given to a method that uses none."""
+    takers = [name for name, spec in METHODS.items() if spec.classifier]
+    return f"method {method} uses no classifier (only {', '.join(takers)} do); leave the classifier out."
+
+
 __all__ = ["INPUT_GRID_COPIES", "LRU", "MAX_MODEL_SLICES", "MAX_NETWORK_EVALUATIONS", "MAX_WORKING_BYTES",
-           "MODEL_GRID_COPIES", "SliceMethod", "check_evaluations", "check_resources", "region_slices", "working_bytes"]
+           "MODEL_GRID_COPIES", "DdimCounterfactual", "SliceMaps", "SliceMethod", "check_evaluations", "check_resources",
+           "no_classifier_taken", "region_slices", "working_bytes"]
