@@ -597,25 +597,6 @@ def _check_inference_defaults(defaults: dict[str, Any], timesteps: int) -> None:
         defaults["organ_exclude"] = organ_list(defaults["organ_exclude"], field + "organ_exclude")
     if "organ_margin_mm" in defaults:
         defaults["organ_margin_mm"] = check_margin_mm(defaults["organ_margin_mm"], field + "organ_margin_mm")
-    if "cdm" in defaults:
-        _check_cdm_defaults(_object(defaults["cdm"], "inference_defaults.cdm"), timesteps)
-
-
-def _check_cdm_defaults(cdm: dict[str, Any], timesteps: int) -> None:
-    """``inference_defaults.cdm`` of a conditional network: CDM's noise level Q, steps R, tau and seed."""
-    field = f"{_CARD}inference_defaults.cdm."
-    unknown = sorted(set(cdm) - {"noise_level", "steps", "tau", "seed"})
-    if unknown:
-        raise ValueError(f"{_CARD}inference_defaults.cdm must hold only noise_level, steps, tau and seed, got "
-                         f"unknown {', '.join(unknown)}.")
-    if "noise_level" in cdm:
-        cdm["noise_level"] = check_noise_level(cdm["noise_level"], timesteps, field + "noise_level")
-    if "steps" in cdm:
-        cdm["steps"] = check_cdm_steps(cdm["steps"], cdm.get("noise_level", timesteps - 1), field + "steps")
-    if "tau" in cdm:
-        cdm["tau"] = check_tau(cdm["tau"], field + "tau")
-    if "seed" in cdm:
-        cdm["seed"] = check_seed(cdm["seed"], field + "seed")
 
 
 def _check_classifier_defaults(defaults: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from .card import ANALYSIS_METHODS, CheckpointError, validate_card
+from .method_catalog import check_card_sections
 
 __all__ = ["CheckpointError", "bundled_checkpoint", "bundled_classifier", "bundled_models", "check_classifier_fits",
            "existing_file", "models_dir", "read_card"]
@@ -55,7 +56,7 @@ def read_card(path: str | Path) -> dict[str, Any]:
     except RecursionError:
         raise CheckpointError(f"the model card in {path.name} is nested too deeply to be a model card.") from None
     try:
-        return validate_card(card)
+        return check_card_sections(validate_card(card))
     except CheckpointError as exc:
         raise CheckpointError(f"{path.name}: {exc}") from exc
 

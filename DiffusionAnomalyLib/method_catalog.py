@@ -292,13 +292,32 @@ def resolve_parameters(name: str, given: dict[str, Any], card: dict[str, Any], m
         label = p.words
         if value is None:
             value = defaults[p.name]
-            field = f"the model card's default {label}" if p.name in from_card else f"the default {label}"
+            field = f"the default {label}"
+            if p.name in from_card:
+                field = (f"the model card's inference_defaults.{spec.card_defaults}.{p.name}" if spec.card_defaults
+                         else f"the model card's default {label}")
         else:
             field = f"the {label}"
             value = number_from_text(value) if p.kind != "steps" else value
         context["noise_level"] = out.get("noise_level", context["max_noise_level"])
         out[p.name] = p.check(value, context, field)
     return out
+
+
+def check_card_sections(card: dict[str, Any]) -> dict[str, Any]:
+    """``card`` after checking every method section of its ``inference_defaults`` (``inference_defaults.cdm``,
+    ...): an object of that method's parameters only, each by its rule (:func:`resolve_parameters`); the
+    noise level is bounded by T - 1 here, the schedule's own limit by the method object at load.
+    CheckpointError (one sentence naming the card entry) otherwise; the card is returned unchanged."""
+    defaults = card.get("inference_defaults", {}) or {}
+    limit = int(card["scheduler"]["num_train_timesteps"]) - 1
+    for name, spec in METHODS.items():
+        if spec.card_defaults and spec.card_defaults in defaults:
+            try:
+                resolve_parameters(name, {}, card, limit)
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from None
+    return card
 
 
 def unknown_owner(names: list[str]) -> str:
@@ -322,6 +341,6 @@ def parameter_words(name: str, params: dict[str, Any]) -> str:
     return ", ".join(words)
 
 
-__all__ = ["BASELINES", "METHODS", "MethodSpec", "Parameter", "RECOMPUTE_ALL", "RECOMPUTE_DECODE", "method_defaults",
+__all__ = ["BASELINES", "check_card_sections", "METHODS", "MethodSpec", "Parameter", "RECOMPUTE_ALL", "RECOMPUTE_DECODE", "method_defaults",
            "method_spec", "methods_for_network", "parameter_words", "resolve_parameters", "served_method",
            "unknown_owner"]

@@ -55,9 +55,10 @@ def test_defaults_and_card_overrides(cdm):
     card["inference_defaults"]["cdm"] = {"noise_level": 100, "seed": 3}
     model = CdmModel(cdm.model, card, device="cpu")
     assert model.resolve() == {"noise_level": 100, "steps": 10, "tau": 0.95, "seed": 3}
-    for bad, words in (({"tau": 1.5}, "the model card's default embedding weight tau"),
-                       ({"steps": 0}, "the model card's default CDM steps R"),
-                       ({"noise_level": 20, "steps": 30}, "the model card's default CDM steps R"),
+    for bad, words in (({"tau": 1.5}, "the model card's inference_defaults.cdm.tau must be"),
+                       ({"steps": 0}, "the model card's inference_defaults.cdm.steps must be"),
+                       ({"noise_level": 20, "steps": 30}, "inference_defaults.cdm.steps must be a whole number from 1 "
+                                                          "to 20"),
                        ({"window": 3}, "inference_defaults.cdm may hold only"),
                        ([1, 2], "inference_defaults.cdm must be an object")):
         card["inference_defaults"]["cdm"] = bad

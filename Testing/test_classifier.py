@@ -139,23 +139,27 @@ def test_the_accuracy_table_is_shown_and_checked_on_every_card():
 @pytest.mark.parametrize("cdm, words", [
     ({"noise_level": 400, "steps": 10, "tau": 0.95, "seed": 0}, None),
     ({"noise_level": 1000}, "inference_defaults.cdm.noise_level must be a whole number from 1 to 999"),
-    ({"steps": 0}, "inference_defaults.cdm.steps must be a whole number from 1 to 999 (at most the noise level"),
+    ({"steps": 0}, "inference_defaults.cdm.steps must be a whole number from 1 to 400 (at most the noise level"),
     ({"noise_level": 5, "steps": 6}, "inference_defaults.cdm.steps must be a whole number from 1 to 5"),
     ({"tau": 1.0}, "inference_defaults.cdm.tau must be a finite number in (0, 1) (the weight of the unhealthy"),
     ({"tau": 0}, "inference_defaults.cdm.tau must be a finite number in (0, 1)"),
     ({"seed": -1}, "inference_defaults.cdm.seed must be a whole number from 0 to 4294967295, got -1."),
-    ({"R": 10}, "inference_defaults.cdm must hold only noise_level, steps, tau and seed, got unknown R."),
-    ([400], "inference_defaults.cdm must be a JSON object"),
+    ({"R": 10}, "inference_defaults.cdm may hold only noise_level, steps, tau, seed; it has R."),
+    ([400], "inference_defaults.cdm must be an object, got [400]."),
+    ({"tau": 0.5, "classifier_scale": 3}, "inference_defaults.cdm may hold only"),
 ])
-def test_cdm_defaults_of_a_conditional_card(cdm, words):
+def test_cdm_defaults_of_a_conditional_card(tmp_path, cdm, words):
+    """A method section of a card is checked by the method catalog wherever a checkpoint is read."""
     card = default_card()
     card["inference_defaults"]["cdm"] = cdm
+    path = tmp_path / "model.safetensors"
+    networks.save_checkpoint(networks.build_model(validate_card(copy.deepcopy(default_card()))), card, path)
     if words is None:
-        assert validate_card(card)["inference_defaults"]["cdm"] == cdm
+        assert read_card(path)["inference_defaults"]["cdm"] == cdm
     else:
         with pytest.raises(CheckpointError) as info:
-            validate_card(card)
-        assert words in str(info.value)
+            read_card(path)
+        assert words in str(info.value) and "\n" not in str(info.value)
 
 
 # ---- network ---------------------------------------------------------------------------------------
