@@ -80,6 +80,37 @@ def tiny_checkpoint(tmp_path_factory, tiny_card) -> Path:
     return networks.save_checkpoint(model, tiny_card, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
+def save_tiny_classifier(path: Path, tiny_card: dict, **scheduler) -> Path:
+    """An untrained (seeded) noise-conditioned classifier for the tiny diffusion model: its card takes the
+    diffusion card's schedule (with ``scheduler`` changes, to make one that does not fit), model grid and encoder
+    design, as :func:`card.classifier_card` does from a design."""
+    import copy
+
+    import torch
+
+    from DiffusionAnomalyLib import networks
+    from DiffusionAnomalyLib.card import classifier_card
+
+    card = classifier_card()
+    card.update(scheduler={**copy.deepcopy(tiny_card["scheduler"]), **scheduler}, modality=tiny_card["modality"],
+                preprocessing=copy.deepcopy(tiny_card["preprocessing"]), id="tiny-classifier")
+    encoder = card["network"]["encoder"]
+    encoder.update({key: copy.deepcopy(tiny_card["network"]["unet"][key]) for key in encoder if key != "out_channels"})
+    torch.manual_seed(1)
+    model = networks.build_model(card)
+    with torch.no_grad():  # zero-initialised layers would give no gradient, so no guidance at all
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0.0, 0.1)
+    return networks.save_checkpoint(model, card, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, tiny_card) -> Path:
+    """The tiny diffusion model's guidance classifier (:func:`save_tiny_classifier`), session-scoped."""
+    return save_tiny_classifier(tmp_path_factory.mktemp("classifier") / "tiny-classifier.safetensors", tiny_card)
+
+
 @pytest.fixture()
 def tiny_model(tiny_checkpoint):
     """A freshly loaded model (empty cache, evaluation counter at zero) on the CPU."""

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from DiffusionAnomalyLib import cli, evaluation
 from DiffusionAnomalyLib import metrics as metrics_module
+from DiffusionAnomalyLib.method_catalog import METHODS
 from DiffusionAnomalyLib.phantoms import make_phantom
 from DiffusionAnomalyLib.pipeline import analyse
 from DiffusionAnomalyLib.roi import read_organ_labels
@@ -118,6 +119,38 @@ def test_run_writes_the_five_outputs(tmp_path, capsys, tiny_checkpoint, pet_file
     assert summary["lesion_count"] == len(rows)
     assert summary["network_evaluations"] > 0
     assert summary["compute"]["device"] == "cpu" and summary["compute"]["precision"] in ("fp32", "bf16")
+
+
+@pytest.mark.parametrize("method, extra, counterfactual", [
+    ("cdm", ["--noise-level", 20, "--steps", 2, "--tau", "0.9", "--noise-seed", 4], False),
+    ("cg-ddim", ["--noise-level", 20, "--steps", 2, "--classifier-scale", 30], True),
+    ("cg-ddpm", ["--noise-level", 20, "--steps", 2, "--noise-seed", 4], True),
+    ("cg-cdm", ["--noise-level", 20, "--steps", 2], False),
+])
+def test_run_with_each_method(tmp_path, capsys, tiny_checkpoint, tiny_classifier, pet_file, method, extra,
+                              counterfactual):
+    """Every method by name: the summary says which method made the map with which parameters (the method's
+    defaults for the others), its paper's threshold rule, and for a classifier-guided method the classifier
+    and its p(unhealthy) per computed model slice; CDM's map has no counterfactual."""
+    out = tmp_path / method
+    takes = ["--classifier", tiny_classifier] if method.startswith("cg-") else []
+    code, stdout, _ = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out,
+                              "--method", method, *takes, *extra)
+    assert code == 0, stdout
+    assert ("counterfactual.nrrd" in listing(out)) is counterfactual
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["method"] == method and summary["model"]["network"] == "igconda"
+    params = summary["parameters"]
+    assert params["noise_level"] == 20 and params["steps"] == 2
+    assert set(params) - {"threshold_method", "threshold_value", "min_size_ml"} == set(METHODS[method].parameter_names)
+    assert params["threshold_method"] == METHODS[method].threshold[0]
+    if method.startswith("cg-"):
+        assert summary["classifier"]["id"] == "tiny-classifier" and summary["classifier_evaluations"] > 0
+        rows = summary["classifier_confidence"]["slices"]
+        assert rows and all(0.0 <= r["p_unhealthy"] <= 1.0 for r in rows)
+        assert summary["model_slices"]["computed"] == len(rows)
+    else:
+        assert "classifier" not in summary and "classifier_confidence" not in summary
 
 
 def test_run_precision_is_chosen_and_recorded(tmp_path, capsys, tiny_checkpoint, pet_file):

@@ -12,42 +12,20 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from DiffusionAnomalyLib import methods
-from DiffusionAnomalyLib.card import CheckpointError, classifier_card
+from DiffusionAnomalyLib.card import CheckpointError
 from DiffusionAnomalyLib.diffusion import DDPM, ddim_step, slice_generators, timestep_grid
 from DiffusionAnomalyLib.method_catalog import METHODS, method_spec
 from DiffusionAnomalyLib.methods import load_checkpoint
 from DiffusionAnomalyLib.methods.cdm import CdmModel, CgCdmModel
 from DiffusionAnomalyLib.methods.guided import CgDdimModel, CgDdpmModel
-from DiffusionAnomalyLib.networks import build_model, save_checkpoint
 from DiffusionAnomalyLib.progress import Cancelled
 
+from conftest import save_tiny_classifier
 from test_cdm import one_sentence, slice_generator
 
-#: the design of conftest's tiny diffusion card: a classifier for it must share its schedule and model grid
-TINY_DESIGN = {"channels": (8, 16, 16), "attention_levels": (False, False, True), "spacing_mm": (12.0, 12.0, 12.0),
-               "in_plane_size": (32, 32)}
 #: cheap parameters for the tiny networks
 FAST = {"noise_level": 40, "steps": 3}
 SCALE = 50.0
-
-
-def _save_classifier(path, **scheduler):
-    card = classifier_card(**TINY_DESIGN)
-    card["network"]["encoder"].update(norm_num_groups=8, num_head_channels=8)
-    card["scheduler"].update(scheduler)
-    torch.manual_seed(1)
-    model = build_model(card)
-    with torch.no_grad():  # as conftest's tiny network: no all-zero layers, so the gradient has some structure
-        for p in model.parameters():
-            if p.ndim >= 2 and not p.any():
-                p.normal_(0.0, 0.1)
-    return save_checkpoint(model, card, path)
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory):
-    """An untrained (seeded) tiny classifier that fits the tiny diffusion checkpoint."""
-    return _save_classifier(tmp_path_factory.mktemp("classifier") / "classifier.safetensors")
 
 
 def load(tiny_checkpoint, tiny_classifier, method):
@@ -65,7 +43,8 @@ def grad_log_c(classifier, x, t, label):
 
 
 # ---- loading and refusals ------------------------------------------------------------------------
-def test_loading_each_method_and_the_classifier_refusals(tiny_checkpoint, tiny_classifier, tmp_path, monkeypatch):
+def test_loading_each_method_and_the_classifier_refusals(tiny_checkpoint, tiny_card, tiny_classifier, tmp_path,
+                                                         monkeypatch):
     for method, cls in (("cg-ddim", CgDdimModel), ("cg-ddpm", CgDdpmModel), ("cg-cdm", CgCdmModel)):
         model = load(tiny_checkpoint, tiny_classifier, method)
         assert type(model) is cls and model.method == method and model.classifier.card["method"] == "classifier"
@@ -79,7 +58,7 @@ def test_loading_each_method_and_the_classifier_refusals(tiny_checkpoint, tiny_c
         load_checkpoint(tiny_checkpoint, device="cpu", classifier=tiny_classifier)
 
     # a classifier of another noise schedule is refused from its card, before any weights are read
-    other = _save_classifier(tmp_path / "other.safetensors", beta_end=0.03)
+    other = save_tiny_classifier(tmp_path / "other.safetensors", tiny_card, beta_end=0.03)
     loaded = []
     real = methods.load_weights
     monkeypatch.setattr(methods, "load_weights", lambda *a: loaded.append(a) or real(*a))

@@ -8,7 +8,6 @@ for the module: the methods run in turn on the same input, as a user switching m
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
@@ -105,30 +104,6 @@ def test_the_models_own_method_is_sent_as_null(tiny_card):
     assert request == {"method": None, "parameters": {"noise_level": 50, "guidance_scale": 3.0, "steps": 3},
                        "counterfactual": True}
     assert methods_for_network(tiny_card["method"])[0] == "igconda"
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory, tiny_card) -> Path:
-    """An untrained (seeded) noise-conditioned classifier for the tiny model: its card takes the diffusion card's
-    schedule, model grid and encoder design (as :func:`card.classifier_card` does from a design)."""
-    import torch
-
-    from DiffusionAnomalyLib import networks
-    from DiffusionAnomalyLib.card import classifier_card
-
-    card = classifier_card()
-    card.update(scheduler=copy.deepcopy(tiny_card["scheduler"]), modality=tiny_card["modality"],
-                preprocessing=copy.deepcopy(tiny_card["preprocessing"]))
-    encoder = card["network"]["encoder"]
-    encoder.update({key: copy.deepcopy(tiny_card["network"]["unet"][key]) for key in encoder if key != "out_channels"})
-    card["id"] = "tiny-classifier"
-    torch.manual_seed(1)
-    model = networks.build_model(card)
-    with torch.no_grad():  # zero-initialised layers would give no gradient, so no guidance at all
-        for p in model.parameters():
-            if p.ndim >= 2 and not p.any():
-                p.normal_(0.0, 0.1)
-    return networks.save_checkpoint(model, card, tmp_path_factory.mktemp("classifier") / "tiny-classifier.safetensors")
 
 
 # ---- runs through the worker --------------------------------------------------------------------------
