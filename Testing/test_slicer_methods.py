@@ -155,6 +155,11 @@ def test_each_method_runs_and_keeps_the_slider_reuse_rules(env, method):
     assert logic.case.method_name == method and set(logic.case.parameters) == set(spec.parameter_names)
     assert (first.classifierEvaluations > 0) == spec.classifier
     assert (logic.case.classifier is not None) == spec.classifier
+    # the classifier's p(unhealthy) per computed model slice comes back with the case (the report's curve)
+    assert (logic.case.confidence is not None) == spec.classifier
+    if spec.classifier:
+        assert logic.case.confidence.shape[1] == 2 and len(logic.case.confidence) > 0
+        assert ((logic.case.confidence[:, 1] >= 0) & (logic.case.confidence[:, 1] <= 1)).all()
     # the counterfactual node exists only for a method that makes one: another method's is removed, not left stale
     counterfactual = outputs.findOutput(scene, node, "counterfactual")
     assert (counterfactual is not None) == spec.counterfactual
