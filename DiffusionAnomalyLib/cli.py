@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, phantoms
-from .method_catalog import BASELINES, METHODS, method_spec, parameter_words, unknown_owner
+from .method_catalog import BASELINES, METHODS, method_spec, parameter_words, served_method, unknown_owner
 from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, classifier_card, default_card, number_from_text,
                    parse_steps, real_number, whole_number)
 from .checkpoint import bundled_checkpoint, read_card
@@ -266,7 +266,7 @@ def _cmd_run(args) -> int:
 def _evaluation_methods(args, card: dict) -> tuple[list[str], list[str]]:
     """(methods, baselines) of ``evaluate --methods``: known names, each once; default the model's own and suv41."""
     if args.methods is None:
-        return [method_spec(card["method"]).name], list(BASELINES)
+        return [served_method(card)], list(BASELINES)
     names = [n.strip() for n in str(args.methods).split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS and n not in BASELINES]
     if unknown or not names:
