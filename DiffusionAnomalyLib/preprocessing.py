@@ -47,6 +47,12 @@ HU_AIR_BELOW = -500.0
 EIGHT_BIT_MAX = 255
 
 #: How a user declares a PET volume in body-weight SUV (the command line's spelling).
+#: a CT in HU reaches below this somewhere (air outside the body, lungs, bowel gas; HU of air is -1000): stored
+#: values without the DICOM rescale (HU = value x slope + intercept, intercept usually -1024) start at about 0
+RAW_CT_MIN_AT_LEAST = -10.0
+#: ... and put soft tissue near 1000 (1024 + ~40): their 99th percentile is above this, where a CT in HU (fat, soft
+#: tissue, some bone) has it at a few hundred
+RAW_CT_P99_AT_LEAST = 900.0
 DECLARE_SUV = "command line: --modality PT --units SUVbw; Slicer: Units SUVbw"
 
 
@@ -74,6 +80,20 @@ def check_modality(volume: Volume, card: dict[str, Any]) -> None:
         raise VolumeError(
             f"the CT input is in {units}, but model {card['id']} expects Hounsfield units (HU); "
             "load the CT from its DICOM series or convert it to HU."
+        )
+    else:
+        _check_ct_values(volume, card)
+
+
+def _check_ct_values(volume: Volume, card: dict[str, Any]) -> None:
+    """The value check of :func:`check_modality` for a CT model: raw stored values (no rescale) are refused."""
+    voxels = np.asarray(volume.voxels)
+    lo, p99 = float(np.nanmin(voxels)), float(np.nanpercentile(voxels, 99))
+    if lo >= RAW_CT_MIN_AT_LEAST and p99 >= RAW_CT_P99_AT_LEAST:
+        raise VolumeError(
+            f"the CT's values start at {lo:g} with 1 % above {p99:g}: they look like raw stored values "
+            f"without the DICOM rescale, not Hounsfield units (air is -1000 HU, soft tissue about 40), which model "
+            f"{card['id']} expects; load the CT from its DICOM series or apply its rescale slope and intercept."
         )
 
 

@@ -417,3 +417,27 @@ def test_dicom_injection_the_day_before_and_days_before_for_long_lived_nuclides(
     volume = read_volume(tmp_path / "zr")
     expected = 75.0 * 1000.0 / (370e6 * 2.0 ** (-3 * 86400.0 / 282276.0))
     assert volume.units == "SUVbw" and volume.meta["suv_factor"] == pytest.approx(expected, rel=1e-9)
+
+
+REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
+
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"shared real-CT test data not found at {REAL_CT}")
+@pytest.mark.parametrize("name", ["ct_abdomen_3mm.nii.gz", "ct_dicom"])
+def test_a_ct_in_hu_is_accepted_and_its_raw_stored_values_are_refused(name):
+    """A CT model takes the real CTs in HU (NIfTI and DICOM); the same voxels without the DICOM rescale
+    (unsigned stored values = HU + 1024, as a converter that ignores RescaleIntercept writes them) are
+    refused in one sentence, whether or not the file claims HU."""
+    card = {"modality": "CT", "id": "ct-test"}
+    ct = read_volume(REAL_CT / name, modality="CT")
+    check_modality(ct, card)
+    for units in ("HU", None):
+        raw = ct.with_voxels(np.clip(np.asarray(ct.voxels, dtype=np.float32) + 1024.0, 0, None), modality="CT",
+                             units=units)
+        with pytest.raises(VolumeError) as err:
+            check_modality(raw, card)
+        message = str(err.value)
+        assert "raw stored values without the DICOM rescale" in message and "\n" not in message
+    # crops in HU without air: soft tissue and fat, or tissue only (liver-like, 40-60 HU), are still CTs in HU
+    check_modality(ct.with_voxels(np.clip(np.asarray(ct.voxels, dtype=np.float32), -100, 300)), card)
+    check_modality(ct.with_voxels(np.clip(np.asarray(ct.voxels, dtype=np.float32), 40, 60)), card)
