@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -290,6 +290,18 @@ def _start(cfg: "TrainConfig", card: dict[str, Any], method: str, data, log) -> 
                 int(card["scheduler"]["num_train_timesteps"]))
 
 
+def _resume(cfg: "TrainConfig", run: _Run, state_path: Path, best: float, words: Callable[[float], str],
+            log) -> tuple[int, float, list, Any, str]:
+    """(step, best, history, augmenter, command line) of a run: restored from ``state_path`` when resuming
+    (the model, optimiser and random state too), else a fresh start at step 0 with ``best``."""
+    step, history = 0, []
+    if cfg.resume and state_path.exists():
+        meta = _load_state(state_path, run.model, run.opt, run.rng)
+        step, best, history = meta["step"], meta.get("best", best), meta.get("history", [])
+        log(f"resumed from step {step} ({words(best)})")
+    return step, best, history, augmenter(cfg.seed + step), " ".join(shlex.quote(a) for a in sys.argv)
+
+
 def _run_steps(cfg: "TrainConfig", step: int, log, train_step, validation_due) -> int:
     """Optimiser steps from ``step`` to ``cfg.steps`` within the time budget; the step reached.
 
@@ -325,13 +337,8 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
     vnoise = torch.randn(vx.shape, generator=gen).to(device)
 
     state_path = out / "state.safetensors"
-    step, best, history = 0, float("inf"), []
-    if cfg.resume and state_path.exists():
-        meta = _load_state(state_path, model, opt, rng)
-        step, best, history = meta["step"], meta.get("best", best), meta.get("history", [])
-        log(f"resumed from step {step} (best validation loss {best:.5f})")
-    aug = augmenter(cfg.seed + step)
-    command = " ".join(shlex.quote(a) for a in sys.argv)
+    step, best, history, aug, command = _resume(cfg, run, state_path, float("inf"),
+                                                lambda v: f"best validation loss {v:.5f}", log)
 
     def validate() -> float:
         model.eval()
@@ -404,13 +411,8 @@ def train_classifier(cfg: TrainConfig, card: dict[str, Any] | None = None, data=
               torch.randn(vx.shape, generator=gen).to(device)) for lo, hi in accuracy_bands(T)]
 
     state_path = out / "state.safetensors"
-    step, best, history = 0, -1.0, []
-    if cfg.resume and state_path.exists():
-        meta = _load_state(state_path, model, opt, rng)
-        step, best, history = meta["step"], meta.get("best", best), meta.get("history", [])
-        log(f"resumed from step {step} (best validation accuracy {best:.3f})")
-    aug = augmenter(cfg.seed + step)
-    command = " ".join(shlex.quote(a) for a in sys.argv)
+    step, best, history, aug, command = _resume(cfg, run, state_path, -1.0,
+                                                lambda v: f"best validation accuracy {v:.3f}", log)
 
     def validate() -> tuple[float, float, list[dict[str, Any]]]:
         """(accuracy at uniform t, cross-entropy at uniform t, accuracy per band)."""

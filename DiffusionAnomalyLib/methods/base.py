@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 
@@ -133,7 +135,7 @@ class SliceMaps:
     confidence: np.ndarray | None = None  # (n,)
 
 
-class SliceMethod:
+class SliceMethod(ABC):
     """Base for 2D slice-wise methods: the network, device, counters, the case cache, the parameters
     (:mod:`..method_catalog`), :meth:`compute` (cached) and :meth:`run`; a method writes :meth:`maps` and
     :meth:`evaluations_per_slice`.
@@ -188,10 +190,10 @@ class SliceMethod:
         """
         return resolve_parameters(self.method, given, self.card, self.ddim.max_noise_level)
 
+    @abstractmethod
     def evaluations_per_slice(self, params: dict[str, Any], guidance_values: int = 1) -> int:
         """Network evaluations a model slice costs with resolved ``params``; ``guidance_values``: how many values
         of the method's guidance parameter (:attr:`MethodSpec.guidance`) are computed, as a sweep does."""
-        raise NotImplementedError
 
     @property
     def classifier_evaluations(self) -> int:
@@ -223,11 +225,11 @@ class SliceMethod:
             self.cache.put(key, maps)
         return maps
 
+    @abstractmethod
     def maps(self, images: np.ndarray, slice_ids: np.ndarray, case: str, params: dict[str, Any],
              progress: Progress | None, cancel: Cancel | None,
              timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray | None]:
         """The method's work for :meth:`compute` (not cached there yet): (heat, counterfactual or None), (n, H, W)."""
-        raise NotImplementedError
 
     @staticmethod
     def slice_key(images: np.ndarray, slice_ids: np.ndarray) -> str:
@@ -389,9 +391,9 @@ class DdimCounterfactual(SliceMethod):
     scale_symbol = ""
     decode_evaluations = 1
 
+    @abstractmethod
     def decode_eps(self, x: torch.Tensor, t: int, scale: float) -> torch.Tensor:
         """The guided noise estimate of a decoding move from timestep ``t``."""
-        raise NotImplementedError
 
     def walk(self, images: torch.Tensor, moves: list[tuple[int, int]], steps: Steps, eps_of, message: str,
              progress: Progress | None, cancel: Cancel | None) -> torch.Tensor:
