@@ -392,12 +392,10 @@ def test_best_defaults_go_to_the_methods_own_card_section(tiny_card):
     assert "cdm" not in igconda["inference_defaults"]
 
 
-# ---- the real methods, when the method interface is in place ---------------------------------------
+# ---- the real methods ------------------------------------------------------------------------------
 def test_real_methods_on_one_small_phantom(tmp_path, tiny_checkpoint):
-    from DiffusionAnomalyLib.methods import base, load_checkpoint
+    from DiffusionAnomalyLib.methods import load_checkpoint
 
-    if not hasattr(base.SliceMethod, "compute"):
-        pytest.skip("the method interface (SliceMethod.compute) is not in place yet")
     models = {"igconda": load_checkpoint(tiny_checkpoint, device="cpu"),
               "cdm": load_checkpoint(tiny_checkpoint, device="cpu", method="cdm")}
     out = tmp_path / "eval"
