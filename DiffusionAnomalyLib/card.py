@@ -13,6 +13,8 @@ Slicer's process can read it before any package is installed.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import numbers
@@ -543,6 +545,13 @@ def _check_preprocessing(prep: dict[str, Any], levels: int) -> None:
                              f"builds), got {shown(prep[key])}.")
     if "antialias" in prep:
         _flag(prep["antialias"], "preprocessing.antialias")
+    if "crop" in prep:
+        crop = _object(prep["crop"], "preprocessing.crop")
+        organs = organ_list(_entry(crop, "organs", "preprocessing.crop.organs"), f"{_CARD}preprocessing.crop.organs")
+        if not organs:
+            raise ValueError(f"{_CARD}preprocessing.crop.organs must name the organs the model was trained on "
+                             "(TotalSegmentator names, e.g. kidney_left), got none.")
+        crop["organs"] = organs
 
 
 def _check_labels(labels: dict[str, Any], card: dict[str, Any], embedding: dict[str, Any] | None) -> None:
@@ -739,24 +748,49 @@ def default_card(
     }
 
 
-def classifier_card(**design: Any) -> dict[str, Any]:
-    """Model card of the demo noise-conditioned classifier (provenance is filled in by training).
+#: The demo CT model's design: organ crops of 64 x 64 pixels of 1.5 mm (96 mm, a kidney's cross-section with
+#: margin) on 3 mm slices, HU in an abdominal window of -160 to 240 HU (level 40, width 400) as model units 0..1.
+CT_DESIGN = {"spacing_mm": (1.5, 1.5, 3.0), "in_plane_size": (64, 64),
+             "intensity": {"input_units": "HU", "offset": -160.0, "scale": 400.0, "clip": [0.0, 1.0]},
+             "crop": {"organs": ["kidney_left", "kidney_right", "pancreas"]}}
 
-    ``design``: :func:`default_card`'s arguments. Its scheduler and preprocessing are that card's, and
-    its encoder has the UNet's channels, attention, blocks and normalisation: the classifier guides
-    that diffusion model, so it must see the same model-space slices and noise schedule.
+
+def ct_card(**design: Any) -> dict[str, Any]:
+    """Model card of the demo CT organ model: the conditional network of :func:`default_card` on organ crops
+    (:data:`CT_DESIGN`), run by classifier-guided DDIM by default (METHODS.md section 2, the pancreas paper)."""
+    crop = {"organs": list(CT_DESIGN["crop"]["organs"])}
+    card = default_card(**{k: v for k, v in design.items() if k in ("channels", "attention_levels")},
+                        spacing_mm=CT_DESIGN["spacing_mm"], in_plane_size=CT_DESIGN["in_plane_size"])
+    card.update(id="cg-ct-organs-demo", name="Classifier-guided CT organ model (kidneys, pancreas; synthetic phantoms)",
+                modality="CT")
+    card["preprocessing"]["intensity"] = dict(CT_DESIGN["intensity"])
+    card["preprocessing"]["crop"] = crop
+    card["inference_defaults"].update(method="cg-ddim", organ_margin_mm=10.0)
+    return card
+
+
+def classifier_card(diffusion: dict[str, Any] | None = None, **design: Any) -> dict[str, Any]:
+    """Model card of a demo noise-conditioned classifier (provenance is filled in by training) for the diffusion
+    model card ``diffusion`` (default: :func:`default_card` of ``design``).
+
+    Its scheduler, preprocessing and modality are that card's, and its encoder has the UNet's channels,
+    attention, blocks and normalisation: the classifier guides that diffusion model, so it must see the
+    same model-space slices and noise schedule.
     """
-    card = default_card(**design)
+    card = copy.deepcopy(diffusion) if diffusion is not None else default_card(**design)
     unet = card["network"]["unet"]
     shared = ("spatial_dims", "in_channels", "channels", "attention_levels", "num_res_blocks", "num_head_channels",
               "norm_num_groups")
+    ct = card.get("modality") == "CT"
     card.update(
-        id="classifier-pet-phantom-demo",
-        name="Noise-conditioned healthy/unhealthy classifier (synthetic phantoms)",
+        id="classifier-ct-organs-demo" if ct else "classifier-pet-phantom-demo",
+        name=("Noise-conditioned healthy/unhealthy classifier of CT organ crops (synthetic phantoms)" if ct else
+              "Noise-conditioned healthy/unhealthy classifier (synthetic phantoms)"),
         method="classifier",
         network={"encoder": {**{key: unet[key] for key in shared}, "out_channels": len(CLASSIFIER_LABELS)}},
         labels={name: n for n, name in enumerate(CLASSIFIER_LABELS)},
         inference_defaults={"batch_size": 32},
+        provenance={},
     )
     return card
 

@@ -89,10 +89,13 @@ def bundled_models(methods: tuple[str, ...] | None = None) -> list[dict[str, Any
     return [e for e in entries if methods is None or e.get("method", "igconda") in methods]
 
 
-def bundled_checkpoint(model_id: str | None = None) -> Path:
-    """Path of a bundled checkpoint (when ``model_id`` is None, the first one that analyses scans)."""
+def bundled_checkpoint(model_id: str | None = None, modality: str | None = None) -> Path:
+    """Path of a bundled checkpoint (when ``model_id`` is None, the first one that analyses scans of ``modality``,
+    any modality when that is None)."""
     entries = bundled_models()
     for e in entries if model_id is not None else bundled_models(ANALYSIS_METHODS):
+        if model_id is None and modality is not None and e.get("modality") != modality:
+            continue
         if model_id is None or e["id"] == model_id:
             path = Path(e["path"])
             if not path.exists():

@@ -23,13 +23,15 @@ from tqdm import tqdm
 
 from . import metrics, phantoms
 from .method_catalog import BASELINES, METHODS, method_spec, parameter_words, served_method, unknown_owner
-from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, classifier_card, default_card, number_from_text,
+from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, classifier_card, ct_card, default_card, number_from_text,
                    parse_steps, real_number, whole_number)
 from .checkpoint import bundled_checkpoint, read_card
 from . import evaluation
-from .evaluation import (EVALUATION_FILES, EVALUATION_SEEDS, SWEEP_FILES, card_with_best_defaults,
+from .ct_evaluation import CT_EVALUATION_FILES, ct_markdown, evaluate_ct, phantom_cases
+from .ct_lesions import REAL_CTS, real_anatomy_set
+from .evaluation import (EVALUATION_FILES, EVALUATION_SEEDS, SWEEP_FILES, card_with_best_defaults, check_held_out,
                          card_with_threshold_defaults, evaluate, markdown_table, sweep, whole_volume_grid,
-                         whole_volume_sweep)
+                         phantom_seeds, whole_volume_sweep)
 from .export import write_json, write_segmentation
 from .errors import REFUSALS, refusal_sentence
 from .figures import overview_png
@@ -37,14 +39,14 @@ from .files import OutputError, check_writable_dir, output_folder, staged
 from .methods import load_checkpoint
 from .networks import pick_device, save_checkpoint
 from .pipeline import RESULT_FILES, analyse, method_name, write_outputs
-from .postprocessing import LESION_COLUMNS, Thresholding
+from .postprocessing import Thresholding, lesion_columns
 from .progress import Cancelled
 from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
 from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
 from .training import TrainConfig, train, train_classifier
 from .preprocessing import mask_to_model_space
-from .volume import read_volume, write_volume
+from .volume import canonical_modality, read_volume, write_volume
 
 #: what ``train --method`` builds
 TRAIN_METHODS = ("igconda", "classifier")
@@ -104,17 +106,19 @@ def _train_config(args) -> TrainConfig:
 def _cmd_train(args) -> int:
     cfg = _train_config(args)
     log = lambda m: print(m, flush=True)  # noqa: E731
+    diffusion = ct_card() if args.modality == "CT" else default_card()
     if args.method == "classifier":
-        best = train_classifier(cfg, classifier_card(), log=log)
+        best = train_classifier(cfg, classifier_card(diffusion), log=log)
     else:
-        best = train(cfg, default_card(), log=log)
+        best = train(cfg, diffusion, log=log)
     print(f"best checkpoint: {best}")
     return 0
 
 
-def _load_model(args, method: str | None = None):
-    """The method object of ``--method`` (or ``method``; None: the checkpoint's own) on ``--checkpoint``."""
-    path = args.checkpoint or bundled_checkpoint()
+def _load_model(args, method: str | None = None, modality: str | None = None):
+    """The method object of ``--method`` (or ``method``; None: the checkpoint's default) on ``--checkpoint`` (default:
+    the bundled model for ``modality``, the input's)."""
+    path = args.checkpoint or bundled_checkpoint(modality=modality)
     return load_checkpoint(path, device=args.device, precision=args.precision,
                            method=method or getattr(args, "method", None), classifier=args.classifier)
 
@@ -160,7 +164,7 @@ def _print_table(rows) -> None:
     if not rows:
         print("no lesion candidates above the threshold")
         return
-    cols = [c.name for c in LESION_COLUMNS]
+    cols = [c.name for c in lesion_columns(rows=rows)]
     print("  ".join(f"{c:>10}" for c in cols))
     for r in rows:
         print("  ".join(f"{r[c]:>10.2f}" if isinstance(r[c], float) else f"{r[c]:>10}" for c in cols))
@@ -226,7 +230,7 @@ def _cmd_run(args) -> int:
     _check_organ_source(args)
     with output_folder(args.out, outputs=(*RESULT_FILES, ORGANS_FILE), inputs=inputs) as out:
         volume = read_volume(args.input, modality=args.modality, units=args.units, suv_factor=args.suv_factor)
-        model = _load_model(args)
+        model = _load_model(args, modality=canonical_modality(volume.modality))
         selection = _organ_selection(args, model.card)
         thresholding = _thresholding(args, model)
         parameters = _method_parameters(args, method_name(model))
@@ -286,10 +290,41 @@ def _evaluation_methods(args, card: dict) -> tuple[list[str], list[str]]:
     return methods, [n for n in names if n in BASELINES]
 
 
+def _cmd_evaluate_ct(args, card: dict) -> int:
+    """``evaluate`` of a CT organ model: METHODS.md section 4 detection on held-out CT phantoms and, with --real-ct,
+    on lesions inserted into the real CTs (reported apart)."""
+    if args.methods is not None:
+        raise ValueError("--methods compares methods on PET phantoms; a CT organ model is evaluated one method at a "
+                         "time: give it with --method.")
+    seeds = phantom_seeds(args.phantoms, args.seed)
+    check_held_out(card, seeds)
+    real = None if args.real_ct is None else Path(args.real_ct)
+    if real is not None and not all((real / ct).exists() and (real / labels).exists() for ct, labels in REAL_CTS):
+        raise ValueError(f"--real-ct {real} does not hold the real CTs and their TotalSegmentator labels "
+                         f"({', '.join(n for pair in REAL_CTS for n in pair)}); give the shared/data/real-ct folder.")
+    real_seeds = phantom_seeds(args.real_cases, 0) if real is not None else []
+    with output_folder(args.out, outputs=CT_EVALUATION_FILES, inputs={"checkpoint": args.checkpoint,
+                                                                      "--classifier": args.classifier}) as out:
+        model = _load_model(args, modality="CT")
+        parameters = _method_parameters(args, method_name(model))
+        model.resolve(**parameters)
+        sets = {"held-out phantoms": phantom_cases(seeds)}
+        if real is not None:
+            sets["real anatomy"] = real_anatomy_set(real, real_seeds)
+        with staged(out) as stage:
+            result = evaluate_ct(model, sets, stage, parameters=parameters,
+                                 log=lambda m: print(m, flush=True))
+    print(ct_markdown(result))
+    print(f"wrote {args.out}/{', '.join(CT_EVALUATION_FILES)}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
+    card = read_card(args.checkpoint or bundled_checkpoint())
+    if card["modality"] == "CT":
+        return _cmd_evaluate_ct(args, card)
     with output_folder(args.out, outputs=EVALUATION_FILES, inputs={"checkpoint": args.checkpoint,
                                                                    "--classifier": args.classifier}) as out:
-        card = read_card(args.checkpoint or bundled_checkpoint())
         names, baselines = _evaluation_methods(args, card)
         # every method object before any phantom: a method the checkpoint cannot serve is refused first
         models = {name: _load_model(args, name) for name in names}
@@ -407,57 +442,79 @@ def _check_new_checkpoint_path(path: str, source: str | None) -> None:
 
 
 DEMO_FILES = ("input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png", "input_organs.nrrd")
+#: the CT demo's files: the same, with the input named for its modality
+CT_DEMO_FILES = ("input_ct.nrrd",) + DEMO_FILES[1:]
+#: how the demo shows its input: PET in SUV from 0 (inverted grey), CT in the abdominal window of the CT model's card
+DEMO_DISPLAY = {"PT": {"vmin": 0.0, "vmax": 8.0, "image_cmap": "gray_r"},
+                "CT": {"vmin": -160.0, "vmax": 240.0, "image_cmap": "gray"}}
 
 
 def _cmd_demo(args) -> int:
-    with output_folder(args.out, outputs=RESULT_FILES + DEMO_FILES,
+    names = CT_DEMO_FILES if args.modality == "CT" else DEMO_FILES
+    with output_folder(args.out, outputs=RESULT_FILES + names,
                        inputs={"checkpoint": args.checkpoint, "--classifier": args.classifier}) as out:
-        return _demo(args, out)
+        return _demo(args, out, names)
 
 
-def _demo(args, out: Path) -> int:
-    t0 = time.perf_counter()
-    model = _load_model(args)
+def _demo_case(args):
+    """(image, organs, lesion labels, lesion records, lesion names, words) of the demo's phantom."""
+    if args.modality == "CT":
+        from .ct_phantoms import make_ct_phantom
+
+        case = make_ct_phantom(args.seed, n_lesions=args.lesions)
+        words = ", ".join(f"{les['kind']} {les['diameter_mm']:.0f} mm in {les['organ']}" for les in case.lesions)
+        names = [f"True lesion {les['id']} ({les['kind']}, {les['organ']})" for les in case.lesions]
+        return case.ct, case.organs, case.lesion_labels, case.lesions, names, f"{case.phase} CT; {words or 'healthy'}"
     case = phantoms.make_phantom(args.seed, n_lesions=args.lesions)
-    print(f"phantom seed {args.seed}: {len(case.lesions)} lesion(s) "
-          f"({', '.join('%s r=%.0f mm' % (les['site'], les['radius_mm']) for les in case.lesions)}); "
+    words = ", ".join("%s r=%.0f mm" % (les["site"], les["radius_mm"]) for les in case.lesions)
+    names = [f"True lesion {les['id']} ({les['site']})" for les in case.lesions]
+    return case.pet, case.organs, case.lesion_labels, case.lesions, names, words
+
+
+def _demo(args, out: Path, names: tuple[str, ...] = DEMO_FILES) -> int:
+    t0 = time.perf_counter()
+    model = _load_model(args, modality=args.modality)
+    image, organs, lesion_labels, lesions, lesion_names, words = _demo_case(args)
+    print(f"phantom seed {args.seed}: {len(lesions)} lesion(s) ({words}); "
           f"model {model.card['id']}, method {method_name(model)}, on {model.device}")
-    # the phantom's organ map stands in for TotalSegmentator's: the model card's default organ exclusion applies
+    # the phantom's organ map stands in for TotalSegmentator's: the model card's default organs and exclusion apply
     selection = OrganSelection.from_card(model.card)
-    roi = None if selection.is_whole_volume else selection.mask(case.organs, grid=case.pet).voxels
+    roi = None if selection.is_whole_volume else selection.mask(organs, grid=image).voxels
+    region = selection.region_mask(organs, grid=image)
     if roi is not None:
         print(f"organ ROI: {selection.words()} (the phantom's organ map, standing in for TotalSegmentator)")
     bar = _progress_bar("diffusion")
     try:
-        result = analyse(model, case.pet, parameters=_method_parameters(args, method_name(model)),
-                         thresholding=_thresholding(args, model), roi=roi, progress=bar)
+        result = analyse(model, image, parameters=_method_parameters(args, method_name(model)),
+                         thresholding=_thresholding(args, model), roi=roi, progress=bar,
+                         region=None if region is None or "crop" not in model.card["preprocessing"] else region.voxels)
     finally:
         bar.close()
-    truth = case.lesion_mask
+    truth = lesion_labels.voxels > 0
     pred = result.labels > 0
     dsc = metrics.dice(pred, truth)
-    found = metrics.match_lesions(pred, case.lesion_labels.voxels, iou_threshold=0.2)
+    found = metrics.match_lesions(pred, lesion_labels.voxels, iou_threshold=0.2)
     heat_dsc, _ = metrics.optimal_dice(result.shown_heatmap.voxels, truth)
-    extra = {"phantom_seed": args.seed, "ground_truth_lesions": case.lesions,
-             **({"organ_roi": {"segmentation": f"{DEMO_FILES[3]}: {case.organs.source}", **selection.as_parameters()}}
+    extra = {"phantom_seed": args.seed, "ground_truth_lesions": lesions,
+             **({"organ_roi": {"segmentation": f"{names[3]}: {organs.source}", **selection.as_parameters()}}
                 if roi is not None else {}),
              "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc, "lesion_detection": found}
     cf = result.counterfactual.voxels if result.counterfactual is not None else None
     unhealthy = None  # the model slices the ground truth calls unhealthy, marked on the classifier's curve
     if result.method.classifier_confidence is not None:
-        lesion = mask_to_model_space(case.lesion_labels, result.method.grid) >= 0.5
+        lesion = mask_to_model_space(lesion_labels, result.method.grid) >= 0.5
         unhealthy = lesion.reshape(len(lesion), -1).any(axis=1)
     files = {
-        DEMO_FILES[0]: lambda p: write_volume(case.pet, p),
-        DEMO_FILES[1]: lambda p: write_segmentation(case.lesion_labels.voxels, case.pet, p,
-                                                              names=[f"True lesion {l['id']} ({l['site']})" for l in case.lesions]),
-        DEMO_FILES[2]: lambda p: overview_png(
-            p, case.pet.voxels, cf, result.shown_heatmap.voxels, result.labels, case.lesion_labels.voxels,
+        names[0]: lambda p: write_volume(image, p),
+        names[1]: lambda p: write_segmentation(lesion_labels.voxels, image, p, names=lesion_names),
+        names[2]: lambda p: overview_png(
+            p, image.voxels, cf, result.shown_heatmap.voxels, result.labels, lesion_labels.voxels,
             title=f"{model.card['id']} ({method_name(model)}) | phantom seed {args.seed} | Dice {dsc:.2f} | "
                   f"{NOT_FOR_CLINICAL_USE_SHORT}",
-            vmax=8.0, aspect=float(case.pet.spacing[1] / case.pet.spacing[0]),
-            confidence=result.method.classifier_confidence, confidence_unhealthy=unhealthy),
-        DEMO_FILES[3]: lambda p: write_volume(case.organs.volume, p),
+            aspect=float(image.spacing[1] / image.spacing[0]),
+            confidence=result.method.classifier_confidence, confidence_unhealthy=unhealthy,
+            **DEMO_DISPLAY[model.card["modality"]]),
+        names[3]: lambda p: write_volume(organs.volume, p),
     }
     written = write_outputs(result, out, extra, extra_files=files)
     _print_table(result.table)
@@ -573,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--method", choices=TRAIN_METHODS, default="igconda",
                     help="igconda: the conditional diffusion model; classifier: healthy vs unhealthy on x_t at a "
                          "random t of the same noise schedule (for classifier guidance)")
+    tr.add_argument("--modality", choices=("PT", "CT"), default="PT",
+                    help="PT: whole-body PET phantoms (SUV); CT: crops around the kidneys and pancreas of abdominal "
+                         "CT phantoms (HU), the CT organ model's card")
     tr.add_argument("--out", required=True, help="work folder: best.safetensors, state.safetensors, cache/")
     tr.add_argument("--steps", type=number_from_text, default=2000)
     tr.add_argument("--max-minutes", type=number_from_text, default=None)
@@ -622,6 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--phantoms", type=number_from_text, default=10)
     ev.add_argument("--seed", type=number_from_text, default=EVALUATION_SEEDS[0])
     ev.add_argument("--out", required=True)
+    ev.add_argument("--real-ct", default=None, metavar="DIR",
+                    help="a CT organ model: also evaluate on lesions inserted into the real CTs of this folder "
+                         "(shared/data/real-ct), reported apart from the phantoms")
+    ev.add_argument("--real-cases", type=number_from_text, default=10,
+                    help="--real-ct: insertion seeds 0..N-1 (each gives one case per real CT)")
     _add_inference_args(ev, with_threshold=False, several=True)
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -686,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="diffusion-anomaly-demo")
     dm.add_argument("--seed", type=int, default=7_000_001)
     dm.add_argument("--lesions", type=_count("the number of lesions", 0), default=3)
+    dm.add_argument("--modality", choices=("PT", "CT"), default="PT",
+                    help="PT: a whole-body PET phantom through the bundled PET model; CT: an abdominal CT phantom "
+                         "through the bundled CT organ model (kidneys, pancreas)")
     _add_inference_args(dm)
     dm.set_defaults(func=_cmd_demo)
     return p

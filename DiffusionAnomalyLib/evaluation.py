@@ -219,7 +219,8 @@ class CaseLesions:
 
 def detection_points(score: Volume, lesions: CaseLesions, roi: np.ndarray | None,
                      rules: Sequence[tuple[str, float | None]],
-                     min_sizes_ml: Sequence[float | None]) -> list[dict[str, Any]]:
+                     min_sizes_ml: Sequence[float | None],
+                     chain: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Whole-volume detection on one case for each threshold rule (method, value) and each minimum size.
 
     The candidates are those of :func:`.postprocessing.segment` with that rule inside ``roi``
@@ -229,7 +230,8 @@ def detection_points(score: Volume, lesions: CaseLesions, roi: np.ndarray | None
     labelling). A candidate finds a lesion at IoU >= :data:`DETECTION_IOU`, one-to-one
     (:func:`.metrics.match_overlaps`). One dict per (rule, size), rules outermost: ``method``,
     ``value``, ``min_size_ml``, ``found`` (bool per lesion), ``candidates``, ``false_positives``,
-    ``dice`` (of all kept candidates against all lesions).
+    ``dice`` (of all kept candidates against all lesions). ``chain``: the clean-up steps of METHODS.md
+    section 4 (:meth:`.postprocessing.Thresholding.chain_arguments`), applied to every rule's candidates.
     """
     shown = score if roi is None else score.with_voxels(inside_roi(score.voxels, roi))
     thresholds = [threshold_value(shown.voxels, method, value) for method, value in rules]
@@ -245,7 +247,8 @@ def detection_points(score: Volume, lesions: CaseLesions, roi: np.ndarray | None
     points = []
     for (method, value), threshold in zip(rules, thresholds):
         if box is not None and threshold > 0:
-            labels = segment(crop, method="absolute", value=threshold)
+            labels = segment(crop, method="absolute", value=threshold, roi=None if roi is None else roi[box],
+                             **(chain or {}))
             inter, area_t, area_p = metrics.lesion_overlaps(labels, truth, n_truth=n_lesions, truth_areas=lesions.areas)
         else:
             inter, area_t, area_p = np.zeros((n_lesions, 0), np.int64), lesions.areas, np.zeros(0, np.int64)
@@ -950,9 +953,7 @@ def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: Any
     values = [p[axis] for p in grid[0]]
     cases = []
     for s in seeds:
-        case = make_phantom(s, **(phantom_kwargs or {}))
-        x, model_grid = model.prepare(case.pet)
-        truth = mask_to_model_space(case.lesion_labels, model_grid) >= 0.5
+        x, truth = _tuning_slices(model, s, phantom_kwargs)
         idx = _unhealthy(truth)
         if idx.size:
             cases.append((s, np.ascontiguousarray(x[idx]), idx, truth[idx]))
@@ -1000,6 +1001,22 @@ def sweep(model, n_cases: int, seed: int, out_dir: str | Path, noise_levels: Any
 # =============================================================================================
 # Whole-volume defaults: threshold rule and value, minimum size, organ exclusion, margin
 # =============================================================================================
+def _tuning_slices(model, seed: int, phantom_kwargs: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(model slices, lesion truth per model pixel) of tuning phantom ``seed`` as ``model`` sees it: a whole-body
+    PET phantom, or for a CT organ model (card ``preprocessing.crop``) the crops of an abdominal CT phantom around
+    its card's organs (the phantom's organ map standing in for TotalSegmentator)."""
+    if "crop" in model.card["preprocessing"]:
+        from .ct_phantoms import make_ct_phantom
+
+        case = make_ct_phantom(seed, **(phantom_kwargs or {}))
+        region = OrganSelection.from_card(model.card).region_mask(case.organs, grid=case.ct)
+        x, model_grid = model.prepare(case.ct, region=region.voxels)
+    else:
+        case = make_phantom(seed, **(phantom_kwargs or {}))
+        x, model_grid = model.prepare(case.pet)
+    return x, mask_to_model_space(case.lesion_labels, model_grid) >= 0.5
+
+
 def check_tuning_seeds(card: dict[str, Any], seeds: list[int]) -> None:
     """Refuse tuning seeds that overlap the model's training or validation seeds, or :data:`EVALUATION_SEEDS`.
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .files import atomic_path
-from .postprocessing import LESION_TABLE_COLUMNS
+from .postprocessing import lesion_columns
 from .volume import Volume, lps_ras_flip, write_volume
 
 __all__ = [
@@ -223,14 +223,18 @@ def format_number(value: Any) -> str:
 
 
 def write_table_csv(
-    rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None
+    rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None, *,
+    modality: str | None = None, units: str | None = None,
 ) -> Path:
-    """Write rows as CSV with a fixed column order (default: the lesion table's columns).
+    """Write rows as CSV with a fixed column order (default: the lesion table's columns for the image's
+    ``modality`` / ``units``, :func:`.postprocessing.lesion_columns`; without them, those the rows hold).
 
     The header is written even with no rows. Every row must have exactly these keys, so nothing
     is silently dropped. Numbers are formatted by :func:`format_number`.
     """
-    columns = list(LESION_TABLE_COLUMNS if columns is None else columns)
+    if columns is None:
+        columns = [c.name for c in lesion_columns(modality, units, rows)]
+    columns = list(columns)
     for n, row in enumerate(rows):
         missing = [c for c in columns if c not in row]
         extra = [k for k in row if k not in columns]

@@ -60,24 +60,26 @@ def key_slices(labels: np.ndarray, truth: np.ndarray | None = None, count: int =
 def overview_png(path: str | Path, image: np.ndarray, counterfactual: np.ndarray | None, heat: np.ndarray,
                  labels: np.ndarray, truth: np.ndarray | None = None, slices: list[int] | None = None,
                  title: str = "", vmax: float | None = None, aspect: float = 1.0,
-                 confidence: np.ndarray | None = None, confidence_unhealthy: np.ndarray | None = None) -> Path:
+                 confidence: np.ndarray | None = None, confidence_unhealthy: np.ndarray | None = None,
+                 vmin: float = 0.0, image_cmap: str = "gray_r") -> Path:
     """Write a PNG grid: one column per key slice; rows input, counterfactual, heat map, lesions (+ truth).
 
     Arrays are [k, j, i] on the same grid; slices are shown as stored (for DICOM-ordered axial data
     that is the radiological view, patient left on the right). ``aspect`` = row / column spacing.
     ``confidence``: the guidance classifier's p(unhealthy) per model slice (inferior to superior;
     NaN where not computed), drawn as a curve in a panel below; ``confidence_unhealthy`` (bool per
-    model slice) marks the slices the ground truth calls unhealthy.
+    model slice) marks the slices the ground truth calls unhealthy. ``vmin``..``vmax`` and ``image_cmap``: how
+    the input and counterfactual are shown (PET: inverted grey from 0; CT: grey in a window).
     """
     plt = _pyplot()
     slices = slices or key_slices(labels, truth)
     vmax = vmax or float(np.percentile(image, 99.5)) or 1.0
     hmax = float(heat.max()) or 1.0
-    rows = [("input", image, "gray_r", 0, vmax)]
+    rows = [("input", image, image_cmap, vmin, vmax)]
     if counterfactual is not None:
-        rows.append(("counterfactual", counterfactual, "gray_r", 0, vmax))
+        rows.append(("counterfactual", counterfactual, image_cmap, vmin, vmax))
     rows.append(("heat map", heat, "inferno", 0, hmax))
-    rows.append(("lesions (red) / truth (green)" if truth is not None else "lesions", image, "gray_r", 0, vmax))
+    rows.append(("lesions (red) / truth (green)" if truth is not None else "lesions", image, image_cmap, vmin, vmax))
     extra = 0 if confidence is None else 1
     width = 2.6 * len(slices) if confidence is None else max(2.6 * len(slices), 5.2)
     fig = plt.figure(figsize=(width, 2.6 * len(rows) + 1.8 * extra))
@@ -135,6 +137,8 @@ def froc_png(path: str | Path, curves: list[dict], title: str = "", max_fp: floa
     group, e.g. one method with and without an organ exclusion, share a colour of :data:`OKABE_ITO`,
     groups in order of appearance) and ``excluded`` (solid line, else dashed). The x axis runs from
     0 to ``max_fp``; an operating point beyond it is drawn as an arrow at the edge with its value.
+    ``ci`` (optional): {"fp", "low", "high"}, a confidence interval of the sensitivity at those false
+    candidate counts, drawn as vertical bars.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.4 + 0.15 * max(len(curves) - 4, 0)))
@@ -153,6 +157,13 @@ def froc_png(path: str | Path, curves: list[dict], title: str = "", max_fp: floa
         if envelope_y.size:
             ax.plot(envelope_x, np.append(envelope_y, envelope_y[-1:]), "-" if curve.get("excluded") else "--",
                     drawstyle="steps-post", color=colour, label=curve["label"])
+        if curve.get("ci"):  # bootstrap interval of the sensitivity read at a few false-candidate counts
+            ci = curve["ci"]
+            x, lo, hi = (np.asarray(ci[k], float) for k in ("fp", "low", "high"))
+            ok = np.isfinite(lo) & np.isfinite(hi) & (x <= max_fp)
+            ax.vlines(x[ok], lo[ok], hi[ok], color=colour, linewidth=2.0, alpha=0.6)
+            ax.plot(np.r_[x[ok], x[ok]], np.r_[lo[ok], hi[ok]], linestyle="none", marker="_", markersize=8,
+                    color=colour, alpha=0.8)
         fp, sens = curve["operating_point"]
         if fp <= max_fp:
             ax.plot([fp], [sens], marker="o", markersize=9, markerfacecolor="none", markeredgewidth=1.8,

@@ -221,14 +221,27 @@ def methods_for_network(card_method: str) -> tuple[str, ...]:
     return tuple(sorted(served, key=lambda name: name != card_method))
 
 
+def default_method(card: dict[str, Any]) -> str:
+    """The method a checkpoint runs when none is asked for: ``inference_defaults.method`` when the card names
+    one (a CT model trained with the null branch runs classifier-guided DDIM), else the card's own."""
+    return (card.get("inference_defaults", {}) or {}).get("method") or card["method"]
+
+
+def card_methods(card: dict[str, Any]) -> tuple[str, ...]:
+    """The methods a checkpoint of ``card`` serves, its default first (menus, the worker's list)."""
+    first = default_method(card)
+    return tuple(sorted(methods_for_network(card["method"]), key=lambda name: name != first))
+
+
 def served_method(card: dict[str, Any], method: str | None = None) -> str:
-    """The method to run with a checkpoint of ``card``: ``method``, or the card's own when None or "".
+    """The method to run with a checkpoint of ``card``: ``method``, or the card's default (:func:`default_method`)
+    when None or "".
 
     Refuses, in one sentence (CheckpointError), a classifier card, a method this version does not
     have, and a method the checkpoint's network cannot serve.
     """
     own = check_analysis_model(card, f"model {card.get('id')}")["method"]
-    name = own if method in (None, "") else method
+    name = default_method(card) if method in (None, "") else method
     if name in ANALYSIS_METHODS and name not in METHODS:  # a card method of the format, not built yet
         raise CheckpointError(f"method {name!r} is not available in this version of DiffusionAnomaly "
                               f"(available: {', '.join(METHODS)}).")
@@ -310,6 +323,11 @@ def check_card_sections(card: dict[str, Any]) -> dict[str, Any]:
     noise level is bounded by T - 1 here, the schedule's own limit by the method object at load.
     CheckpointError (one sentence naming the card entry) otherwise; the card is returned unchanged."""
     defaults = card.get("inference_defaults", {}) or {}
+    if "method" in defaults:
+        served = methods_for_network(card["method"])
+        if defaults["method"] not in served:
+            raise CheckpointError(f"model card: inference_defaults.method must be one of the methods its network "
+                                  f"serves ({', '.join(served)}), got {defaults['method']!r}.")
     limit = int(card["scheduler"]["num_train_timesteps"]) - 1
     for name, spec in METHODS.items():
         if spec.card_defaults and spec.card_defaults in defaults:
@@ -342,5 +360,5 @@ def parameter_words(name: str, params: dict[str, Any]) -> str:
 
 
 __all__ = ["BASELINES", "check_card_sections", "METHODS", "MethodSpec", "Parameter", "RECOMPUTE_ALL", "RECOMPUTE_DECODE", "method_defaults",
-           "method_spec", "methods_for_network", "parameter_words", "resolve_parameters", "served_method",
+           "card_methods", "default_method", "method_spec", "methods_for_network", "parameter_words", "resolve_parameters", "served_method",
            "unknown_owner"]

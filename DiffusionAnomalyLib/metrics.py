@@ -16,10 +16,19 @@ Aggregate Dice/HD95/AUPRC by their mean over slices (HD95 with ``np.nanmean``: i
 when exactly one mask is empty); aggregate detection by pooling lesions,
 ``sensitivity(sum of tp, sum of n)``.
 
+The CT detection metrics of METHODS.md section 4 (thesis 5.3.2), per case on 3D label images::
+
+    m = match_labels(pred_labels, truth_labels)        # IoU >= 0.2, one match per lesion, highest IoU wins
+    m["tp"], m["fp"], m["fn"], m["precision"], m["recall"], m["f1"], m["found"], m["hit"]
+    d = lesion_diameters_mm(truth_labels, ijk_to_ras)  # largest (Feret) diameter of each lesion
+    recall_by_size(found_of_all_cases, d_of_all_cases) # strata <= 2, 2-4, 4-7, > 7 cm
+    froc_bootstrap(scores, hits, lesions, fp_limits)   # per case: candidate scores, m["hit"], lesion count
+
 The numbers come from the field's libraries: Dice from scipy, HD95 from MONAI (the library the
-reference IgCONDA-PET code is built on), AUPRC from scikit-learn, components from scikit-image
-(the label contingency table is one numpy ``bincount``). This module adds input checks, the
-empty-mask conventions, the lesion matching rule and the FROC read-out (:func:`sensitivity_at`).
+reference IgCONDA-PET code is built on), AUPRC from scikit-learn, components and lesion surfaces
+from scikit-image, convex hulls and distances from scipy.spatial (the label contingency table is
+one numpy ``bincount``). This module adds input checks, the empty-mask conventions, the lesion
+matching rule, the size strata and the FROC read-out (:func:`sensitivity_at`) with its bootstrap.
 """
 
 from __future__ import annotations
@@ -29,9 +38,16 @@ from collections.abc import Sequence
 
 import numpy as np
 from monai.metrics import compute_hausdorff_distance
+from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull
 from scipy.spatial.distance import dice as _dice_dissimilarity
+from scipy.spatial.distance import pdist
 from skimage.measure import label as _label
+from skimage.measure import marching_cubes
 from sklearn.metrics import average_precision_score
+
+from .card import real_number, whole_number
+from .postprocessing import check_label_image
 
 __all__ = [
     "scale_to_unit",
@@ -44,7 +60,16 @@ __all__ = [
     "match_lesions",
     "lesion_overlaps",
     "match_overlaps",
+    "pair_lesions",
+    "match_labels",
+    "largest_diameter_mm",
+    "lesion_diameters_mm",
+    "DIAMETER_STRATA_MM",
+    "diameter_strata_names",
+    "recall_by_size",
     "sensitivity_at",
+    "froc_curve",
+    "froc_bootstrap",
 ]
 
 #: Thresholds swept for DSC_opt (IgCONDA-PET section 3.4, eq. 12): 0.1, 0.2, ..., 0.9.
@@ -262,15 +287,27 @@ def match_overlaps(
     """Which truth lesions a candidate matches (bool per truth lesion): one-to-one, highest IoU first.
 
     ``inter``/``area_t``/``area_p`` as :func:`lesion_overlaps` gives them; ``keep`` (bool per
-    candidate) leaves the other candidates out (a size filter), which changes no pair's IoU. The
-    greedy loop is written out because the thesis's rule is greedy, not the optimal assignment
-    that ``scipy.optimize.linear_sum_assignment`` would find.
+    candidate) leaves the other candidates out (a size filter), which changes no pair's IoU.
+    The pairs are :func:`pair_lesions`'.
+    """
+    return pair_lesions(inter, area_t, area_p, iou_threshold, keep) >= 0
+
+
+def pair_lesions(
+    inter: np.ndarray, area_t: np.ndarray, area_p: np.ndarray, iou_threshold: float = 0.2,
+    keep: np.ndarray | None = None,
+) -> np.ndarray:
+    """The candidate (0-based column of ``inter``) each truth lesion is matched to, -1 for none.
+
+    Arguments as :func:`match_overlaps`. One match per lesion and per candidate, at IoU >= the
+    threshold, highest IoU first. The greedy loop is written out because the thesis's rule is greedy,
+    not the optimal assignment that ``scipy.optimize.linear_sum_assignment`` would find.
     """
     thr = _check_iou_threshold(iou_threshold)
     n_t, n_p = inter.shape
-    matched_t = np.zeros(n_t, dtype=bool)
+    pair = np.full(n_t, -1, dtype=np.int64)
     if n_t == 0 or n_p == 0:
-        return matched_t
+        return pair
     union = area_t[:, None] + area_p[None, :] - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
@@ -283,9 +320,10 @@ def match_overlaps(
     used_p = np.zeros(n_p, dtype=bool)
     for k in order:
         a, b = ti[k], pi[k]
-        if not matched_t[a] and not used_p[b]:
-            matched_t[a] = used_p[b] = True
-    return matched_t
+        if pair[a] < 0 and not used_p[b]:
+            pair[a] = b
+            used_p[b] = True
+    return pair
 
 
 def _greedy_matches(
@@ -346,7 +384,11 @@ def match_lesions(
     """
     p, t = _masks(pred, truth)
     thr = _check_iou_threshold(iou_threshold)
-    tp, n_p, n_t = _greedy_matches(p, t, thr, connectivity)
+    return _detection_counts(*_greedy_matches(p, t, thr, connectivity))
+
+
+def _detection_counts(tp: int, n_p: int, n_t: int) -> dict[str, float]:
+    """tp/fp/fn, precision, recall, F1 of ``tp`` matches among ``n_p`` candidates and ``n_t`` lesions (NaN: undefined)."""
     fp, fn = n_p - tp, n_t - tp
     precision = tp / n_p if n_p else float("nan")
     recall = tp / n_t if n_t else float("nan")
@@ -360,6 +402,144 @@ def match_lesions(
         "recall": recall,
         "f1": f1,
     }
+
+
+def _label_image(labels: np.ndarray, name: str) -> np.ndarray:
+    """A 3D label image (:func:`.postprocessing.check_label_image`); a bool mask is lesion 1."""
+    arr = check_label_image(labels, name)
+    return arr.astype(np.int64) if arr.dtype == bool else arr
+
+
+def match_labels(
+    pred_labels: np.ndarray, truth_labels: np.ndarray, iou_threshold: float = 0.2, n_truth: int | None = None,
+) -> dict[str, object]:
+    """Per-case detection of METHODS.md section 4 on two 3D label images taken as given.
+
+    Candidate k is label k of ``pred_labels`` (1..max, as :func:`.postprocessing.segment` numbers
+    them), lesion k is label k of ``truth_labels`` (1..``n_truth``, default its max; touching lesions
+    stay apart, unlike :func:`match_lesions`, which relabels masks into components). A candidate
+    finds a lesion at IoU >= ``iou_threshold``, one match per lesion and per candidate, highest IoU
+    first (:func:`pair_lesions`). Returns :func:`match_lesions`' tp, fp, fn, precision, recall, F1,
+    plus ``found`` (bool per lesion) and ``hit`` (bool per candidate), for size strata and the FROC.
+    """
+    p, t = _label_image(pred_labels, "pred_labels"), _label_image(truth_labels, "truth_labels")
+    if p.shape != t.shape:
+        raise ValueError(f"pred_labels has shape {p.shape} but truth_labels has shape {t.shape}; "
+                         "they must be on the same grid.")
+    thr = _check_iou_threshold(iou_threshold)
+    n_t = int(t.max()) if n_truth is None else whole_number(n_truth, "n_truth", 0)
+    n_p = int(p.max())
+    pair = pair_lesions(*lesion_overlaps(p, t, n_p, n_t), thr)
+    hit = np.zeros(n_p, dtype=bool)
+    hit[pair[pair >= 0]] = True
+    found = pair >= 0
+    return {**_detection_counts(int(found.sum()), n_p, n_t), "found": found, "hit": hit}
+
+
+# --------------------------------------------------------------------------------------------
+# lesion size: largest diameter and the size strata of METHODS.md section 4
+# --------------------------------------------------------------------------------------------
+#: Edges (mm) of the size strata by largest diameter (METHODS.md section 4): <= 2 cm, 2-4, 4-7, > 7 cm;
+#: a stratum holds its upper edge (exactly 20 mm is "<= 2 cm").
+DIAMETER_STRATA_MM: tuple[float, ...] = (20.0, 40.0, 70.0)
+
+
+def _linear_mm(ijk_to_ras: np.ndarray | None, spacing: Sequence[float] | None) -> np.ndarray:
+    """3x3 matrix taking a [k, j, i] index offset to millimetres, from IJK->RAS (4x4 or 3x3) or per-axis spacing."""
+    if (ijk_to_ras is None) == (spacing is None):
+        raise ValueError("give the grid either as its IJK->RAS matrix or as its spacing per array axis, not both.")
+    if ijk_to_ras is not None:
+        m = np.asarray(ijk_to_ras, dtype=np.float64)
+        if m.shape not in ((4, 4), (3, 3)) or not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:3, :3])) == 0:
+            raise ValueError(f"the IJK->RAS matrix must be a finite, invertible 4x4 (or 3x3) matrix, got shape {m.shape}.")
+        return m[:3, :3][:, ::-1]  # columns of k, j, i
+    sp = np.asarray(spacing, dtype=np.float64).ravel()
+    if sp.size != 3 or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing must be 3 positive numbers in mm (one per array axis k, j, i), got {spacing!r}.")
+    return np.diag(sp)
+
+
+def _feret_mm(mask: np.ndarray, to_mm: np.ndarray) -> float:
+    """Largest distance (mm) between two points of the lesion's surface; the mask's voxels are in its box."""
+    padded = np.pad(mask, 1).astype(np.float32)
+    verts = marching_cubes(padded, level=0.5)[0]
+    points = verts @ to_mm.T
+    if len(points) > 4:
+        points = points[ConvexHull(points).vertices]  # the farthest pair lies on the hull: few points for pdist
+    return float(pdist(points).max())
+
+
+def largest_diameter_mm(mask: np.ndarray, ijk_to_ras: np.ndarray | None = None, *,
+                        spacing: Sequence[float] | None = None) -> float:
+    """The lesion's largest (maximum Feret) diameter in mm: the largest distance between two points of its surface.
+
+    ``mask``: 3D [k, j, i], nonzero = lesion (all its voxels, connected or not). The grid as its
+    IJK->RAS matrix (oblique and anisotropic grids exact) or ``spacing`` per array axis (k, j, i).
+    The surface is scikit-image's marching cubes at level 0.5 (half way between lesion and
+    background voxel centres, as ``regionprops``' ``feret_diameter_max``), mapped to millimetres, and
+    the distance the largest between its convex-hull vertices (scipy.spatial). Not
+    ``feret_diameter_max`` itself: it builds a convex-hull image first, which fails on a one-voxel-
+    thin lesion, and takes axis-aligned spacing only. A rod of n voxels measures n voxel lengths (face
+    to face); a sphere drawn as the voxels whose centres lie within d / 2 measures between d and d plus
+    one voxel. An empty mask is refused.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 3:
+        raise ValueError(f"the lesion mask must be 3D [k, j, i], got shape {m.shape}.")
+    to_mm = _linear_mm(ijk_to_ras, spacing)
+    m = _as_mask(m)
+    box = ndi.find_objects(m.astype(np.uint8))
+    if not box:
+        raise ValueError("the lesion mask is empty; a lesion without voxels has no diameter.")
+    return _feret_mm(m[box[0]], to_mm)
+
+
+def lesion_diameters_mm(labels: np.ndarray, ijk_to_ras: np.ndarray | None = None, *,
+                        spacing: Sequence[float] | None = None, n: int | None = None) -> np.ndarray:
+    """:func:`largest_diameter_mm` of lesions 1..``n`` (default: the largest label) of a label image; NaN for a
+    label without voxels."""
+    lab = _label_image(labels, "the label image")
+    to_mm = _linear_mm(ijk_to_ras, spacing)
+    n = int(lab.max()) if n is None else whole_number(n, "n", 0)
+    out = np.full(n, np.nan)
+    for k, box in enumerate(ndi.find_objects(lab, max_label=n), start=1):
+        if box is not None:
+            out[k - 1] = _feret_mm(lab[box] == k, to_mm)
+    return out
+
+
+def diameter_strata_names(edges_mm: Sequence[float] = DIAMETER_STRATA_MM) -> list[str]:
+    """Names of the strata of :data:`DIAMETER_STRATA_MM` (upper edge inclusive): "<= 2 cm", "2-4 cm", ..., "> 7 cm"."""
+    cm = [f"{e / 10.0:g}" for e in edges_mm]
+    return [f"<= {cm[0]} cm"] + [f"{a}-{b} cm" for a, b in zip(cm, cm[1:])] + [f"> {cm[-1]} cm"]
+
+
+def recall_by_size(found: Sequence[bool] | np.ndarray, sizes_mm: Sequence[float] | np.ndarray,
+                   edges_mm: Sequence[float] = DIAMETER_STRATA_MM, names: Sequence[str] | None = None,
+                   right: bool = True) -> list[dict[str, object]]:
+    """Recall (sensitivity) per size stratum: one dict per stratum, ``bin``, ``lesions``, ``found``, ``sensitivity``.
+
+    ``found``: bool per lesion (pooled over cases); ``sizes_mm``: each lesion's size (default strata:
+    largest diameter, :data:`DIAMETER_STRATA_MM`, named by :func:`diameter_strata_names`). ``right``:
+    a stratum holds its upper edge (METHODS.md's "<= 2 cm"); False: its lower edge (``np.digitize``'s
+    default). A stratum without lesions has sensitivity NaN.
+    """
+    hits = np.asarray(found, dtype=bool).ravel()
+    sizes = np.asarray(sizes_mm, dtype=np.float64).ravel()
+    if hits.shape != sizes.shape:
+        raise ValueError(f"need one size per lesion, got {sizes.size} sizes for {hits.size} lesions.")
+    if not np.all(np.isfinite(sizes)):
+        raise ValueError("a lesion size is missing (NaN) or infinite; measure every lesion before stratifying.")
+    edges = np.asarray(edges_mm, dtype=np.float64)
+    names = list(diameter_strata_names(edges_mm) if names is None else names)
+    if len(names) != edges.size + 1:
+        raise ValueError(f"need {edges.size + 1} stratum names for {edges.size} edges, got {len(names)}.")
+    bins = np.digitize(sizes, edges, right=right)
+    out = []
+    for b, name in enumerate(names):
+        n, k = int(np.sum(bins == b)), int(np.sum(hits[bins == b]))
+        out.append({"bin": name, "lesions": n, "found": k, "sensitivity": sensitivity(k, n)})
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,3 +562,98 @@ def sensitivity_at(false_positives_per_volume: Sequence[float], sensitivities: S
         return float("nan")
     ok = (fp <= float(limit) * (1.0 + 1e-12)) & np.isfinite(sens)
     return float(sens[ok].max()) if ok.any() else 0.0
+
+
+def _froc_counts(scores: Sequence, hits: Sequence, lesions: Sequence[int]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds descending, TP [case, threshold], FP [case, threshold], lesions per case) of scored candidates."""
+    if not (len(scores) == len(hits) == len(lesions)) or len(scores) == 0:
+        raise ValueError(f"need the candidates' scores, hits and lesion count of each case, got {len(scores)} "
+                         f"score lists, {len(hits)} hit lists and {len(lesions)} lesion counts.")
+    cases = []
+    for c, (sc, hi, n) in enumerate(zip(scores, hits, lesions)):
+        sc, hi = np.asarray(sc, dtype=np.float64).ravel(), np.asarray(hi, dtype=bool).ravel()
+        n = whole_number(n, f"the lesion count of case {c}", 0)
+        if sc.shape != hi.shape or not np.all(np.isfinite(sc)) or int(hi.sum()) > n:
+            raise ValueError(f"case {c} needs one finite score and one hit flag per candidate and at most as many hits "
+                             f"as lesions, got {sc.size} scores, {hi.size} flags, {int(hi.sum())} hits, {n} lesions.")
+        cases.append((sc, hi, n))
+    thresholds = np.unique(np.concatenate([sc for sc, _, _ in cases]))[::-1]
+    tp = np.zeros((len(cases), thresholds.size))
+    fp = np.zeros_like(tp)
+    for c, (sc, hi, _) in enumerate(cases):
+        for table, chosen in ((tp, sc[hi]), (fp, sc[~hi])):
+            ordered = np.sort(chosen)
+            table[c] = ordered.size - np.searchsorted(ordered, thresholds, side="left")  # scores >= threshold
+    return thresholds, tp, fp, np.array([n for _, _, n in cases], dtype=np.float64)
+
+
+def _pooled(weights: np.ndarray, tp: np.ndarray, fp: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sensitivity, false positives per scan) [set, threshold] of case sets given as case counts [set, case]."""
+    lesions = weights @ n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sens = np.where(lesions[:, None] > 0, (weights @ tp) / lesions[:, None], np.nan)
+    return sens, (weights @ fp) / weights.sum(axis=1, keepdims=True)
+
+
+def froc_curve(scores: Sequence[Sequence[float]], hits: Sequence[Sequence[bool]],
+               lesions: Sequence[int]) -> dict[str, np.ndarray]:
+    """FROC of scored candidates: sensitivity against mean false positives per scan, one point per threshold.
+
+    Per case: ``scores`` of its candidates (e.g. each candidate's maximum heat), ``hits`` (bool per
+    candidate: it found a lesion, :func:`match_labels`' ``hit``) and ``lesions`` (its lesion count).
+    The matching is made once on all candidates; a threshold t then keeps the candidates scoring >= t
+    (the CAD FROC convention). Thresholds are the distinct scores, descending; sensitivity is pooled
+    over the lesions of all cases (NaN without lesions), false positives are averaged over cases.
+    Returns ``thresholds``, ``sensitivity``, ``false_positives_per_scan``.
+    """
+    thresholds, tp, fp, n = _froc_counts(scores, hits, lesions)
+    sens, fpps = _pooled(np.ones((1, len(n))), tp, fp, n)
+    return {"thresholds": thresholds, "sensitivity": sens[0], "false_positives_per_scan": fpps[0]}
+
+
+def _read_at(fpps: np.ndarray, sens: np.ndarray, limits: list[float], has_lesions: bool) -> list[float]:
+    """:func:`sensitivity_at` at each limit; NaN for a set of cases without lesions (also when it has no candidates)."""
+    if not has_lesions:
+        return [float("nan")] * len(limits)
+    return [sensitivity_at(fpps, sens, lim) for lim in limits]
+
+
+def froc_bootstrap(scores: Sequence[Sequence[float]], hits: Sequence[Sequence[bool]], lesions: Sequence[int],
+                   fp_limits: Sequence[float], n_resamples: int = 1000, seed: int = 0,
+                   confidence: float = 0.95) -> dict[str, object]:
+    """The FROC read at ``fp_limits`` false positives per scan (:func:`sensitivity_at`), with bootstrap confidence
+    intervals by resampling cases.
+
+    Arguments as :func:`froc_curve`. ``n_resamples`` resamples of the cases with replacement (numpy
+    Generator seeded with ``seed``: the same inputs give the same interval); the interval is the
+    percentile interval at ``confidence``. Written with numpy rather than ``scipy.stats.bootstrap``
+    (which resamples the same way) because a resample without lesions has no sensitivity: it is
+    left out here, where scipy's interval would turn NaN. Returns ``fp_limits``, ``sensitivity``
+    (of all cases), ``low``, ``high`` (lists, one per limit), ``cases``, ``lesions``, ``n_resamples``,
+    ``seed``, ``confidence``.
+    """
+    limits = [real_number(v, "a false-positives-per-scan limit", 0.0) for v in fp_limits]
+    n_resamples = whole_number(n_resamples, "the number of bootstrap resamples", 1)
+    seed = whole_number(seed, "the bootstrap seed", 0)
+    confidence = real_number(confidence, "the confidence level", 0.0, 1.0, lo_open=True, hi_open=True)
+    _, tp, fp, n = _froc_counts(scores, hits, lesions)
+    n_cases = len(n)
+    sens, fpps = _pooled(np.ones((1, n_cases)), tp, fp, n)
+    point = _read_at(fpps[0], sens[0], limits, n.sum() > 0)
+
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n_cases, size=(n_resamples, n_cases))
+    weights = np.bincount((np.arange(n_resamples)[:, None] * n_cases + picks).ravel(),
+                          minlength=n_resamples * n_cases).reshape(n_resamples, n_cases).astype(np.float64)
+    sens_b, fpps_b = _pooled(weights, tp, fp, n)
+    has_lesions = weights @ n > 0
+    readings = np.array([_read_at(fpps_b[b], sens_b[b], limits, has_lesions[b]) for b in range(n_resamples)])
+    alpha = 100.0 * (1.0 - confidence) / 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a limit no resample can read (no lesions at all): NaN
+        low = np.nanpercentile(readings, alpha, axis=0)
+        high = np.nanpercentile(readings, 100.0 - alpha, axis=0)
+    return {"fp_limits": limits, "sensitivity": point, "low": [float(v) for v in low],
+            "high": [float(v) for v in high], "cases": n_cases, "lesions": int(n.sum()),
+            "n_resamples": n_resamples, "seed": seed, "confidence": confidence}

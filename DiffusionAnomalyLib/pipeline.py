@@ -18,8 +18,8 @@ import numpy as np
 
 from .export import write_json, write_segmentation, write_table_csv
 from .files import OutputError, output_folder, staged
-from .postprocessing import Thresholding, inside_roi, lesion_table, segment
-from .preprocessing import ModelGrid
+from .postprocessing import Thresholding, inside_roi, lesion_table
+from .preprocessing import Grid
 from .progress import Cancel, Progress
 from .version import __version__
 from .volume import Volume, write_volume
@@ -41,7 +41,7 @@ class MethodResult:
     model_input: np.ndarray  # (N, H, W) model units
     model_counterfactual: np.ndarray | None
     model_heat: np.ndarray  # (N, H, W) model units
-    grid: ModelGrid
+    grid: Grid  # a ModelGrid, or a CropStack for an organ-crop model
     parameters: dict[str, Any]  # the method parameters as resolved (card defaults filled in)
     timings: dict[str, float] = field(default_factory=dict)
     network_evaluations: int = 0
@@ -124,9 +124,9 @@ class CaseResult:
 
 def lesions_from_heat(heat: Volume, image: Volume, thresholding: Thresholding,
                       roi: np.ndarray | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Threshold + components + lesion table from a heat map: no network evaluation."""
-    labels = segment(heat, method=thresholding.method, value=thresholding.value,
-                     min_size_ml=thresholding.min_size_ml, roi=roi)
+    """Threshold + components (+ the card's clean-up chain, :meth:`Thresholding.apply`) + lesion table from a heat
+    map: no network evaluation."""
+    labels = thresholding.apply(heat, roi)
     return labels, lesion_table(labels, image, heat)
 
 
@@ -147,6 +147,8 @@ def analyse(model, volume: Volume, *, parameters: dict[str, Any] | None = None,
     thresholding = (thresholding or Thresholding.for_method(model.card, method_name(model))).check()
     model.resolve(**given)
     res = model.run(volume, progress=progress, cancel=cancel, region=region, **given)
+    if volume.modality is None:  # accepted by the model (check_modality): a NIfTI/NRRD of the model's modality
+        volume = volume.with_voxels(volume.voxels, modality=model.card["modality"])
     case = CaseResult(volume=volume, heatmap=res.heatmap, counterfactual=res.counterfactual, card=model.card,
                       parameters=dict(res.parameters), thresholding=thresholding,
                       network_evaluations=res.network_evaluations, timings=dict(res.timings),
@@ -161,7 +163,7 @@ def slice_confidence(res: MethodResult) -> np.ndarray | None:
     if res.classifier_confidence is None:
         return None
     p = np.asarray(res.classifier_confidence, dtype=float)
-    z = res.grid.origin[2] + res.grid.spacing[2] * np.arange(len(p))
+    z = res.grid.slice_z()
     keep = np.isfinite(p)
     return np.stack([z[keep], p[keep]], axis=1)
 
@@ -225,7 +227,8 @@ def write_outputs(result: CaseResult, out_dir: str | Path,
                 if write_counterfactual and result.counterfactual is not None:
                     write_volume(result.counterfactual, stage / "counterfactual.nrrd")
                 write_segmentation(result.labels, result.volume, stage / "lesions.seg.nrrd")
-                write_table_csv(result.table, stage / "lesions.csv")
+                write_table_csv(result.table, stage / "lesions.csv", modality=result.volume.modality,
+                                units=result.volume.units)
                 for name, writer in (extra_files or {}).items():
                     writer(stage / name)
                 write_json(summary(result, extra_summary), stage / "summary.json")

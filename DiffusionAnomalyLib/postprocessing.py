@@ -2,8 +2,12 @@
 
 The steps follow METHODS.md: a threshold on the map (fraction of its maximum, an absolute value,
 or Otsu), optional restriction to an ROI, optional morphology (section 4: opening, closing, hole
-filling), 3D connected components, size filters, then lesion 1 = the most anomalous lesion.
-:func:`suv_threshold_baseline` is the 41 % SUVmax baseline every learned method must beat.
+filling), 3D connected components, size filters (ml, voxels, in-plane extent in mm), then lesion 1 =
+the most anomalous lesion. :class:`Thresholding` holds one run's choice of all of them (the card's
+``inference_defaults.threshold``); the section 4 steps are off by default, so PET runs are unchanged.
+:func:`lesion_table` measures each lesion in the columns of its modality (:func:`lesion_columns`:
+SUV columns for PET, HU columns for CT). :func:`suv_threshold_baseline` is the 41 % SUVmax baseline
+every learned method must beat.
 
 Convention used everywhere in this module: a voxel is *selected* when its value is strictly
 greater than the threshold (scikit-image's ``image > threshold_otsu(image)`` convention), so an
@@ -13,6 +17,7 @@ all-zero map selects nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,19 +27,27 @@ from scipy import signal
 from skimage import measure
 from skimage.filters import threshold_otsu
 
-from .method_catalog import method_spec
-from .card import THRESHOLD_METHODS, check_min_size_ml, check_threshold, real_number
-from .volume import Volume
+from .method_catalog import default_method, method_spec
+from .card import THRESHOLD_METHODS, check_min_size_ml, check_threshold, real_number, shown, whole_number
+from .volume import Volume, canonical_modality, canonical_units
 
 __all__ = [
     "CENTROID_COLUMNS",
+    "CT_LESION_COLUMNS",
     "Column",
     "LESION_COLUMNS",
     "LESION_TABLE_COLUMNS",
+    "MAX_MIN_INPLANE_MM",
     "Thresholding",
     "bounding_box",
+    "check_label_image",
+    "check_min_inplane_mm",
+    "check_min_size_voxels",
+    "check_opening",
     "inside_roi",
     "large_enough",
+    "lesion_columns",
+    "slice_axis",
     "SUV_PEAK_RADIUS_MM",
     "THRESHOLD_METHODS",
     "lesion_table",
@@ -54,7 +67,8 @@ class Column:
     integer: bool = False
 
 
-#: The lesion table's schema, in the order of lesions.csv, the Slicer table, the report and the CLI.
+#: The lesion table's schema for PET (and any image that is not CT), in the order of lesions.csv, the
+#: Slicer table, the report and the CLI; :func:`lesion_columns` picks it or :data:`CT_LESION_COLUMNS`.
 LESION_COLUMNS: tuple[Column, ...] = (
     Column("id", "Lesion", integer=True),
     Column("voxels", "Voxels", integer=True),
@@ -68,39 +82,104 @@ LESION_COLUMNS: tuple[Column, ...] = (
     Column("centroid_a", "A", "mm"),
     Column("centroid_s", "S", "mm"),
 )
-#: The columns holding a lesion's centroid in RAS millimetres (R, A, S).
+#: The lesion table's schema for CT: attenuation in HU (mean and range) instead of the SUV columns.
+CT_LESION_COLUMNS: tuple[Column, ...] = (
+    *LESION_COLUMNS[:3],
+    Column("hu_mean", "HU mean", "HU"),
+    Column("hu_min", "HU min", "HU"),
+    Column("hu_max", "HU max", "HU"),
+    *LESION_COLUMNS[7:],
+)
+#: The columns holding a lesion's centroid in RAS millimetres (R, A, S), in both schemas.
 CENTROID_COLUMNS: tuple[str, str, str] = ("centroid_r", "centroid_a", "centroid_s")
-#: The column keys of :func:`lesion_table`, in order.
+#: The column keys of :func:`lesion_table` for PET, in order.
 LESION_TABLE_COLUMNS: tuple[str, ...] = tuple(c.name for c in LESION_COLUMNS)
+
+
+def lesion_columns(modality: str | None = None, units: str | None = None,
+                   rows: Sequence[dict[str, Any]] = ()) -> tuple[Column, ...]:
+    """The lesion table's columns for an image of ``modality`` / ``units``: :data:`CT_LESION_COLUMNS` for CT
+    (modality "CT", or units "HU" when the file states no modality), else :data:`LESION_COLUMNS`.
+
+    With neither given, the schema whose keys ``rows`` (a :func:`lesion_table`) hold, so a writer handed only
+    the rows still writes the right header; no rows: the PET schema.
+    """
+    if canonical_modality(modality) == "CT" or (modality is None and canonical_units(units) == "HU"):
+        return CT_LESION_COLUMNS
+    if modality is None and units is None and rows and set(rows[0]) == {c.name for c in CT_LESION_COLUMNS}:
+        return CT_LESION_COLUMNS
+    return LESION_COLUMNS
 
 #: Radius of the sphere of volume 1 cm^3 used for SUVpeak: (3 * 1000 / (4 pi))^(1/3) = 6.2035 mm.
 SUV_PEAK_RADIUS_MM: float = (3000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
 
 
+#: Largest minimum in-plane lesion extent (mm) a card or a user may ask for: beyond it no organ lesion is kept.
+MAX_MIN_INPLANE_MM = 100.0
+
+
+def check_opening(value: Any, field: str = "the opening / closing / hole filling switch") -> bool:
+    """The METHODS.md section 4 morphology switch: true or false (not 0 / 1 or text)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} must be true or false, got {shown(value)}.")
+    return value
+
+
+def check_min_size_voxels(value: Any, field: str = "min_size_voxels") -> int:
+    """The smallest lesion candidate kept, in voxels of the map's grid: a whole number >= 0 (section 4 uses 20)."""
+    return whole_number(value, field, 0, why=" (the smallest lesion kept, in voxels; METHODS.md uses 20)")
+
+
+def check_min_inplane_mm(value: Any, field: str = "the minimum in-plane lesion size (mm)") -> float:
+    """The shortest largest in-plane bounding-box side a lesion may have, in mm: 0 to :data:`MAX_MIN_INPLANE_MM`."""
+    return real_number(value, field, 0.0, MAX_MIN_INPLANE_MM, why=" (METHODS.md uses 3 mm)")
+
+
+#: The METHODS.md section 4 steps after the threshold: :class:`Thresholding` field -> its check.
+_CHAIN_CHECKS = {"opening": check_opening, "min_size_voxels": check_min_size_voxels,
+                 "min_inplane_mm": check_min_inplane_mm}
+
+
 @dataclass
 class Thresholding:
-    """How a heat map becomes lesions: the threshold rule, its value and the minimum lesion size.
+    """How a heat map becomes lesions: the threshold rule, its value and the post-processing after it.
 
     ``method``: "fraction" (``value`` is a fraction of the map's maximum), "absolute" (``value`` in
-    the map's units) or "otsu" (no value). Defaults come from the model card. :meth:`check`
-    refuses what :func:`segment` would refuse, so callers can refuse before any network work.
+    the map's units) or "otsu" (no value); ``min_size_ml``: the smallest lesion in ml (None: any).
+    The METHODS.md section 4 steps (CT), each off by default so a PET run is unchanged:
+    ``opening`` (opening, then closing, then hole filling, with a one-voxel 3D cross),
+    ``min_size_voxels`` (the smallest lesion in voxels; section 4's 20 on its 1 mm grid is 0.02 ml, so a
+    card on another grid may give ``min_size_ml`` instead; both apply when both are given) and
+    ``min_inplane_mm`` (drop lesions whose largest in-plane bounding-box side is shorter; section 4: 3 mm).
+    Defaults come from the model card (:meth:`from_card`). :meth:`check` refuses what :func:`segment`
+    would refuse, so callers can refuse before any network work.
     """
 
     method: str = "fraction"
     value: float | None = 0.5
     min_size_ml: float | None = 0.5
+    opening: bool = False
+    min_size_voxels: int | None = None
+    min_inplane_mm: float | None = None
 
     @classmethod
     def from_card(cls, card: dict[str, Any], **overrides: Any) -> "Thresholding":
         """The card's default thresholding, with every override that is not None applied; checked.
 
-        With "otsu" the value is None: Otsu computes the threshold from the map, so a value given
-        with it (the card's, or a slider's left from another method) is not used.
+        The card's ``inference_defaults.threshold`` holds ``method`` and ``value`` and, optionally, the
+        section 4 steps ``opening`` (true / false), ``min_size_voxels`` and ``min_inplane_mm``;
+        ``inference_defaults.min_size_ml`` the size in ml. With "otsu" the value is None: Otsu computes
+        the threshold from the map, so a value given with it (the card's, or a slider's left from
+        another method) is not used.
         """
         d = card.get("inference_defaults", {})
         th = d.get("threshold", {})
+        chain = {}
+        for key, check in _CHAIN_CHECKS.items():
+            if th.get(key) is not None:
+                chain[key] = check(th[key], f"the model card's inference_defaults.threshold.{key}")
         out = cls(method=th.get("method", cls.method), value=th.get("value", cls.value),
-                  min_size_ml=d.get("min_size_ml", cls.min_size_ml))
+                  min_size_ml=d.get("min_size_ml", cls.min_size_ml), **chain)
         for k, v in overrides.items():
             if v is not None:
                 setattr(out, k, v)
@@ -110,15 +189,16 @@ class Thresholding:
 
     @classmethod
     def for_method(cls, card: dict[str, Any], analysis: str | None = None, **overrides: Any) -> "Thresholding":
-        """:meth:`from_card` for a run of the analysis method ``analysis`` (None: the card's own) with a
-        checkpoint of ``card``; ``overrides`` as there (``method``, ``value``, ``min_size_ml``).
+        """:meth:`from_card` for a run of the analysis method ``analysis`` (None: the card's default method) with a
+        checkpoint of ``card``; ``overrides`` as there (``method``, ``value``, ``min_size_ml``, ...).
 
         The card's threshold rule was tuned on its own method's maps; another method's map has other
         units and scale, so it takes the rule of its paper (:attr:`.method_catalog.MethodSpec.threshold`:
-        35 % of the maximum for classifier guidance, Otsu for CDM) and the card's minimum size.
+        35 % of the maximum for classifier guidance, Otsu for CDM) and the card's minimum size and
+        section 4 steps (they act on the lesion masks, not on the map's scale).
         """
         spec = method_spec(analysis) if analysis is not None else None
-        if spec is None or spec.threshold is None or analysis == card.get("method"):
+        if spec is None or spec.threshold is None or analysis == default_method(card):
             return cls.from_card(card, **overrides)
         rule, value = spec.threshold
         return cls.from_card(card, **{"method": rule, "value": value, **{k: v for k, v in overrides.items()
@@ -128,16 +208,39 @@ class Thresholding:
         """Raise ValueError (with the valid range) if :func:`segment` would refuse these settings; else self.
 
         The rules are :func:`.card.check_threshold` and :func:`.card.check_min_size_ml` (None: no size filter),
-        the same the model card's defaults are held to.
+        the same the model card's defaults are held to, and :func:`check_opening`,
+        :func:`check_min_size_voxels`, :func:`check_min_inplane_mm` (None: step off).
         """
         check_threshold(self.method, self.value)
         if self.min_size_ml is not None:
             check_min_size_ml(self.min_size_ml)
+        for key, check in _CHAIN_CHECKS.items():
+            if getattr(self, key) is not None:
+                check(getattr(self, key))
         return self
 
+    @property
+    def chain(self) -> bool:
+        """Whether any METHODS.md section 4 step (morphology, size in voxels, in-plane extent) is on."""
+        return self.opening or self.min_size_voxels is not None or self.min_inplane_mm is not None
+
+    def chain_arguments(self) -> dict[str, Any]:
+        """The section 4 steps as :func:`segment` keywords (for a caller that sets the threshold itself)."""
+        return {key: getattr(self, key) for key in _CHAIN_CHECKS}
+
+    def apply(self, heat: Volume, roi: np.ndarray | Volume | None = None) -> np.ndarray:
+        """:func:`segment` of ``heat`` inside ``roi`` with these settings: the lesion label image."""
+        return segment(heat, method=self.method, value=self.value, min_size_ml=self.min_size_ml, roi=roi,
+                       **self.chain_arguments())
+
     def as_parameters(self) -> dict[str, Any]:
-        """The parameter record written into summaries, reports and evaluation results."""
-        return {"threshold_method": self.method, "threshold_value": self.value, "min_size_ml": self.min_size_ml}
+        """The parameter record written into summaries, reports and evaluation results.
+
+        The section 4 steps are recorded only when one is on, so the record of a PET run is as before.
+        """
+        record = {"threshold_method": self.method, "threshold_value": self.value, "min_size_ml": self.min_size_ml}
+        return {**record, **self.chain_arguments()} if self.chain else record
+
 
 #: Connectivity (neighbours of a voxel) -> scikit-image ``connectivity`` argument for 3D arrays.
 _CONNECTIVITY = {6: 1, 18: 2, 26: 3}
@@ -178,14 +281,15 @@ def _check_same_shape(**arrays: np.ndarray) -> None:
         raise ValueError(f"arrays must share one voxel grid but their shapes differ: {described}.")
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
+def check_label_image(labels: np.ndarray, what: str = "the label image") -> np.ndarray:
+    """``labels`` as an array after checking it is a 3D [k, j, i] image of integers >= 0 (0 = background) or bools."""
     labels = np.asarray(labels)
     if labels.ndim != 3:
-        raise ValueError(f"the label image must be 3D [k, j, i], got shape {labels.shape}.")
+        raise ValueError(f"{what} must be 3D [k, j, i], got shape {labels.shape}.")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-        raise ValueError(f"the label image must hold integers (0 = background), got dtype {labels.dtype}.")
+        raise ValueError(f"{what} must hold integers (0 = background), got dtype {labels.dtype}.")
     if labels.size and labels.min() < 0:
-        raise ValueError("the label image has negative values; use 0 for background and 1..n for lesions.")
+        raise ValueError(f"{what} has negative values; use 0 for background and 1..n for lesions.")
     return labels
 
 
@@ -265,6 +369,30 @@ def _padded(op, mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     return out[pad:-pad, pad:-pad, pad:-pad]
 
 
+def slice_axis(ijk_to_ras: np.ndarray) -> int:
+    """The array axis (0 = k, 1 = j, 2 = i of a [k, j, i] array) whose direction is closest to S (superior).
+
+    Its slices are the "axial" planes: METHODS.md section 4's in-plane extent is measured along the two
+    other axes. Ties (a 45 degree tilt) go to the later IJK axis (k before j before i), so an axial
+    acquisition's k wins.
+    """
+    direction = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    s_part = np.abs(direction[2]) / np.linalg.norm(direction, axis=0)  # |cos| to S of the i, j, k axes
+    return int(np.argmax(s_part[::-1]))  # over k, j, i: the array axis; the first maximum, so ties go to k
+
+
+def _inplane_ok(components: np.ndarray, n: int, spacing_kji: np.ndarray, axis: int, min_mm: float) -> np.ndarray:
+    """Per component 1..n: whether its largest bounding-box side across the slice ``axis`` reaches ``min_mm``."""
+    keep = np.ones(n, dtype=bool)
+    others = [a for a in range(3) if a != axis]
+    for lab, sl in enumerate(ndi.find_objects(components, max_label=n), start=1):
+        if sl is None:
+            continue
+        side = max((sl[a].stop - sl[a].start) * spacing_kji[a] for a in others)
+        keep[lab - 1] = side >= float(min_mm) * (1.0 - 1e-9)
+    return keep
+
+
 def segment(
     heat: Volume,
     *,
@@ -286,7 +414,9 @@ def segment(
     then 3D hole filling, then the ROI is re-applied so a lesion never leaves it; connected
     components (``connectivity`` 6, 18 or 26 neighbours); drop components below ``min_size_voxels``
     voxels or ``min_size_ml`` ml (both apply when both are given) and, if ``min_inplane_mm``, those
-    whose largest in-plane (i, j) bounding-box side is shorter (section 4 uses 20 voxels, 3 mm).
+    whose largest in-plane bounding-box side is shorter, in mm of the grid's spacing, in-plane being
+    the two array axes other than :func:`slice_axis` (section 4 uses 20 voxels, 3 mm). A size exactly
+    at a minimum is kept. :meth:`Thresholding.apply` calls this with a run's settings.
     Lesions are numbered by descending maximum heat, ties by size then position: lesion 1 is the
     most anomalous. Deterministic.
     """
@@ -295,13 +425,13 @@ def segment(
     arr = _as_voxels(heat, "the anomaly map")
     if connectivity not in _CONNECTIVITY:
         raise ValueError(f"connectivity must be 6, 18 or 26 (neighbours of a voxel), got {connectivity!r}.")
-    if min_size_voxels is not None and (isinstance(min_size_voxels, bool) or int(min_size_voxels) != min_size_voxels
-                                        or min_size_voxels < 0):
-        raise ValueError(f"min_size_voxels must be a non-negative integer, got {min_size_voxels!r}.")
+    check_opening(opening)
+    if min_size_voxels is not None:
+        check_min_size_voxels(min_size_voxels)
     if min_size_ml is not None:
         check_min_size_ml(min_size_ml)
     if min_inplane_mm is not None:
-        real_number(min_inplane_mm, "the minimum in-plane lesion size (mm)", 0.0)
+        check_min_inplane_mm(min_inplane_mm)
 
     roi_mask = None
     if roi is not None:
@@ -345,11 +475,7 @@ def segment(
     if min_size_ml is not None:
         keep &= large_enough(sizes, voxel_volume_ml(heat.ijk_to_ras), min_size_ml)
     if min_inplane_mm is not None:
-        spacing_i, spacing_j = heat.spacing[0], heat.spacing[1]
-        for lab, sl in enumerate(ndi.find_objects(components), start=1):
-            side = max((sl[2].stop - sl[2].start) * spacing_i, (sl[1].stop - sl[1].start) * spacing_j)
-            if side < float(min_inplane_mm) * (1.0 - 1e-9):
-                keep[lab - 1] = False
+        keep &= _inplane_ok(components, n, heat.spacing[::-1], slice_axis(heat.ijk_to_ras), min_inplane_mm)
     if not keep.any():
         return out
 
@@ -431,12 +557,13 @@ def _peak_means(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, kernel: 
 _REGION_PROPERTIES = ("label", "area", "bbox", "centroid_local", "intensity_max", "intensity_mean")
 
 
-def _region_measurements(labels: np.ndarray, img: np.ndarray, hm: np.ndarray) -> dict[str, np.ndarray] | None:
+def _region_measurements(labels: np.ndarray, img: np.ndarray, hm: np.ndarray,
+                         with_min: bool = False) -> dict[str, np.ndarray] | None:
     """``skimage.measure.regionprops_table`` of the lesions, on the box holding them all.
 
     Columns: ``label``, ``voxels``, ``start``/``stop`` (n x 3 box corners in the volume),
-    ``centroid`` (n x 3 mean voxel index [k, j, i]), ``image_max``/``image_mean`` (float64 image)
-    and ``heat_max``. None when there is no lesion.
+    ``centroid`` (n x 3 mean voxel index [k, j, i]), ``image_max``/``image_mean`` (float64 image),
+    ``image_min`` if ``with_min``, and ``heat_max``. None when there is no lesion.
     """
     box = bounding_box(labels > 0)
     if box is None:
@@ -444,10 +571,11 @@ def _region_measurements(labels: np.ndarray, img: np.ndarray, hm: np.ndarray) ->
     corner = np.array([s.start for s in box])
     lab = labels[box]
     # float64 intensities: the mean of a float32 image is then summed in float64, as always.
-    props = measure.regionprops_table(lab, img[box].astype(np.float64), properties=_REGION_PROPERTIES)
+    properties = _REGION_PROPERTIES + (("intensity_min",) if with_min else ())
+    props = measure.regionprops_table(lab, img[box].astype(np.float64), properties=properties)
     heat = measure.regionprops_table(lab, hm[box], properties=("intensity_max",))
     start = np.stack([props[f"bbox-{a}"] for a in range(3)], axis=1) + corner
-    return {
+    out = {
         "label": props["label"],
         "voxels": props["area"],
         "start": start,
@@ -457,10 +585,14 @@ def _region_measurements(labels: np.ndarray, img: np.ndarray, hm: np.ndarray) ->
         "image_mean": props["intensity_mean"],
         "heat_max": heat["intensity_max"],
     }
+    if with_min:
+        out["image_min"] = props["intensity_min"]
+    return out
 
 
 def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
-    """One row per lesion (ascending label value) with the :data:`LESION_TABLE_COLUMNS` keys.
+    """One row per lesion (ascending label value) with the keys of ``lesion_columns(image.modality,
+    image.units)``; for PET (and any image that is not CT) the :data:`LESION_TABLE_COLUMNS`:
 
     - ``voxels``, ``volume_ml`` (voxel count x |det(IJK->RAS)| / 1000);
     - ``suv_max``, ``suv_mean`` of ``image`` over the lesion;
@@ -473,17 +605,20 @@ def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
     - ``max_heat``: maximum of the anomaly map over the lesion;
     - ``centroid_r/a/s``: RAS mm of the mean voxel index mapped through IJK->RAS.
 
-    Voxel counts, boxes, centroids, maxima and means come from
+    For CT (:data:`CT_LESION_COLUMNS`) ``hu_mean``, ``hu_min`` and ``hu_max`` (the attenuation's mean and
+    range over the lesion) replace the four SUV columns; the others are the same.
+
+    Voxel counts, boxes, centroids, maxima, minima and means come from
     ``skimage.measure.regionprops_table``; SUVpeak from :func:`_peak_means`.
 
-    For an image whose ``units`` do not start with "SUV" (e.g. CT in HU) the columns keep their
-    names so Slicer and CLI tables match, but mean the same statistics in the image's units:
+    For an image that is neither CT nor in SUV (e.g. a file without modality or units) the PET
+    columns keep their names, but mean the same statistics in the image's units:
     ``suv_max``/``suv_mean``/``suv_peak`` are max/mean/1 cm^3-peak intensity and ``tlg`` is
     mean intensity x volume.
     """
     if not isinstance(image, Volume) or not isinstance(heat, Volume):
         raise ValueError("lesion_table() needs the image and the anomaly map as Volume objects.")
-    labels = _check_labels(labels)
+    labels = check_label_image(labels)
     img = _as_voxels(image, "the image")
     hm = _as_voxels(heat, "the anomaly map")
     _check_same_shape(labels=labels, image=img, anomaly_map=hm)
@@ -496,14 +631,17 @@ def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
     _check_finite(img, "the image")
 
     labels = labels.astype(np.int64, copy=False) if labels.dtype == bool else labels
-    regions = _region_measurements(labels, img, hm)
+    ct = lesion_columns(image.modality, image.units) is CT_LESION_COLUMNS
+    regions = _region_measurements(labels, img, hm, with_min=ct)
     if regions is None:
         return []
 
     ids = regions["label"]
-    boxes = [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)) for lo, hi in zip(regions["start"], regions["stop"])]
-    kernel = _sphere_kernel(image.ijk_to_ras, SUV_PEAK_RADIUS_MM)
-    peaks = _peak_means(img, labels, ids, kernel, boxes)
+    if not ct:
+        boxes = [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+                 for lo, hi in zip(regions["start"], regions["stop"])]
+        kernel = _sphere_kernel(image.ijk_to_ras, SUV_PEAK_RADIUS_MM)
+        peaks = _peak_means(img, labels, ids, kernel, boxes)
     voxel_ml = voxel_volume_ml(image.ijk_to_ras)
 
     rows = []
@@ -513,15 +651,18 @@ def lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> list[dict]:
         mean = float(regions["image_mean"][k])
         # One point per call: a batched matrix product may round differently in the last bit.
         centroid = image.ijk_to_ras_points(regions["centroid"][k, ::-1])[0]
+        if ct:
+            intensity = {"hu_mean": mean, "hu_min": float(regions["image_min"][k]),
+                         "hu_max": float(regions["image_max"][k])}
+        else:
+            intensity = {"suv_max": float(regions["image_max"][k]), "suv_mean": mean, "suv_peak": peaks[k],
+                         "tlg": mean * volume_ml}
         rows.append(
             {
                 "id": int(lab),
                 "voxels": count,
                 "volume_ml": volume_ml,
-                "suv_max": float(regions["image_max"][k]),
-                "suv_mean": mean,
-                "suv_peak": peaks[k],
-                "tlg": mean * volume_ml,
+                **intensity,
                 "max_heat": float(regions["heat_max"][k]),
                 "centroid_r": float(centroid[0]),
                 "centroid_a": float(centroid[1]),

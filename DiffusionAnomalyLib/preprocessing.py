@@ -86,9 +86,16 @@ def check_modality(volume: Volume, card: dict[str, Any]) -> None:
 
 
 def _check_ct_values(volume: Volume, card: dict[str, Any]) -> None:
-    """The value check of :func:`check_modality` for a CT model: raw stored values (no rescale) are refused."""
+    """The value check of :func:`check_modality` for a CT model: raw stored values (no rescale) are refused, and
+    so are fractional values from about 0 to at most 100 (:data:`SUV_MIN_AT_LEAST`, :data:`UNDECLARED_MAX_AT_MOST`):
+    a PET in SUV, whose modality the file did not say (a CT in HU spans hundreds of HU, in whole numbers)."""
     voxels = np.asarray(volume.voxels)
-    lo, p99 = float(np.nanmin(voxels)), float(np.nanpercentile(voxels, 99))
+    lo, hi = float(np.nanmin(voxels)), float(np.nanmax(voxels))
+    if lo >= SUV_MIN_AT_LEAST and hi <= UNDECLARED_MAX_AT_MOST and not _whole_numbers(voxels):
+        raise VolumeError(
+            f"the input's values run from {lo:.3g} to {hi:.3g} in fractions, like a PET in SUV, not a CT in Hounsfield "
+            f"units, which model {card['id']} analyses; choose the CT scan (a PET goes to a PET model).")
+    p99 = float(np.nanpercentile(voxels, 99))
     if lo >= RAW_CT_MIN_AT_LEAST and p99 >= RAW_CT_P99_AT_LEAST:
         raise VolumeError(
             f"the CT's values start at {lo:g} with 1 % above {p99:g}: they look like raw stored values "
@@ -196,6 +203,86 @@ class ModelGrid:
         img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
         return img
 
+    def slice_z(self) -> np.ndarray:
+        """The LPS z (= RAS S) in mm of each model slice."""
+        return self.origin[2] + self.spacing[2] * np.arange(self.size[2])
+
+
+@dataclass(frozen=True)
+class CropStack:
+    """Organ crops of one run (a card with ``preprocessing.crop``): model grids of the card's spacing and
+    in-plane size placed around each organ region, their slices stacked in crop order into one array.
+
+    ``size`` and ``spacing`` read like a :class:`ModelGrid`'s (the stack's total slice count), so
+    resource checks and slice indices work the same on both.
+    """
+
+    crops: tuple[ModelGrid, ...]
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        nx, ny, _ = self.crops[0].size
+        return nx, ny, int(sum(c.size[2] for c in self.crops))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.crops[0].spacing
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """(first, stop) stacked slice index of each crop."""
+        stops = np.cumsum([c.size[2] for c in self.crops])
+        return [(int(b - c.size[2]), int(b)) for b, c in zip(stops, self.crops)]
+
+    def slice_z(self) -> np.ndarray:
+        return np.concatenate([c.slice_z() for c in self.crops])
+
+
+def _lps_box(volume: Volume, box: tuple[slice, slice, slice]) -> np.ndarray:
+    """(2, 3) LPS min / max over the voxel corners of ``box`` ([k, j, i] slices) of ``volume``."""
+    ras = volume.ras_box(box)
+    lps = ras * np.array([-1.0, -1.0, 1.0])
+    return np.sort(lps, axis=0)
+
+
+def crop_grids(volume: Volume, prep: dict[str, Any], region: np.ndarray | None) -> CropStack:
+    """The organ crops of ``volume`` for a crop card: one set per connected part of ``region`` (the included
+    organs with their margin, non-zero voxels on the volume's grid), each part's box tiled in-plane by
+    crops of the card's in-plane size (centred on the box) and covering its S extent plus one model
+    slice above and below (the way back to the input interpolates between slices).
+
+    The same function places the crops in training and in use, so a model sees organs framed as it learnt them.
+    """
+    from scipy import ndimage
+
+    if region is None:
+        organs = ", ".join(prep["crop"]["organs"])
+        raise ValueError(f"this model analyses crops around organs ({organs}): give the organ segmentation of the "
+                         "scan (--roi-seg, or --ct to run TotalSegmentator; in Slicer: the organ choice).")
+    arr = np.asarray(region) != 0
+    if arr.shape != np.shape(volume.voxels)[:3]:
+        raise ValueError(f"the organ region has shape {arr.shape}, the volume {np.shape(volume.voxels)[:3]}; "
+                         "build it on the volume's grid.")
+    parts, n = ndimage.label(arr, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        raise ValueError("the region to analyse is empty: choose organs that lie inside the volume.")
+    spacing = np.asarray(prep["spacing_mm"], dtype=np.float64)
+    size = np.asarray(prep["in_plane_size"], dtype=np.int64)
+    width = size * spacing[:2]
+    crops = []
+    for box in ndimage.find_objects(parts):
+        lo, hi = _lps_box(volume, box)
+        tiles = np.maximum(1, np.ceil((hi[:2] - lo[:2]) / width - 1e-6)).astype(int)
+        centre = (lo[:2] + hi[:2]) / 2
+        nz = int(np.ceil((hi[2] - lo[2]) / spacing[2] - 1e-6)) + 3
+        z0 = (lo[2] + hi[2]) / 2 - (nz - 1) / 2 * spacing[2]
+        for ty in range(tiles[1]):
+            for tx in range(tiles[0]):
+                c = centre + (np.array([tx, ty]) - (tiles - 1) / 2) * width
+                origin = c - (size - 1) / 2 * spacing[:2]
+                crops.append(ModelGrid((int(size[0]), int(size[1]), nz), tuple(float(v) for v in spacing),
+                                       (float(origin[0]), float(origin[1]), float(z0))))
+    return CropStack(tuple(crops))
+
 
 def model_grid(volume: Volume, prep: dict[str, Any]) -> ModelGrid:
     """The model grid for ``volume``: card spacing and in-plane size, centred, covering its S extent."""
@@ -217,9 +304,9 @@ def model_grid(volume: Volume, prep: dict[str, Any]) -> ModelGrid:
     return ModelGrid((nx, ny, nz), tuple(float(s) for s in spacing), tuple(float(o) for o in origin))
 
 
-def _resample(image: sitk.Image, reference: sitk.Image, linear: bool) -> sitk.Image:
+def _resample(image: sitk.Image, reference: sitk.Image, linear: bool, outside: float = 0.0) -> sitk.Image:
     interp = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
-    return sitk.Resample(image, reference, sitk.Transform(), interp, 0.0, sitk.sitkFloat32)
+    return sitk.Resample(image, reference, sitk.Transform(), interp, float(outside), sitk.sitkFloat32)
 
 
 def _antialias(image: sitk.Image, target_spacing: np.ndarray) -> sitk.Image:
@@ -231,20 +318,30 @@ def _antialias(image: sitk.Image, target_spacing: np.ndarray) -> sitk.Image:
     return sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), [float(s) if s > 0 else 1e-3 for s in sigma])
 
 
-def to_model_space(volume: Volume, prep: dict[str, Any], grid: ModelGrid | None = None) -> tuple[np.ndarray, ModelGrid]:
-    """Resample + intensity-normalise: returns slices (N, H, W) float32 in model units and the grid."""
+Grid = ModelGrid | CropStack
+
+
+def _grids(grid: Grid) -> tuple[ModelGrid, ...]:
+    return grid.crops if isinstance(grid, CropStack) else (grid,)
+
+
+def to_model_space(volume: Volume, prep: dict[str, Any], grid: Grid | None = None) -> tuple[np.ndarray, Grid]:
+    """Resample + intensity-normalise: returns slices (N, H, W) float32 in model units and the grid
+    (a :class:`CropStack`'s crops stacked slice-wise)."""
     grid = grid or model_grid(volume, prep)
     image = volume.to_sitk()
     if prep.get("antialias", True):
         image = _antialias(image, np.asarray(grid.spacing))
-    out = sitk.GetArrayFromImage(_resample(image, grid.reference_image(), linear=True))
+    out = np.concatenate([sitk.GetArrayFromImage(_resample(image, g.reference_image(), linear=True))
+                          for g in _grids(grid)])
     return normalise_intensity(out, prep), grid
 
 
-def mask_to_model_space(mask: Volume, grid: ModelGrid) -> np.ndarray:
+def mask_to_model_space(mask: Volume, grid: Grid) -> np.ndarray:
     """Fraction of each model pixel covered by a binary mask (linear resampling, no smoothing)."""
     image = mask.with_voxels((mask.voxels > 0).astype(np.float32)).to_sitk()
-    return sitk.GetArrayFromImage(_resample(image, grid.reference_image(), linear=True))
+    return np.concatenate([sitk.GetArrayFromImage(_resample(image, g.reference_image(), linear=True))
+                           for g in _grids(grid)])
 
 
 def normalise_intensity(values: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
@@ -267,13 +364,32 @@ def model_values_to_input(values: np.ndarray, prep: dict[str, Any]) -> np.ndarra
     return (values * float(spec["scale"]) + float(spec.get("offset", 0.0))).astype(np.float32)
 
 
-def from_model_space(array: np.ndarray, grid: ModelGrid, reference: Volume, linear: bool = True) -> Volume:
-    """Resample a model-space array (N, H, W) back onto ``reference``'s exact grid."""
+def from_model_space(array: np.ndarray, grid: Grid, reference: Volume, linear: bool = True) -> Volume:
+    """Resample a model-space array (N, H, W) back onto ``reference``'s exact grid.
+
+    A :class:`CropStack`'s crops each go back by physical coordinates; where crops overlap their
+    values are averaged, and voxels no crop covers are NaN (the caller fills them: heat 0, the input).
+    """
     if array.shape != (grid.size[2], grid.size[1], grid.size[0]):
         raise VolumeError(f"model-space array {array.shape} does not match its grid {grid.size[::-1]}.")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-    ref = grid.reference_image()
-    image.CopyInformation(ref)
     target = reference.to_sitk()
-    back = sitk.GetArrayFromImage(_resample(image, target, linear=linear))
-    return reference.with_voxels(back.astype(np.float32))
+    if not isinstance(grid, CropStack):
+        back = sitk.GetArrayFromImage(_resample(_model_image(array, grid), target, linear=linear))
+        return reference.with_voxels(back.astype(np.float32))
+    total = count = None
+    for g, (a, b) in zip(grid.crops, grid.bounds()):
+        back = sitk.GetArrayFromImage(_resample(_model_image(array[a:b], g), target, linear=linear, outside=np.nan))
+        inside = np.isfinite(back)
+        if total is None:
+            total, count = np.zeros(back.shape, np.float64), np.zeros(back.shape, np.int32)
+        total[inside] += back[inside]
+        count += inside
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return reference.with_voxels(out.astype(np.float32))
+
+
+def _model_image(array: np.ndarray, grid: ModelGrid) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.CopyInformation(grid.reference_image())
+    return image

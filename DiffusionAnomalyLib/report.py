@@ -24,7 +24,7 @@ from .export import format_number
 from .files import atomic_path
 from .figures import key_slices, overview_png
 from .pipeline import CaseResult
-from .postprocessing import LESION_COLUMNS
+from .postprocessing import CT_LESION_COLUMNS, lesion_columns
 from .version import __version__
 from .volume import Volume
 
@@ -48,13 +48,22 @@ def _kv_table(items: Sequence[tuple[str, Any]]) -> str:
     return f"<table>{rows}</table>"
 
 
-def lesion_table_html(rows: Sequence[dict[str, Any]]) -> str:
+def lesion_table_html(rows: Sequence[dict[str, Any]], modality: str | None = None, units: str | None = None) -> str:
+    """The lesion table in the columns of the image's ``modality`` / ``units`` (:func:`.postprocessing.lesion_columns`)."""
     if not rows:
         return "<p>No lesion candidates above the threshold.</p>"
-    head = "".join(f"<th>{_e(c.title)}{_e(f' ({c.unit})') if c.unit else ''}</th>" for c in LESION_COLUMNS)
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(format_number(r[c.name]))}</td>' for c in LESION_COLUMNS)
+    columns = lesion_columns(modality, units, rows)
+    head = "".join(f"<th>{_e(c.title)}{_e(f' ({c.unit})') if c.unit else ''}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f'<td class="num">{_e(format_number(r[c.name]))}</td>' for c in columns)
                    + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _table_note(modality: str | None, units: str | None) -> str:
+    """The sentence under the lesion table: what its intensity columns are."""
+    if lesion_columns(modality, units) is CT_LESION_COLUMNS:
+        return "HU columns are the attenuation's mean and range over the lesion; centroids in RAS millimetres."
+    return "SUV columns are intensity statistics in the input's units; centroids in RAS millimetres."
 
 
 def key_slice_png(image: Volume, heatmap: Volume, labels: np.ndarray, counterfactual: Volume | None = None,
@@ -112,8 +121,8 @@ def report_html(case: CaseResult, title: str = "DiffusionAnomaly report",
 <p class="notice">{_e(NOT_FOR_CLINICAL_USE)}</p>
 <p class="small">Generated {_e(when)} by DiffusionAnomalyLib {_e(__version__)}.</p>
 <h2>Lesion candidates ({len(table)})</h2>
-{lesion_table_html(table)}
-<p class="small">SUV columns are intensity statistics in the input's units; centroids in RAS millimetres.</p>
+{lesion_table_html(table, image.modality, image.units)}
+<p class="small">{_e(_table_note(image.modality, image.units))}</p>
 <h2>Key slices</h2>
 <p class="small">Rows: input, healthy counterfactual (if computed), anomaly heat map, lesion contours (red); for a
 classifier-guided method, the classifier's p(unhealthy) per computed model slice, inferior to superior.</p>

@@ -441,9 +441,20 @@ def dilate_mm(mask: np.ndarray, spacing_ijk: Iterable[float], margin_mm: float) 
     return out
 
 
+def _missing_sentence(items: list[str], where: str, labels: OrganLabels) -> str:
+    which = ", ".join(items)
+    verb = "is" if len(items) == 1 and _key(items[0]) not in {_key(g) for g in ORGAN_GROUPS} else "are"
+    if where == "segmentation":
+        them = "it" if verb == "is" else "them"
+        return (f"{which} {verb} not in the organ segmentation {labels.source}: the scan does not show {them} or it "
+                f"was segmented without {them}; leave {which} out of the included organs.")
+    return (f"{which} {verb} outside the input volume's field of view; leave {which} out of the included organs, "
+            "or give the scan that covers them.")
+
+
 def roi_mask(labels: OrganLabels, include: str | Iterable[str] | None = None,
              exclude: str | Iterable[str] | None = None, margin_mm: float = 0.0, *,
-             grid: Volume | None = None) -> Volume:
+             grid: Volume | None = None, skip_absent: bool = False) -> Volume:
     """The ROI on ``grid`` (default: the labels' own grid) as a uint8 Volume (1 = inside).
 
     ROI = (the ``include`` organs, or the whole grid when none are named) minus the ``exclude``
@@ -451,27 +462,28 @@ def roi_mask(labels: OrganLabels, include: str | Iterable[str] | None = None,
     around it, an excluded one takes its rim with it, e.g. PET spill-over from kidneys and
     bladder). ``include``/``exclude``: names and groups as :func:`organ_names` takes them. The
     labels are carried onto ``grid`` by physical coordinates first (:meth:`OrganLabels.on_grid`).
-    Refused: unknown names, included organs absent from the segmentation or outside the grid, an
-    empty ROI, a negative margin.
+    Refused: unknown names, an included organ (or group) absent from the segmentation or outside
+    the grid, naming it (``skip_absent``: those are left out, as long as one is there), an empty
+    ROI, a negative margin.
     """
     margin_mm = check_margin_mm(margin_mm)
     valid = tuple(labels.names.values())
-    include_names, exclude_names = organ_names(include, valid), organ_names(exclude, valid)
+    items = [str(item).strip() for item in (include.split(",") if isinstance(include, str) else include or ())]
+    items = [item for item in items if item]
+    include_names, exclude_names = organ_names(items, valid), organ_names(exclude, valid)
+    on = labels if grid is None else labels.on_grid(grid)
     if include_names:
         present = set(labels.present)
-        if not present & set(include_names):
-            raise ValueError(
-                f"none of the included organs ({', '.join(include_names)}) is in the organ segmentation "
-                f"{labels.source}; it holds {', '.join(labels.present) or 'no structure'}.")
-    on = labels if grid is None else labels.on_grid(grid)
+        absent = [item for item in items if not present & set(organ_names(item, valid))]
+        if absent and (not skip_absent or len(absent) == len(items)):
+            raise ValueError(_missing_sentence(absent, "segmentation", labels))
+        inside_grid = set(on.present)
+        outside = [item for item in items if item not in absent and not inside_grid & set(organ_names(item, valid))]
+        if outside and (not skip_absent or len(outside) + len(absent) == len(items)):
+            raise ValueError(_missing_sentence(outside, "grid", labels))
     spacing = on.volume.spacing
     if include_names:
-        inside = on.mask(include_names)
-        if not inside.any():
-            raise ValueError(
-                f"the included organs ({', '.join(include_names)}) lie outside the input volume; "
-                "include organs inside its field of view, or give the input that covers them.")
-        inside = dilate_mm(inside, spacing, margin_mm)
+        inside = dilate_mm(on.mask(include_names), spacing, margin_mm)
     else:
         inside = np.ones(on.volume.voxels.shape, dtype=bool)
     if exclude_names:
@@ -497,18 +509,25 @@ class OrganSelection:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     margin_mm: float = 0.0
+    #: included organs absent from a scan are left out instead of refused (the organs of a crop model's card, which
+    #: the user did not name; an organ the user names must be there)
+    skip_absent: bool = False
 
     @classmethod
     def from_card(cls, card: Mapping, include=None, exclude=None, margin_mm=None) -> "OrganSelection":
         """The card's default exclusion and margin, with each argument that is not None applied.
 
-        ``exclude="none"`` (or "") switches the card's default exclusion off.
+        ``exclude="none"`` (or "") switches the card's default exclusion off. A model working on organ
+        crops (``preprocessing.crop``) includes its organs by default, those the scan shows.
         """
         d = card.get("inference_defaults", {}) or {}
-        return cls(include=tuple(organ_list(include, "the included organs")),
+        crop = (card.get("preprocessing", {}) or {}).get("crop")
+        default = crop is not None and include in (None, "") and not organ_list(include)
+        return cls(include=tuple(organ_list(crop["organs"] if default else include, "the included organs")),
                    exclude=tuple(organ_list(d.get("organ_exclude") if exclude is None else exclude,
                                             "the excluded organs")),
-                   margin_mm=check_margin_mm(d.get("organ_margin_mm", 0.0) if margin_mm is None else margin_mm))
+                   margin_mm=check_margin_mm(d.get("organ_margin_mm", 0.0) if margin_mm is None else margin_mm),
+                   skip_absent=default)
 
     @property
     def restricts(self) -> bool:
@@ -521,18 +540,20 @@ class OrganSelection:
 
     def mask(self, labels: OrganLabels, grid: Volume | None = None) -> Volume:
         """The ROI of this selection on ``grid`` (:func:`roi_mask`)."""
-        return roi_mask(labels, self.include, self.exclude, self.margin_mm, grid=grid)
+        return roi_mask(labels, self.include, self.exclude, self.margin_mm, grid=grid, skip_absent=self.skip_absent)
 
     def region_mask(self, labels: OrganLabels, grid: Volume | None = None) -> Volume | None:
         """What the method must compute: the included organs with their margin, before any exclusion
         (so changing the exclusion never needs a new run); None when no organ is included."""
         if not self.include:
             return None
-        return roi_mask(labels, self.include, None, self.margin_mm, grid=grid)
+        return roi_mask(labels, self.include, None, self.margin_mm, grid=grid, skip_absent=self.skip_absent)
 
     def words(self) -> str:
         """'the whole volume excluding physiological-uptake (5 mm margin)': the choice as a reader says it."""
         words = f"the organs {', '.join(self.include)}" if self.include else "the whole volume"
+        if self.skip_absent:
+            words += " (those the scan shows)"
         if self.exclude:
             words += f" excluding {', '.join(self.exclude)}"
         if self.margin_mm and (self.include or self.exclude):

@@ -32,8 +32,10 @@ from .diffusion import monai_scheduler
 from .export import write_json
 from .files import atomic_path
 from .networks import build_model, pick_device, save_checkpoint
+from .ct_phantoms import make_ct_phantom
 from .phantoms import DEFAULT_SHAPE_IJK, DEFAULT_SPACING, make_phantom
-from .preprocessing import mask_to_model_space, to_model_space
+from .preprocessing import crop_grids, mask_to_model_space, to_model_space
+from .roi import roi_mask
 
 #: model-space fraction of a pixel covered by lesion above which a slice counts as unhealthy
 UNHEALTHY_FRACTION = 0.25
@@ -47,20 +49,29 @@ ACCURACY_BAND_EDGES = (0.0, 0.1, 0.25, 0.5, 1.0)
 
 # ---- data -----------------------------------------------------------------------------------
 def _case_slices(args) -> tuple[np.ndarray, np.ndarray]:
-    seed, prep, shape, spacing = args
+    seed, prep, shape, spacing, margin_mm = args
     torch.set_num_threads(1)
-    case = make_phantom(seed, shape_ijk=shape, spacing=spacing)
-    x, grid = to_model_space(case.pet, prep)
+    if "crop" in prep:  # a CT organ model: crops of an abdominal CT phantom around its organs, as in use
+        case = make_ct_phantom(seed)
+        region = roi_mask(case.organs, prep["crop"]["organs"], None, margin_mm).voxels
+        x, grid = to_model_space(case.ct, prep, crop_grids(case.ct, prep, region))
+    else:
+        case = make_phantom(seed, shape_ijk=shape, spacing=spacing)
+        x, grid = to_model_space(case.pet, prep)
     frac = mask_to_model_space(case.lesion_labels, grid)
     labels = np.where(frac.reshape(len(frac), -1).max(axis=1) >= UNHEALTHY_FRACTION, 2, 1).astype(np.uint8)
     return x.astype(np.float16), labels
 
 
 def phantom_slices(seeds, prep, cache_dir: Path | None = None, workers: int = 2,
-                   shape=DEFAULT_SHAPE_IJK, spacing=DEFAULT_SPACING, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """Model-space slices and labels (1 healthy, 2 unhealthy) of phantom cases ``seeds`` (cached)."""
+                   shape=DEFAULT_SHAPE_IJK, spacing=DEFAULT_SPACING, log=print,
+                   margin_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Model-space slices and labels (1 healthy, 2 unhealthy) of phantom cases ``seeds`` (cached): whole-body PET
+    phantoms, or for a card with ``preprocessing.crop`` the organ crops of abdominal CT phantoms
+    (:func:`.ct_phantoms.make_ct_phantom`; organs grown by ``margin_mm``, the card's ROI margin)."""
     seeds = [int(s) for s in seeds]
-    digest = hashlib.sha1(json.dumps([prep, list(shape), list(spacing)], sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps([prep, list(shape), list(spacing), margin_mm],
+                                     sort_keys=True).encode()).hexdigest()[:10]
     key = f"slices_{seeds[0]}_{seeds[-1]}_{len(seeds)}_{digest}"
     if cache_dir is not None:
         path = Path(cache_dir) / f"{key}.npz"
@@ -68,7 +79,7 @@ def phantom_slices(seeds, prep, cache_dir: Path | None = None, workers: int = 2,
             with np.load(path, allow_pickle=False) as z:
                 return z["images"], z["labels"]
     t0 = time.time()
-    jobs = [(s, prep, tuple(shape), tuple(spacing)) for s in seeds]
+    jobs = [(s, prep, tuple(shape), tuple(spacing), float(margin_mm)) for s in seeds]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(pool.map(_case_slices, jobs, chunksize=4))
@@ -99,13 +110,15 @@ def augmenter(seed: int):
     return aug
 
 
-def _training_data(cfg: "TrainConfig", prep, data, out: Path, log):
+def _training_data(cfg: "TrainConfig", card: dict[str, Any], data, out: Path, log):
     """(train_x, train_y, val_x, val_y, pools): phantom slices of cfg's seeds (or ``data``), and the
     indices of the healthy and unhealthy training slices."""
     if data is None:
         cache = out / "cache"
-        train_x, train_y = phantom_slices(range(*cfg.train_seeds), prep, cache, cfg.workers, log=log)
-        val_x, val_y = phantom_slices(range(*cfg.val_seeds), prep, cache, cfg.workers, log=log)
+        prep = card["preprocessing"]
+        margin = float(card.get("inference_defaults", {}).get("organ_margin_mm", 0.0)) if "crop" in prep else 0.0
+        train_x, train_y = phantom_slices(range(*cfg.train_seeds), prep, cache, cfg.workers, log=log, margin_mm=margin)
+        val_x, val_y = phantom_slices(range(*cfg.val_seeds), prep, cache, cfg.workers, log=log, margin_mm=margin)
     else:
         (train_x, train_y), (val_x, val_y) = data
     pools = {HEALTHY: np.flatnonzero(train_y == HEALTHY), UNHEALTHY: np.flatnonzero(train_y == UNHEALTHY)}
@@ -284,7 +297,7 @@ def _start(cfg: "TrainConfig", card: dict[str, Any], method: str, data, log) -> 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
-    prepared = _training_data(cfg, card["preprocessing"], data, out, log)
+    prepared = _training_data(cfg, card, data, out, log)
     model, opt, noiser, channels_last = _model_and_optimiser(card, cfg, device)
     return _Run(out, rng, device, prepared, model, opt, noiser, channels_last,
                 int(card["scheduler"]["num_train_timesteps"]))
@@ -398,9 +411,10 @@ def train_classifier(cfg: TrainConfig, card: dict[str, Any] | None = None, data=
     model, opt, noiser, channels_last = run.model, run.opt, run.noiser, run.channels_last
     classes = torch.tensor([0, card["labels"]["healthy"], card["labels"]["unhealthy"]], device=device)
 
-    # healthy slices paired by body position with the unhealthy ones (phantom data: every case has the same grid)
+    # healthy slices paired by body position with the unhealthy ones (whole-body phantoms: every case has the same
+    # grid; organ crops differ in length per case and show the same organs whatever the label)
     train_near = val_near = None
-    if data is None:
+    if data is None and "crop" not in card["preprocessing"]:
         train_near = healthy_near(train_y, cfg.train_seeds[1] - cfg.train_seeds[0])
         val_near = healthy_near(val_y, cfg.val_seeds[1] - cfg.val_seeds[0])
     # fixed validation: the same balanced slices in every band, at a fixed t and noise per slice and band
@@ -469,7 +483,7 @@ def _write_best_classifier(out, model, card, cfg: TrainConfig, step, validation,
                "classes." if matched else "")
     card = json.loads(json.dumps(card))
     card["provenance"] = {
-        **_provenance(cfg, step, command, n_slices, n_unhealthy),
+        **_provenance(cfg, step, command, n_slices, n_unhealthy, card),
         "validation_metrics": {"val_accuracy": round(float(accuracy), 4), "val_cross_entropy": round(float(vloss), 6)},
         "validation_accuracy_by_t": table,
         "note": ("Demonstration noise-conditioned classifier (healthy vs unhealthy slice) trained on synthetic "
@@ -478,13 +492,16 @@ def _write_best_classifier(out, model, card, cfg: TrainConfig, step, validation,
     _save_best(out, model, card)
 
 
-def _provenance(cfg: TrainConfig, step, command, n_slices, n_unhealthy) -> dict[str, Any]:
+def _provenance(cfg: TrainConfig, step, command, n_slices, n_unhealthy, card: dict[str, Any]) -> dict[str, Any]:
     """What every trained card records about its data and run."""
+    crop = card["preprocessing"].get("crop")
+    source = (f"synthetic abdominal CT phantoms (DiffusionAnomalyLib.ct_phantoms), crops around "
+              f"{', '.join(crop['organs'])}" if crop else
+              "synthetic whole-body FDG-like PET phantoms (DiffusionAnomalyLib.phantoms)")
     return {
         "training_data": (
-            f"synthetic whole-body FDG-like PET phantoms (DiffusionAnomalyLib.phantoms), seeds "
-            f"{cfg.train_seeds[0]}..{cfg.train_seeds[1] - 1}: {n_slices} axial slices, {n_unhealthy} unhealthy; "
-            "no real patient data"
+            f"{source}, seeds {cfg.train_seeds[0]}..{cfg.train_seeds[1] - 1}: {n_slices} axial slices, "
+            f"{n_unhealthy} unhealthy; no real patient data"
         ),
         "validation_data": f"phantom seeds {cfg.val_seeds[0]}..{cfg.val_seeds[1] - 1}",
         "train_seeds": list(cfg.train_seeds),
@@ -501,11 +518,12 @@ def _provenance(cfg: TrainConfig, step, command, n_slices, n_unhealthy) -> dict[
 def _write_best(out, model, card, cfg: TrainConfig, step, vloss, command, n_slices, n_unhealthy) -> None:
     card = json.loads(json.dumps(card))
     card["provenance"] = {
-        **_provenance(cfg, step, command, n_slices, n_unhealthy),
+        **_provenance(cfg, step, command, n_slices, n_unhealthy, card),
         "condition_dropout": cfg.cond_dropout,
         "validation_metrics": {"val_mse": round(float(vloss), 6)},
         "note": ("Demonstration model trained on synthetic phantoms with a network smaller than the "
-                 "paper's (channels 32/64/64, attention at the lowest level only). Not for clinical use."),
+                 f"paper's (channels {'/'.join(str(c) for c in card['network']['unet']['channels'])}, attention at "
+                 "the lowest level only). Not for clinical use."),
     }
     _save_best(out, model, card)
 

@@ -72,7 +72,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 import numpy as np
 
 from .card import shown
-from .method_catalog import method_spec, methods_for_network, served_method
+from .method_catalog import card_methods, method_spec, served_method
 from .pipeline import method_name, slice_confidence
 from .errors import is_refusal, user_sentence
 from .export import to_jsonable
@@ -152,7 +152,7 @@ class Worker:
         return {"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "model_id": self.model.card["id"],
                 "checkpoint": self.checkpoint, "device": str(device), "gpu": device.type == "cuda",
                 "precision": self.model.precision, "card": self.model.card, "method": method_name(self.model),
-                "methods": list(methods_for_network(self.model.card["method"])), "classifier": self.classifier}
+                "methods": list(card_methods(self.model.card)), "classifier": self.classifier}
 
     def run(self, request: dict[str, Any], progress: Callable[[float, str], None]) -> dict[str, Any]:
         check_request(request)

@@ -18,6 +18,10 @@ sys.path.insert(0, str(ROOT / "DiffusionAnomaly"))  # the Slicer module's Lib (p
 
 from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix  # noqa: E402
 
+#: the real CTs with their TotalSegmentator labels (CI keeps shared/ beside the checkout)
+REAL_CT = ROOT.parent / "shared" / "data" / "real-ct"
+needs_real_ct = pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"shared real-CT test data not found at {REAL_CT}")
+
 
 def pytest_configure(config):
     """One intra-op thread: the tiny networks gain nothing from more, and on a busy 2-core machine
@@ -109,6 +113,56 @@ def save_tiny_classifier(path: Path, tiny_card: dict, **scheduler) -> Path:
 def tiny_classifier(tmp_path_factory, tiny_card) -> Path:
     """The tiny diffusion model's guidance classifier (:func:`save_tiny_classifier`), session-scoped."""
     return save_tiny_classifier(tmp_path_factory.mktemp("classifier") / "tiny-classifier.safetensors", tiny_card)
+
+
+def _seeded_network(card: dict, seed: int):
+    """An untrained network of ``card`` with seeded random weights where MONAI initialises zeros (an all-zero
+    output layer would predict eps = 0, so every counterfactual would equal its input)."""
+    import torch
+
+    from DiffusionAnomalyLib import networks
+
+    torch.manual_seed(seed)
+    model = networks.build_model(card)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_ct_card(tiny_card) -> dict:
+    """A tiny CT organ model's card: the tiny network on 32 x 32 crops of 3 mm around kidneys and pancreas, the
+    demo CT model's window and default method (classifier-guided DDIM); never mutate it."""
+    import copy
+
+    from DiffusionAnomalyLib.card import CT_DESIGN, validate_card
+
+    card = copy.deepcopy(tiny_card)
+    card.update(id="tiny-ct", modality="CT")
+    card["preprocessing"].update(spacing_mm=[3.0, 3.0, 3.0], in_plane_size=[32, 32],
+                                 intensity=copy.deepcopy(CT_DESIGN["intensity"]),
+                                 crop=copy.deepcopy(CT_DESIGN["crop"]))
+    card["inference_defaults"].update(method="cg-ddim", organ_margin_mm=10.0, **{"cg-ddim": {"steps": 2,
+                                                                                          "noise_level": 30}})
+    return validate_card(card)
+
+
+@pytest.fixture(scope="session")
+def tiny_ct_checkpoint(tmp_path_factory, tiny_ct_card) -> Path:
+    """The tiny CT organ model (untrained, seeded) saved as a .safetensors checkpoint."""
+    from DiffusionAnomalyLib import networks
+
+    return networks.save_checkpoint(_seeded_network(tiny_ct_card, 0), tiny_ct_card,
+                                    tmp_path_factory.mktemp("ct") / "tiny-ct.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_ct_classifier(tmp_path_factory, tiny_ct_card) -> Path:
+    """The tiny CT model's guidance classifier (:func:`save_tiny_classifier`)."""
+    return save_tiny_classifier(tmp_path_factory.mktemp("ct-classifier") / "tiny-ct-classifier.safetensors",
+                                tiny_ct_card)
 
 
 @pytest.fixture()

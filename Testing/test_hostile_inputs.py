@@ -441,3 +441,14 @@ def test_a_ct_in_hu_is_accepted_and_its_raw_stored_values_are_refused(name):
     # crops in HU without air: soft tissue and fat, or tissue only (liver-like, 40-60 HU), are still CTs in HU
     check_modality(ct.with_voxels(np.clip(np.asarray(ct.voxels, dtype=np.float32), -100, 300)), card)
     check_modality(ct.with_voxels(np.clip(np.asarray(ct.voxels, dtype=np.float32), 40, 60)), card)
+
+
+def test_a_pet_given_to_a_ct_model_is_refused(small_phantom):
+    """A PET (declared, or a NIfTI whose modality nobody stated) given to a CT model: one sentence, nothing run."""
+    card = {"modality": "CT", "id": "ct-test"}
+    with pytest.raises(VolumeError, match=r"trained on CT but the input is PET"):
+        check_modality(small_phantom, card)
+    undeclared = small_phantom.with_voxels(np.asarray(small_phantom.voxels, dtype=np.float32), modality=None, units=None)
+    with pytest.raises(VolumeError) as err:
+        check_modality(undeclared, card)
+    assert "like a PET in SUV, not a CT in Hounsfield units" in str(err.value) and "\n" not in str(err.value)

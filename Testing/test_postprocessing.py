@@ -11,6 +11,7 @@ from skimage.filters import threshold_otsu
 
 from DiffusionAnomalyLib.card import default_card
 from DiffusionAnomalyLib.postprocessing import (
+    CT_LESION_COLUMNS,
     LESION_TABLE_COLUMNS,
     SUV_PEAK_RADIUS_MM,
     Thresholding,
@@ -412,10 +413,17 @@ def test_lesion_table_rows_identical_to_numpy_reference(seed):
         assert {k: got[k] for k in ref} == ref  # exact equality
 
 
-def test_lesion_table_on_ct_keeps_columns(heat):
+def test_lesion_table_on_ct_has_hu_columns(heat):
+    """Issue 10: a CT's lesion table holds HU mean and range instead of the SUV columns (it kept the PET names)."""
     ct = Volume(np.full(SHAPE, -50.0, np.float32), MATRIX.copy(), modality="CT", units="HU")
     rows = lesion_table(segment(heat), ct, heat)
     assert len(rows) == 3
+    assert all(tuple(r) == tuple(c.name for c in CT_LESION_COLUMNS) for r in rows)
+    assert rows[0]["hu_mean"] == rows[0]["hu_min"] == rows[0]["hu_max"] == -50.0
+    assert "suv_mean" not in rows[0] and "tlg" not in rows[0]
+    # an image without modality or units keeps the PET columns, in its own units
+    plain = ct.with_voxels(ct.voxels, modality=None, units=None)
+    rows = lesion_table(segment(heat), plain, heat)
     assert all(tuple(r) == LESION_TABLE_COLUMNS for r in rows)
     assert rows[0]["suv_mean"] == -50.0 and rows[0]["suv_peak"] == pytest.approx(-50.0)
     assert rows[0]["tlg"] == pytest.approx(-50.0 * 8 * VOXEL_ML)

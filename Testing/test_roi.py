@@ -362,13 +362,28 @@ def test_empty_roi_is_refused(labels, ct):
     with pytest.raises(ValueError, match=r"the organ ROI is empty: the excluded organs \(kidney_right, kidney_left, "
                                          r".*\) cover all of kidney_left with the 5 mm margin; exclude fewer"):
         roi.roi_mask(labels, include="kidney_left", exclude="kidneys", margin_mm=5)
-    with pytest.raises(ValueError, match=r"none of the included organs \(brain\) is in the organ segmentation .*"
-                                         r"ct_abdomen_3mm_totalseg.nii.gz; it holds spleen, kidney_right"):
+    with pytest.raises(ValueError, match=r"^brain is not in the organ segmentation .*ct_abdomen_3mm_totalseg.nii.gz: "
+                                         r"the scan does not show it .*; leave brain out of the included organs.$"):
         roi.roi_mask(labels, include="brain")
     cranial = pet_grid(ct, (4.0, 4.0, 4.0), (300.0, 300.0, 12.0), centre_shift_mm=(0.0, 0.0, 36.0))  # above kidneys
     assert "kidney_left" in labels.present and "kidney_left" not in labels.on_grid(cranial).present
-    with pytest.raises(ValueError, match=r"the included organs \(kidney_right, .*\) lie outside the input volume"):
+    with pytest.raises(ValueError, match=r"^kidneys are outside the input volume's field of view; leave kidneys out"):
         roi.roi_mask(labels, include="kidneys", grid=cranial)
+
+
+def test_each_included_organ_must_be_there_and_says_which_is_missing(labels, ct):
+    """A CT without an organ the user included is refused naming that organ; a card's default list skips it."""
+    with pytest.raises(ValueError, match=r"^brain is not in the organ segmentation"):
+        roi.roi_mask(labels, include="kidney_left,brain")
+    both = roi.roi_mask(labels, include="kidney_left,brain", skip_absent=True).voxels
+    np.testing.assert_array_equal(both, roi.roi_mask(labels, include="kidney_left").voxels)
+    cranial = pet_grid(ct, (4.0, 4.0, 4.0), (300.0, 300.0, 12.0), centre_shift_mm=(0.0, 0.0, 36.0))
+    assert "liver" in labels.on_grid(cranial).present
+    with pytest.raises(ValueError, match=r"^kidney_left is outside the input volume's field of view"):
+        roi.roi_mask(labels, include="liver,kidney_left", grid=cranial)
+    roi.roi_mask(labels, include="liver,kidney_left", grid=cranial, skip_absent=True)
+    with pytest.raises(ValueError, match=r"^brain is not in the organ segmentation"):
+        roi.roi_mask(labels, include="brain", skip_absent=True)  # skipping needs one organ that is there
     with pytest.raises(ValueError, match=r"the ROI margin \(mm\) must be a finite number from 0 to 100"):
         roi.roi_mask(labels, include="kidneys", margin_mm=-2)
 

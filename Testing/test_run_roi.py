@@ -172,7 +172,7 @@ def test_run_ct_refusals_come_before_totalsegmentator_runs(case, tiny_checkpoint
     (["--roi-seg", "{seg}", "--ct", "{seg}"], "either --roi-seg .* or --ct"),
     (["--roi-seg", "{seg}", "--roi-exclude", "brian"], "did you mean brain"),
     (["--roi-seg", "{seg}", "--roi-include", "livr"], "livr"),
-    (["--roi-seg", "{seg}", "--roi-include", "kidneys"], "none of the included organs"),
+    (["--roi-seg", "{seg}", "--roi-include", "kidneys"], "kidneys are not in the organ segmentation"),
     (["--roi-seg", "{seg}", "--roi-margin-mm", "-3"], "margin"),
     (["--roi-seg", "{missing}"], "not found|does not exist|no such"),
 ])

@@ -19,8 +19,8 @@ from ..diffusion import DDIM, memory_batch_size, timestep_grid
 from ..method_catalog import METHODS, method_spec, resolve_parameters
 from ..networks import pick_device, pick_precision
 from ..pipeline import MethodResult
-from ..preprocessing import (ModelGrid, check_modality, from_model_space, model_grid, model_units_to_input,
-                             model_values_to_input, to_model_space)
+from ..preprocessing import (CropStack, Grid, ModelGrid, check_modality, crop_grids, from_model_space, model_grid,
+                             model_units_to_input, model_values_to_input, to_model_space)
 from ..postprocessing import bounding_box
 from ..progress import Cancel, Progress, check_cancel, report, timer
 from ..volume import Volume, array_key, validate_volume
@@ -42,14 +42,14 @@ INPUT_GRID_COPIES = 7
 MODEL_GRID_COPIES = 8
 
 
-def working_bytes(volume: Volume, grid: ModelGrid) -> int:
+def working_bytes(volume: Volume, grid: Grid) -> int:
     """Estimated peak memory of one run on ``volume`` (resampling in and out plus the model-space arrays)."""
     input_voxels = int(np.prod(np.shape(volume.voxels)[:3], dtype=np.int64))
     model_voxels = int(np.prod(grid.size, dtype=np.int64))
     return 4 * (INPUT_GRID_COPIES * input_voxels + MODEL_GRID_COPIES * model_voxels)
 
 
-def check_resources(volume: Volume, grid: ModelGrid, evaluations_per_slice: int = 0,
+def check_resources(volume: Volume, grid: Grid, evaluations_per_slice: int = 0,
                     computed_slices: int | None = None) -> None:
     """Refuse a run whose model grid would need too many slices, too much memory or network evaluations.
 
@@ -286,27 +286,36 @@ class SliceMethod(ABC):
         return f"|{volume.units or 'intensity'} difference|"
 
     def plan(self, volume: Volume, evaluations_per_slice: int = 0,
-             region: np.ndarray | Volume | None = None) -> tuple[ModelGrid, np.ndarray]:
+             region: np.ndarray | Volume | None = None) -> tuple[Grid, np.ndarray]:
         """Check ``volume`` (validity, modality, :func:`check_resources`); its model grid and the model
-        slices to compute (all of them, or those ``region`` needs: :func:`region_slices`).
+        slices to compute (all of them, or those ``region`` needs: :func:`region_slices`). A card with
+        ``preprocessing.crop`` works on crops around the region's organs (:func:`..preprocessing.crop_grids`,
+        every crop slice computed) and needs the region.
 
         ``evaluations_per_slice``: the network evaluations a model slice will cost (0: not known here).
         """
         validate_volume(volume)
         check_modality(volume, self.card)
-        grid = model_grid(volume, self.card["preprocessing"])
-        todo = region_slices(region, volume, grid)
+        prep = self.card["preprocessing"]
+        if "crop" in prep:
+            arr = None if region is None else np.asarray(region.voxels if isinstance(region, Volume) else region)
+            grid = crop_grids(volume, prep, arr)
+            todo = np.arange(grid.size[2])
+        else:
+            grid = model_grid(volume, prep)
+            todo = region_slices(region, volume, grid)
         check_resources(volume, grid, evaluations_per_slice, len(todo))
         return grid, todo
 
-    def prepare(self, volume: Volume, evaluations_per_slice: int = 0) -> tuple[np.ndarray, ModelGrid]:
-        """:meth:`plan` for the whole volume, then resample it into model space."""
-        grid, _ = self.plan(volume, evaluations_per_slice)
+    def prepare(self, volume: Volume, evaluations_per_slice: int = 0,
+                region: np.ndarray | Volume | None = None) -> tuple[np.ndarray, Grid]:
+        """:meth:`plan` for the whole volume (a crop card: the crops of ``region``), then resample it into model space."""
+        grid, _ = self.plan(volume, evaluations_per_slice, region)
         return to_model_space(volume, self.card["preprocessing"], grid)
 
     # ---- what every run does first and last, and the one network call ---------------------------
     def start_run(self, volume: Volume, evaluations_per_slice: int, region: np.ndarray | Volume | None,
-                  progress: Progress | None, timings: dict[str, float]) -> tuple[np.ndarray, ModelGrid, np.ndarray]:
+                  progress: Progress | None, timings: dict[str, float]) -> tuple[np.ndarray, Grid, np.ndarray]:
         """:meth:`plan` (every check before any network work), then the volume in model space: (x, grid, the
         model slices to compute)."""
         clock = timer()
@@ -316,7 +325,7 @@ class SliceMethod(ABC):
         timings["preprocess"] = clock()
         return x, grid, todo
 
-    def finish_run(self, volume: Volume, x: np.ndarray, grid: ModelGrid, todo: np.ndarray, heat: np.ndarray,
+    def finish_run(self, volume: Volume, x: np.ndarray, grid: Grid, todo: np.ndarray, heat: np.ndarray,
                    cf: np.ndarray | None, params: dict[str, Any], timings: dict[str, float],
                    before: tuple[int, int], progress: Progress | None, confidence: np.ndarray | None = None) -> MethodResult:
         """The model-space heat map (and counterfactual) back on the input's exact grid, as a :class:`MethodResult`
@@ -366,14 +375,19 @@ class SliceMethod(ABC):
         grad = self.classifier.grad_log_prob(x, t, label)
         return eps - (scale * (1.0 - self.ddim.abar[t]) ** 0.5) * grad
 
-    def to_input_grid(self, heat: np.ndarray, cf: np.ndarray | None, grid: ModelGrid, volume: Volume):
+    def to_input_grid(self, heat: np.ndarray, cf: np.ndarray | None, grid: Grid, volume: Volume):
+        """Heat map and counterfactual on the input's grid; outside a :class:`CropStack`'s crops the heat is 0 and
+        the counterfactual is the input."""
         prep = self.card["preprocessing"]
         heat_vol = from_model_space(model_units_to_input(heat, prep), grid, volume)
-        heat_vol.voxels = np.clip(heat_vol.voxels, 0, None)
+        heat_vol.voxels = np.clip(np.nan_to_num(heat_vol.voxels, nan=0.0), 0, None)
         heat_vol.units = self.heat_units(volume)
         cf_vol = None
         if cf is not None:
             cf_vol = from_model_space(model_values_to_input(cf, prep), grid, volume)
+            if isinstance(grid, CropStack):
+                outside = ~np.isfinite(cf_vol.voxels)
+                cf_vol.voxels[outside] = np.asarray(volume.voxels, dtype=np.float32)[outside]
         return heat_vol, cf_vol
 
 
