@@ -765,7 +765,10 @@ def ct_card(**design: Any) -> dict[str, Any]:
                 modality="CT")
     card["preprocessing"]["intensity"] = dict(CT_DESIGN["intensity"])
     card["preprocessing"]["crop"] = crop
-    card["inference_defaults"].update(method="cg-ddim", organ_margin_mm=10.0)
+    # METHODS.md section 4 post-processing: Otsu per case (interactive use), opening then closing and hole filling,
+    # components of at least 0.05 ml (a 4.6 mm sphere; the smallest lesion drawn is 5 mm) and 3 mm in-plane
+    card["inference_defaults"].update(method="cg-ddim", organ_margin_mm=10.0, min_size_ml=0.05,
+                                      threshold={"method": "otsu", "opening": True, "min_inplane_mm": 3.0})
     return card
 
 

@@ -214,7 +214,8 @@ class CaseLesions:
         n = len(lesions)
         labels = case.lesion_labels.voxels
         areas = np.bincount(labels.ravel().astype(np.int64), minlength=n + 1)[1:n + 1]
-        return cls(labels, areas, np.array([float(les["radius_mm"]) for les in lesions]))
+        radius = [float(les["radius_mm"]) if "radius_mm" in les else float(les["diameter_mm"]) / 2 for les in lesions]
+        return cls(labels, areas, np.array(radius))
 
 
 def detection_points(score: Volume, lesions: CaseLesions, roi: np.ndarray | None,
@@ -1119,19 +1120,32 @@ def whole_volume_sweep(model, n_cases: int, seed: int, out_dir: str | Path, *, s
     settings += [(names, m) for names in grid["organ_excludes"] if names for m in grid["margins_mm"]]
     tally = DetectionTally()
     params, compute, lesions_total = None, {}, 0
+    crop = "crop" in model.card["preprocessing"]
+    chain = Thresholding.from_card(model.card).chain_arguments()
     for s in seeds:
-        case = make_phantom(s, **(phantom_kwargs or {}))
         t0 = time.perf_counter()
-        res = model.run(case.pet, steps=steps)
+        if crop:  # a CT organ model: an abdominal CT phantom, analysed inside its card's organs, as run does
+            from .ct_phantoms import make_ct_phantom
+
+            case = make_ct_phantom(s, **(phantom_kwargs or {}))
+            image, organs = case.ct, OrganSelection.from_card(model.card)
+            inside = organs.mask(case.organs, grid=image).voxels != 0
+            res = model.run(image, steps=steps, region=organs.region_mask(case.organs, grid=image).voxels)
+        else:
+            case = make_phantom(s, **(phantom_kwargs or {}))
+            image, inside = case.pet, None
+            res = model.run(image, steps=steps)
         network = time.perf_counter() - t0
         params, compute = res.parameters, res.compute
         lesions = CaseLesions.of(case)
         lesions_total += len(lesions.areas)
         t0 = time.perf_counter()
         for names, margin in settings:
-            roi = None if not names else \
-                OrganSelection(exclude=names, margin_mm=margin).mask(case.organs, grid=case.pet).voxels != 0
-            points = detection_points(res.heatmap, lesions, roi, grid["rules"], grid["min_sizes_ml"])
+            roi = inside if not names else \
+                OrganSelection(exclude=names, margin_mm=margin).mask(case.organs, grid=image).voxels != 0
+            if names and inside is not None:
+                roi &= inside
+            points = detection_points(res.heatmap, lesions, roi, grid["rules"], grid["min_sizes_ml"], chain)
             for point in points:
                 tally.add((point["method"], point["value"], point["min_size_ml"], names, margin), point, lesions, s)
         log(f"case {s}: {len(case.lesions)} lesion(s), {network:.1f} s network, "
@@ -1145,12 +1159,14 @@ def whole_volume_sweep(model, n_cases: int, seed: int, out_dir: str | Path, *, s
                              "organ_exclude": list(names), "organ_margin_mm": margin,
                              **tally.summary((method, value, size, names, margin))})
     best = best_whole_volume_setting(rows)
-    result = {"kind": "whole-volume", "seeds": [seeds[0], seeds[-1]], "cases": len(seeds), "lesions": lesions_total,
+    result = {"kind": "whole-volume", "method": getattr(model, "method", None) or model.card["method"],
+              "seeds": [seeds[0], seeds[-1]], "cases": len(seeds), "lesions": lesions_total,
               "parameters": params, "compute": compute,
               "criterion": f"highest lesion sensitivity (IoU >= {DETECTION_IOU:g}) with at most "
                            f"{MAX_FALSE_PER_VOLUME:g} false candidate(s) per volume; ties: fewer false candidates, "
                            "then the simpler setting",
               "organ_labels": "the phantom's own anatomy with TotalSegmentator v2 ids",
+              **({"post_processing": chain} if any(chain.values()) else {}),
               "grid": rows, "best": best}
     write_json(result, out / "sweep.json")
     if best is not None:
@@ -1178,18 +1194,20 @@ def card_with_threshold_defaults(card: dict[str, Any], result: dict[str, Any], c
             "lesions); no defaults were written: use more phantoms (--phantoms) or a wider grid.")
     card = copy.deepcopy(card)
     d = card["inference_defaults"]
-    d["threshold"] = {"method": best["threshold_method"], "value": float(best["threshold_value"])}
+    chain = {k: v for k, v in d.get("threshold", {}).items() if k not in ("method", "value")}  # section 4 steps stay
+    d["threshold"] = {"method": best["threshold_method"], "value": float(best["threshold_value"]), **chain}
     d["min_size_ml"] = float(best["min_size_ml"])
     d["organ_exclude"] = list(best["organ_exclude"])
-    d["organ_margin_mm"] = float(best["organ_margin_mm"])
+    if best["organ_exclude"]:  # the margin of an exclusion; without one the card's margin (its included organs') stays
+        d["organ_margin_mm"] = float(best["organ_margin_mm"])
     first, last = result["seeds"]
     p = result["parameters"]
     prov = card.setdefault("provenance", {})
     prov["threshold_tuning_seeds"] = [int(first), int(last) + 1]
     prov["threshold_defaults_chosen_by"] = (
         f"{command} (tuning phantom seeds {first}..{last}, {result['lesions']} lesions, {len(result['grid'])} "
-        f"settings, model at noise level {p['noise_level']}, guidance scale {p['guidance_scale']:g}, steps "
-        f"{p['steps']}): {result['criterion']}: {_setting_words(best)} found "
+        f"settings, model {result.get('method', card['method'])} at {parameter_words(result.get('method', card['method']), p)}"
+        f"): {result['criterion']}: {_setting_words(best)} found "
         f"{best['found']}/{best['lesions']} lesions with {best['false_positives_per_volume']:.2f} false candidates "
         "per volume")
     return card
