@@ -552,6 +552,8 @@ def _check_preprocessing(prep: dict[str, Any], levels: int) -> None:
             raise ValueError(f"{_CARD}preprocessing.crop.organs must name the organs the model was trained on "
                              "(TotalSegmentator names, e.g. kidney_left), got none.")
         crop["organs"] = organs
+        if "margin_mm" in crop:
+            crop["margin_mm"] = check_margin_mm(crop["margin_mm"], f"{_CARD}preprocessing.crop.margin_mm")
 
 
 def _check_labels(labels: dict[str, Any], card: dict[str, Any], embedding: dict[str, Any] | None) -> None:
@@ -749,16 +751,17 @@ def default_card(
 
 
 #: The demo CT model's design: organ crops of 64 x 64 pixels of 1.5 mm (96 mm, a kidney's cross-section with
-#: margin) on 3 mm slices, HU in an abdominal window of -160 to 240 HU (level 40, width 400) as model units 0..1.
+#: margin) on 3 mm slices, placed around the organs grown by 10 mm (training frames them so; the card's organ margin
+#: default is the same), HU in an abdominal window of -160 to 240 HU (level 40, width 400) as model units 0..1.
 CT_DESIGN = {"spacing_mm": (1.5, 1.5, 3.0), "in_plane_size": (64, 64),
              "intensity": {"input_units": "HU", "offset": -160.0, "scale": 400.0, "clip": [0.0, 1.0]},
-             "crop": {"organs": ["kidney_left", "kidney_right", "pancreas"]}}
+             "crop": {"organs": ["kidney_left", "kidney_right", "pancreas"], "margin_mm": 10.0}}
 
 
 def ct_card(**design: Any) -> dict[str, Any]:
     """Model card of the demo CT organ model: the conditional network of :func:`default_card` on organ crops
     (:data:`CT_DESIGN`), run by classifier-guided DDIM by default (METHODS.md section 2, the pancreas paper)."""
-    crop = {"organs": list(CT_DESIGN["crop"]["organs"])}
+    crop = {"organs": list(CT_DESIGN["crop"]["organs"]), "margin_mm": CT_DESIGN["crop"]["margin_mm"]}
     card = default_card(**{k: v for k, v in design.items() if k in ("channels", "attention_levels")},
                         spacing_mm=CT_DESIGN["spacing_mm"], in_plane_size=CT_DESIGN["in_plane_size"])
     card.update(id="cg-ct-organs-demo", name="Classifier-guided CT organ model (kidneys, pancreas; synthetic phantoms)",
@@ -767,7 +770,7 @@ def ct_card(**design: Any) -> dict[str, Any]:
     card["preprocessing"]["crop"] = crop
     # METHODS.md section 4 post-processing: Otsu per case (interactive use), opening then closing and hole filling,
     # components of at least 0.05 ml (a 4.6 mm sphere; the smallest lesion drawn is 5 mm) and 3 mm in-plane
-    card["inference_defaults"].update(method="cg-ddim", organ_margin_mm=10.0, min_size_ml=0.05,
+    card["inference_defaults"].update(method="cg-ddim", organ_margin_mm=crop["margin_mm"], min_size_ml=0.05,
                                       threshold={"method": "otsu", "opening": True, "min_inplane_mm": 3.0})
     return card
 

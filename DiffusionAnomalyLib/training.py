@@ -116,7 +116,7 @@ def _training_data(cfg: "TrainConfig", card: dict[str, Any], data, out: Path, lo
     if data is None:
         cache = out / "cache"
         prep = card["preprocessing"]
-        margin = float(card.get("inference_defaults", {}).get("organ_margin_mm", 0.0)) if "crop" in prep else 0.0
+        margin = float(prep["crop"].get("margin_mm", 0.0)) if "crop" in prep else 0.0
         train_x, train_y = phantom_slices(range(*cfg.train_seeds), prep, cache, cfg.workers, log=log, margin_mm=margin)
         val_x, val_y = phantom_slices(range(*cfg.val_seeds), prep, cache, cfg.workers, log=log, margin_mm=margin)
     else:

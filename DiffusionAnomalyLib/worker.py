@@ -72,6 +72,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 import numpy as np
 
 from .card import shown
+from .checkpoint import read_card
 from .method_catalog import card_methods, method_spec, served_method
 from .pipeline import method_name, slice_confidence
 from .errors import is_refusal, user_sentence
@@ -128,7 +129,9 @@ class Worker:
         self.checkpoint = str(checkpoint)
         self.classifier = None if classifier is None else str(classifier)
         self.device, self.precision = device, precision
-        self.model = load_checkpoint(checkpoint, device=device, precision=precision)
+        takes = method_spec(served_method(read_card(checkpoint))).classifier  # the card's default method (CT: cg-ddim)
+        self.model = load_checkpoint(checkpoint, device=device, precision=precision,
+                                     classifier=self.classifier if takes else None)
         self.models = {method_name(self.model): self.model}
 
     def method(self, name: str | None):
