@@ -64,13 +64,18 @@ from DiffusionAnomalyLib.method_catalog import RECOMPUTE_WORDS  # noqa: E402
 from DiffusionAnomalyModuleLib.logic import DiffusionAnomalyLogic  # noqa: E402
 from DiffusionAnomalyModuleLib.parameters import (INPUT_REFERENCE, LESION_PARAMETERS, METHOD_SETTINGS,  # noqa: E402
                                                   ORGAN_CT_REFERENCE, ORGAN_REFERENCE, OUTPUT_REFERENCES,
-                                                  ROI_REFERENCE, organText)
+                                                  ROI_REFERENCE)
 
 HELP_TEXT = f"""
-<p>Finds lesion candidates in PET (CT comes later) with weakly-supervised diffusion models: the model,
+<p>Finds lesion candidates in PET and CT with weakly-supervised diffusion models: the model,
 trained only with slice labels (healthy / unhealthy), turns the scan into a healthy counterfactual;
 where scan and counterfactual differ is the anomaly heat map, thresholded into a lesion segmentation
-and a lesion table.</p>
+and a lesion table (SUV columns for PET, HU mean and range for CT). A model for the input's
+modality is chosen when the input says its modality; the input's window, level and colours are
+never changed.</p>
+<p>CT: a CT organ model analyses crops around its organs (for example kidneys and pancreas), so it needs
+the organ segmentation of the CT (Organs section, below). By default it takes its organs the scan shows;
+an organ you include that the scan lacks is refused by name.</p>
 <p>Choose the input volume, a model and a method, press Apply (it becomes Cancel while running). The
 methods a model's network can run are offered: IgCONDA-PET (implicit guidance), classifier-guided DDIM
 and DDPM (they need a noise-conditioned classifier: the bundled one that fits the model, or a file),
@@ -349,7 +354,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
                 node.SetNodeReferenceID(INPUT_REFERENCE, first.GetID())
-        if not node.GetParameter("NoiseLevel"):
+        if not self.logic.preferModelForInput(node) and not node.GetParameter("NoiseLevel"):
             self.applyModelDefaults(node)
         self.setParameterNode(node)
 
@@ -433,18 +438,22 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None or self._updatingGUI:
             return
         before = self.logic.parameters(node)
+        inputBefore = (node.GetNodeReferenceID(INPUT_REFERENCE), node.GetParameter("Modality"))
         wasModifying = node.StartModify()
         for role, widgetName in self.REFERENCE_WIDGETS.items():
             chosen = getattr(self.ui, widgetName).currentNode()
             node.SetNodeReferenceID(role, chosen.GetID() if chosen is not None else None)
         node.SetParameter("ROISegments", ",".join(self.ui.roiSegmentSelector.selectedSegmentIDs()))
-        node.SetParameter("OrganInclude", ",".join(self.checkedOrgans("organIncludeComboBox")))
-        node.SetParameter("OrganExclude", organText(self.checkedOrgans("organExcludeComboBox")))
+        for name, widgetName in self.ORGAN_LIST_WIDGETS.items():  # the card's default stays "" (see the logic)
+            node.SetParameter(name, self.logic.organListText(node, name, self.checkedOrgans(widgetName)))
         shown = {p.setting for p in self._method.parameters} if self._method is not None else set()
         for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
             if name in METHOD_SETTINGS and name not in shown:  # another method's: hidden, kept as it is
                 continue
             node.SetParameter(name, self.widgetValue(widgetName, kind))
+        if (node.GetNodeReferenceID(INPUT_REFERENCE), node.GetParameter("Modality")) != inputBefore:
+            with showErrors():
+                self.logic.preferModelForInput(node)  # a model for the new input's modality, if the chosen one is not
         node.EndModify(wasModifying)
         after = self.logic.parameters(node)
         changed = [k for k in after if after[k] != before[k]]

@@ -35,6 +35,24 @@ def ijk_to_ras(node) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(m)
 
 
+def assert_on_grid(outputNode, inputNode) -> None:
+    """An output volume node has the input's dimensions and exact IJK->RAS."""
+    assert outputNode.GetImageData().GetDimensions() == inputNode.GetImageData().GetDimensions()
+    np.testing.assert_allclose(ijk_to_ras(outputNode), ijk_to_ras(inputNode), atol=1e-9)
+
+
+def assert_segmentation_on_grid(segNode, inputNode) -> None:
+    """A segmentation's reference geometry is the input's grid (dimensions and IJK->RAS)."""
+    geometry = segNode.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    ref = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, ref)
+    m = vtk.vtkMatrix4x4()
+    ref.GetImageToWorldMatrix(m)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(m), ijk_to_ras(inputNode), atol=1e-6)
+    assert ref.GetDimensions() == inputNode.GetImageData().GetDimensions()
+
+
 def node_ids(scene) -> list[str]:
     return sorted(scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes()))
 
@@ -113,19 +131,11 @@ def test_run_writes_nodes_on_the_input_grid(env, first_run):
     assert table.GetClassName() == "vtkMRMLTableNode" and table.GetName() == "oblique PET lesion table"
     # geometry identical to the input
     for out in (heat, cf):
-        assert out.GetImageData().GetDimensions() == node.GetImageData().GetDimensions()
-        np.testing.assert_allclose(ijk_to_ras(out), ijk_to_ras(node), atol=1e-9)
+        assert_on_grid(out, node)
     assert float(slicer.util.arrayFromVolume(heat).max()) > 0
     display = heat.GetDisplayNode()
     assert display.GetColorNode().GetName() == "Inferno" and display.GetApplyThreshold()
-    geometry = seg.GetSegmentation().GetConversionParameter(
-        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
-    ref = slicer.vtkOrientedImageData()
-    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, ref)
-    m = vtk.vtkMatrix4x4()
-    ref.GetImageToWorldMatrix(m)
-    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(m), ijk_to_ras(node), atol=1e-6)
-    assert ref.GetDimensions() == node.GetImageData().GetDimensions()
+    assert_segmentation_on_grid(seg, node)
     assert seg.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is node
     # one named, coloured segment per lesion
     n = len(env["logic"].case.table)

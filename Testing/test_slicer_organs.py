@@ -313,7 +313,7 @@ def not_named(env):
     ("no overlap", "does not overlap the input volume"),
     ("unknown organ", "unknown organ 'livr'; did you mean liver"),
     ("empty ROI", "the organ ROI is empty"),
-    ("absent organ", "none of the included organs (spleen) is in the organ segmentation"),
+    ("absent organ", "spleen is not in the organ segmentation 'phantom CT organs'"),
     ("not TotalSegmentator names", "none of the segments of the segmentation 'my segments' (Segment_1) is named"),
     ("no segmentation", "organs to include are chosen (liver) but no organ segmentation"),
     ("bad margin", "OrganMarginMm must be a number"),

@@ -39,7 +39,7 @@ def exportSegmentation(segmentationNode, case: CaseResult, path: str | os.PathLi
 
 def exportTableCsv(case: CaseResult, path: str | os.PathLike) -> Path:
     """The lesion table as CSV, exactly as the command line writes lesions.csv."""
-    return write_table_csv(case.table, path)
+    return write_table_csv(case.table, path, modality=case.volume.modality, units=case.volume.units)
 
 
 def exportReport(case: CaseResult, path: str | os.PathLike, title: str, parameters: dict[str, Any]) -> Path:

@@ -21,7 +21,7 @@ from DiffusionAnomalyLib.volume import Volume
 
 from DiffusionAnomalyModuleLib import parameters as settings
 from DiffusionAnomalyModuleLib.nodes import labelmapFromSegments
-from DiffusionAnomalyModuleLib.organs import OrganROI, OrganROIs
+from DiffusionAnomalyModuleLib.organs import OrganROI, OrganROIs, cropOrgans, segmentationNeeded
 
 #: ROI modes of the parameter node: the whole volume, or the segments of a segmentation
 ROI_MODES = ("whole", "segmentation")
@@ -80,11 +80,14 @@ class CaseROI:
 def caseROI(parameterNode, params: dict[str, str], card: dict, volume: Volume, organROIs: OrganROIs) -> CaseROI:
     """The ROI the parameter node chooses on ``volume``'s grid: segments and organs, each where chosen.
 
-    Every refusal (a segmentation that misses the input, an unknown organ, an empty ROI, ...) is one sentence.
+    Every refusal (a segmentation that misses the input, an unknown organ, an empty ROI, a crop model without
+    an organ segmentation, ...) is one sentence.
     """
+    organNode = parameterNode.GetNodeReference(settings.ORGAN_REFERENCE)
+    if organNode is None and cropOrgans(card):  # a crop model: its organs are what it analyses
+        raise ValueError(segmentationNeeded(card))
     segments = roiFromParameters(parameterNode, params, volume)
-    organs = organROIs.roi(parameterNode.GetNodeReference(settings.ORGAN_REFERENCE),
-                           settings.organSelection(params, card), volume)
+    organs = organROIs.roi(organNode, settings.organSelection(params, card), volume)
     masks = [m for m in (segments, organs.mask if organs is not None else None) if m is not None]
     mask = masks[0] if len(masks) == 1 else np.logical_and(*masks) if masks else None
     if mask is not None and len(masks) > 1 and not mask.any():

@@ -19,6 +19,11 @@ parameter asks the worker, whose per-method cache recomputes only what the param
 (``Parameter.recompute``: a guidance or classifier scale of IgCONDA-PET and CG-DDIM re-decodes
 only); an Apply with unchanged settings does no worker call at all. It runs on the MRML library
 without a Slicer application (``slicer-core``); pass the scene explicitly there.
+
+The input's display (window, level, colours) is never changed: the counterfactual copies it, the heat
+map is a foreground layer of its own. A CT goes the PET path: a volume that states no modality takes
+the model's (:func:`modelVolume`, so its lesion table has the HU columns), and a CT organ model runs on
+the organ ROI of its organs, refused up front without an organ segmentation.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,17 +39,17 @@ import numpy as np
 import slicer
 
 from DiffusionAnomalyLib.card import card_summary
-from DiffusionAnomalyLib.method_catalog import METHODS, MethodSpec, methods_for_network
+from DiffusionAnomalyLib.method_catalog import METHODS, MethodSpec, card_methods
 from DiffusionAnomalyLib.pipeline import CaseResult
 from DiffusionAnomalyLib.preprocessing import check_modality
-from DiffusionAnomalyLib.volume import array_key, read_volume, validate_volume
+from DiffusionAnomalyLib.volume import Volume, array_key, read_volume, validate_volume
 
 from DiffusionAnomalyModuleLib import exports, organs, outputs
 from DiffusionAnomalyModuleLib import parameters as settings
 from DiffusionAnomalyModuleLib.jobs import Job, JobRunner, Stage, pollUntilFinished
 from DiffusionAnomalyModuleLib.lesions import NOT_COVERED, CaseROI, caseROI, rethreshold
 from DiffusionAnomalyModuleLib.models import Classifier, ModelDatabase, classifierFor, workerClassifier
-from DiffusionAnomalyModuleLib.nodes import volumeFromNode
+from DiffusionAnomalyModuleLib.nodes import nodeModality, volumeFromNode
 
 
 class DiffusionAnomalyLogic:
@@ -107,12 +113,12 @@ class DiffusionAnomalyLogic:
         settings.applyMethodDefaults(parameterNode, card, method)
 
     def methodChoices(self, parameterNode) -> list[tuple[str, str]]:
-        """(name, title) of the methods the chosen model's network serves, its own first; [] without a usable model."""
+        """(name, title) of the methods the chosen model's network serves, its default first; [] without a usable model."""
         try:
             card = self.readCard(self.parameters(parameterNode)["Model"])
         except ValueError:
             return []
-        return [(name, METHODS[name].title) for name in methods_for_network(card["method"])]
+        return [(name, METHODS[name].title) for name in card_methods(card)]
 
     def chosenMethod(self, parameterNode) -> MethodSpec | None:
         """The catalog record of the method the parameter node chooses ("" = the model's own); None when the
@@ -138,6 +144,35 @@ class DiffusionAnomalyLogic:
             return f"Guided by the {self.classifier(params, card, spec).words}."
         except ValueError as exc:
             return str(exc)
+
+    def preferModelForInput(self, parameterNode) -> bool:
+        """When the chosen model is for another modality than the input states (its DICOM modality or the panel's
+        Modality), choose the first bundled model for the input's (:meth:`.ModelDatabase.defaultModel`) with its
+        card's defaults; True when the model changed. A model that fits stays, as does any choice while the
+        input states no modality or no model is for it (the model's summary then says why it does not fit)."""
+        inputNode = parameterNode.GetNodeReference(settings.INPUT_REFERENCE)
+        params = self.parameters(parameterNode)
+        try:
+            modality = nodeModality(inputNode, params["Modality"]) if inputNode is not None else None
+        except ValueError:  # the panel's modality contradicts the node: the run says so
+            return False
+        if modality is None:
+            return False
+        try:
+            if self.readCard(params["Model"])["modality"] == modality:
+                return False
+        except ValueError:  # no usable model chosen: one for the input is better
+            pass
+        model = self.models.defaultModel(modality)
+        try:
+            card = self.readCard(model) if model and model != params["Model"] else None
+        except ValueError:
+            return False
+        if card is None or card["modality"] != modality:
+            return False
+        parameterNode.SetParameter("Model", model)
+        self.applyCardDefaults(parameterNode, card, "")
+        return True
 
     def availableModels(self) -> list[dict]:
         return self.models.models()
@@ -183,7 +218,7 @@ class DiffusionAnomalyLogic:
         volume = validate_volume(volumeFromNode(inputNode, params["Modality"], params["Units"]))
         checkpoint = self.models.checkpointPath(params["Model"])
         card = self.models.card(checkpoint)
-        check_modality(volume, card)
+        volume = modelVolume(volume, card)
         spec, resolved = settings.resolvedMethod(params, card)  # the method's parameters, checked before any work
         classifier = self.classifier(params, card, spec)
         settings.thresholding(params, card)  # a non-numeric threshold setting fails before any work
@@ -279,30 +314,47 @@ class DiffusionAnomalyLogic:
 
     def organChoiceState(self, parameterNode) -> tuple[list[str], dict[str, list[str]]]:
         """What the include and exclude lists offer (the groups, then the organ segmentation's structures), and
-        what each has checked: the parameters' names, the card's default exclusion while OrganExclude is empty."""
+        what each has checked: the parameters' names, the card's default while a list's setting is empty (its
+        exclusion; a crop model's organs to include)."""
         params = self.parameters(parameterNode)
         checked = {name: settings.organNames(params[name]) for name in ("OrganInclude", "OrganExclude")}
-        if params["OrganExclude"] == "":
-            try:
-                checked["OrganExclude"] = list(settings.organSelection(params, self.readCard(params["Model"])).exclude)
-            except ValueError:  # no usable model yet: nothing is excluded by default
-                pass
+        checked.update(self._organDefaults(params))
         offered = organs.organChoices(parameterNode.GetNodeReference(settings.ORGAN_REFERENCE))
         for names in checked.values():  # a saved choice stays visible even where it is not offered
             offered += [n for n in names if n not in offered]
         return offered, checked
 
+    def _organDefaults(self, params: dict[str, str]) -> dict[str, list[str]]:
+        """The card's default of each organ list left empty: its exclusion, and a crop model's organs to include."""
+        try:
+            selection = settings.organSelection(params, self.readCard(params["Model"]))
+        except ValueError:  # no usable model yet (or a setting the run refuses): nothing by default
+            return {}
+        defaults = {"OrganInclude": selection.include if selection.skip_absent else None,
+                    "OrganExclude": selection.exclude}
+        return {name: list(names) for name, names in defaults.items() if names is not None and params[name] == ""}
+
+    def organListText(self, parameterNode, name: str, checked: list[str]) -> str:
+        """The setting ``name`` (OrganInclude or OrganExclude) for the organs ``checked`` in its list: still "" (the
+        card's default) when they are what the default checks, so a crop model's organs keep meaning those the scan
+        shows; else the names, an empty exclusion "none"."""
+        if self._organDefaults(self.parameters(parameterNode)).get(name) == list(checked):
+            return ""
+        return settings.organText(checked) if name == "OrganExclude" else ",".join(checked)
+
     def organSummary(self, parameterNode) -> str:
         """One line on the organ ROI: its source and choice, or why it cannot be built."""
         segmentationNode = parameterNode.GetNodeReference(settings.ORGAN_REFERENCE)
-        if segmentationNode is None:
-            return "No organ segmentation: lesions are looked for in the whole volume."
         inputNode = parameterNode.GetNodeReference(settings.INPUT_REFERENCE)
         params = self.parameters(parameterNode)
         try:
             card = self.readCard(params["Model"])
         except ValueError:
             card = {}
+        if segmentationNode is None:
+            if organs.cropOrgans(card):
+                return organs.segmentationNeeded(card)
+            return "No organ segmentation: lesions are looked for in the whole volume."
         try:
             selection = settings.organSelection(params, card)
             if inputNode is None or inputNode.GetImageData() is None:
@@ -457,6 +509,15 @@ class DiffusionAnomalyLogic:
         node = self._exportable(parameterNode, "segmentation")[0]
         exports.exportDicomSeg(self.scene, node, parameterNode.GetNodeReference(settings.INPUT_REFERENCE),
                                outputFolder)
+
+
+def modelVolume(volume: Volume, card: dict) -> Volume:
+    """``volume`` as the model of ``card`` analyses it: refused in one sentence when it does not fit
+    (:func:`~DiffusionAnomalyLib.preprocessing.check_modality`: another modality, raw CT values, ...); a volume that
+    states no modality (a NIfTI) takes the model's, as in the command line's analysis, so a CT's lesion table has
+    the HU columns."""
+    check_modality(volume, card)
+    return volume if volume.modality is not None else replace(volume, modality=card["modality"])
 
 
 def _sameMask(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -1,7 +1,8 @@
 """The model database: the bundled models (registry.json) and the checkpoint files a user added,
 and the guidance classifier a classifier-guided method uses.
 
-A model is chosen by id: a bundled model's id, or the path of a checkpoint file. Added files are
+A model is chosen by id: a bundled model's id, or the path of a checkpoint file; the default is the
+first bundled model for the input's modality (PET or CT), when the input states one. Added files are
 remembered across sessions in a small JSON settings file. Cards are read without loading any
 weights (:func:`DiffusionAnomalyLib.checkpoint.read_card`, no torch). A classifier is a checkpoint
 file, or (none chosen) the bundled one that fits the model
@@ -16,8 +17,9 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
-from DiffusionAnomalyLib.card import ANALYSIS_METHODS, check_analysis_model
-from DiffusionAnomalyLib.checkpoint import bundled_classifier, bundled_models, check_classifier_fits, read_card
+from DiffusionAnomalyLib.card import ANALYSIS_METHODS, CheckpointError, check_analysis_model
+from DiffusionAnomalyLib.checkpoint import (bundled_checkpoint, bundled_classifier, bundled_models, check_classifier_fits,
+                                            read_card)
 from DiffusionAnomalyLib.export import write_json
 from DiffusionAnomalyLib.files import check_writable_dir
 
@@ -96,9 +98,18 @@ class ModelDatabase:
                 entries.append({"id": path, "title": f"{Path(path).name} (file)", "path": path})
         return entries
 
-    def defaultModel(self) -> str | None:
-        """The id of the first model, None when there is none."""
+    def defaultModel(self, modality: str | None = None) -> str | None:
+        """The id of the first bundled model for ``modality`` (the engine's
+        :func:`~DiffusionAnomalyLib.checkpoint.bundled_checkpoint`), else of the first model; None when there is none."""
         entries = self.models()
+        if modality is not None:
+            try:
+                path = str(bundled_checkpoint(modality=modality))
+            except CheckpointError:  # no bundled model for it: the first model (its card says what it fits)
+                path = None
+            for entry in entries:
+                if entry["path"] == path:
+                    return entry["id"]
         return entries[0]["id"] if entries else None
 
     def checkpointPath(self, model: str) -> str:

@@ -57,6 +57,12 @@ def _declared(what: str, declared: str | None, own: str | None, canonical) -> st
                  "matching scan")
 
 
+def nodeModality(node, modality: str | None = None) -> str | None:
+    """The modality of a volume node without reading its voxels: the user's declaration ``modality`` ('auto' =
+    none) or the node's "DICOM.Modality" attribute, refused when they contradict each other; None when neither says."""
+    return _declared("modality", modality, node.GetAttribute("DICOM.Modality") or None, canonical_modality)
+
+
 def volumeFromNode(node, modality: str | None = None, units: str | None = None) -> Volume:
     """The engine's Volume for a scalar volume node: voxels [k, j, i] (a copy) + IJK->RAS.
 
@@ -71,7 +77,7 @@ def volumeFromNode(node, modality: str | None = None, units: str | None = None) 
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     voxels = np.array(slicer.util.arrayFromVolume(node), copy=True)
-    modality = _declared("modality", modality, node.GetAttribute("DICOM.Modality") or None, canonical_modality)
+    modality = nodeModality(node, modality)
     ownUnits = voxelUnits(node)
     meta = {"node": node.GetName()}
     factor = dicomSuvFactor(node) if modality == "PT" and ownUnits is None else None

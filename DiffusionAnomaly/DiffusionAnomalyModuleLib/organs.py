@@ -7,6 +7,8 @@
   standard segment names" (its default), a terminology name to show ("Upper lobe of lung Left");
   a segmentation made or edited elsewhere may carry the name only (Slicer then makes the IDs). So
   the name and then the ID are matched, by the engine's rule for .seg.nrrd files.
+- :func:`cropOrgans`: the organs a CT organ model analyses (it works on crops around them), so it
+  runs only with an organ segmentation, by default including those of its organs the scan shows.
 - :class:`OrganROIs`: the organ ROI of an :class:`~DiffusionAnomalyLib.roi.OrganSelection` on the
   input's grid, built by the engine (labels carried by physical coordinates, margin in mm), and
   the region the network must compute (the included organs); both are kept while segmentation,
@@ -120,6 +122,20 @@ def segmentationKey(segmentationNode) -> tuple:
 
 
 # ---- the organ ROI on the input's grid -----------------------------------------------------------
+def cropOrgans(card: dict) -> tuple[str, ...]:
+    """The organs a model working on organ crops analyses (its card's ``preprocessing.crop.organs``); () for a model
+    of the whole volume. Such a model runs only with an organ segmentation (:func:`segmentationNeeded`)."""
+    crop = (card.get("preprocessing", {}) or {}).get("crop")
+    return tuple(crop["organs"]) if crop else ()
+
+
+def segmentationNeeded(card: dict) -> str:
+    """Why a crop model cannot run without an organ segmentation, in the panel's words (one sentence)."""
+    return (f"this model analyses crops around the organs {', '.join(cropOrgans(card))}: choose the organ "
+            "segmentation of this CT in the Organs section (or let TotalSegmentator segment the CT there).")
+
+
+
 @dataclass
 class OrganROI:
     """An organ choice on the input's grid: where lesions are kept (None: everywhere) and what the network computes."""

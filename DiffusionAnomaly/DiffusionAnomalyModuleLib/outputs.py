@@ -11,6 +11,7 @@ counterfactual node an earlier run left, so no output of another run stays besid
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import vtk
 from DiffusionAnomalyLib.export import LESION_TERMINOLOGY, lesion_colors
 from DiffusionAnomalyLib.method_catalog import METHODS, parameter_words
 from DiffusionAnomalyLib.pipeline import CaseResult
-from DiffusionAnomalyLib.postprocessing import CENTROID_COLUMNS, LESION_COLUMNS, Thresholding
+from DiffusionAnomalyLib.postprocessing import CENTROID_COLUMNS, Thresholding, lesion_columns
 from DiffusionAnomalyLib.volume import Volume
 
 from DiffusionAnomalyModuleLib.nodes import orientedImageFromLabels, updateVolumeNodeFromVolume, volumeFromNode
@@ -36,6 +37,8 @@ MODEL_ATTRIBUTE = "DiffusionAnomaly.ModelID"
 METHOD_ATTRIBUTE = "DiffusionAnomaly.Method"
 PARAMETERS_ATTRIBUTE = "DiffusionAnomaly.MethodParameters"
 CLASSIFIER_ATTRIBUTE = "DiffusionAnomaly.Classifier"
+#: node attribute of the heat map: the modality of the input it was made for (a NIfTI input states none: the model's)
+MODALITY_ATTRIBUTE = "DiffusionAnomaly.Modality"
 #: node attribute of the heat map: "true" when it shows the map inside a ROI only (organ ROI or ROI segments; 0 outside)
 INSIDE_ROI_ATTRIBUTE = "DiffusionAnomaly.InsideROI"
 #: output role -> the node name's suffix after the input's name
@@ -159,6 +162,7 @@ def writeHeatMap(heatNode, case: CaseResult) -> Volume:
     heatNode.SetAttribute(PARAMETERS_ATTRIBUTE, json.dumps(case.parameters, sort_keys=True))
     heatNode.SetAttribute(CLASSIFIER_ATTRIBUTE, json.dumps(case.classifier, sort_keys=True))
     heatNode.SetAttribute(INSIDE_ROI_ATTRIBUTE, "true" if case.roi is not None else "false")
+    heatNode.SetAttribute(MODALITY_ATTRIBUTE, case.volume.modality or "")
     return shown
 
 
@@ -191,14 +195,17 @@ def updateSegmentation(segNode, inputNode, labels: np.ndarray, volume: Volume) -
         raise RuntimeError(f"{n} lesions but {segmentation.GetNumberOfSegments()} segments were created.")
 
 
-def updateTable(tableNode, rows: list[dict[str, Any]]) -> None:
-    """The lesion table: the engine's lesion-table columns (titles, units, integer flags), one row per lesion."""
+def updateTable(tableNode, rows: list[dict[str, Any]], modality: str | None = None, units: str | None = None) -> None:
+    """The lesion table: the engine's lesion-table columns for the input's ``modality`` / ``units`` (HU columns for
+    CT, SUV columns for PET: :func:`~DiffusionAnomalyLib.postprocessing.lesion_columns`; titles, units, integer
+    flags), one row per lesion."""
+    schema = lesion_columns(modality, units, rows)
     wasModifying = tableNode.StartModify()
     tableNode.SetLocked(False)
     columns = [np.array([row[c.name] for row in rows], dtype=np.int32 if c.integer else np.float64)
-               for c in LESION_COLUMNS]
-    slicer.util.updateTableFromArray(tableNode, columns, [c.name for c in LESION_COLUMNS])
-    for c in LESION_COLUMNS:
+               for c in schema]
+    slicer.util.updateTableFromArray(tableNode, columns, [c.name for c in schema])
+    for c in schema:
         tableNode.SetColumnTitle(c.name, c.title)
         tableNode.SetColumnUnitLabel(c.name, c.unit)
     tableNode.SetUseColumnTitleAsColumnHeader(True)
@@ -251,7 +258,7 @@ def writeCase(scene, inputNode, case: CaseResult, writeVolumes: bool, writeHeat:
         nodes["segmentation"] = outputNode(scene, inputNode, "segmentation", "vtkMRMLSegmentationNode")
         updateSegmentation(nodes["segmentation"], inputNode, case.labels, case.volume)
         nodes["table"] = outputNode(scene, inputNode, "table", "vtkMRMLTableNode")
-        updateTable(nodes["table"], case.table)
+        updateTable(nodes["table"], case.table, case.volume.modality, case.volume.units)
         nodes["table"].SetDescription(methodWords(case))
     finally:
         scene.EndState(scene.BatchProcessState)
@@ -263,12 +270,14 @@ def caseFromOutputs(scene, inputNode, volume: Volume, card: dict[str, Any] | Non
     """The case held by the output nodes of ``inputNode`` (a reopened scene), None without a heat map.
 
     Enough to re-threshold and export without a re-run; the method and its parameters are those the
-    heat map node records. ``card`` None (the model is gone): a card naming only the model id the heat
-    map records.
+    heat map node records, and so is the modality of an input that states none (a CT NIfTI keeps its
+    HU columns). ``card`` None (the model is gone): a card naming only the model id the heat map records.
     """
     heatNode = findOutput(scene, inputNode, "heatmap")
     if heatNode is None or heatNode.GetImageData() is None:
         return None
+    if volume.modality is None and heatNode.GetAttribute(MODALITY_ATTRIBUTE):
+        volume = replace(volume, modality=heatNode.GetAttribute(MODALITY_ATTRIBUTE))
     if card is None:
         card = {"id": heatNode.GetAttribute(MODEL_ATTRIBUTE) or "unknown", "method": "", "modality": "",
                 "inference_defaults": {}}
