@@ -11,7 +11,7 @@ from scipy.spatial import ConvexHull
 from scipy.spatial.distance import pdist
 
 from conftest import snapshot
-from test_volume import REAL_CT, needs_real_ct  # the one place that finds the shared real CTs
+from conftest import REAL_CT, needs_real_ct
 from DiffusionAnomalyLib import ct_lesions
 from DiffusionAnomalyLib.ct_lesions import (
     KIDNEY_DIAMETER_MM,

@@ -10,7 +10,6 @@ The phase tables, the TotalSegmentator ids, the lesion ground truth and the nois
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +20,7 @@ from DiffusionAnomalyLib.ct_lesions import LESION_KINDS, PHASES, CtCase
 from DiffusionAnomalyLib.ct_phantoms import make_ct_phantom
 from DiffusionAnomalyLib.volume import read_volume
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
-needs_real_ct = pytest.mark.skipif(
-    not REAL_CT.is_dir(), reason=f"shared real-CT test data not found at {REAL_CT} (CI keeps shared/ beside the checkout)")
+from conftest import REAL_CT, needs_real_ct
 
 #: HU (median of the organ's core: the label eroded by one voxel in-plane) per phase
 ORGAN_HU = {

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import run_refused
 from pydicom.dataelem import DataElement
+from conftest import REAL_CT, needs_real_ct
 from test_volume import make_pet_series
 
 from DiffusionAnomalyLib import preprocessing
@@ -419,10 +420,7 @@ def test_dicom_injection_the_day_before_and_days_before_for_long_lived_nuclides(
     assert volume.units == "SUVbw" and volume.meta["suv_factor"] == pytest.approx(expected, rel=1e-9)
 
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
-
-
-@pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"shared real-CT test data not found at {REAL_CT}")
+@needs_real_ct
 @pytest.mark.parametrize("name", ["ct_abdomen_3mm.nii.gz", "ct_dicom"])
 def test_a_ct_in_hu_is_accepted_and_its_raw_stored_values_are_refused(name):
     """A CT model takes the real CTs in HU (NIfTI and DICOM); the same voxels without the DICOM rescale

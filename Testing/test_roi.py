@@ -21,11 +21,9 @@ from scipy import spatial
 from DiffusionAnomalyLib import roi
 from DiffusionAnomalyLib.volume import Volume, VolumeError, ijk_to_ras_matrix, lps_ras_flip, read_volume, write_volume
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
-pytestmark = pytest.mark.skipif(
-    not REAL_CT.is_dir(),
-    reason=f"shared real-CT test data not found at {REAL_CT} (CI keeps shared/ beside the checkout)",
-)
+from conftest import REAL_CT, needs_real_ct
+
+pytestmark = needs_real_ct
 
 ABDOMEN_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right")
 #: soft tissue in HU: this non-contrast 3 mm CT has kidneys at ~13 HU, the contrast DICOM series liver/spleen at ~80-90

@@ -35,10 +35,7 @@ from DiffusionAnomalyLib.volume import (  # noqa: E402
     write_volume,
 )
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
-needs_real_ct = pytest.mark.skipif(
-    not REAL_CT.is_dir(), reason=f"shared real-CT test data not found at {REAL_CT} (CI keeps shared/ beside the checkout)"
-)
+from conftest import REAL_CT, needs_real_ct
 
 LIVER, SPLEEN, KIDNEY_RIGHT, KIDNEY_LEFT = 5, 1, 2, 3
 SOFT_TISSUE_HU = (0.0, 250.0)
