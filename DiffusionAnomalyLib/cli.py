@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, phantoms
-from .method_catalog import BASELINES, METHODS, method_spec, parameter_words, served_method, unknown_owner
+from .method_catalog import BASELINES, METHODS, default_method, method_spec, parameter_words, served_method, unknown_owner
 from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, classifier_card, ct_card, default_card, number_from_text,
                    parse_steps, real_number, whole_number)
 from .checkpoint import bundled_checkpoint, read_card
@@ -363,10 +363,10 @@ def _sweep_grid(args, model):
     if _options(args, _DW_OPTIONS):
         raise ValueError(f"{_options(args, _DW_OPTIONS)} to the noise level / guidance sweep; a whole-volume "
                          "sweep (--whole-volume) runs the model at the card's defaults.")
-    if args.write_defaults is not None and method_name(model) != model.card["method"]:
+    if args.write_defaults is not None and method_name(model) != default_method(model.card):
         raise ValueError(f"--write-defaults with --whole-volume tunes the model card's thresholds, which belong to its "
-                         f"own method {model.card['method']}; method {method_name(model)} uses its paper's threshold "
-                         "rule. Leave out --write-defaults (sweep.json still reports every setting).")
+                         f"default method {default_method(model.card)}; method {method_name(model)} uses its paper's "
+                         "threshold rule. Leave out --write-defaults (sweep.json still reports every setting).")
     if args.write_defaults is not None and args.method_steps is not None:
         card_steps, given = model.resolve()["steps"], model.resolve(steps=args.method_steps)["steps"]
         if given != card_steps:
