@@ -128,3 +128,18 @@ def test_train_ct_makes_a_ct_organ_card(tmp_path, capsys):
                                                                                   "pancreas"]
     assert card["inference_defaults"]["method"] == "cg-ddim"
     assert "abdominal CT phantoms" in card["provenance"]["training_data"]
+
+
+def test_the_bundled_ct_organ_model_and_its_classifier_fit():
+    """The bundled CT model is the default for a CT, runs classifier-guided DDIM with the bundled classifier that fits,
+    and says honestly what it was trained on."""
+    from DiffusionAnomalyLib.checkpoint import bundled_checkpoint, bundled_classifier, check_classifier_fits, read_card
+
+    card = read_card(bundled_checkpoint(modality="CT"))
+    assert card["modality"] == "CT" and card["inference_defaults"]["method"] == "cg-ddim"
+    assert card["preprocessing"]["crop"]["organs"] == ["kidney_left", "kidney_right", "pancreas"]
+    assert card["not_for_clinical_use"] and "synthetic abdominal CT phantoms" in card["provenance"]["training_data"]
+    classifier = read_card(bundled_classifier(card))
+    check_classifier_fits(card, classifier)
+    assert classifier["modality"] == "CT"
+    assert read_card(bundled_checkpoint())["modality"] == "PT"  # the default without a modality stays the PET model
