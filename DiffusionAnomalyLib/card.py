@@ -801,12 +801,20 @@ def classifier_card(diffusion: dict[str, Any] | None = None, **design: Any) -> d
     return card
 
 
+def _method_words(card: dict[str, Any]) -> str:
+    """The card's method as a reader says it; a card that runs another method by default (the CT organ model:
+    classifier-guided DDIM on a conditional network) names both."""
+    network = METHOD_TITLES.get(card.get("method"), str(card.get("method", "?")))
+    default = (card.get("inference_defaults", {}) or {}).get("method")
+    return network if not default or default == card.get("method") else f"{default} by default (network: {network})"
+
+
 def card_items(card: dict[str, Any]) -> list[tuple[str, str]]:
     """What a user is shown about a model, as (label, text) pairs: reports and the Slicer panel."""
     prov = card.get("provenance", {}) or {}
     modality = card.get("modality", "?")
     items = [("Model", str(card.get("id", "?"))),
-             ("Method", METHOD_TITLES.get(card.get("method"), str(card.get("method", "?")))),
+             ("Method", _method_words(card)),
              ("Modality", MODALITY_NAMES.get(modality, str(modality))),
              ("Training data", prov.get("training_data") or "not stated in the model card")]
     if prov.get("validation_data"):

@@ -23,9 +23,11 @@ from tqdm import tqdm
 
 from . import metrics, phantoms
 from .method_catalog import BASELINES, METHODS, default_method, method_spec, parameter_words, served_method, unknown_owner
-from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, classifier_card, ct_card, default_card, number_from_text,
+from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, card_items, classifier_card, ct_card, default_card,
+                   number_from_text,
                    parse_steps, real_number, whole_number)
-from .checkpoint import bundled_checkpoint, read_card
+from .checkpoint import bundled_checkpoint, bundled_models, read_card
+from .version import __version__
 from . import evaluation
 from .ct_evaluation import CT_EVALUATION_FILES, ct_markdown, evaluate_ct, phantom_cases
 from .ct_lesions import REAL_CTS, real_anatomy_set
@@ -610,10 +612,46 @@ def _listed(values) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _cmd_models(args) -> int:
+    """List the bundled models (and the checkpoints of ``--dir``) with a line of their card each."""
+    rows = [(e["id"], Path(e["path"])) for e in bundled_models()]
+    if args.dir is not None:
+        folder = Path(args.dir)
+        if not folder.is_dir():
+            raise ValueError(f"--dir {folder} is not a folder; give the folder that holds your .safetensors checkpoints.")
+        rows += [(path.stem, path) for path in sorted(folder.glob("*.safetensors"))]
+    for name, path in rows:
+        try:
+            card = read_card(path)
+            words = (f"{card.get('modality', '?')}, {default_method(card) if card['method'] != 'classifier' else 'classifier'}"
+                     f": {card.get('name', '')}")
+        except ValueError as exc:  # a user's file that is not a checkpoint: listed with the reason
+            words = f"not usable: {_one_line(str(exc))}"
+        print(f"{name}  ({path})\n    {words}")
+    return 0
+
+
+def _cmd_card(args) -> int:
+    """Show one model's card (a bundled id or a checkpoint file) as a reader sees it."""
+    path = Path(args.model) if Path(args.model).suffix == ".safetensors" else bundled_checkpoint(args.model)
+    for label, text in card_items(read_card(path)):
+        print(f"{label}: {text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="diffusion-anomaly", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"diffusion-anomaly {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    mo = sub.add_parser("models", help="list the bundled models (and the checkpoints in --dir) with their modality, "
+                                       "default method and name")
+    mo.add_argument("--dir", default=None, help="also list the .safetensors checkpoints in this folder")
+    mo.set_defaults(func=_cmd_models)
+    cd = sub.add_parser("card", help="show a model's card: what it was trained on, its validation figures and notes")
+    cd.add_argument("model", help="a bundled model id (see 'models') or a .safetensors checkpoint file")
+    cd.set_defaults(func=_cmd_card)
 
     ph = sub.add_parser("phantom", help="write seeded synthetic PET phantoms with lesion masks")
     ph.add_argument("--out", required=True)

@@ -460,3 +460,27 @@ def test_best_defaults_ignore_grid_points_without_a_score():
     with pytest.raises(ValueError, match="no finite DSC_opt"):
         evaluation.card_with_best_defaults(card, {"seeds": [7, 7], "slices": 0, "grid": [
             {"noise_level": 1, "guidance_scale": 0.0, "steps": 5, "dsc_opt": float("nan")}]}, "x")
+
+
+def test_version_models_and_card(capsys, tmp_path, tiny_checkpoint):
+    """--version, the bundled models with their modality and default method, one model's card, and their refusals."""
+    from DiffusionAnomalyLib.version import __version__
+
+    code, stdout, _ = run_cli(capsys, "--version")
+    assert code == 0 and stdout.strip() == f"diffusion-anomaly {__version__}"
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    import shutil
+    shutil.copy(tiny_checkpoint, tmp_path / "mine.safetensors")
+    code, stdout, _ = run_cli(capsys, "models", "--dir", tmp_path)
+    assert code == 0
+    assert "igconda-pet-phantom-demo" in stdout and "PT, igconda:" in stdout and "CT, cg-ddim:" in stdout
+    assert "mine  (" in stdout and "broken  (" in stdout and "not usable:" in stdout
+    code, stdout, _ = run_cli(capsys, "card", "cg-ct-organs-demo")
+    assert code == 0 and "Modality: CT" in stdout and "Method: cg-ddim by default" in stdout
+    assert "Not for clinical use: yes" in stdout
+    code, stdout, _ = run_cli(capsys, "card", tmp_path / "mine.safetensors")
+    assert code == 0 and "Model: " in stdout
+    code, _, err = run_cli(capsys, "card", "no-such-model")
+    assert code == 2 and error_line(err).startswith("error: no bundled model 'no-such-model'")
+    code, _, err = run_cli(capsys, "models", "--dir", tmp_path / "missing")
+    assert code == 2 and "is not a folder" in error_line(err)
