@@ -31,6 +31,7 @@ from .version import __version__
 from . import evaluation
 from .ct_evaluation import CT_EVALUATION_FILES, ct_markdown, evaluate_ct, phantom_cases
 from .ct_lesions import REAL_CTS, real_anatomy_set
+from .ct_phantoms import make_ct_phantom
 from .evaluation import (EVALUATION_FILES, EVALUATION_SEEDS, SWEEP_FILES, card_with_best_defaults, check_held_out,
                          card_with_threshold_defaults, evaluate, markdown_table, sweep, whole_volume_grid,
                          phantom_seeds, whole_volume_sweep)
@@ -242,9 +243,7 @@ def _cmd_run(args) -> int:
         with tempfile.TemporaryDirectory(prefix="diffusion-anomaly-organs-") as work:
             if selection is not None:
                 labels = _organ_labels(args, selection, volume, Path(work))
-                roi = selection.mask(labels, grid=volume).voxels
-                region = selection.region_mask(labels, grid=volume)
-                region = None if region is None else region.voxels
+                roi, region = selection.masks(labels, grid=volume)
                 inside = int(np.count_nonzero(roi))
                 extra["organ_roi"] = {
                     "segmentation": str(args.roi_seg) if args.roi_seg is not None else
@@ -461,8 +460,6 @@ def _cmd_demo(args) -> int:
 def _demo_case(args):
     """(image, organs, lesion labels, lesion records, lesion names, words) of the demo's phantom."""
     if args.modality == "CT":
-        from .ct_phantoms import make_ct_phantom
-
         case = make_ct_phantom(args.seed, n_lesions=args.lesions)
         words = ", ".join(f"{les['kind']} {les['diameter_mm']:.0f} mm in {les['organ']}" for les in case.lesions)
         names = [f"True lesion {les['id']} ({les['kind']}, {les['organ']})" for les in case.lesions]
@@ -481,15 +478,13 @@ def _demo(args, out: Path, names: tuple[str, ...] = DEMO_FILES) -> int:
           f"model {model.card['id']}, method {method_name(model)}, on {model.device}")
     # the phantom's organ map stands in for TotalSegmentator's: the model card's default organs and exclusion apply
     selection = OrganSelection.from_card(model.card)
-    roi = None if selection.is_whole_volume else selection.mask(organs, grid=image).voxels
-    region = selection.region_mask(organs, grid=image)
+    roi, region = (None, None) if selection.is_whole_volume else selection.masks(organs, grid=image)
     if roi is not None:
         print(f"organ ROI: {selection.words()} (the phantom's organ map, standing in for TotalSegmentator)")
     bar = _progress_bar("diffusion")
     try:
         result = analyse(model, image, parameters=_method_parameters(args, method_name(model)),
-                         thresholding=_thresholding(args, model), roi=roi, progress=bar,
-                         region=None if region is None or "crop" not in model.card["preprocessing"] else region.voxels)
+                         thresholding=_thresholding(args, model), roi=roi, region=region, progress=bar)
     finally:
         bar.close()
     truth = lesion_labels.voxels > 0

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from . import metrics
 from .ct_lesions import CtCase, LESION_ORGANS
+from .ct_phantoms import make_ct_phantom
 from .export import write_json
 from .figures import froc_png
 from .files import atomic_path
@@ -53,8 +54,7 @@ def evaluate_case(model, case: CtCase, thresholding: Thresholding | None = None,
                   parameters: dict[str, Any] | None = None) -> dict[str, Any]:
     """One case: the model at its defaults inside its card's organs, matched against the case's lesions."""
     selection = OrganSelection.from_card(model.card)
-    roi = selection.mask(case.organs, grid=case.ct).voxels
-    region = selection.region_mask(case.organs, grid=case.ct).voxels
+    roi, region = selection.masks(case.organs, grid=case.ct)
     clock = time.perf_counter()
     result = analyse(model, case.ct, parameters=parameters, thresholding=thresholding, roi=roi, region=region)
     seconds = time.perf_counter() - clock
@@ -229,8 +229,6 @@ def ct_markdown(result: dict[str, Any]) -> str:
 
 def phantom_cases(seeds: Sequence[int]) -> Iterable[CtCase]:
     """Held-out abdominal CT phantoms, made one at a time."""
-    from .ct_phantoms import make_ct_phantom
-
     for seed in seeds:
         yield make_ct_phantom(int(seed))
 

@@ -42,6 +42,7 @@ from .figures import comparison_png, froc_png, sweep_png
 from .files import atomic_path, check_writable_dir
 from .method_catalog import BASELINES, method_spec, parameter_words
 from .methods.base import check_evaluations
+from .ct_phantoms import make_ct_phantom
 from .phantoms import make_phantom
 from .postprocessing import (Thresholding, bounding_box, inside_roi, large_enough, segment, suv_threshold_baseline, threshold_value,
                              voxel_volume_ml)
@@ -1007,11 +1008,9 @@ def _tuning_slices(model, seed: int, phantom_kwargs: dict[str, Any] | None = Non
     PET phantom, or for a CT organ model (card ``preprocessing.crop``) the crops of an abdominal CT phantom around
     its card's organs (the phantom's organ map standing in for TotalSegmentator)."""
     if "crop" in model.card["preprocessing"]:
-        from .ct_phantoms import make_ct_phantom
-
         case = make_ct_phantom(seed, **(phantom_kwargs or {}))
-        region = OrganSelection.from_card(model.card).region_mask(case.organs, grid=case.ct)
-        x, model_grid = model.prepare(case.ct, region=region.voxels)
+        _, region = OrganSelection.from_card(model.card).masks(case.organs, grid=case.ct)
+        x, model_grid = model.prepare(case.ct, region=region)
     else:
         case = make_phantom(seed, **(phantom_kwargs or {}))
         x, model_grid = model.prepare(case.pet)
@@ -1125,12 +1124,11 @@ def whole_volume_sweep(model, n_cases: int, seed: int, out_dir: str | Path, *, s
     for s in seeds:
         t0 = time.perf_counter()
         if crop:  # a CT organ model: an abdominal CT phantom, analysed inside its card's organs, as run does
-            from .ct_phantoms import make_ct_phantom
-
             case = make_ct_phantom(s, **(phantom_kwargs or {}))
-            image, organs = case.ct, OrganSelection.from_card(model.card)
-            inside = organs.mask(case.organs, grid=image).voxels != 0
-            res = model.run(image, steps=steps, region=organs.region_mask(case.organs, grid=image).voxels)
+            image = case.ct
+            inside, region = OrganSelection.from_card(model.card).masks(case.organs, grid=image)
+            inside = inside != 0
+            res = model.run(image, steps=steps, region=region)
         else:
             case = make_phantom(s, **(phantom_kwargs or {}))
             image, inside = case.pet, None

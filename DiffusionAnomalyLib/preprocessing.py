@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .card import MODALITY_NAMES
-from .volume import Volume, VolumeError, canonical_modality, canonical_units, is_suv, modality_words
+from .volume import Volume, VolumeError, canonical_modality, canonical_units, is_suv, lps_ras_flip, modality_words
 
 # ---- what a PET model's input must look like (SUVbw) -------------------------------------------
 #: Declared SUV: a maximum below this is no uptake anywhere or a factor 1000 off (weight in kg where
@@ -238,10 +238,11 @@ class CropStack:
 
 
 def _lps_box(volume: Volume, box: tuple[slice, slice, slice]) -> np.ndarray:
-    """(2, 3) LPS min / max over the voxel corners of ``box`` ([k, j, i] slices) of ``volume``."""
-    ras = volume.ras_box(box)
-    lps = ras * np.array([-1.0, -1.0, 1.0])
-    return np.sort(lps, axis=0)
+    """(2, 3) LPS min / max over the voxel corners (half a voxel beyond the centres) of ``box`` ([k, j, i] slices)."""
+    (k0, k1), (j0, j1), (i0, i1) = ((b.start - 0.5, b.stop - 0.5) for b in box)
+    corners = np.array([[i, j, k, 1.0] for i in (i0, i1) for j in (j0, j1) for k in (k0, k1)])
+    lps = (corners @ lps_ras_flip(volume.ijk_to_ras).T)[:, :3]
+    return np.stack([lps.min(axis=0), lps.max(axis=0)])
 
 
 def crop_grids(volume: Volume, prep: dict[str, Any], region: np.ndarray | None) -> CropStack:

@@ -549,6 +549,12 @@ class OrganSelection:
             return None
         return roi_mask(labels, self.include, None, self.margin_mm, grid=grid, skip_absent=self.skip_absent)
 
+    def masks(self, labels: OrganLabels, grid: Volume) -> tuple[np.ndarray, np.ndarray | None]:
+        """The voxels of :meth:`mask` and :meth:`region_mask` on ``grid`` (the region None without included organs):
+        what a run keeps lesions in, and what its method computes."""
+        region = self.region_mask(labels, grid=grid)
+        return self.mask(labels, grid=grid).voxels, None if region is None else region.voxels
+
     def words(self) -> str:
         """'the whole volume excluding physiological-uptake (5 mm margin)': the choice as a reader says it."""
         words = f"the organs {', '.join(self.include)}" if self.include else "the whole volume"

@@ -143,3 +143,22 @@ def test_the_bundled_ct_organ_model_and_its_classifier_fit():
     check_classifier_fits(card, classifier)
     assert classifier["modality"] == "CT"
     assert read_card(bundled_checkpoint())["modality"] == "PT"  # the default without a modality stays the PET model
+
+
+def test_sweeps_of_a_ct_organ_model_run_inside_its_organs(tmp_path, capsys, tiny_ct_checkpoint, tiny_ct_classifier):
+    """Both sweeps take a CT organ model: crops of tuning CT phantoms around its organs, thresholds with its clean-up."""
+    out = tmp_path / "sweep"
+    code, stdout, _ = run_cli(capsys, "sweep", "--method", "cg-ddim", "--phantoms", 2, "--seed", 800_000,
+                              "--noise-levels", 20, "--guidance-values", "0,100", "--steps", 1, "--out", out,
+                              *ct_args(tiny_ct_checkpoint, tiny_ct_classifier))
+    assert code == 0, stdout
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["method"] == "cg-ddim" and result["slices"] > 0 and len(result["grid"]) == 2
+    out = tmp_path / "whole"
+    code, stdout, _ = run_cli(capsys, "sweep", "--whole-volume", "--phantoms", 2, "--seed", 810_000, "--out", out,
+                              "--organ-excludes", "none", "--absolute-values", "20,40", "--fractions", "0.5",
+                              "--min-sizes-ml", "0.05", *ct_args(tiny_ct_checkpoint, tiny_ct_classifier))
+    assert code == 0, stdout
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["method"] == "cg-ddim" and len(result["grid"]) == 3
+    assert "post_processing" not in result  # the tiny card keeps the PET thresholding (no section 4 clean-up)
