@@ -42,7 +42,8 @@ from .files import OutputError, check_writable_dir, output_folder, staged
 from .methods import load_checkpoint
 from .networks import pick_device, save_checkpoint
 from .pipeline import RESULT_FILES, analyse, method_name, write_outputs
-from .postprocessing import Thresholding, lesion_columns
+from .measurements import lesion_columns
+from .postprocessing import Thresholding
 from .progress import Cancelled
 from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
 from .reference_import import add_import_arguments

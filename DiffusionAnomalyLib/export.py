@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .files import atomic_path
-from .postprocessing import lesion_columns
+from .measurements import lesion_columns
 from .volume import Volume, lps_ras_flip, write_volume
 
 __all__ = [
@@ -227,7 +227,7 @@ def write_table_csv(
     modality: str | None = None, units: str | None = None,
 ) -> Path:
     """Write rows as CSV with a fixed column order (default: the lesion table's columns for the image's
-    ``modality`` / ``units``, :func:`.postprocessing.lesion_columns`; without them, those the rows hold).
+    ``modality`` / ``units``, :func:`.measurements.lesion_columns`; without them, those the rows hold).
 
     The header is written even with no rows. Every row must have exactly these keys, so nothing
     is silently dropped. Numbers are formatted by :func:`format_number`.

@@ -18,7 +18,8 @@ import numpy as np
 
 from .export import write_json, write_segmentation, write_table_csv
 from .files import OutputError, output_folder, staged
-from .postprocessing import Thresholding, inside_roi, lesion_table
+from .measurements import lesion_table
+from .postprocessing import Thresholding, inside_roi
 from .preprocessing import Grid
 from .progress import Cancel, Progress
 from .version import __version__

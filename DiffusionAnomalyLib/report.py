@@ -24,7 +24,7 @@ from .export import format_number
 from .files import atomic_path
 from .figures import key_slices, overview_png
 from .pipeline import CaseResult
-from .postprocessing import CT_LESION_COLUMNS, lesion_columns
+from .measurements import CT_LESION_COLUMNS, lesion_columns
 from .version import __version__
 from .volume import Volume
 
@@ -49,7 +49,7 @@ def _kv_table(items: Sequence[tuple[str, Any]]) -> str:
 
 
 def lesion_table_html(rows: Sequence[dict[str, Any]], modality: str | None = None, units: str | None = None) -> str:
-    """The lesion table in the columns of the image's ``modality`` / ``units`` (:func:`.postprocessing.lesion_columns`)."""
+    """The lesion table in the columns of the image's ``modality`` / ``units`` (:func:`.measurements.lesion_columns`)."""
     if not rows:
         return "<p>No lesion candidates above the threshold.</p>"
     columns = lesion_columns(modality, units, rows)

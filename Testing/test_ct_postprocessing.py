@@ -11,16 +11,8 @@ import pytest
 
 from DiffusionAnomalyLib.card import default_card
 from DiffusionAnomalyLib.export import write_table_csv
-from DiffusionAnomalyLib.postprocessing import (
-    CT_LESION_COLUMNS,
-    LESION_COLUMNS,
-    LESION_TABLE_COLUMNS,
-    Thresholding,
-    lesion_columns,
-    lesion_table,
-    segment,
-    slice_axis,
-)
+from DiffusionAnomalyLib.measurements import CT_LESION_COLUMNS, LESION_COLUMNS, LESION_TABLE_COLUMNS, lesion_columns, lesion_table
+from DiffusionAnomalyLib.postprocessing import Thresholding, segment, slice_axis
 from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix
 
 SHAPE = (16, 40, 40)  # k, j, i

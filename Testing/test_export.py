@@ -29,7 +29,8 @@ from DiffusionAnomalyLib.files import (
     output_folder,
     staged,
 )
-from DiffusionAnomalyLib.postprocessing import LESION_TABLE_COLUMNS, lesion_table, segment
+from DiffusionAnomalyLib.measurements import LESION_TABLE_COLUMNS, lesion_table
+from DiffusionAnomalyLib.postprocessing import segment
 from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix, lps_ras_flip
 
 SHAPE = (9, 11, 13)  # k, j, i

@@ -17,7 +17,8 @@ from DiffusionAnomalyLib import pipeline
 from DiffusionAnomalyLib.methods import load_checkpoint
 from DiffusionAnomalyLib.diffusion import timestep_grid
 from DiffusionAnomalyLib.files import OutputError
-from DiffusionAnomalyLib.postprocessing import LESION_TABLE_COLUMNS, Thresholding
+from DiffusionAnomalyLib.measurements import LESION_TABLE_COLUMNS
+from DiffusionAnomalyLib.postprocessing import Thresholding
 from DiffusionAnomalyLib.volume import VolumeError, lps_ras_flip, read_volume
 
 OUTPUT_FILES = {"heatmap.nrrd", "counterfactual.nrrd", "lesions.seg.nrrd", "lesions.csv", "summary.json"}

@@ -10,13 +10,10 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from DiffusionAnomalyLib.card import default_card
+from DiffusionAnomalyLib.measurements import CT_LESION_COLUMNS, LESION_TABLE_COLUMNS, SUV_PEAK_RADIUS_MM, lesion_table
 from DiffusionAnomalyLib.postprocessing import (
-    CT_LESION_COLUMNS,
-    LESION_TABLE_COLUMNS,
-    SUV_PEAK_RADIUS_MM,
     Thresholding,
     inside_roi,
-    lesion_table,
     segment,
     suv_threshold_baseline,
     threshold_value,

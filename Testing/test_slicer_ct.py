@@ -29,7 +29,7 @@ from conftest import REAL_CT, needs_real_ct  # noqa: E402
 from test_slicer_logic import assert_on_grid, assert_segmentation_on_grid  # noqa: E402
 from test_slicer_organs import node_state  # noqa: E402
 
-from DiffusionAnomalyLib.postprocessing import CT_LESION_COLUMNS, LESION_COLUMNS  # noqa: E402
+from DiffusionAnomalyLib.measurements import CT_LESION_COLUMNS, LESION_COLUMNS  # noqa: E402
 from DiffusionAnomalyLib.roi import read_organ_labels, roi_mask  # noqa: E402
 from DiffusionAnomalyLib.volume import read_volume  # noqa: E402
 from DiffusionAnomalyModuleLib import organs  # noqa: E402

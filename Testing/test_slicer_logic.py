@@ -173,7 +173,7 @@ def test_run_writes_nodes_on_the_input_grid(env, first_run):
 
 def test_table_matches_cli_lesions_csv(env, first_run, cli_csv):
     from DiffusionAnomalyLib.export import format_number
-    from DiffusionAnomalyLib.postprocessing import LESION_TABLE_COLUMNS
+    from DiffusionAnomalyLib.measurements import LESION_TABLE_COLUMNS
 
     table = env["params"].GetNodeReference("Table").GetTable()
     columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]

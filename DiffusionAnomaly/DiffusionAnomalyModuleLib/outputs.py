@@ -21,7 +21,8 @@ import vtk
 from DiffusionAnomalyLib.export import LESION_TERMINOLOGY, lesion_colors
 from DiffusionAnomalyLib.method_catalog import METHODS, parameter_words
 from DiffusionAnomalyLib.pipeline import CaseResult
-from DiffusionAnomalyLib.postprocessing import CENTROID_COLUMNS, Thresholding, lesion_columns
+from DiffusionAnomalyLib.measurements import CENTROID_COLUMNS, lesion_columns
+from DiffusionAnomalyLib.postprocessing import Thresholding
 from DiffusionAnomalyLib.volume import Volume
 
 from DiffusionAnomalyModuleLib.nodes import orientedImageFromLabels, updateVolumeNodeFromVolume, volumeFromNode
@@ -197,7 +198,7 @@ def updateSegmentation(segNode, inputNode, labels: np.ndarray, volume: Volume) -
 
 def updateTable(tableNode, rows: list[dict[str, Any]], modality: str | None = None, units: str | None = None) -> None:
     """The lesion table: the engine's lesion-table columns for the input's ``modality`` / ``units`` (HU columns for
-    CT, SUV columns for PET: :func:`~DiffusionAnomalyLib.postprocessing.lesion_columns`; titles, units, integer
+    CT, SUV columns for PET: :func:`~DiffusionAnomalyLib.measurements.lesion_columns`; titles, units, integer
     flags), one row per lesion."""
     schema = lesion_columns(modality, units, rows)
     wasModifying = tableNode.StartModify()
