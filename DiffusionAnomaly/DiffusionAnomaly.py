@@ -60,6 +60,7 @@ if HAVE_GUI:  # a fresh Slicer lacks a few packages of the engine's core, which 
 from DiffusionAnomalyLib.card import MAX_MARGIN_MM, NOT_FOR_CLINICAL_USE, REFERENCE_STEPS, parse_steps  # noqa: E402
 from DiffusionAnomalyLib.errors import is_refusal, user_sentence  # noqa: E402
 from DiffusionAnomalyLib.method_catalog import RECOMPUTE_WORDS  # noqa: E402
+from DiffusionAnomalyLib.postprocessing import THRESHOLD_RULE_WORDS  # noqa: E402
 
 from DiffusionAnomalyModuleLib.logic import DiffusionAnomalyLogic  # noqa: E402
 from DiffusionAnomalyModuleLib.parameters import (INPUT_REFERENCE, LESION_PARAMETERS, METHOD_SETTINGS,  # noqa: E402
@@ -400,6 +401,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 elif kind == "path":
                     widget.currentPath = value
             self.ui.thresholdSlider.enabled = node.GetParameter("ThresholdMethod") != "otsu"
+            self.ui.thresholdSlider.toolTip = THRESHOLD_RULE_WORDS.get(node.GetParameter("ThresholdMethod"), "")
             self.ui.roiSegmentSelector.enabled = node.GetParameter("ROIMode") == "segmentation"
             self.showOrganLists(node)
             self.ui.segmentOrgansButton.enabled = (self.logic.organRunning
@@ -540,8 +542,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             case = self.logic.updateLesions(self._parameterNode)
-            self.ui.statusLabel.text = (f"{case.lesion_count} lesion candidate(s); updated in "
-                                        f"{self.logic.lastUpdateSeconds:.2f} s without network evaluation")
+            self.ui.statusLabel.text = (f"{case.lesion_count} lesion candidate(s) at {case.threshold_words()}; "
+                                        f"updated in {self.logic.lastUpdateSeconds:.2f} s without network evaluation")
         except Exception as exc:  # noqa: BLE001 - show the sentence
             self.ui.statusLabel.text = str(exc)
 
@@ -643,7 +645,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slices = job.modelSlices or {}
             if slices and slices.get("computed") != slices.get("total"):
                 evaluations += f" ({slices['computed']} of {slices['total']} model slices: the included organs)"
-            self.ui.statusLabel.text = f"Done: {self.logic.case.lesion_count} lesion candidate(s); {evaluations}."
+            self.ui.statusLabel.text = (f"Done: {self.logic.case.lesion_count} lesion candidate(s) at "
+                                        f"{self.logic.case.threshold_words()}; {evaluations}.")
         elif job.status == "cancelled":
             self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
         else:

@@ -119,6 +119,15 @@ def number_from_text(value: Any) -> Any:
     return value
 
 
+def fraction_from_text(value: Any) -> Any:
+    """A fraction written as a percentage ("50%" -> 0.5, "35 %" -> 0.35) or as a number (:func:`number_from_text`);
+    anything else unchanged, for the range check to refuse."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = number_from_text(value.strip()[:-1])
+        return number / 100.0 if isinstance(number, (int, float)) and not isinstance(number, bool) else value
+    return number_from_text(value)
+
+
 def whole_number(value: Any, field: str, lo: int | None = None, hi: int | None = None, why: str = "") -> int:
     """``value`` as an int if it is a whole number (an int, or a float like 20.0; never 20.7 or True) in [lo, hi]."""
     if _is_whole(value):
@@ -217,7 +226,7 @@ def check_threshold(method: Any, value: Any, method_field: str = "the threshold 
         return None
     if method == "fraction":
         return real_number(value, value_field, 0.0, 1.0, lo_open=True,
-                           why=" for the 'fraction' method (a fraction of the map's maximum)")
+                           why=" for the 'fraction' method (a fraction of the map's maximum: 0.5 or '50%' for 50 %)")
     return real_number(value, value_field, 0.0, lo_open=True, why=" for the 'absolute' method (in the map's units)")
 
 
@@ -826,6 +835,13 @@ def card_items(card: dict[str, Any]) -> list[tuple[str, str]]:
         items.append(("Validation accuracy by timestep", ", ".join(
             f"t {band['timesteps'][0]}-{band['timesteps'][1] - 1}: {band['accuracy']:.0%}"
             for band in prov["validation_accuracy_by_t"])))
+    evaluation = prov.get("evaluation") or {}
+    if evaluation.get("measured"):
+        items.append(("Measured performance", str(evaluation["measured"])))
+    if evaluation.get("limits"):
+        items.append(("Limits", str(evaluation["limits"])))
+    if evaluation.get("command"):
+        items.append(("Measured with", str(evaluation["command"])))
     if prov.get("note"):
         items.append(("Note", str(prov["note"])))
     flagged = card.get("not_for_clinical_use", True)

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from . import metrics, phantoms
 from .method_catalog import BASELINES, METHODS, default_method, method_spec, parameter_words, served_method, unknown_owner
-from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, card_items, classifier_card, ct_card, default_card,
+from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, card_items, check_margin_mm, check_threshold, classifier_card,
+                   ct_card, default_card, fraction_from_text, organ_list,
                    number_from_text,
                    parse_steps, real_number, whole_number)
 from .checkpoint import bundled_checkpoint, bundled_models, read_card
@@ -35,15 +36,17 @@ from .ct_phantoms import make_ct_phantom
 from .evaluation import (EVALUATION_FILES, EVALUATION_SEEDS, SWEEP_FILES, card_with_best_defaults, check_held_out,
                          card_with_threshold_defaults, evaluate, markdown_table, sweep, whole_volume_grid,
                          phantom_seeds, whole_volume_sweep)
+from .dicom_seg import write_dicom_seg
 from .export import write_json, write_segmentation
 from .errors import REFUSALS, refusal_sentence
-from .figures import overview_png
+from .figures import CT_WINDOW_HU, overview_png
+from .report import write_report
 from .files import OutputError, check_writable_dir, output_folder, staged
 from .methods import load_checkpoint
 from .networks import pick_device, save_checkpoint
-from .pipeline import RESULT_FILES, analyse, method_name, write_outputs
-from .measurements import lesion_columns
-from .postprocessing import Thresholding
+from .pipeline import RESULT_FILES, CaseResult, analyse, method_name, write_outputs
+from .measurements import DEFAULT_MTV_RULE, MTV_RULES, lesion_columns
+from .postprocessing import THRESHOLD_RULE_WORDS, Thresholding
 from .progress import Cancelled
 from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
 from .reference_import import add_import_arguments
@@ -100,8 +103,11 @@ def _train_config(args) -> TrainConfig:
         val_seeds=(val_seed, val_seed + val_cases), steps=steps, max_minutes=minutes, batch_size=batch,
         lr=real_number(args.lr, "--lr", 0.0, 1.0, lo_open=True), val_every=whole_number(args.val_every, "--val-every", 1),
         seed=whole_number(args.seed, "--seed", 0), device=args.device,
-        workers=whole_number(args.workers, "--workers", 1), resume=not args.no_resume,
+        workers=whole_number(args.workers, "--workers", 1), resume=not args.no_resume, healthy_only=args.healthy_only,
     )
+    if cfg.healthy_only and args.method == "classifier":
+        raise ValueError("--healthy-only trains the diffusion model on healthy slices; the classifier must see both "
+                         "classes, so leave it out with --method classifier.")
     pick_device(cfg.device)
     check_writable_dir(cfg.out)
     return cfg
@@ -128,6 +134,12 @@ def _load_model(args, method: str | None = None, modality: str | None = None):
 
 
 def _progress_bar(desc: str):
+    """A tqdm bar on a terminal; when the output is redirected (a log file, a pipe) one line per stage instead, so a
+    log still shows what ran and for how long."""
+    if not sys.stderr.isatty():
+        lines = _progress_lines(desc)
+        lines.close = lambda: None  # type: ignore[attr-defined]
+        return lines
     bar = tqdm(total=100, desc=desc, unit="%", disable=None, mininterval=1.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
     def update(fraction: float, message: str) -> None:
@@ -140,8 +152,7 @@ def _progress_bar(desc: str):
 
 
 def _thresholding(args, model) -> Thresholding:
-    return Thresholding.for_method(model.card, method_name(model), method=args.threshold_method, value=args.threshold,
-                                   min_size_ml=args.min_size_ml)
+    return Thresholding.for_method(model.card, method_name(model), **_threshold_rule(args), min_size_ml=args.min_size_ml)
 
 
 def _steps_argument(text: str):
@@ -240,7 +251,9 @@ def _cmd_run(args) -> int:
         parameters = _method_parameters(args, method_name(model))
         model.resolve(**parameters)  # refused before TotalSegmentator runs
         roi = region = labels = None
-        extra: dict = {"input_path": str(args.input), "checkpoint": str(model.source)}
+        _print_plan(model, parameters, thresholding, selection)
+        extra: dict = {"input_path": str(Path(args.input).resolve()),
+                       "input_read_as": {"modality": args.modality, "units": args.units, "suv_factor": args.suv_factor}}
         with tempfile.TemporaryDirectory(prefix="diffusion-anomaly-organs-") as work:
             if selection is not None:
                 labels = _organ_labels(args, selection, volume, Path(work))
@@ -249,6 +262,7 @@ def _cmd_run(args) -> int:
                 extra["organ_roi"] = {
                     "segmentation": str(args.roi_seg) if args.roi_seg is not None else
                     f"TotalSegmentator on {args.ct} (written as {ORGANS_FILE})",
+                    "organs_path": str(Path(args.roi_seg).resolve()) if args.roi_seg is not None else ORGANS_FILE,
                     **selection.as_parameters(), "voxels_inside": inside, "fraction_inside": inside / roi.size,
                     "heat_map": "shown inside the ROI only (0 outside)",
                     "computed": "the model slices the included organs need" if region is not None
@@ -256,17 +270,137 @@ def _cmd_run(args) -> int:
             bar = _progress_bar("diffusion")
             try:
                 result = analyse(model, volume, parameters=parameters, thresholding=thresholding, roi=roi,
-                                 region=region, progress=bar)
+                                 region=region, progress=bar, organs=labels, mtv_rule=args.mtv_rule or DEFAULT_MTV_RULE)
             finally:
                 bar.close()
-            files = {ORGANS_FILE: lambda path: write_volume(labels.volume, path)} if args.ct is not None else None
-            written = write_outputs(result, out, extra, extra_files=files, replaces=(ORGANS_FILE,))
+            files = {ORGANS_FILE: lambda path: write_volume(labels.volume, path)} if args.ct is not None else {}
+            written = write_outputs(result, out, extra, extra_files={**files, **_report_files(result, args)},
+                                    replaces=(ORGANS_FILE, *REPORT_FILES), command_line=args.command_line)
     _print_table(result.table)
     if selection is not None:
         done = result.method.model_slices
         print(f"organ ROI: {selection.words()}; {done['computed']} of {done['total']} model slices computed")
-    print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
+    _print_result(result, written, out)
     return 0
+
+
+#: what ``rethreshold`` keeps of a result's summary.json besides what it recomputes (the run's own records)
+_RUN_RECORDS = ("input_path", "input_read_as", "phantom_seed", "ground_truth_lesions")
+#: the parameter record's thresholding keys (:meth:`.postprocessing.Thresholding.as_parameters`) -> its fields
+_THRESHOLD_RECORD = {"threshold_method": "method", "threshold_value": "value", "min_size_ml": "min_size_ml",
+                     "opening": "opening", "min_size_voxels": "min_size_voxels", "min_inplane_mm": "min_inplane_mm"}
+
+
+def _result_record(folder: Path) -> dict:
+    """The summary.json of a result folder, refused in one sentence when the folder is not one."""
+    path = folder / "summary.json"
+    if not folder.is_dir() or not path.is_file() or not (folder / "heatmap.nrrd").is_file():
+        raise ValueError(f"--result {folder} is not a result folder of 'diffusion-anomaly run' or 'demo' (it lacks "
+                         "summary.json or heatmap.nrrd); give the folder a run wrote.")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["parameters"]["threshold_method"], record["model"]["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a summary this version can re-threshold (unreadable, or written before "
+                         "re-thresholding existed); run the analysis again.") from None
+    return record
+
+
+def _recorded_file(folder: Path, path: str | None, what: str, option: str) -> Path:
+    """A file a result refers to (relative paths: inside the result folder), refused when it is gone."""
+    found = None if path is None else (folder / path if not Path(path).is_absolute() else Path(path))
+    if found is None or not found.exists():
+        raise ValueError(f"the {what} of this result ({path or 'not recorded'}) is not there; give it with {option}.")
+    return found
+
+
+def _cmd_rethreshold(args) -> int:
+    """Threshold an existing heat map again: new lesion candidates, table, summary and report, no network."""
+    clock = time.perf_counter()
+    folder = Path(args.result)
+    record = _result_record(folder)
+    with output_folder(folder, outputs=(*RESULT_FILES, *REPORT_FILES)) as out:
+        heat = read_volume(out / "heatmap.nrrd")
+        read_as = record.get("input_read_as") or {}
+        volume = read_volume(args.input or _recorded_file(out, record.get("input_path"), "input", "--input"),
+                             modality=read_as.get("modality"), units=read_as.get("units"),
+                             suv_factor=read_as.get("suv_factor"))
+        if volume.voxels.shape != heat.voxels.shape or not volume.same_geometry(heat, atol=1e-4):
+            raise ValueError("the input is not on the heat map's grid (another scan than the one analysed); give the "
+                             "analysed scan with --input.")
+        checkpoint = args.checkpoint or _recorded_file(out, (record.get("checkpoint") or {}).get("path"),
+                                                       "model checkpoint", "--checkpoint")
+        card = read_card(checkpoint)
+        if card["id"] != record["model"]["id"]:
+            raise ValueError(f"{checkpoint} holds model {card['id']}, but this result was made by "
+                             f"{record['model']['id']}; give that model's checkpoint with --checkpoint.")
+        counterfactual = read_volume(out / "counterfactual.nrrd") if (out / "counterfactual.nrrd").is_file() else None
+        params = record["parameters"]
+        old = Thresholding(**{field: params.get(key, getattr(Thresholding, field, None))
+                              for key, field in _THRESHOLD_RECORD.items()})
+        thresholding = Thresholding(**{**old.__dict__, **_threshold_rule(args),
+                                       **({"min_size_ml": args.min_size_ml} if args.min_size_ml is not None else {})})
+        thresholding.check()
+        roi_record = record.get("organ_roi")
+        organs = roi = None
+        if roi_record is not None:
+            organs = read_organ_labels(_recorded_file(out, roi_record.get("organs_path"), "organ segmentation",
+                                                      "a new run (rethreshold keeps the run's organ map)"))
+            # the run was accepted, so an included organ its scan lacks had been left out (skip_absent)
+            before = OrganSelection(tuple(roi_record["roi_include"]), tuple(roi_record["roi_exclude"]),
+                                    float(roi_record["roi_margin_mm"]), skip_absent=True)
+            selection = OrganSelection(
+                tuple(organ_list(args.roi_include, "--roi-include")) if args.roi_include is not None else before.include,
+                tuple(organ_list(args.roi_exclude, "--roi-exclude")) if args.roi_exclude is not None else before.exclude,
+                check_margin_mm(args.roi_margin_mm, "--roi-margin-mm") if args.roi_margin_mm is not None
+                else before.margin_mm, skip_absent=args.roi_include is None)
+            for names in (selection.include, selection.exclude):
+                organ_names(names)
+            roi = selection.masks(organs, grid=volume)[0]
+            if np.any(roi & ~before.masks(organs, grid=volume)[0]):
+                raise ValueError(f"the ROI asked for ({selection.words()}) reaches beyond the run's ({before.words()}), "
+                                 "where the heat map was not kept; narrow it, or run the analysis again with the "
+                                 "wider ROI.")
+            roi_record = {**roi_record, **selection.as_parameters(), "voxels_inside": int(np.count_nonzero(roi))}
+        elif any(v is not None for v in (args.roi_include, args.roi_exclude, args.roi_margin_mm)):
+            raise ValueError("this result was analysed without an organ segmentation, so it has no organ ROI to change; "
+                             "run the analysis again with --roi-seg or --ct.")
+        method = {k: v for k, v in params.items() if k not in _THRESHOLD_RECORD and k != "mtv_rule"}
+        result = CaseResult(volume=volume, heatmap=heat, counterfactual=counterfactual, card=card, parameters=method,
+                            thresholding=thresholding, checkpoint=str(checkpoint), method_name=record["model"]["method"],
+                            classifier=record.get("classifier"), organs=organs,
+                            mtv_rule=args.mtv_rule or params.get("mtv_rule") or DEFAULT_MTV_RULE).threshold(roi=roi)
+        extra = {**{k: record[k] for k in _RUN_RECORDS if k in record},
+                 **({"input_path": str(Path(args.input).resolve())} if args.input else {}),
+                 **({"organ_roi": roi_record} if roi_record is not None else {}),
+                 "rethresholded_from": {k: record.get(k) for k in ("created", "command_line", "threshold",
+                                                                      "lesion_count", "network_evaluations")}}
+        roi_changed = roi_record is not None and any(roi_record[k] != record["organ_roi"][k]
+                                                     for k in selection.as_parameters())
+        written = write_outputs(result, out, extra, extra_files=_report_files(result, args), replaces=REPORT_FILES,
+                                command_line=args.command_line, write_maps=roi_changed)
+    _print_table(result.table)
+    _print_result(result, written, out)
+    print(f"re-thresholded in {time.perf_counter() - clock:.2f} s (no network)")
+    return 0
+
+
+def _print_plan(model, parameters: dict, thresholding: Thresholding, selection: OrganSelection | None = None) -> None:
+    """What is about to run, before any work: model, method, the parameters actually used (card defaults filled in),
+    device and arithmetic, threshold rule, organ ROI."""
+    name = method_name(model)
+    print(f"model {model.card['id']} ({model.source}); method {name}: {METHODS[name].title}; "
+          f"on {model.device} in {model.precision}", flush=True)
+    print(f"parameters: {parameter_words(name, model.resolve(**parameters))}", flush=True)
+    print(f"threshold: {thresholding.words()} (the cut-off in heat-map units is printed after the run)", flush=True)
+    if selection is not None:
+        print(f"organ ROI: {selection.words()}", flush=True)
+
+
+def _print_result(result, written: dict, out: Path) -> None:
+    """The closing lines of a run: candidates, the absolute cut-off applied with its units, the files."""
+    print(f"threshold applied: {result.threshold_words()}")
+    print(f"{result.lesion_count} lesion candidate(s); wrote {', '.join(sorted(written))} to {out}")
 
 
 def _evaluation_methods(args, card: dict) -> tuple[list[str], list[str]]:
@@ -411,14 +545,17 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _progress_lines():
-    """A progress callback printing one line per new message (for long child programs; no bar to redraw)."""
+def _progress_lines(desc: str = ""):
+    """A progress callback printing one line per new message, with the seconds since it started (no bar to redraw:
+    long child programs, redirected output)."""
     last = [None]
+    clock = time.perf_counter()
+    prefix = f"{desc}: " if desc else ""
 
     def update(fraction: float, message: str) -> None:
         if message != last[0]:
             last[0] = message
-            print(f"{100 * fraction:3.0f}% {message}", flush=True)
+            print(f"{prefix}{100 * fraction:3.0f}% {message} ({time.perf_counter() - clock:.0f} s)", flush=True)
 
     return update
 
@@ -443,12 +580,27 @@ def _check_new_checkpoint_path(path: str, source: str | None) -> None:
         raise OutputError(f"--write-defaults must name a new file, not the checkpoint being swept ({target}).")
 
 
+#: what run, demo and rethreshold write besides :data:`.pipeline.RESULT_FILES`: the report (its PDF when a renderer
+#: is found) and, for a DICOM input with lesion candidates, a DICOM Segmentation referencing the input series
+REPORT_FILES = ("report.html", "report.pdf", "lesions.seg.dcm")
+
+
+def _report_files(result, args) -> dict:
+    """The writers of :data:`REPORT_FILES` for :func:`.pipeline.write_outputs` (the PDF is rendered from the HTML
+    written just before it)."""
+    pdf = getattr(args, "pdf", True)  # rethreshold renders the PDF only when asked (it takes longer than the rest)
+    files = {REPORT_FILES[0]: lambda path: write_report(path, result, subject=args.subject, pdf=pdf, say=print)}
+    if result.volume.meta.get("format") == "dicom" and result.lesion_count:
+        files[REPORT_FILES[2]] = lambda path: write_dicom_seg(result.labels, result.volume, path)
+    return files
+
+
 DEMO_FILES = ("input_pet.nrrd", "ground_truth.seg.nrrd", "overview.png", "input_organs.nrrd")
 #: the CT demo's files: the same, with the input named for its modality
 CT_DEMO_FILES = ("input_ct.nrrd",) + DEMO_FILES[1:]
 #: how the demo shows its input: PET in SUV from 0 (inverted grey), CT in the abdominal window of the CT model's card
 DEMO_DISPLAY = {"PT": {"vmin": 0.0, "vmax": 8.0, "image_cmap": "gray_r"},
-                "CT": {"vmin": -160.0, "vmax": 240.0, "image_cmap": "gray"}}
+                "CT": {"vmin": CT_WINDOW_HU[0], "vmax": CT_WINDOW_HU[1], "image_cmap": "gray"}}
 
 
 def _cmd_demo(args) -> int:
@@ -480,23 +632,29 @@ def _demo(args, out: Path, names: tuple[str, ...] = DEMO_FILES) -> int:
     # the phantom's organ map stands in for TotalSegmentator's: the model card's default organs and exclusion apply
     selection = OrganSelection.from_card(model.card)
     roi, region = (None, None) if selection.is_whole_volume else selection.masks(organs, grid=image)
+    parameters, thresholding = _method_parameters(args, method_name(model)), _thresholding(args, model)
+    _print_plan(model, parameters, thresholding)
     if roi is not None:
         print(f"organ ROI: {selection.words()} (the phantom's organ map, standing in for TotalSegmentator)")
     bar = _progress_bar("diffusion")
     try:
-        result = analyse(model, image, parameters=_method_parameters(args, method_name(model)),
-                         thresholding=_thresholding(args, model), roi=roi, region=region, progress=bar)
+        result = analyse(model, image, parameters=parameters, thresholding=thresholding, roi=roi, region=region,
+                         progress=bar, organs=organs, mtv_rule=args.mtv_rule or DEFAULT_MTV_RULE)
     finally:
         bar.close()
     truth = lesion_labels.voxels > 0
     pred = result.labels > 0
     dsc = metrics.dice(pred, truth)
-    found = metrics.match_lesions(pred, lesion_labels.voxels, iou_threshold=0.2)
+    found = metrics.match_labels(result.labels, lesion_labels.voxels, DEMO_IOU, n_truth=len(lesions))
+    matches = metrics.lesion_matches(result.labels, lesion_labels.voxels, DEMO_IOU, n_truth=len(lesions))
     heat_dsc, _ = metrics.optimal_dice(result.shown_heatmap.voxels, truth)
-    extra = {"phantom_seed": args.seed, "ground_truth_lesions": lesions,
-             **({"organ_roi": {"segmentation": f"{names[3]}: {organs.source}", **selection.as_parameters()}}
-                if roi is not None else {}),
-             "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc, "lesion_detection": found}
+    extra = {"phantom_seed": args.seed, "input_path": names[0], "ground_truth_lesions": lesions,
+             "organ_roi": {"segmentation": f"{names[3]}: {organs.source}", "organs_path": names[3],
+                           **selection.as_parameters()},
+             "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc,
+             "lesion_detection": {"rule": metrics.match_rule_words(DEMO_IOU),
+                                  **{k: found[k] for k in ("tp", "fp", "fn", "precision", "recall", "f1")},
+                                  "lesions": matches}}
     cf = result.counterfactual.voxels if result.counterfactual is not None else None
     unhealthy = None  # the model slices the ground truth calls unhealthy, marked on the classifier's curve
     if result.method.classifier_confidence is not None:
@@ -507,20 +665,42 @@ def _demo(args, out: Path, names: tuple[str, ...] = DEMO_FILES) -> int:
         names[1]: lambda p: write_segmentation(lesion_labels.voxels, image, p, names=lesion_names),
         names[2]: lambda p: overview_png(
             p, image.voxels, cf, result.shown_heatmap.voxels, result.labels, lesion_labels.voxels,
-            title=f"{model.card['id']} ({method_name(model)}) | phantom seed {args.seed} | Dice {dsc:.2f} | "
+            title=f"{model.card['id']} ({method_name(model)}) | phantom seed {args.seed} | found {found['tp']}/"
+                  f"{len(lesions)} (IoU >= {DEMO_IOU:g}), {found['fp']} false | Dice {dsc:.2f} | "
                   f"{NOT_FOR_CLINICAL_USE_SHORT}",
             aspect=float(image.spacing[1] / image.spacing[0]),
             confidence=result.method.classifier_confidence, confidence_unhealthy=unhealthy,
+            ijk_to_ras=image.ijk_to_ras, image_units=image.units or "", heat_units=result.heat_units,
             **DEMO_DISPLAY[model.card["modality"]]),
         names[3]: lambda p: write_volume(organs.volume, p),
     }
-    written = write_outputs(result, out, extra, extra_files=files)
+    written = write_outputs(result, out, extra, extra_files={**files, **_report_files(result, args)},
+                            replaces=REPORT_FILES, command_line=args.command_line)
     _print_table(result.table)
-    print(f"Dice vs ground truth: {dsc:.3f} (heat map DSC_opt {heat_dsc:.3f}); lesions found "
-          f"{found['tp']}/{found['tp'] + found['fn']} (IoU >= 0.2), false positives {found['fp']}")
+    for match, name in zip(matches, lesion_names):
+        print(f"{name}: {_match_words(match)}")
+    print(f"lesions found {found['tp']}/{len(lesions)}, false candidates {found['fp']}; rule: "
+          f"{metrics.match_rule_words(DEMO_IOU)}")
+    print(f"Dice vs ground truth: {dsc:.3f} (heat map DSC_opt {heat_dsc:.3f})")
+    print(f"threshold applied: {result.threshold_words()}")
     print(f"wrote {len(written)} files to {out} in {time.perf_counter() - t0:.0f} s "
           f"(synthetic phantom, demo model: not for clinical use)")
     return 0
+
+
+#: the demo's detection rule: METHODS.md section 4's IoU, as the CT evaluation uses it
+DEMO_IOU = 0.2
+
+
+def _match_words(match: dict) -> str:
+    """How one true lesion fared under the demo's rule (:func:`.metrics.lesion_matches`), in words."""
+    if match["candidate"] is None:
+        return "missed: no candidate overlaps it"
+    overlap = (f"candidate {match['candidate']} (IoU {match['iou']:.2f}, covers {100 * match['covered']:.0f} % of "
+               f"the lesion, {match['size_ratio']:.1f}x its volume)")
+    if match["found"]:
+        return f"found by {overlap}"
+    return f"not counted as found: best overlap {overlap}, IoU below {DEMO_IOU:g}"
 
 
 def _first_records() -> dict:
@@ -575,9 +755,54 @@ def _add_inference_args(p, with_threshold: bool = True, parameters: tuple[str, .
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="network arithmetic: auto = bf16 on CPUs with native bf16 (1.5-2x faster), else fp32")
     if with_threshold:
-        p.add_argument("--threshold-method", choices=("fraction", "absolute", "otsu"), default=None)
-        p.add_argument("--threshold", type=number_from_text, default=None, help="fraction of the map maximum, or absolute value")
-        p.add_argument("--min-size-ml", type=number_from_text, default=None, help="drop lesion candidates smaller than this")
+        _add_threshold_args(p)
+
+
+def _add_threshold_args(p) -> None:
+    """The threshold rules, one option each with its unit (at most one), and the minimum candidate size."""
+    rule = p.add_argument_group("lesion threshold (one rule at most; default: the model card's)")
+    one = rule.add_mutually_exclusive_group()
+    one.add_argument("--threshold-fraction", type=_rule_value("fraction"), default=None, metavar="F",
+                     help=THRESHOLD_RULE_WORDS["fraction"].replace("%", "%%") + "; '35%%' is read as 0.35")
+    one.add_argument("--threshold-absolute", type=_rule_value("absolute"), default=None, metavar="V",
+                     help=THRESHOLD_RULE_WORDS["absolute"])
+    one.add_argument("--threshold-otsu", action="store_true", help=THRESHOLD_RULE_WORDS["otsu"])
+    rule.add_argument("--min-size-ml", type=number_from_text, default=None, metavar="ML",
+                      help="drop lesion candidates smaller than this volume in ml (>= 0; default: the model card's)")
+
+
+def _add_report_args(p) -> None:
+    """How the lesion table measures a PET candidate's metabolic volume, and the report's subject field."""
+    p.add_argument("--mtv-rule", choices=tuple(MTV_RULES), default=None,
+                   help="PET metabolic tumour volume (MTV, TLG) of each candidate: "
+                        + "; ".join(f"{k}: {v.rstrip('.')}" for k, v in MTV_RULES.items()).replace("%", "%%")
+                        + f" (default: {DEFAULT_MTV_RULE})")
+    p.add_argument("--subject", default="", metavar="CODE",
+                   help="a pseudonymised subject or study code for the report's case identity (nothing identifying "
+                        "is read from the input; default: a blank line to fill in)")
+
+
+def _rule_value(method: str) -> Callable[[str], float]:
+    """argparse type of a threshold rule's value: :func:`.card.check_threshold`'s range, refused while parsing (before
+    anything is read or loaded)."""
+    def parse(text: str) -> float:
+        try:
+            return check_threshold(method, fraction_from_text(text) if method == "fraction" else number_from_text(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).rstrip(".")) from None
+
+    parse.__name__ = f"{method} threshold"
+    return parse
+
+
+def _threshold_rule(args) -> dict:
+    """``method`` and ``value`` of the threshold option given (none: {}, the card's rule)."""
+    if args.threshold_otsu:
+        return {"method": "otsu", "value": None}  # Otsu has no value: none carried over from an earlier rule
+    for method in ("fraction", "absolute"):
+        if getattr(args, f"threshold_{method}") is not None:
+            return {"method": method, "value": getattr(args, f"threshold_{method}")}
+    return {}
 
 
 
@@ -593,6 +818,17 @@ def _method_parameters(args, method: str) -> dict:
         raise ValueError(f"{options} {'do' if len(foreign) > 1 else 'does'} not apply to method {method} (it takes "
                          f"{takes}; {unknown_owner(foreign)}).")
     return given
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default appended when it has one and its text does not already say it, and the
+    verb's examples (its epilog) kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, "", argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -637,7 +873,7 @@ def _cmd_card(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="diffusion-anomaly", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"diffusion-anomaly {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -650,13 +886,13 @@ def build_parser() -> argparse.ArgumentParser:
     cd.set_defaults(func=_cmd_card)
 
     ph = sub.add_parser("phantom", help="write seeded synthetic PET phantoms with lesion masks")
-    ph.add_argument("--out", required=True)
-    ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--count", type=_count("the number of phantoms", 1), default=1)
+    ph.add_argument("--out", required=True, help="folder to write the phantoms into")
+    ph.add_argument("--seed", type=int, default=0, help="first phantom seed (each seed gives one reproducible phantom)")
+    ph.add_argument("--count", type=_count("the number of phantoms", 1), default=1, help="phantoms to write (seeds SEED, SEED+1, ...)")
     ph.add_argument("--lesions", type=_count("the number of lesions", 0), default=None,
                     help="number of lesions (default: random 0..4)")
-    ph.add_argument("--format", choices=("nrrd", "nifti"), default="nrrd")
-    ph.add_argument("--verbose", action="store_true")
+    ph.add_argument("--format", choices=("nrrd", "nifti"), default="nrrd", help="file format")
+    ph.add_argument("--verbose", action="store_true", help="print each phantom's lesions")
     ph.set_defaults(func=_cmd_phantom)
 
     tr = sub.add_parser("train", help="train (or resume) an IgCONDA-PET model or a noise-conditioned classifier "
@@ -668,24 +904,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PT: whole-body PET phantoms (SUV); CT: crops around the kidneys and pancreas of abdominal "
                          "CT phantoms (HU), the CT organ model's card")
     tr.add_argument("--out", required=True, help="work folder: best.safetensors, state.safetensors, cache/")
-    tr.add_argument("--steps", type=number_from_text, default=2000)
-    tr.add_argument("--max-minutes", type=number_from_text, default=None)
-    tr.add_argument("--batch-size", type=number_from_text, default=32)
-    tr.add_argument("--lr", type=number_from_text, default=3e-4)
-    tr.add_argument("--train-seed", type=number_from_text, default=1000)
-    tr.add_argument("--train-cases", type=number_from_text, default=160)
-    tr.add_argument("--val-seed", type=number_from_text, default=900000)
-    tr.add_argument("--val-cases", type=number_from_text, default=12)
-    tr.add_argument("--val-every", type=number_from_text, default=100)
-    tr.add_argument("--seed", type=number_from_text, default=0)
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("--workers", type=number_from_text, default=2)
-    tr.add_argument("--no-resume", action="store_true")
+    tr.add_argument("--steps", type=number_from_text, default=2000, help="optimiser steps in total (a resumed run continues to it)")
+    tr.add_argument("--max-minutes", type=number_from_text, default=None, help="stop after this many minutes (state saved; run again to resume)")
+    tr.add_argument("--batch-size", type=number_from_text, default=32, help="slices per step, half healthy and half unhealthy")
+    tr.add_argument("--lr", type=number_from_text, default=3e-4, help="Adam learning rate")
+    tr.add_argument("--train-seed", type=number_from_text, default=1000, help="first training phantom seed")
+    tr.add_argument("--train-cases", type=number_from_text, default=160, help="training phantoms")
+    tr.add_argument("--val-seed", type=number_from_text, default=900000, help="first validation phantom seed (must not overlap the training seeds)")
+    tr.add_argument("--val-cases", type=number_from_text, default=12, help="validation phantoms")
+    tr.add_argument("--val-every", type=number_from_text, default=100, help="validate (and save the state) every this many steps")
+    tr.add_argument("--seed", type=number_from_text, default=0, help="random seed of initialisation, batches and noise")
+    tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    tr.add_argument("--workers", type=number_from_text, default=2, help="processes making phantoms (once; they are cached)")
+    tr.add_argument("--no-resume", action="store_true", help="start afresh even if the folder holds a saved state")
+    tr.add_argument("--healthy-only", action="store_true",
+                    help="the diffusion model learns healthy slices only (METHODS.md section 2 allows this or all "
+                         "slices); not with --method classifier, which needs both")
     tr.set_defaults(func=_cmd_train)
 
     rn = sub.add_parser("run", help="analyse a PET volume (file or DICOM folder) and write the results")
     rn.add_argument("--input", required=True, help="NRRD, NIfTI, a DICOM file or a DICOM series folder")
-    rn.add_argument("--out", required=True)
+    rn.add_argument("--out", required=True, help="folder for the results (created; a previous result there is replaced)")
     rn.add_argument("--modality", choices=("PT", "CT"), default=None, help="modality of a NRRD/NIfTI input")
     rn.add_argument("--units", default=None,
                     help="voxel units of an input that does not say (e.g. SUVbw, BQML, HU); must agree with the file")
@@ -709,13 +948,34 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--suv-factor", type=number_from_text, default=None,
                     help="SUVbw per voxel unit, for PET activity whose file lacks the SUV tags (DICOM, NRRD or NIfTI)")
     _add_inference_args(rn)
+    _add_report_args(rn)
     rn.set_defaults(func=_cmd_run)
+
+    rt = sub.add_parser("rethreshold", help="threshold an existing result's heat map again (new lesions, table, "
+                                            "summary and report; no network, about a second)")
+    rt.add_argument("--result", required=True, metavar="DIR", help="a folder 'run' or 'demo' wrote")
+    rt.add_argument("--input", default=None, help="the analysed scan, if it moved since the run (default: the path "
+                                                  "summary.json records)")
+    rt.add_argument("--checkpoint", default=None, help="the model's checkpoint, if it moved since the run (its card "
+                                                       "gives the report's model section)")
+    rt.add_argument("--roi-include", default=None, metavar="NAMES|GROUP",
+                    help="narrow the organ ROI to these organs (default: the run's)")
+    rt.add_argument("--roi-exclude", default=None, metavar="NAMES|GROUP",
+                    help="organs to leave out of the ROI, 'none' for none (default: the run's)")
+    rt.add_argument("--roi-margin-mm", type=number_from_text, default=None, metavar="MM",
+                    help="margin around included and excluded organs, mm (default: the run's)")
+    _add_threshold_args(rt)
+    _add_report_args(rt)
+    rt.add_argument("--pdf", action="store_true",
+                    help="also print the report to report.pdf with headless Chromium (about 1.5 s more); without it "
+                         "an earlier report.pdf, which no longer matches, is removed")
+    rt.set_defaults(func=_cmd_rethreshold)
 
     ev = sub.add_parser("evaluate", help="metrics of a model and the 41%% SUVmax baseline on held-out phantoms: "
                                          "per-slice paper metrics, whole-volume FROC (froc.png) and operating points")
-    ev.add_argument("--phantoms", type=number_from_text, default=10)
-    ev.add_argument("--seed", type=number_from_text, default=EVALUATION_SEEDS[0])
-    ev.add_argument("--out", required=True)
+    ev.add_argument("--phantoms", type=number_from_text, default=10, help="held-out phantoms to evaluate on")
+    ev.add_argument("--seed", type=number_from_text, default=EVALUATION_SEEDS[0], help="first held-out phantom seed (refused if the model was trained or tuned on it)")
+    ev.add_argument("--out", required=True, help="folder for metrics.json/.md, figures and tables")
     ev.add_argument("--real-ct", default=None, metavar="DIR",
                     help="a CT organ model: also evaluate on lesions inserted into the real CTs of this folder "
                          "(shared/data/real-ct), reported apart from the phantoms")
@@ -727,7 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="DSC_opt over a grid of noise levels and guidance scales (unhealthy slices), "
                                       "or with --whole-volume the thresholding and organ exclusion by whole-volume "
                                       "lesion detection")
-    sw.add_argument("--phantoms", type=number_from_text, default=3)
+    sw.add_argument("--phantoms", type=number_from_text, default=3, help="tuning phantoms")
     sw.add_argument("--seed", type=number_from_text, default=800_000,
                     help="first tuning phantom seed (never a training, validation or evaluation seed)")
     sw.add_argument("--noise-levels", default=None, help="comma-separated noise levels (default: "
@@ -753,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"'none' for no exclusion (default: {';'.join(evaluation.SWEEP_ORGAN_EXCLUDES)})")
     sw.add_argument("--margins-mm", default=None, metavar="LIST",
                     help=f"--whole-volume: margins (mm) around the excluded organs (default {_listed(evaluation.SWEEP_MARGINS_MM)})")
-    sw.add_argument("--out", required=True)
+    sw.add_argument("--out", required=True, help="folder for sweep.json and sweep.png")
     sw.add_argument("--write-defaults", default=None, metavar="NEW.safetensors",
                     help="also write a copy of the checkpoint with the sweep's best defaults (noise level, guidance "
                          "scale and steps by mean DSC_opt; with --whole-volume threshold rule and value, minimum size, "
@@ -782,15 +1042,51 @@ def build_parser() -> argparse.ArgumentParser:
     tss.set_defaults(func=_cmd_totalsegmentator_setup)
 
     dm = sub.add_parser("demo", help="one phantom case through the bundled model, with overview.png")
-    dm.add_argument("--out", default="diffusion-anomaly-demo")
-    dm.add_argument("--seed", type=int, default=7_000_001)
-    dm.add_argument("--lesions", type=_count("the number of lesions", 0), default=3)
+    dm.add_argument("--out", default="diffusion-anomaly-demo", help="folder for the demo's input, results, figure and report")
+    dm.add_argument("--seed", type=int, default=7_000_001, help="phantom seed")
+    dm.add_argument("--lesions", type=_count("the number of lesions", 0), default=3, help="lesions in the phantom")
     dm.add_argument("--modality", choices=("PT", "CT"), default="PT",
                     help="PT: a whole-body PET phantom through the bundled PET model; CT: an abdominal CT phantom "
                          "through the bundled CT organ model (kidneys, pancreas)")
     _add_inference_args(dm)
+    _add_report_args(dm)
     dm.set_defaults(func=_cmd_demo)
+    for name, verb in sub.choices.items():
+        verb.formatter_class = _Help
+        verb.epilog = _examples(*EXAMPLES[name])
     return p
+
+
+#: each verb's --help examples
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "models": ("diffusion-anomaly models", "diffusion-anomaly models --dir my-models"),
+    "card": ("diffusion-anomaly card cg-ct-organs-demo", "diffusion-anomaly card my-models/best.safetensors"),
+    "phantom": ("diffusion-anomaly phantom --out phantoms --seed 100 --count 3 --lesions 2",),
+    "train": ("diffusion-anomaly train --out runs/pet --steps 2000 --max-minutes 60",
+              "diffusion-anomaly train --method classifier --modality CT --out runs/ct-classifier"),
+    "run": ("diffusion-anomaly run --input pet.nii.gz --out out",
+            "diffusion-anomaly run --input PET_DICOM_DIR --out out --ct CT_DICOM_DIR --roi-exclude physiological-uptake",
+            "diffusion-anomaly run --input ct.nii.gz --modality CT --roi-seg totalseg.nii.gz --out out "
+            "--threshold-absolute 40 --subject P-017"),
+    "rethreshold": ("diffusion-anomaly rethreshold --result out --threshold-fraction 35%",
+                    "diffusion-anomaly rethreshold --result out --threshold-absolute 1.5 --min-size-ml 1",
+                    "diffusion-anomaly rethreshold --result out --threshold-otsu --roi-exclude physiological-uptake,liver"),
+    "evaluate": ("diffusion-anomaly evaluate --out eval --phantoms 10",
+                 "diffusion-anomaly evaluate --checkpoint Resources/models/cg-ct-organs-demo.safetensors --out eval-ct "
+                 "--real-ct ../shared/data/real-ct --real-cases 5"),
+    "sweep": ("diffusion-anomaly sweep --out sweep --noise-levels 200,400 --guidance-values 1,3,7",
+              "diffusion-anomaly sweep --whole-volume --out sweep-wv --write-defaults tuned.safetensors"),
+    "import-checkpoint": ("diffusion-anomaly import-checkpoint --input model.pth --output model.safetensors",),
+    "totalsegmentator": ("diffusion-anomaly totalsegmentator --ct ct.nii.gz --out organs.nii.gz --fast",),
+    "totalsegmentator-setup": ("diffusion-anomaly totalsegmentator-setup",),
+    "demo": ("diffusion-anomaly demo", "diffusion-anomaly demo --modality CT --out demo-ct",
+             "diffusion-anomaly demo --seed 7000002 --threshold-otsu"),
+}
+
+
+def _examples(*lines: str) -> str:
+    """A verb's --help epilog: its examples, one command per line."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _one_line(text: str) -> str:

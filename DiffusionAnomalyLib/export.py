@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .figures import OKABE_ITO, TOL_MUTED
 from .files import atomic_path
 from .measurements import lesion_columns
 from .volume import Volume, lps_ras_flip, write_volume
@@ -32,21 +33,11 @@ __all__ = [
 ]
 
 
-#: Distinct lesion colours (RGB in [0, 1]); more lesions get golden-angle hues.
-LESION_PALETTE: tuple[tuple[float, float, float], ...] = (
-    (0.902, 0.098, 0.294),  # red
-    (0.235, 0.706, 0.294),  # green
-    (0.000, 0.510, 0.784),  # blue
-    (0.961, 0.510, 0.188),  # orange
-    (0.569, 0.118, 0.706),  # purple
-    (0.275, 0.941, 0.941),  # cyan
-    (0.941, 0.196, 0.902),  # magenta
-    (0.824, 0.961, 0.235),  # lime
-    (0.980, 0.745, 0.831),  # pink
-    (0.000, 0.502, 0.502),  # teal
-    (0.667, 0.431, 0.157),  # brown
-    (1.000, 0.882, 0.098),  # yellow
-)
+#: Lesion colours (RGB in [0, 1]) of the Slicer segments, the report's contours and the DICOM SEG, in label order:
+#: Okabe-Ito without black (blue, orange, bluish green, reddish purple, sky blue, vermillion, yellow), then Paul
+#: Tol's muted scheme, so the first seven read apart with any colour-vision deficiency and none is pure red or green.
+LESION_PALETTE: tuple[tuple[float, float, float], ...] = tuple(
+    tuple(round(int(h[i:i + 2], 16) / 255.0, 4) for i in (1, 3, 5)) for h in (*OKABE_ITO[:7], *TOL_MUTED))
 
 #: Slicer terminology of every lesion segment (3D Slicer General Anatomy list: Lesion).
 LESION_TERMINOLOGY: dict[str, Any] = {
@@ -59,7 +50,9 @@ LESION_TERMINOLOGY: dict[str, Any] = {
 
 # ---- segmentation ----------------------------------------------------------------------------
 def lesion_colors(n: int) -> list[tuple[float, float, float]]:
-    """``n`` distinct RGB colours in [0, 1]: :data:`LESION_PALETTE`, then golden-angle hues."""
+    """``n`` distinct RGB colours in [0, 1], the colour of the lesion of the n-th smallest label value: the
+    colour-blind-safe :data:`LESION_PALETTE` (15), then golden-angle hues (the ids written beside the contours tell
+    those apart)."""
     colors = list(LESION_PALETTE[:n])
     golden = 0.618033988749895
     for m in range(n - len(colors)):

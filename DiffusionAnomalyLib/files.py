@@ -16,6 +16,7 @@ succeeded; leftovers of killed runs (staging folders, partial files) are removed
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -499,3 +500,12 @@ def staged(out: str | os.PathLike, replaces: Iterable[str] = ()) -> Iterator[Pat
         _move_into_place(stage, out, replaces)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks: what a result records of the checkpoint it used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from monai.metrics import compute_hausdorff_distance
@@ -434,6 +435,37 @@ def match_labels(
     hit[pair[pair >= 0]] = True
     found = pair >= 0
     return {**_detection_counts(int(found.sum()), n_p, n_t), "found": found, "hit": hit}
+
+
+def match_rule_words(iou_threshold: float = 0.2) -> str:
+    """The detection rule of :func:`match_labels` in one sentence, for the demo, reports and evaluations."""
+    return (f"a candidate finds a true lesion when their intersection over union (IoU) is at least {iou_threshold:g}, "
+            "one candidate per lesion, highest IoU first (METHODS.md section 4)")
+
+
+def lesion_matches(pred_labels: np.ndarray, truth_labels: np.ndarray, iou_threshold: float = 0.2,
+                   n_truth: int | None = None) -> list[dict[str, Any]]:
+    """Per true lesion, which candidate found it under :func:`match_labels`' rule and, found or not, the candidate
+    overlapping it most: {"lesion", "found", "candidate" (1-based, None), "iou", "covered" (fraction of the lesion's
+    voxels inside that candidate), "size_ratio" (candidate / lesion voxels)}, so a reader can see why a candidate
+    holding the whole lesion may still not count (IoU below the rule's threshold)."""
+    p, t = _label_image(pred_labels, "pred_labels"), _label_image(truth_labels, "truth_labels")
+    thr = _check_iou_threshold(iou_threshold)
+    n_t = int(t.max()) if n_truth is None else whole_number(n_truth, "n_truth", 0)
+    inter, area_t, area_p = lesion_overlaps(p, t, int(p.max()), n_t)
+    pair = pair_lesions(inter, area_t, area_p, thr)
+    rows = []
+    for k in range(n_t):
+        c = int(pair[k]) if pair[k] >= 0 else (int(np.argmax(inter[k])) if inter.shape[1] and inter[k].any() else -1)
+        if c < 0:
+            rows.append({"lesion": k + 1, "found": False, "candidate": None, "iou": 0.0, "covered": 0.0,
+                         "size_ratio": None})
+            continue
+        union = area_t[k] + area_p[c] - inter[k, c]
+        rows.append({"lesion": k + 1, "found": bool(pair[k] >= 0), "candidate": c + 1,
+                     "iou": float(inter[k, c] / union), "covered": float(inter[k, c] / max(area_t[k], 1)),
+                     "size_ratio": float(area_p[c] / max(area_t[k], 1))})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------

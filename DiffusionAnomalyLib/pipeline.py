@@ -9,6 +9,7 @@ what makes a threshold slider cheap.
 
 from __future__ import annotations
 
+import datetime as _dt
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,13 @@ from typing import Any, Callable
 import numpy as np
 
 from .export import write_json, write_segmentation, write_table_csv
-from .files import OutputError, output_folder, staged
-from .measurements import lesion_table
+from .files import OutputError, output_folder, sha256_of, staged
+from .measurements import DEFAULT_MTV_RULE, check_mtv_rule, lesion_table, reference_region, totals
 from .postprocessing import Thresholding, inside_roi
 from .preprocessing import Grid
 from .progress import Cancel, Progress
-from .version import __version__
+from .roi import OrganLabels
+from .version import software
 from .volume import Volume, write_volume
 
 #: what summary.json's classifier_confidence column holds
@@ -87,6 +89,12 @@ class CaseResult:
     classifier: dict[str, Any] | None = None  # the guidance classifier (id, checkpoint) of a classifier-guided run
     #: (n, 2) rows of [z_mm (LPS z of a computed model slice), p(unhealthy | slice)] of the guidance classifier
     confidence: np.ndarray | None = None
+    #: the patient's organ map (TotalSegmentator ids, any grid): the organ of each candidate, the reference region
+    organs: OrganLabels | None = None
+    #: how each candidate's metabolic tumour volume is delimited (:data:`.measurements.MTV_RULES`; PET only)
+    mtv_rule: str = DEFAULT_MTV_RULE
+    #: the absolute cut-off the thresholding applied, in heat-map units (set by :meth:`threshold`)
+    applied_threshold: float | None = None
 
     @property
     def method_run(self) -> str:
@@ -113,28 +121,51 @@ class CaseResult:
         thresholding = thresholding or self.thresholding
         roi = roi.voxels if isinstance(roi, Volume) else roi
         t0 = time.perf_counter()
-        self.labels, self.table = lesions_from_heat(self.heatmap, self.volume, thresholding, roi)
+        self.labels, self.table = lesions_from_heat(self.heatmap, self.volume, thresholding, roi, organs=self.organs,
+                                                    mtv_rule=self.mtv_rule)
+        self.applied_threshold = thresholding.cut_off(self.heatmap, roi)
         self.thresholding, self.roi = thresholding, roi
         self.timings["segment"] = time.perf_counter() - t0
         return self
+
+    @property
+    def heat_units(self) -> str:
+        """The heat map's units, as its method states them (e.g. "|SUVbw difference|")."""
+        return self.heatmap.units or "heat-map units"
+
+    @property
+    def totals(self) -> Any:
+        """Whole-scan totals of the lesion table (:func:`.measurements.totals`)."""
+        return totals(self.table, self.volume.modality, self.volume.units)
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """The reference region's value (:func:`.measurements.reference_region`: liver SUVmean), None without one."""
+        return reference_region(self.volume, self.organs, self.labels)
+
+    def threshold_words(self) -> str:
+        """The thresholding in words with units and the absolute cut-off applied (:meth:`Thresholding.words`)."""
+        return self.thresholding.words(self.heat_units, self.applied_threshold)
 
     def parameter_record(self) -> dict[str, Any]:
         """Every parameter that produced this result: the method's and the thresholding's."""
         return {**self.parameters, **self.thresholding.as_parameters()}
 
 
-def lesions_from_heat(heat: Volume, image: Volume, thresholding: Thresholding,
-                      roi: np.ndarray | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Threshold + components (+ the card's clean-up chain, :meth:`Thresholding.apply`) + lesion table from a heat
-    map: no network evaluation."""
+def lesions_from_heat(heat: Volume, image: Volume, thresholding: Thresholding, roi: np.ndarray | None = None,
+                      organs: OrganLabels | None = None,
+                      mtv_rule: str = DEFAULT_MTV_RULE) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Threshold + components (+ the card's clean-up chain, :meth:`Thresholding.apply`) + lesion table (with each
+    candidate's organ from ``organs``) from a heat map: no network evaluation."""
     labels = thresholding.apply(heat, roi)
-    return labels, lesion_table(labels, image, heat)
+    return labels, lesion_table(labels, image, heat, organs=organs, mtv_rule=mtv_rule)
 
 
 def analyse(model, volume: Volume, *, parameters: dict[str, Any] | None = None,
             thresholding: Thresholding | None = None, roi: np.ndarray | Volume | None = None,
             region: np.ndarray | Volume | None = None, progress: Progress | None = None,
-            cancel: Cancel | None = None) -> CaseResult:
+            cancel: Cancel | None = None, organs: OrganLabels | None = None,
+            mtv_rule: str = DEFAULT_MTV_RULE) -> CaseResult:
     """Run ``model`` (any method object: ``model.method`` names it) on ``volume`` and post-process;
     everything on the input's exact grid.
 
@@ -142,8 +173,10 @@ def analyse(model, volume: Volume, *, parameters: dict[str, Any] | None = None,
     or None takes its default. The parameters and the thresholding (None: the method's default,
     :meth:`Thresholding.for_method`) are checked before any network evaluation. ``roi``: lesions
     are kept, and the heat map shown, inside it. ``region``: the method computes only what this
-    region needs (an organ ROI that includes organs; None: the whole volume).
+    region needs (an organ ROI that includes organs; None: the whole volume). ``organs``: the patient's organ map
+    (each candidate's organ, the reference region); ``mtv_rule``: :data:`.measurements.MTV_RULES` (PET).
     """
+    check_mtv_rule(mtv_rule)
     given = dict(parameters or {})
     thresholding = (thresholding or Thresholding.for_method(model.card, method_name(model))).check()
     model.resolve(**given)
@@ -155,7 +188,7 @@ def analyse(model, volume: Volume, *, parameters: dict[str, Any] | None = None,
                       network_evaluations=res.network_evaluations, timings=dict(res.timings),
                       compute=dict(res.compute), checkpoint=getattr(model, "source", None), method=res,
                       method_name=method_name(model), classifier=classifier_record(model),
-                      confidence=slice_confidence(res))
+                      confidence=slice_confidence(res), organs=organs, mtv_rule=mtv_rule)
     return case.threshold(roi=roi)
 
 
@@ -182,16 +215,35 @@ def classifier_record(model) -> dict[str, Any] | None:
     return {"id": guidance.card["id"], "checkpoint": getattr(guidance, "source", None)}
 
 
-def summary(result: CaseResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The content of summary.json: software, model, parameters, lesion count, work done, input grid."""
+def _file_record(path: str | None) -> dict[str, Any]:
+    """A file a result depends on: its path and SHA-256 (None when it is not a file on disk)."""
+    if path is None or not Path(path).is_file():
+        return {"path": path, "sha256": None}
+    return {"path": str(Path(path).resolve()), "sha256": sha256_of(path)}
+
+
+def summary(result: CaseResult, extra: dict[str, Any] | None = None, command_line: str | None = None) -> dict[str, Any]:
+    """The content of summary.json: when, by what (software, command line), model and checkpoint (with SHA-256),
+    every parameter, the absolute cut-off applied and the heat map's units, lesion count and totals, work done,
+    input grid."""
     card = result.card
+    classifier = result.classifier
+    if classifier is not None:
+        classifier = {**classifier, "sha256": _file_record(classifier.get("checkpoint"))["sha256"]}
     return {
-        "software": f"DiffusionAnomalyLib {__version__}",
+        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "software": software(),
+        "command_line": command_line,
         "model": {"id": card["id"], "method": result.method_run, "network": card["method"],
                   "modality": card["modality"], "not_for_clinical_use": bool(card.get("not_for_clinical_use", True))},
-        **({"classifier": result.classifier} if result.classifier is not None else {}),
-        "parameters": result.parameter_record(),
+        "checkpoint": _file_record(result.checkpoint),
+        **({"classifier": classifier} if classifier is not None else {}),
+        "parameters": {**result.parameter_record(), "mtv_rule": result.mtv_rule},
+        "threshold": {"rule": result.threshold_words(), "applied_cut_off": result.applied_threshold,
+                      "heat_map_units": result.heat_units},
         "lesion_count": result.lesion_count,
+        "totals": result.totals,
+        **({"reference_region": result.reference} if result.reference is not None else {}),
         "network_evaluations": result.network_evaluations,
         **({"model_slices": result.method.model_slices} if result.method is not None else {}),
         **({"classifier_evaluations": int(result.method.classifier_evaluations)}
@@ -211,7 +263,8 @@ def summary(result: CaseResult, extra: dict[str, Any] | None = None) -> dict[str
 def write_outputs(result: CaseResult, out_dir: str | Path,
                   extra_summary: dict[str, Any] | None = None, write_counterfactual: bool = True,
                   extra_files: dict[str, Callable[[Path], Any]] | None = None,
-                  replaces: tuple[str, ...] = ()) -> dict[str, Path]:
+                  replaces: tuple[str, ...] = (), command_line: str | None = None,
+                  write_maps: bool = True) -> dict[str, Path]:
     """Write heatmap.nrrd, counterfactual.nrrd, lesions.seg.nrrd, lesions.csv, summary.json (+ ``extra_files``).
 
     The folder is held for the writing (:func:`.files.output_folder`: created if missing, locked
@@ -219,20 +272,24 @@ def write_outputs(result: CaseResult, out_dir: str | Path,
     written into a hidden staging folder (:func:`.files.staged`) and moved into ``out_dir`` only
     when all of them succeeded, so a failure leaves no partial set; a counterfactual of an
     earlier run is removed when this set has none, so the folder always holds one run's set
-    (``replaces``: more files of such a set, e.g. ``run --ct``'s organ segmentation).
+    (``replaces``: more files of such a set, e.g. ``run --ct``'s organ segmentation). ``write_maps=False``
+    (re-thresholding) leaves the folder's heat map and counterfactual as they are.
     """
+    maps = ("heatmap.nrrd", "counterfactual.nrrd")
+    kept = () if write_maps else maps
     with output_folder(out_dir, outputs=(*RESULT_FILES, *(extra_files or {}))) as out:
         try:
-            with staged(out, replaces=(*RESULT_FILES, *replaces)) as stage:
-                write_volume(result.shown_heatmap, stage / "heatmap.nrrd")
-                if write_counterfactual and result.counterfactual is not None:
-                    write_volume(result.counterfactual, stage / "counterfactual.nrrd")
+            with staged(out, replaces=[n for n in (*RESULT_FILES, *replaces) if n not in kept]) as stage:
+                if write_maps:
+                    write_volume(result.shown_heatmap, stage / maps[0])
+                    if write_counterfactual and result.counterfactual is not None:
+                        write_volume(result.counterfactual, stage / maps[1])
                 write_segmentation(result.labels, result.volume, stage / "lesions.seg.nrrd")
                 write_table_csv(result.table, stage / "lesions.csv", modality=result.volume.modality,
                                 units=result.volume.units)
                 for name, writer in (extra_files or {}).items():
                     writer(stage / name)
-                write_json(summary(result, extra_summary), stage / "summary.json")
+                write_json(summary(result, extra_summary, command_line), stage / "summary.json")
                 names = sorted(f.name for f in stage.iterdir() if f.is_file())
         except OSError as exc:
             if isinstance(exc, OutputError):

@@ -40,6 +40,7 @@ __all__ = [
     "large_enough",
     "slice_axis",
     "THRESHOLD_METHODS",
+    "THRESHOLD_RULE_WORDS",
     "segment",
     "suv_threshold_baseline",
     "threshold_value",
@@ -70,6 +71,15 @@ def check_min_inplane_mm(value: Any, field: str = "the minimum in-plane lesion s
 #: The METHODS.md section 4 steps after the threshold: :class:`Thresholding` field -> its check.
 _CHAIN_CHECKS = {"opening": check_opening, "min_size_voxels": check_min_size_voxels,
                  "min_inplane_mm": check_min_inplane_mm}
+
+
+#: what each threshold rule's value means, with its unit: the CLI's option help and the Slicer slider's tooltip
+THRESHOLD_RULE_WORDS = {
+    "fraction": "cut-off as a fraction of the heat map's maximum inside the ROI: 0 < F <= 1 (0.35 is 35 %)",
+    "absolute": "cut-off in the heat map's units (the input's: |SUV difference| for PET in SUV, |HU difference| for "
+                "CT), > 0",
+    "otsu": "cut-off by Otsu's method on the heat map inside the ROI (no value; the cut-off it gives is reported)",
+}
 
 
 @dataclass
@@ -164,6 +174,35 @@ class Thresholding:
         """:func:`segment` of ``heat`` inside ``roi`` with these settings: the lesion label image."""
         return segment(heat, method=self.method, value=self.value, min_size_ml=self.min_size_ml, roi=roi,
                        **self.chain_arguments())
+
+    def cut_off(self, heat: Volume | np.ndarray, roi: np.ndarray | Volume | None = None) -> float:
+        """The absolute cut-off these settings apply to ``heat`` inside ``roi``, in the map's units: the value
+        :meth:`apply` selects strictly above (:func:`threshold_value` of the map inside the ROI)."""
+        arr = _as_voxels(heat, "the anomaly map")
+        if roi is not None:
+            arr = inside_roi(arr, _as_voxels(roi, "the ROI mask") != 0)
+        return threshold_value(arr, self.method, self.value)
+
+    def words(self, units: str | None = None, cut_off: float | None = None) -> str:
+        """The rule in words with its units and, when known, the absolute cut-off it gave; then the size filters:
+        "50 % of the heat map's maximum (cut-off 1.93 |SUVbw difference|); candidates of at least
+        0.5 ml"."""
+        unit = f" {units}" if units else ""
+        applied = "" if cut_off is None else f" (cut-off {cut_off:.4g}{unit})"
+        if self.method == "fraction":
+            rule = f"{100 * self.value:g} % of the heat map's maximum{applied}"
+        elif self.method == "absolute":
+            rule = f"heat above {self.value:g}{unit} (an absolute cut-off)"
+        else:
+            rule = f"Otsu's threshold of the heat map{applied}"
+        sizes = [f"at least {self.min_size_ml:g} ml"] if self.min_size_ml else []
+        if self.min_size_voxels:
+            sizes.append(f"at least {self.min_size_voxels} voxels")
+        if self.min_inplane_mm:
+            sizes.append(f"at least {self.min_inplane_mm:g} mm across in-plane")
+        steps = ["opening, closing and hole filling"] if self.opening else []
+        tail = "; ".join(steps + ([f"candidates of {' and '.join(sizes)}"] if sizes else []))
+        return rule + (f"; {tail}" if tail else "")
 
     def as_parameters(self) -> dict[str, Any]:
         """The parameter record written into summaries, reports and evaluation results.

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import io
 import pickle
 import pickletools
@@ -40,6 +39,7 @@ import torch
 
 from .card import MAX_TIMESTEPS, REFERENCE_STEPS, UNET_ARGS, CheckpointError, default_card, validate_card, whole_number
 from .checkpoint import existing_file, read_card
+from .files import sha256_of
 from .networks import (ConditionalDiffusionModel, build_model, check_finite_weights, check_forward, expected_shapes,
                        save_checkpoint)
 
@@ -410,14 +410,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "checkpoint"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _as_levels(values: Sequence[Any]) -> list[bool]:
     return [bool(int(v)) if not isinstance(v, bool) else v for v in values]
 
@@ -445,7 +437,7 @@ def reference_card(path: Path, unet_args: dict[str, Any], embed_shape: tuple[int
     card["provenance"] = {
         "source": f"imported from {path.name} ({REFERENCE_FORMAT})",
         "source_file": path.name,
-        "source_sha256": _sha256(path),
+        "source_sha256": sha256_of(path),
         "source_format": ("IgCONDA-PET reference .pth: model_state_dict (MONAI Generative 0.2 DiffusionModelUNet "
                           "key names, converted with MONAI DiffusionModelUNet.load_old_state_dict), "
                           "embed_state_dict, scheduler_state_dict"),

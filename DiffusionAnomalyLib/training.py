@@ -127,12 +127,17 @@ def _training_data(cfg: "TrainConfig", card: dict[str, Any], data, out: Path, lo
     return train_x, train_y, val_x, val_y, pools
 
 
+def _augmented(idx: np.ndarray, train_x, aug, device):
+    """(indices, x0): the slices ``idx``, augmented, clamped to [0, 1], on ``device``."""
+    batch = np.stack([np.asarray(aug(train_x[i][None].astype(np.float32))) for i in idx])
+    return idx, torch.from_numpy(batch).clamp(0, 1).to(device)
+
+
 def _balanced_batch(rng: np.random.Generator, pools, batch_size: int, train_x, aug, device):
     """(indices, x0): half unhealthy, half healthy slices, augmented, clamped to [0, 1]."""
     half = batch_size // 2
     idx = np.concatenate([rng.choice(pools[UNHEALTHY], half), rng.choice(pools[HEALTHY], batch_size - half)])
-    batch = np.stack([np.asarray(aug(train_x[i][None].astype(np.float32))) for i in idx])
-    return idx, torch.from_numpy(batch).clamp(0, 1).to(device)
+    return _augmented(idx, train_x, aug, device)
 
 
 #: a healthy slice paired with an unhealthy one for the classifier lies within this many model slices of the
@@ -164,9 +169,7 @@ def _classifier_batch(rng: np.random.Generator, pools, near, batch_size: int, tr
     if near is None:
         return _balanced_batch(rng, pools, batch_size, train_x, aug, device)
     unhealthy = rng.choice(pools[UNHEALTHY], batch_size // 2)
-    idx = np.concatenate([unhealthy, matched_pairs(rng, unhealthy, near)])
-    batch = np.stack([np.asarray(aug(train_x[i][None].astype(np.float32))) for i in idx])
-    return idx, torch.from_numpy(batch).clamp(0, 1).to(device)
+    return _augmented(np.concatenate([unhealthy, matched_pairs(rng, unhealthy, near)]), train_x, aug, device)
 
 
 def _validation_slices(val_x, val_y, device, near: list[np.ndarray] | None = None):
@@ -208,6 +211,9 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     resume: bool = True
+    #: the diffusion model sees healthy slices only (METHODS.md section 2 allows all slices or healthy ones): what it
+    #: cannot draw, a lesion, the classifier-guided counterfactual then leaves out even at small guidance
+    healthy_only: bool = False
 
 
 def _save_state(path: Path, model, opt, step: int, rng: np.random.Generator, extra: dict) -> None:
@@ -363,7 +369,10 @@ def train(cfg: TrainConfig, card: dict[str, Any] | None = None, data=None, log=p
         return loss
 
     def train_step() -> torch.Tensor:
-        idx, x0 = _balanced_batch(rng, pools, cfg.batch_size, train_x, aug, device)
+        if cfg.healthy_only:
+            idx, x0 = _augmented(rng.choice(pools[HEALTHY], cfg.batch_size), train_x, aug, device)
+        else:
+            idx, x0 = _balanced_batch(rng, pools, cfg.batch_size, train_x, aug, device)
         y = torch.from_numpy(train_y[idx].astype(np.int64)).to(device)
         y = torch.where(torch.rand(len(y), device=device) < cfg.cond_dropout, torch.zeros_like(y), y)
         t = torch.randint(0, T, (len(x0),), device=device)
@@ -520,6 +529,7 @@ def _write_best(out, model, card, cfg: TrainConfig, step, vloss, command, n_slic
     card["provenance"] = {
         **_provenance(cfg, step, command, n_slices, n_unhealthy, card),
         "condition_dropout": cfg.cond_dropout,
+        **({"training_slices": "healthy slices only"} if cfg.healthy_only else {}),
         "validation_metrics": {"val_mse": round(float(vloss), 6)},
         "note": ("Demonstration model trained on synthetic phantoms with a network smaller than the "
                  f"paper's (channels {'/'.join(str(c) for c in card['network']['unet']['channels'])}, attention at "

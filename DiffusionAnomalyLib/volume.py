@@ -444,7 +444,7 @@ def _apply_suv_factor(volume: Volume, suv_factor: float, source: str) -> None:
         )
     volume.voxels = (volume.voxels.astype(np.float64) * suv_factor).astype(np.float32)
     volume.units = "SUVbw"
-    volume.meta["suv_factor"] = float(suv_factor)
+    volume.meta.update(suv_factor=float(suv_factor), suv_provenance=_suv_record(float(suv_factor), SUV_GIVEN))
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -654,11 +654,17 @@ def _check_pixel_data(ds, file: Path) -> None:
     """
     if "PixelData" not in ds:
         raise VolumeError(f"{file} has no pixel data ({_tag_name('PixelData')} is missing); export the series again.")
-    element = ds.get_item("PixelData")
-    if getattr(element, "is_undefined_length", False) or element.length == 0xFFFFFFFF:
+    try:  # the deferred element as read (its length and file position); pydicom >= 3 would read the pixels
+        element = ds.get_item("PixelData", keep_deferred=True)
+    except TypeError:  # pydicom 2 has no keep_deferred and returns the deferred element anyway
+        element = ds.get_item("PixelData")
+    length = getattr(element, "length", None)
+    if length is None:  # a value already read (not deferred)
+        length = len(element.value or b"")
+    if getattr(element, "is_undefined_length", False) or length == 0xFFFFFFFF:
         return
     tell = getattr(element, "value_tell", None)
-    stored = element.length if tell is None else max(0, min(element.length, file.stat().st_size - tell))
+    stored = length if tell is None else max(0, min(length, file.stat().st_size - tell))
     try:
         expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
                     * int(ds.BitsAllocated) // 8 * int(ds.get("NumberOfFrames", 1) or 1))
@@ -780,7 +786,12 @@ def _read_dicom(
     suv_factor: float | None,
     max_voxels: int,
 ) -> Volume:
-    """One DICOM series: GDCM lists and orders the files, SimpleITK reads pixels/geometry, pydicom reads tags."""
+    """One DICOM series: GDCM lists and orders the files, SimpleITK reads pixels/geometry, pydicom reads tags.
+
+    ``meta``: source, format "dicom", series_instance_uid, series_description, study_description (str, "" when
+    absent), study_date (str YYYY-MM-DD or None), files (str paths, in slice order k) and for PET suv_factor and
+    suv_provenance (:data:`SUV_PROVENANCE_KEYS`). Nothing identifying (patient name, ID, birth date) is copied.
+    """
     if file is not None:
         own_uid = str(_read_header(file).get("SeriesInstanceUID", ""))
         if series_uid is not None and series_uid != own_uid:
@@ -848,9 +859,10 @@ def _read_dicom(
     varying = len(set(slopes)) > 1 or len(set(intercepts)) > 1
     integral = all(float(s).is_integer() for s in slopes + intercepts)
     as_float = modality == "PT" or varying or not integral
-    factors = None
+    provenance = None
     if modality == "PT":  # the SUV tags are checked before the pixels are read
-        factors = np.full(len(files), float(suv_factor)) if suv_factor is not None else suv_factors(headers)
+        provenance = (_suv_record(float(suv_factor), SUV_GIVEN) if suv_factor is not None
+                      else suv_provenance_of_series(headers))
     elif suv_factor is not None:
         raise VolumeError(
             f"an SUV factor applies to PET only, but the {where} is "
@@ -873,16 +885,26 @@ def _read_dicom(
         format="dicom",
         series_instance_uid=chosen.uid,
         series_description=chosen.description,
+        study_date=_study_date(headers[0]),
+        study_description=str(headers[0].get("StudyDescription", "") or ""),
         files=[str(f) for f in files],
     )
-    if factors is not None:
+    if provenance is not None:
+        factors = np.broadcast_to(np.asarray(provenance["factor"], dtype=np.float64), (len(files),))
         volume.voxels = (volume.voxels * factors[:, None, None]).astype(np.float32)
         volume.units = "SUVbw"
-        single = _common_factor(factors)
-        volume.meta["suv_factor"] = factors.tolist() if single is None else single
+        volume.meta.update(suv_factor=provenance["factor"], suv_provenance=provenance)
     elif as_float:
         volume.voxels = volume.voxels.astype(np.float32)
     return volume
+
+
+def _study_date(ds) -> str | None:
+    """StudyDate (0008,0020) as YYYY-MM-DD; None when absent or not a date (it names the case, it is not required)."""
+    try:
+        return _dicom_date(ds.get("StudyDate", "") or "").isoformat()
+    except ValueError:
+        return None
 
 
 def _check_slice_grid(headers: list, where: str) -> None:
@@ -1024,8 +1046,35 @@ def _acquisition_datetime(ds) -> _dt.datetime | None:
     return _date_time(ds, "AcquisitionDateTime", "AcquisitionDate", "AcquisitionTime")
 
 
+#: ``meta["suv_provenance"]`` of a PET volume: what its SUV factor came from; every key is always present, None
+#: where the rule did not read it. weight_kg, injected_dose_bq, half_life_s: the header values used;
+#: decay_correction: DecayCorrection (0054,1102) as stored (START, ADMIN, NONE); injection_time, reference_time:
+#: ISO 8601 date-times (reference = the time the dose is decayed to); factor: SUVbw per rescaled voxel value (a
+#: list, like reference_time, when DecayCorrection NONE gives the slices different factors); source: one of
+#: SUV_SOURCES.
+SUV_PROVENANCE_KEYS = ("weight_kg", "injected_dose_bq", "decay_correction", "half_life_s", "injection_time",
+                       "reference_time", "factor", "source")
+#: suv_provenance["source"]: body-weight SUV from the header tags, the caller's explicit factor, a series already
+#: stored in SUV (Units GML), Philips' own SUV scale factor.
+SUV_FROM_TAGS, SUV_GIVEN, SUV_FROM_GML, SUV_FROM_PHILIPS = (
+    "DICOM tags", "--suv-factor", "Units GML", "Philips SUV scale factor (7053,1000)")
+SUV_SOURCES = (SUV_FROM_TAGS, SUV_GIVEN, SUV_FROM_GML, SUV_FROM_PHILIPS)
+
+
+def _suv_record(factor, source: str, **values) -> dict[str, Any]:
+    """An SUV provenance record (:data:`SUV_PROVENANCE_KEYS`, unread values None)."""
+    return {**dict.fromkeys(SUV_PROVENANCE_KEYS), **values, "factor": factor, "source": source}
+
+
 def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) -> float:
-    """Factor turning this PET slice's rescaled voxels (Bq/ml) into body-weight SUV (g/ml).
+    """Factor turning this PET slice's rescaled voxels (Bq/ml) into body-weight SUV (g/ml): the ``factor`` of
+    :func:`suv_bw_provenance`, which holds the rules."""
+    return suv_bw_provenance(dataset, earliest_acquisition=earliest_acquisition)["factor"]
+
+
+def suv_bw_provenance(dataset, *, earliest_acquisition: _dt.datetime | None = None) -> dict[str, Any]:
+    """This PET slice's body-weight SUV factor with the header values it was computed from
+    (:data:`SUV_PROVENANCE_KEYS`).
 
     SUVbw = activity[Bq/ml] x PatientWeight[g] / dose[Bq] decayed to the reference time, following
     the QIBA vendor-neutral SUV pseudo-code. DecayCorrection START: reference = SeriesDate/Time, or
@@ -1041,7 +1090,7 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
     where = _pet_where(dataset)
     units = str(dataset.get("Units", "") or "").strip().upper()
     if units == "GML":
-        return 1.0
+        return _suv_record(1.0, SUV_FROM_GML)
     if units == "CNTS" and (0x7053, 0x1000) in dataset:
         raw = dataset[(0x7053, 0x1000)].value
         text = (raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)).strip("\x00 ")
@@ -1054,7 +1103,7 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
                 f"cannot convert PET to SUV: the Philips SUV scale factor (7053,1000) in {where} is {text or 'empty'}, "
                 f"but it must be a positive number; {_SUV_REMEDY}."
             )
-        return scale
+        return _suv_record(scale, SUV_FROM_PHILIPS)
     if not units:
         raise _missing("Units", where)
     if units != "BQML":
@@ -1071,8 +1120,9 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
     dose = _suv_number(item, "RadionuclideTotalDose", inner, (*INJECTED_DOSE_BQ, "Bq"),
                        "1 MBq to 20 GBq, stored in Bq (370 MBq is 370000000)")
     decay = str(_get(dataset, "DecayCorrection", where)).strip().upper()
+    read = {"weight_kg": weight_kg, "injected_dose_bq": dose, "decay_correction": decay}
     if decay == "ADMIN":
-        return weight_kg * 1000.0 / dose
+        return _suv_record(weight_kg * 1000.0 / dose, SUV_FROM_TAGS, **read)
     if decay not in ("START", "NONE"):
         raise VolumeError(
             f"cannot convert PET to SUV: DecayCorrection (0054,1102) in {where} is {decay} (expected START, ADMIN or "
@@ -1125,21 +1175,25 @@ def suv_bw_factor(dataset, *, earliest_acquisition: _dt.datetime | None = None) 
             "(RadiopharmaceuticalStartDateTime (0018,1078), SeriesDate (0008,0021)) or pass an explicit suv_factor."
         )
     decayed_dose = dose * 2.0 ** (-elapsed / half_life)
-    return weight_kg * 1000.0 / decayed_dose
+    return _suv_record(weight_kg * 1000.0 / decayed_dose, SUV_FROM_TAGS, **read, half_life_s=half_life,
+                       injection_time=injection.isoformat(), reference_time=scan.isoformat())
 
 
-def suv_factors(headers: list) -> np.ndarray:
-    """Per-slice SUV factors for a PET series (equal unless DecayCorrection is NONE)."""
+def suv_provenance_of_series(headers: list) -> dict[str, Any]:
+    """The SUV provenance record (:func:`suv_bw_provenance`) of a PET series' pydicom headers (any slice order).
+
+    One record for the series; with DecayCorrection NONE each slice is decayed to its own acquisition time, so
+    ``factor`` and ``reference_time`` become per-slice lists (in ``headers`` order) when the slices differ.
+    """
     first = headers[0]
     if str(first.get("DecayCorrection", "") or "").strip().upper() == "NONE":
-        return np.array([suv_bw_factor(h) for h in headers])
+        records = [suv_bw_provenance(h) for h in headers]
+        record = dict(records[0])
+        if any(r["factor"] != record["factor"] for r in records):
+            record.update(factor=[r["factor"] for r in records], reference_time=[r["reference_time"] for r in records])
+        return record
     times = [t for t in (_acquisition_datetime(h) for h in headers) if t is not None]
-    return np.full(len(headers), suv_bw_factor(first, earliest_acquisition=min(times) if times else None))
-
-
-def _common_factor(factors: np.ndarray) -> float | None:
-    """The one factor all slices share, or None when they differ (DecayCorrection NONE)."""
-    return float(factors[0]) if np.all(factors == factors[0]) else None
+    return suv_bw_provenance(first, earliest_acquisition=min(times) if times else None)
 
 
 def suv_factor_of_series(headers: list) -> float:
@@ -1150,8 +1204,8 @@ def suv_factor_of_series(headers: list) -> float:
     acquired at different times) raises :class:`VolumeError`; :func:`read_volume` converts such a
     series slice by slice.
     """
-    factor = _common_factor(suv_factors(headers))
-    if factor is None:
+    factor = suv_provenance_of_series(headers)["factor"]
+    if isinstance(factor, list):
         raise VolumeError(
             "this PET series needs a different SUV factor per slice (DecayCorrection NONE); "
             "convert it with 'diffusion-anomaly run' from the DICOM folder instead."

@@ -17,6 +17,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "DiffusionAnomaly"))  # the Slicer module's Lib (process.py etc.): no Slicer needed
 
 from DiffusionAnomalyLib.volume import Volume, ijk_to_ras_matrix  # noqa: E402
+from DiffusionAnomalyLib.pipeline import RESULT_FILES  # noqa: E402
+from DiffusionAnomalyLib.report import find_chromium  # noqa: E402
+
+#: the files a ``run`` of a NRRD/NIfTI input writes: the result set and its report (the PDF when headless Chromium is
+#: there to print it)
+RUN_FILES = frozenset(RESULT_FILES) | {"report.html"} | ({"report.pdf"} if find_chromium() else set())
 
 #: the real CTs with their TotalSegmentator labels (CI keeps shared/ beside the checkout)
 REAL_CT = ROOT.parent / "shared" / "data" / "real-ct"

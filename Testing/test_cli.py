@@ -4,6 +4,7 @@ exits 2 with one ``error:`` line that names the problem and leaves no result fil
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from DiffusionAnomalyLib.pipeline import analyse
 from DiffusionAnomalyLib.roi import read_organ_labels
 from DiffusionAnomalyLib.volume import Volume, VolumeError, read_volume, write_volume
 
-from conftest import SMALL_PHANTOM_KWARGS, TRAIN_SEEDS, VAL_SEEDS, error_line
+from DiffusionAnomalyLib.files import sha256_of
+from conftest import RUN_FILES, SMALL_PHANTOM_KWARGS, TRAIN_SEEDS, VAL_SEEDS, error_line
 
-RUN_OUTPUTS = {"heatmap.nrrd", "counterfactual.nrrd", "lesions.seg.nrrd", "lesions.csv", "summary.json"}
-CSV_HEADER = "id,voxels,volume_ml,suv_max,suv_mean,suv_peak,tlg,max_heat,centroid_r,centroid_a,centroid_s"
+RUN_OUTPUTS = set(RUN_FILES)
+CSV_HEADER = ("id,organ,voxels,volume_ml,suv_max,suv_mean,suv_peak,mtv_ml,tlg,max_heat,centroid_r,centroid_a,"
+              "centroid_s")
 METRIC_KEYS = {"dsc_opt", "hd95", "auprc", "sensitivity", "seconds_per_volume"}
 
 
@@ -114,9 +117,17 @@ def test_run_writes_the_five_outputs(tmp_path, capsys, tiny_checkpoint, pet_file
     assert (params["threshold_method"], params["threshold_value"], params["min_size_ml"]) == ("fraction", 0.5, 0.5)
     assert set(summary["timings_seconds"]) == {"preprocess", "encode", "decode", "postprocess", "segment"}
     assert all(v >= 0 for v in summary["timings_seconds"].values())
-    assert summary["checkpoint"] == str(tiny_checkpoint)
-    assert summary["input_path"] == str(pet_file)
-    assert summary["lesion_count"] == len(rows)
+    assert summary["checkpoint"] == {"path": str(Path(tiny_checkpoint).resolve()), "sha256": sha256_of(tiny_checkpoint)}
+    assert summary["input_path"] == str(Path(pet_file).resolve())
+    assert summary["command_line"].startswith("diffusion-anomaly run --checkpoint")
+    created = datetime.datetime.fromisoformat(summary["created"])
+    assert created.tzinfo is not None and abs((datetime.datetime.now(created.tzinfo) - created).total_seconds()) < 600
+    assert summary["software"].startswith("DiffusionAnomalyLib ") and "commit" in summary["software"]
+    threshold = summary["threshold"]
+    assert threshold["heat_map_units"] == "|SUVbw difference|" and threshold["applied_cut_off"] > 0
+    assert f"cut-off {threshold['applied_cut_off']:.4g} |SUVbw difference|" in threshold["rule"]
+    assert f"cut-off {threshold['applied_cut_off']:.4g} |SUVbw difference|" in stdout
+    assert summary["lesion_count"] == len(rows) == summary["totals"][0][1]
     assert summary["network_evaluations"] > 0
     assert summary["compute"]["device"] == "cpu" and summary["compute"]["precision"] in ("fp32", "bf16")
 
@@ -142,7 +153,7 @@ def test_run_with_each_method(tmp_path, capsys, tiny_checkpoint, tiny_classifier
     assert summary["model"]["method"] == method and summary["model"]["network"] == "igconda"
     params = summary["parameters"]
     assert params["noise_level"] == 20 and params["steps"] == 2
-    assert set(params) - {"threshold_method", "threshold_value", "min_size_ml"} == set(METHODS[method].parameter_names)
+    assert set(params) - {"threshold_method", "threshold_value", "min_size_ml", "mtv_rule"} == set(METHODS[method].parameter_names)
     assert params["threshold_method"] == METHODS[method].threshold[0]
     if method.startswith("cg-"):
         assert summary["classifier"]["id"] == "tiny-classifier" and summary["classifier_evaluations"] > 0
@@ -175,7 +186,7 @@ def test_run_passes_the_parameters_through(tmp_path, capsys, tiny_checkpoint, pe
     out = tmp_path / "results"
     code, _, _ = run_cli(capsys, "run", "--checkpoint", tiny_checkpoint, "--input", pet_file, "--out", out,
                          "--steps", 1, "--noise-level", 30, "--guidance-scale", 1.5,
-                         "--threshold-method", "otsu", "--min-size-ml", 2.0)
+                         "--threshold-otsu", "--min-size-ml", 2.0)
     assert code == 0
     params = json.loads((out / "summary.json").read_text())["parameters"]
     assert (params["noise_level"], params["guidance_scale"], params["steps"]) == (30, 1.5, 1)

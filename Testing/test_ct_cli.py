@@ -8,7 +8,6 @@ import csv
 import json
 
 import numpy as np
-import pytest
 
 from DiffusionAnomalyLib.ct_evaluation import CT_EVALUATION_FILES
 from DiffusionAnomalyLib.volume import read_volume, write_volume

@@ -209,6 +209,8 @@ def test_lesions_csv_header_follows_the_modality(ct_case, tmp_path):
 
 
 def test_report_table_follows_the_modality(ct_case, tiny_card):
+    import html
+
     from DiffusionAnomalyLib.pipeline import CaseResult
     from DiffusionAnomalyLib.report import lesion_table_html, report_html
 
@@ -217,7 +219,7 @@ def test_report_table_follows_the_modality(ct_case, tiny_card):
                       thresholding=Thresholding("absolute", 0.5, None)).threshold()
     text = report_html(case)
     assert "<th>HU mean (HU)</th>" in text and "<th>HU min (HU)</th>" in text and "SUVmax" not in text
-    assert "mean and range" in text
+    assert "The mean attenuation over the candidate's voxels." in html.unescape(text)
     assert "SUVmax" in lesion_table_html([{c.name: 1 for c in LESION_COLUMNS}])
 
 

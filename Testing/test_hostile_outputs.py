@@ -27,7 +27,7 @@ from DiffusionAnomalyLib.pipeline import RESULT_FILES, analyse, lesions_from_hea
 from DiffusionAnomalyLib.postprocessing import Thresholding
 from DiffusionAnomalyLib.volume import read_volume, write_volume
 
-from conftest import ROOT, error_line, run_refused
+from conftest import ROOT, RUN_FILES, error_line, run_refused
 
 #: generous: two slow shared cores, each child imports torch and MONAI
 TIMEOUT = 300.0
@@ -241,7 +241,7 @@ def _case(kind: str, tmp: Path, pet: Path, ckpt: Path, children: Children):
         (tmp / "truncated.nrrd").write_bytes(pet.read_bytes()[:400])
         return [*run, "--input", tmp / "truncated.nrrd", "--out", out], ["truncated.nrrd"]
     if kind == "bad-threshold-leaves-no-folder":
-        return [*run, "--input", pet, "--out", tmp / "new" / "out", "--threshold", "nan"], ["threshold"]
+        return [*run, "--input", pet, "--out", tmp / "new" / "out", "--threshold-fraction", "nan"], ["threshold"]
     raise ValueError(kind)
 
 
@@ -470,7 +470,7 @@ def fp32_model(tiny_checkpoint):
 def assert_one_consistent_set(out: Path, pet_file: Path, model, expected: dict) -> None:
     """The folder holds exactly one run's five files: the summary's parameters made the heat map, and the
     segmentation and table are that heat map thresholded as the summary says."""
-    assert listing(out) == set(RESULT_FILES), "no staging folder, lock or partial file may be left"
+    assert listing(out) == set(RUN_FILES), "no staging folder, lock or partial file may be left"
     summary = json.loads((out / "summary.json").read_text())
     params = summary["parameters"]
     assert {k: params[k] for k in expected} == expected
@@ -494,7 +494,7 @@ def test_two_runs_into_one_folder_at_once(tmp_path, children, tiny_checkpoint, p
     out, gate = tmp_path / "out", tmp_path / "gate"
     params = [("1.0", "0.4"), ("4.0", "0.6")]
     procs = [children.start("-c", CHILD, "analyse", tmp_path / f"marker{n}", gate,
-                            *run_args(pet_file, out, tiny_checkpoint, "--guidance-scale", w, "--threshold", t),
+                            *run_args(pet_file, out, tiny_checkpoint, "--guidance-scale", w, "--threshold-fraction", t),
                             name=f"run{n}") for n, (w, t) in enumerate(params)]
     wait_for(lambda: any(p.poll() is not None for p in procs), what="one of the two runs to be refused")
     loser = next(p for p in procs if p.poll() is not None)
@@ -526,7 +526,7 @@ def test_a_run_killed_at_any_moment_is_cleaned_up_by_the_next(moment, tmp_path, 
     if moment != "analyse":
         assert any(name.startswith(".staging-") for name in left), left
     capsys.readouterr()
-    assert cli.main(run_args(pet_file, out, tiny_checkpoint, "--guidance-scale", "3.5", "--threshold", "0.45")) == 0
+    assert cli.main(run_args(pet_file, out, tiny_checkpoint, "--guidance-scale", "3.5", "--threshold-fraction", "0.45")) == 0
     assert_one_consistent_set(out, pet_file, fp32_model, {"guidance_scale": 3.5, "threshold_value": 0.45})
 
 

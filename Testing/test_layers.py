@@ -18,7 +18,7 @@ ENGINE = "DiffusionAnomalyLib"
 SLICER_LIB = ROOT / "DiffusionAnomaly" / "DiffusionAnomalyModuleLib"
 
 #: what Slicer's own process may import: no torch, no MONAI, at any depth
-CORE = {"card", "checkpoint", "ct_lesions", "ct_phantoms", "method_catalog", "errors", "export", "figures", "files", "measurements", "phantoms", "pipeline", "postprocessing",
+CORE = {"card", "checkpoint", "ct_lesions", "ct_phantoms", "method_catalog", "errors", "export", "figures", "dicom_seg", "files", "measurements", "phantoms", "pipeline", "postprocessing",
         "preprocessing", "processes", "progress", "report", "roi", "totalsegmentator", "version", "volume"}
 #: third-party packages that belong to the worker process only
 HEAVY = {"torch", "monai"}

@@ -287,7 +287,8 @@ def test_lesion_table_matches_hand_computation(heat):
         assert row["volume_ml"] == pytest.approx(mask.sum() * VOXEL_ML, rel=1e-9)
         assert row["suv_max"] == pytest.approx(values.max())
         assert row["suv_mean"] == pytest.approx(values.mean(), rel=1e-9)
-        assert row["tlg"] == pytest.approx(values.mean() * mask.sum() * VOXEL_ML, rel=1e-9)
+        # TLG is over the MTV (measurements: every MTV voxel >= 41 % of SUVmax); exact values in test_measurements
+        assert row["tlg"] >= 0.41 * row["suv_max"] * row["mtv_ml"] > 0 and row["organ"] == "none"
         assert row["max_heat"] == pytest.approx(heat.voxels[mask].max())
         centroid = ras_of(MATRIX, np.argwhere(mask).mean(axis=0)[::-1])
         np.testing.assert_allclose([row["centroid_r"], row["centroid_a"], row["centroid_s"]], centroid, atol=1e-9)
@@ -348,7 +349,8 @@ def reference_lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> l
     """Straightforward numpy lesion table, one boolean mask per lesion (SUVpeak by brute force).
 
     The centroid is the mean voxel index within the lesion's bounding box plus the box's corner,
-    the arithmetic the table has always used, so every number but SUVpeak must match exactly.
+    the arithmetic the table has always used, so every number but SUVpeak must match exactly
+    (MTV and TLG are checked against their definition in test_measurements).
     """
     voxel_ml = abs(float(np.linalg.det(image.ijk_to_ras[:3, :3]))) / 1000.0
     rows = []
@@ -361,12 +363,12 @@ def reference_lesion_table(labels: np.ndarray, image: Volume, heat: Volume) -> l
         volume_ml = int(mask.sum()) * voxel_ml
         rows.append({
             "id": int(lab),
+            "organ": "none",
             "voxels": int(mask.sum()),
             "volume_ml": volume_ml,
             "suv_max": float(values.max()),
             "suv_mean": float(values.mean()),
             "suv_peak": brute_force_peak(image, mask, SUV_PEAK_RADIUS_MM),
-            "tlg": float(values.mean()) * volume_ml,
             "max_heat": float(heat.voxels[mask].max()),
             "centroid_r": float(centroid[0]),
             "centroid_a": float(centroid[1]),
@@ -405,7 +407,7 @@ def test_lesion_table_rows_identical_to_numpy_reference(seed):
     assert [r["id"] for r in rows] == [r["id"] for r in expected] == ids
     for got, ref in zip(rows, expected):
         assert tuple(got) == LESION_TABLE_COLUMNS
-        assert [type(v) for v in got.values()] == [int, int] + [float] * 9
+        assert [type(v) for v in got.values()] == [int, str, int] + [float] * 10
         assert got["suv_peak"] == pytest.approx(ref.pop("suv_peak"), rel=1e-9)
         assert {k: got[k] for k in ref} == ref  # exact equality
 
@@ -423,7 +425,7 @@ def test_lesion_table_on_ct_has_hu_columns(heat):
     rows = lesion_table(segment(heat), plain, heat)
     assert all(tuple(r) == LESION_TABLE_COLUMNS for r in rows)
     assert rows[0]["suv_mean"] == -50.0 and rows[0]["suv_peak"] == pytest.approx(-50.0)
-    assert rows[0]["tlg"] == pytest.approx(-50.0 * 8 * VOXEL_ML)
+    assert rows[0]["mtv_ml"] == rows[0]["tlg"] == 0.0  # no voxel reaches 41 % of a negative maximum
 
 
 def test_lesion_table_validation(heat):

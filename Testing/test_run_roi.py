@@ -50,8 +50,9 @@ def case(tmp_path_factory, small_phantom_case):
 def _run(tmp, name, pet, *extra, checkpoint):
     """One CLI run into ``tmp/name``; its summary, lesion labels and heat map ([k, j, i] on the PET grid)."""
     out = tmp / name
+    rule = [] if any(str(a).startswith("--threshold-") for a in extra) else ["--threshold-fraction", "0.2"]
     assert cli.main(["run", "--checkpoint", str(checkpoint), "--input", str(pet), "--out", str(out),
-                     "--steps", "2", "--threshold", "0.2", "--min-size-ml", "0", *[str(a) for a in extra]]) == 0
+                     "--steps", "2", *rule, "--min-size-ml", "0", *[str(a) for a in extra]]) == 0
     seg = slicerio.read_segmentation(str(out / "lesions.seg.nrrd"))
     return (json.loads((out / "summary.json").read_text()), np.asarray(seg["voxels"]).transpose(2, 1, 0),
             read_volume(out / "heatmap.nrrd").voxels)
@@ -61,7 +62,7 @@ def test_candidates_outside_the_organ_roi_are_dropped(case, tiny_checkpoint):
     organs = resample_to(read_volume(case["seg"]), read_volume(case["pet"]), "nearest").voxels  # on the PET grid
     liver = organs == LIVER
     s_whole, whole, heat = _run(case["tmp"], "whole", case["pet"], checkpoint=tiny_checkpoint)
-    cut = ["--threshold-method", "absolute", "--threshold", f"{0.2 * heat.max():.6g}"]  # one cut for every ROI
+    cut = ["--threshold-absolute", f"{0.2 * heat.max():.6g}"]  # one cut for every ROI
     _, whole, _ = _run(case["tmp"], "whole-abs", case["pet"], *cut, checkpoint=tiny_checkpoint)
     s_in, inside, heat_in = _run(case["tmp"], "liver", case["pet"], "--roi-seg", case["seg"], "--roi-include", "liver",
                                  *cut, checkpoint=tiny_checkpoint)

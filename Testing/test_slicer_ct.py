@@ -166,8 +166,10 @@ def test_the_lesion_table_has_the_ct_columns(env, ct_run, tmp_path):
     names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
     assert names == [c.name for c in CT_LESION_COLUMNS]
     assert {"hu_mean", "hu_min", "hu_max"} <= set(names) and not {"suv_max", "suv_mean", "suv_peak", "tlg"} & set(names)
-    for c in CT_LESION_COLUMNS:
-        assert table.GetColumnUnitLabel(c.name) == c.unit and table.GetColumnTitle(c.name) == c.title
+    for c in CT_LESION_COLUMNS:  # the heat column in the heat map's units, the others in the schema's
+        unit = "|HU difference|" if c.name == "max_heat" else c.unit
+        assert table.GetColumnUnitLabel(c.name) == unit and table.GetColumnTitle(c.name) == c.title
+    assert table.GetColumnName(1) == "organ" and table.GetCellText(0, 1) == env.logic.case.table[0]["organ"]
     row = env.logic.case.table[0]
     lesion = env.logic.case.labels == 1
     hu = np.asarray(env.ct.voxels, dtype=np.float64)[lesion]

@@ -78,8 +78,9 @@ def make_pet_series(
     description="PET WB",
     modality="PT",
     extra=None,
+    size=8,
 ) -> np.ndarray:
-    """Write len(slopes) 8x8 PET slices; returns the stored values in slice-position order.
+    """Write len(slopes) ``size`` x ``size`` PET slices; returns the stored values in slice-position order.
 
     Files are named in the REVERSE of their position order, so a reader that trusts file
     order instead of ImagePositionPatient gets the slices upside down.
@@ -87,7 +88,7 @@ def make_pet_series(
     folder.mkdir(parents=True, exist_ok=True)
     n = len(slopes)
     rng = np.random.default_rng(7)
-    stored = rng.integers(100, 30000, size=(n, 8, 8)).astype(np.uint16)
+    stored = rng.integers(100, 30000, size=(n, size, size)).astype(np.uint16)
     series_uid = series_uid or generate_uid()
     study_uid, frame_uid = generate_uid(), generate_uid()
     for k in range(n):
@@ -117,7 +118,7 @@ def make_pet_series(
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [4.0, 4.0]
         ds.SliceThickness = 3.0
-        ds.Rows = ds.Columns = 8
+        ds.Rows = ds.Columns = size
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept = slopes[k], 0
@@ -783,6 +784,17 @@ def test_truncated_or_missing_pixel_data_names_the_file(tmp_path, which):
         read_volume(tmp_path / "gone")
 
 
+def test_slices_larger_than_the_deferred_header_size_are_read_and_checked(tmp_path):
+    """64 x 64 x 2 bytes per slice: pixel data the header reader leaves on disk (pydicom 3 would read it to
+    answer get_item, and its element has no length)."""
+    stored = make_pet_series(tmp_path / "pet", (1.0, 1.0, 1.0), size=64)
+    assert np.array_equal(read_volume(tmp_path / "pet", suv_factor=1.0).voxels, stored)
+    path = sorted((tmp_path / "pet").iterdir())[1]
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(VolumeError, match=re.escape(f"the pixel data of {path} is truncated (8,092 of 8,192 bytes)")):
+        read_volume(tmp_path / "pet")
+
+
 def test_damaged_dicom_file_in_the_series_folder_is_named(tmp_path):
     make_pet_series(tmp_path / "pet", (1.0, 1.0, 1.0))
     path = sorted((tmp_path / "pet").iterdir())[0]
@@ -863,3 +875,90 @@ def test_crop_overlays_and_ras_box_bounds_the_voxel_corners():
     centres = vol.ijk_to_ras_points([[i, j, k] for i in (0, 5) for j in (0, 4) for k in (0, 3)])
     np.testing.assert_allclose(full, [centres.min(0) - [4 / 2, 2 / 2, 3 / 2], centres.max(0) + [2, 1, 1.5]])
     np.testing.assert_allclose(crop.ras_box(), vol.ras_box(box))
+
+
+# =============================================================================================
+# issue 11: case identity and SUV provenance in meta (nothing identifying copied)
+# =============================================================================================
+def test_dicom_meta_names_the_case_and_copies_nothing_identifying(tmp_path):
+    import json
+
+    make_pet_series(tmp_path / "pet", (1.0, 2.0), extra={"StudyDate": "20240102", "StudyDescription": "PET-CT WB",
+                                                         "PatientBirthDate": "19700101", "PatientSex": "F"})
+    meta = read_volume(tmp_path / "pet").meta
+    source = pydicom.dcmread(next((tmp_path / "pet").iterdir()))
+    assert (meta["study_date"], meta["study_description"]) == ("2024-01-02", "PET-CT WB")
+    assert (meta["series_instance_uid"], meta["series_description"]) == (source.SeriesInstanceUID, "PET WB")
+    text = json.dumps(meta)  # plain values: summary.json and the report take them as they are
+    for identifying in ("Phantom^PET", "PHANTOM", "19700101", "patient"):
+        assert identifying.lower() not in text.lower()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize("extra, study_date", [({}, None), ({"StudyDate": "2024.03.04"}, "2024-03-04"),
+                                               ({"StudyDate": "20241345"}, None)])
+def test_study_date_is_iso_or_none_never_a_refusal(tmp_path, extra, study_date):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0), extra=extra)
+    meta = read_volume(tmp_path / "pet").meta
+    assert meta["study_date"] == study_date and meta["study_description"] == ""
+
+
+def _provenance(**values):
+    from DiffusionAnomalyLib.volume import SUV_PROVENANCE_KEYS
+
+    assert SUV_PROVENANCE_KEYS == ("weight_kg", "injected_dose_bq", "decay_correction", "half_life_s",
+                                   "injection_time", "reference_time", "factor", "source")
+    return {**dict.fromkeys(SUV_PROVENANCE_KEYS), **values}
+
+
+def test_suv_provenance_records_what_the_factor_came_from(tmp_path):
+    from DiffusionAnomalyLib.volume import suv_bw_provenance, suv_provenance_of_series
+
+    make_pet_series(tmp_path / "start", (1.0, 2.0), acquisition_times=["095500", "100500"])  # earliest before series
+    volume = read_volume(tmp_path / "start")
+    factor = expected_start_factor(3300.0)
+    assert volume.meta["suv_provenance"] == _provenance(
+        weight_kg=WEIGHT_KG, injected_dose_bq=DOSE_BQ, decay_correction="START", half_life_s=HALF_LIFE_S,
+        injection_time="2024-01-01T09:00:00", reference_time="2024-01-01T09:55:00", factor=volume.meta["suv_factor"],
+        source="DICOM tags")
+    assert volume.meta["suv_factor"] == pytest.approx(factor, rel=1e-12)
+    headers = [pydicom.dcmread(f) for f in (tmp_path / "start").iterdir()]
+    assert suv_provenance_of_series(headers) == volume.meta["suv_provenance"]  # the series' record is the reader's
+    assert suv_bw_provenance(headers[0])["factor"] == suv_bw_factor(headers[0])  # one rule behind both
+
+    headers[0].DecayCorrection = "ADMIN"  # decay corrected to the injection: no times, no half-life read
+    assert suv_bw_provenance(headers[0]) == _provenance(
+        weight_kg=WEIGHT_KG, injected_dose_bq=DOSE_BQ, decay_correction="ADMIN",
+        factor=pytest.approx(WEIGHT_KG * 1000.0 / DOSE_BQ, rel=1e-12), source="DICOM tags")
+
+
+def test_suv_provenance_per_slice_for_decay_correction_none(tmp_path):
+    make_pet_series(tmp_path / "pet", (1.0, 1.0), decay="NONE", acquisition_times=["100000", "100200"])
+    meta = read_volume(tmp_path / "pet").meta
+    record = meta["suv_provenance"]
+    assert record["decay_correction"] == "NONE" and record["factor"] is meta["suv_factor"]
+    np.testing.assert_allclose(record["factor"], [expected_start_factor(3600.0), expected_start_factor(3720.0)])
+    assert record["reference_time"] == ["2024-01-01T10:00:00", "2024-01-01T10:02:00"]
+
+
+def test_suv_provenance_of_other_sources(tmp_path):
+    from DiffusionAnomalyLib.volume import SUV_SOURCES, suv_bw_provenance
+
+    make_pet_series(tmp_path / "gml", (1.0, 1.0), units="GML", omit=("PatientWeight",))
+    assert read_volume(tmp_path / "gml").meta["suv_provenance"] == _provenance(factor=1.0, source="Units GML")
+    make_pet_series(tmp_path / "bq", (1.0, 1.0), omit=("PatientWeight",))
+    given = _provenance(factor=0.002, source="--suv-factor")
+    assert read_volume(tmp_path / "bq", suv_factor=0.002).meta["suv_provenance"] == given  # the tags are not read
+    nrrd = write_volume(Volume(np.arange(8.0, dtype=np.float32).reshape(2, 2, 2), np.eye(4), modality="PT",
+                               units="BQML"), tmp_path / "b.nrrd")
+    assert read_volume(nrrd, suv_factor=0.002).meta["suv_provenance"] == given
+    philips = _pet_slice(tmp_path / "cnts", units="CNTS")
+    philips.add_new((0x7053, 0x1000), "LO", "0.000123")
+    assert suv_bw_provenance(philips) == _provenance(factor=0.000123, source="Philips SUV scale factor (7053,1000)")
+    assert set(SUV_SOURCES) == {"DICOM tags", "--suv-factor", "Units GML", "Philips SUV scale factor (7053,1000)"}
+
+
+@needs_real_ct
+def test_real_ct_meta_has_the_study_and_no_suv_provenance(ct_dicom):
+    assert (ct_dicom.meta["study_date"], ct_dicom.meta["study_description"]) == ("2022-12-08", "")
+    assert "suv_provenance" not in ct_dicom.meta and len(ct_dicom.meta["files"]) == 20

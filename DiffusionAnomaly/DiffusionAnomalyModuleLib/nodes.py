@@ -16,7 +16,8 @@ import vtk
 from vtk.util import numpy_support
 
 from DiffusionAnomalyLib.postprocessing import bounding_box
-from DiffusionAnomalyLib.volume import Volume, agree, canonical_modality, canonical_units, suv_factor_of_series
+from DiffusionAnomalyLib.volume import (Volume, agree, canonical_modality, canonical_units, suv_factor_of_series,
+                                        suv_provenance_of_series)
 
 #: node attribute a script may set to state a volume's units (e.g. "SUVbw") when Slicer does not know them
 UNITS_ATTRIBUTE = "DiffusionAnomaly.Units"
@@ -33,11 +34,13 @@ def voxelUnits(node) -> str | None:
     return node.GetAttribute(UNITS_ATTRIBUTE) or None
 
 
-def dicomSuvFactor(node) -> float | None:
-    """Body-weight SUV factor of a PET volume loaded from Slicer's DICOM database (None if not from DICOM).
+def dicomSuv(node) -> tuple[float, dict] | None:
+    """Body-weight SUV factor of a PET volume loaded from Slicer's DICOM database and its provenance record (the
+    tags it came from), None if the volume is not from DICOM.
 
     Slicer's DICOM reader gives PET in Bq/ml; the engine's models expect SUVbw. The factor is the
-    engine's (``volume.suv_factor_of_series``) on the series' own headers.
+    engine's (``volume.suv_factor_of_series``: one factor for the whole volume) on the series' own headers, the
+    record ``volume.suv_provenance_of_series``'s, which the report shows.
     """
     uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
     database = getattr(slicer, "dicomDatabase", None)  # a Slicer application object: absent under slicer-core
@@ -47,7 +50,7 @@ def dicomSuvFactor(node) -> float | None:
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files if f]
     if not headers:
         return None
-    return suv_factor_of_series(headers)
+    return suv_factor_of_series(headers), suv_provenance_of_series(headers)
 
 
 def _declared(what: str, declared: str | None, own: str | None, canonical) -> str | None:
@@ -80,10 +83,10 @@ def volumeFromNode(node, modality: str | None = None, units: str | None = None) 
     modality = nodeModality(node, modality)
     ownUnits = voxelUnits(node)
     meta = {"node": node.GetName()}
-    factor = dicomSuvFactor(node) if modality == "PT" and ownUnits is None else None
-    if factor is not None:  # Bq/ml from Slicer's DICOM reader: convert as the engine's reader does
-        voxels = (voxels * factor).astype(np.float32)
-        ownUnits, meta["suv_factor"] = "SUVbw", factor
+    suv = dicomSuv(node) if modality == "PT" and ownUnits is None else None
+    if suv is not None:  # Bq/ml from Slicer's DICOM reader: convert as the engine's reader does
+        voxels = (voxels * suv[0]).astype(np.float32)
+        ownUnits, meta["suv_factor"], meta["suv_provenance"] = "SUVbw", suv[0], suv[1]
     units = _declared("units", units, ownUnits, canonical_units)
     return Volume(voxels=voxels, ijk_to_ras=slicer.util.arrayFromVTKMatrix(matrix), modality=modality,
                   units=units, meta=meta)

@@ -196,16 +196,25 @@ def updateSegmentation(segNode, inputNode, labels: np.ndarray, volume: Volume) -
         raise RuntimeError(f"{n} lesions but {segmentation.GetNumberOfSegments()} segments were created.")
 
 
-def updateTable(tableNode, rows: list[dict[str, Any]], modality: str | None = None, units: str | None = None) -> None:
+def updateTable(tableNode, rows: list[dict[str, Any]], modality: str | None = None, units: str | None = None,
+                heatUnits: str | None = None) -> None:
     """The lesion table: the engine's lesion-table columns for the input's ``modality`` / ``units`` (HU columns for
-    CT, SUV columns for PET: :func:`~DiffusionAnomalyLib.measurements.lesion_columns`; titles, units, integer
-    flags), one row per lesion."""
-    schema = lesion_columns(modality, units, rows)
+    CT, SUV columns for PET: :func:`~DiffusionAnomalyLib.measurements.lesion_columns`; titles, units, integer and
+    text flags; the heat column in ``heatUnits``), one row per lesion."""
+    schema = lesion_columns(modality, units, rows, heat_units=heatUnits)
     wasModifying = tableNode.StartModify()
     tableNode.SetLocked(False)
+    numeric = [c for c in schema if not c.text]
     columns = [np.array([row[c.name] for row in rows], dtype=np.int32 if c.integer else np.float64)
-               for c in schema]
-    slicer.util.updateTableFromArray(tableNode, columns, [c.name for c in schema])
+               for c in numeric]
+    slicer.util.updateTableFromArray(tableNode, columns, [c.name for c in numeric])
+    for index, c in enumerate(schema):  # text columns (the organ) as string arrays, at their place in the schema
+        if c.text:
+            array = vtk.vtkStringArray()
+            array.SetName(c.name)
+            for row in rows:
+                array.InsertNextValue(str(row[c.name]))
+            tableNode.GetTable().InsertColumn(array, index)
     for c in schema:
         tableNode.SetColumnTitle(c.name, c.title)
         tableNode.SetColumnUnitLabel(c.name, c.unit)
@@ -259,7 +268,7 @@ def writeCase(scene, inputNode, case: CaseResult, writeVolumes: bool, writeHeat:
         nodes["segmentation"] = outputNode(scene, inputNode, "segmentation", "vtkMRMLSegmentationNode")
         updateSegmentation(nodes["segmentation"], inputNode, case.labels, case.volume)
         nodes["table"] = outputNode(scene, inputNode, "table", "vtkMRMLTableNode")
-        updateTable(nodes["table"], case.table, case.volume.modality, case.volume.units)
+        updateTable(nodes["table"], case.table, case.volume.modality, case.volume.units, case.heat_units)
         nodes["table"].SetDescription(methodWords(case))
     finally:
         scene.EndState(scene.BatchProcessState)
