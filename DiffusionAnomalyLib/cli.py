@@ -175,14 +175,21 @@ def _count(field: str, minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _print_table(rows) -> None:
+def _print_table(result) -> None:
+    """The lesion table on the console: the CSV's column keys, a line of units under them (the schema's, with the
+    heat map's), then the rows; the columns' definitions are in the report and the README."""
+    rows = result.table
     if not rows:
         print("no lesion candidates above the threshold")
         return
-    cols = [c.name for c in lesion_columns(rows=rows)]
-    print("  ".join(f"{c:>10}" for c in cols))
+    columns = lesion_columns(result.volume.modality, result.volume.units, rows, heat_units=result.heat_units,
+                             mtv_rule=result.mtv_rule)
+    widths = [max(8, len(c.name), len(c.unit), *(len(str(r[c.name])) for r in rows if c.text)) for c in columns]
+    print("  ".join(f"{c.name:>{w}}" for c, w in zip(columns, widths)))
+    print("  ".join(f"{c.unit:>{w}}" for c, w in zip(columns, widths)))
     for r in rows:
-        print("  ".join(f"{r[c]:>10.2f}" if isinstance(r[c], float) else f"{r[c]:>10}" for c in cols))
+        print("  ".join(f"{r[c.name]:>{w}.2f}" if isinstance(r[c.name], float) else f"{r[c.name]:>{w}}"
+                        for c, w in zip(columns, widths)))
 
 
 _ROI_OPTIONS = ("roi_include", "roi_exclude", "roi_margin_mm")
@@ -274,9 +281,10 @@ def _cmd_run(args) -> int:
             finally:
                 bar.close()
             files = {ORGANS_FILE: lambda path: write_volume(labels.volume, path)} if args.ct is not None else {}
-            written = write_outputs(result, out, extra, extra_files={**files, **_report_files(result, args)},
+            written = write_outputs(result, out, extra,
+                                    extra_files={**files, **_report_files(result, args, extra.get("organ_roi"))},
                                     replaces=(ORGANS_FILE, *REPORT_FILES), command_line=args.command_line)
-    _print_table(result.table)
+    _print_table(result)
     if selection is not None:
         done = result.method.model_slices
         print(f"organ ROI: {selection.words()}; {done['computed']} of {done['total']} model slices computed")
@@ -320,7 +328,7 @@ def _cmd_rethreshold(args) -> int:
     folder = Path(args.result)
     record = _result_record(folder)
     with output_folder(folder, outputs=(*RESULT_FILES, *REPORT_FILES)) as out:
-        heat = read_volume(out / "heatmap.nrrd")
+        heat = read_volume(out / "heatmap.nrrd", validate=False)  # this program's own file, read as written
         read_as = record.get("input_read_as") or {}
         volume = read_volume(args.input or _recorded_file(out, record.get("input_path"), "input", "--input"),
                              modality=read_as.get("modality"), units=read_as.get("units"),
@@ -334,7 +342,6 @@ def _cmd_rethreshold(args) -> int:
         if card["id"] != record["model"]["id"]:
             raise ValueError(f"{checkpoint} holds model {card['id']}, but this result was made by "
                              f"{record['model']['id']}; give that model's checkpoint with --checkpoint.")
-        counterfactual = read_volume(out / "counterfactual.nrrd") if (out / "counterfactual.nrrd").is_file() else None
         params = record["parameters"]
         old = Thresholding(**{field: params.get(key, getattr(Thresholding, field, None))
                               for key, field in _THRESHOLD_RECORD.items()})
@@ -356,8 +363,8 @@ def _cmd_rethreshold(args) -> int:
                 else before.margin_mm, skip_absent=args.roi_include is None)
             for names in (selection.include, selection.exclude):
                 organ_names(names)
-            roi = selection.masks(organs, grid=volume)[0]
-            if np.any(roi & ~before.masks(organs, grid=volume)[0]):
+            roi = selection.mask(organs, grid=volume).voxels
+            if selection != before and np.any(roi & ~before.mask(organs, grid=volume).voxels):
                 raise ValueError(f"the ROI asked for ({selection.words()}) reaches beyond the run's ({before.words()}), "
                                  "where the heat map was not kept; narrow it, or run the analysis again with the "
                                  "wider ROI.")
@@ -365,21 +372,26 @@ def _cmd_rethreshold(args) -> int:
         elif any(v is not None for v in (args.roi_include, args.roi_exclude, args.roi_margin_mm)):
             raise ValueError("this result was analysed without an organ segmentation, so it has no organ ROI to change; "
                              "run the analysis again with --roi-seg or --ct.")
+        roi_changed = roi_record is not None and any(roi_record[k] != record["organ_roi"][k]
+                                                     for k in selection.as_parameters())
+        # the counterfactual is rewritten (so read) only with the heat map of a new ROI; else both stay as they are
+        counterfactual = (read_volume(out / "counterfactual.nrrd", validate=False)
+                          if roi_changed and (out / "counterfactual.nrrd").is_file() else None)
         method = {k: v for k, v in params.items() if k not in _THRESHOLD_RECORD and k != "mtv_rule"}
         result = CaseResult(volume=volume, heatmap=heat, counterfactual=counterfactual, card=card, parameters=method,
                             thresholding=thresholding, checkpoint=str(checkpoint), method_name=record["model"]["method"],
                             classifier=record.get("classifier"), organs=organs,
+                            network_evaluations=int(record.get("network_evaluations", 0)),
                             mtv_rule=args.mtv_rule or params.get("mtv_rule") or DEFAULT_MTV_RULE).threshold(roi=roi)
         extra = {**{k: record[k] for k in _RUN_RECORDS if k in record},
                  **({"input_path": str(Path(args.input).resolve())} if args.input else {}),
                  **({"organ_roi": roi_record} if roi_record is not None else {}),
                  "rethresholded_from": {k: record.get(k) for k in ("created", "command_line", "threshold",
                                                                       "lesion_count", "network_evaluations")}}
-        roi_changed = roi_record is not None and any(roi_record[k] != record["organ_roi"][k]
-                                                     for k in selection.as_parameters())
-        written = write_outputs(result, out, extra, extra_files=_report_files(result, args), replaces=REPORT_FILES,
+        written = write_outputs(result, out, extra, extra_files=_report_files(result, args, roi_record),
+                                replaces=REPORT_FILES,
                                 command_line=args.command_line, write_maps=roi_changed)
-    _print_table(result.table)
+    _print_table(result)
     _print_result(result, written, out)
     print(f"re-thresholded in {time.perf_counter() - clock:.2f} s (no network)")
     return 0
@@ -585,11 +597,13 @@ def _check_new_checkpoint_path(path: str, source: str | None) -> None:
 REPORT_FILES = ("report.html", "report.pdf", "lesions.seg.dcm")
 
 
-def _report_files(result, args) -> dict:
+def _report_files(result, args, organ_roi: dict | None = None) -> dict:
     """The writers of :data:`REPORT_FILES` for :func:`.pipeline.write_outputs` (the PDF is rendered from the HTML
-    written just before it)."""
+    written just before it); ``organ_roi``: the run's organ ROI record, shown with the parameters."""
     pdf = getattr(args, "pdf", True)  # rethreshold renders the PDF only when asked (it takes longer than the rest)
-    files = {REPORT_FILES[0]: lambda path: write_report(path, result, subject=args.subject, pdf=pdf, say=print)}
+    shown = {k: v for k, v in (organ_roi or {}).items() if k in ("segmentation", *OrganSelection().as_parameters())}
+    files = {REPORT_FILES[0]: lambda path: write_report(path, result, subject=args.subject, pdf=pdf, say=print,
+                                                        parameters=shown)}
     if result.volume.meta.get("format") == "dicom" and result.lesion_count:
         files[REPORT_FILES[2]] = lambda path: write_dicom_seg(result.labels, result.volume, path)
     return files
@@ -666,7 +680,8 @@ def _demo(args, out: Path, names: tuple[str, ...] = DEMO_FILES) -> int:
         names[2]: lambda p: overview_png(
             p, image.voxels, cf, result.shown_heatmap.voxels, result.labels, lesion_labels.voxels,
             title=f"{model.card['id']} ({method_name(model)}) | phantom seed {args.seed} | found {found['tp']}/"
-                  f"{len(lesions)} (IoU >= {DEMO_IOU:g}), {found['fp']} false | Dice {dsc:.2f} | "
+                  f"{len(lesions)} (IoU >= {DEMO_IOU:g}), {found['fp']} false | cut-off {result.applied_threshold:.3g} "
+                  f"{result.heat_units} | Dice {dsc:.2f} | "
                   f"{NOT_FOR_CLINICAL_USE_SHORT}",
             aspect=float(image.spacing[1] / image.spacing[0]),
             confidence=result.method.classifier_confidence, confidence_unhealthy=unhealthy,
@@ -674,9 +689,9 @@ def _demo(args, out: Path, names: tuple[str, ...] = DEMO_FILES) -> int:
             **DEMO_DISPLAY[model.card["modality"]]),
         names[3]: lambda p: write_volume(organs.volume, p),
     }
-    written = write_outputs(result, out, extra, extra_files={**files, **_report_files(result, args)},
+    written = write_outputs(result, out, extra, extra_files={**files, **_report_files(result, args, extra["organ_roi"])},
                             replaces=REPORT_FILES, command_line=args.command_line)
-    _print_table(result.table)
+    _print_table(result)
     for match, name in zip(matches, lesion_names):
         print(f"{name}: {_match_words(match)}")
     print(f"lesions found {found['tp']}/{len(lesions)}, false candidates {found['fp']}; rule: "

@@ -95,6 +95,9 @@ class CaseResult:
     mtv_rule: str = DEFAULT_MTV_RULE
     #: the absolute cut-off the thresholding applied, in heat-map units (set by :meth:`threshold`)
     applied_threshold: float | None = None
+    #: the reference region's value (:func:`.measurements.reference_region`: liver SUVmean away from the candidates),
+    #: None without one (set by :meth:`threshold`)
+    reference: dict[str, Any] | None = None
 
     @property
     def method_run(self) -> str:
@@ -124,6 +127,7 @@ class CaseResult:
         self.labels, self.table = lesions_from_heat(self.heatmap, self.volume, thresholding, roi, organs=self.organs,
                                                     mtv_rule=self.mtv_rule)
         self.applied_threshold = thresholding.cut_off(self.heatmap, roi)
+        self.reference = reference_region(self.volume, self.organs, self.labels)
         self.thresholding, self.roi = thresholding, roi
         self.timings["segment"] = time.perf_counter() - t0
         return self
@@ -137,11 +141,6 @@ class CaseResult:
     def totals(self) -> Any:
         """Whole-scan totals of the lesion table (:func:`.measurements.totals`)."""
         return totals(self.table, self.volume.modality, self.volume.units)
-
-    @property
-    def reference(self) -> dict[str, Any] | None:
-        """The reference region's value (:func:`.measurements.reference_region`: liver SUVmean), None without one."""
-        return reference_region(self.volume, self.organs, self.labels)
 
     def threshold_words(self) -> str:
         """The thresholding in words with units and the absolute cut-off applied (:meth:`Thresholding.words`)."""

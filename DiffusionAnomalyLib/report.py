@@ -99,10 +99,10 @@ def _swatch(rgb: Sequence[float] | None) -> str:
     return "" if rgb is None else f'<span class="swatch" style="background:{_hex(rgb)}"></span>'
 
 
-def lesion_colours(labels: np.ndarray) -> dict[int, tuple[float, float, float]]:
+def lesion_colours(ids: Sequence[int]) -> dict[int, tuple[float, float, float]]:
     """Label value -> the colour of its Slicer segment (:func:`.export.lesion_colors`, in label order, as
-    :func:`.export.write_segmentation` assigns them)."""
-    ids = [int(v) for v in np.unique(labels) if v != 0]
+    :func:`.export.write_segmentation` assigns them) for the label values ``ids`` (a lesion table's)."""
+    ids = sorted(int(v) for v in ids)
     return dict(zip(ids, lesion_colors(len(ids))))
 
 
@@ -276,7 +276,7 @@ def report_html(case: CaseResult, title: str = "DiffusionAnomaly report", parame
     columns = lesion_columns(image.modality, image.units, table, heat_units=case.heat_units, mtv_rule=case.mtv_rule)
     names = {c.name for c in columns}
     ct, uptake, mtv = "hu_mean" in names, "suv_max" in names, "mtv_ml" in names
-    colours = lesion_colours(labels)
+    colours = lesion_colours([row["id"] for row in table])
     figures = CaseFigures(image, heatmap, labels, colours, cut_off=case.applied_threshold,
                           image_units=image.units or "", heat_units=case.heat_units, ct=ct)
     orientation = figures.orientation
