@@ -711,8 +711,9 @@ def _match_words(match: dict) -> str:
     """How one true lesion fared under the demo's rule (:func:`.metrics.lesion_matches`), in words."""
     if match["candidate"] is None:
         return "missed: no candidate overlaps it"
-    overlap = (f"candidate {match['candidate']} (IoU {match['iou']:.2f}, covers {100 * match['covered']:.0f} % of "
-               f"the lesion, {match['size_ratio']:.1f}x its volume)")
+    covered = f"{100 * match['covered']:.0f} %" if match["covered"] >= 0.01 else "under 1 %"
+    overlap = (f"candidate {match['candidate']} (IoU {match['iou']:.2f}, covers {covered} of the lesion, "
+               f"{match['size_ratio']:.1f}x its volume)")
     if match["found"]:
         return f"found by {overlap}"
     return f"not counted as found: best overlap {overlap}, IoU below {DEMO_IOU:g}"

@@ -234,6 +234,21 @@ def test_included_organs_are_the_only_region_the_network_computes(env, organ_run
     assert params.GetNodeReference("HeatMap").GetAttribute("DiffusionAnomaly.InsideROI") == "true"
 
 
+def test_the_lesion_table_names_each_candidates_organ(env, organ_run):
+    """With an organ segmentation the Slicer table's organ column and the liver reference come from it, as on the
+    command line (measurements.lesion_table with the organ map on the input's grid)."""
+    from DiffusionAnomalyLib.measurements import lesion_table
+
+    case = env.logic.case
+    assert case.organs is not None and case.table
+    expected = lesion_table(case.labels, case.volume, case.heatmap, organs=env.labels)
+    assert [r["organ"] for r in case.table] == [r["organ"] for r in expected]
+    assert {r["organ"] for r in case.table} <= {"liver", "none"}  # lesions kept inside the liver ROI (+ margin)
+    table = env.params.GetNodeReference("Table")
+    assert [table.GetCellText(row, 1) for row in range(len(case.table))] == [r["organ"] for r in case.table]
+    assert case.reference is not None and case.reference["organ"] == "liver" and case.reference["mean"] > 0
+
+
 def test_an_organ_change_refilters_without_the_worker(env, organ_run, monkeypatch):
     """Include, exclude and margin changes inside the computed region: lesions, table, segmentation and shown heat
     map update from the cached map with no worker request and no network evaluation."""

@@ -265,6 +265,7 @@ class DiffusionAnomalyLogic:
             try:
                 roi = self.caseROI(parameterNode, params, job.card, job.volume)
                 mask = roi.mask if roi.coveredBy(job.region) else job.roi
+                job.case.organs = roi.organs.labels if roi.organs is not None else None
             except ValueError:
                 mask = job.roi
             return rethreshold(job.case, settings.thresholding(params, job.card), mask)
@@ -445,6 +446,7 @@ class DiffusionAnomalyLogic:
         roi = self.caseROI(parameterNode, params, case.card, case.volume)
         if not roi.coveredBy(self.caseRegion):
             raise ValueError(NOT_COVERED)
+        case.organs = roi.organs.labels if roi.organs is not None else None  # each candidate's organ, the liver
         roiChanged = not _sameMask(case.roi, roi.mask)
         rethreshold(case, settings.thresholding(params, case.card), roi.mask)()
         self._writeCase(parameterNode, inputNode, case, writeVolumes, writeHeat=roiChanged)

@@ -144,6 +144,7 @@ class OrganROI:
     mask: np.ndarray | None    # bool [k, j, i]: the ROI (included organs, or everything, minus excluded organs)
     region: np.ndarray | None  # bool [k, j, i]: the included organs with their margin (None: the whole volume)
     organs: tuple[str, ...]    # the structures the segmentation holds on the input's grid
+    labels: OrganLabels | None = None  # the organ map on the input's grid (each candidate's organ, the liver reference)
 
 
 class OrganROIs:
@@ -179,7 +180,7 @@ class OrganROIs:
         mask = None if selection.is_whole_volume else selection.mask(labels, grid).voxels != 0
         region = selection.region_mask(labels, grid)
         region = None if region is None else region.voxels != 0
-        self._roi, self._roiKey = OrganROI(selection, mask, region, labels.present), key
+        self._roi, self._roiKey = OrganROI(selection, mask, region, labels.present, labels), key
         return self._roi
 
 
