@@ -968,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.set_defaults(func=_cmd_run)
 
     rt = sub.add_parser("rethreshold", help="threshold an existing result's heat map again (new lesions, table, "
-                                            "summary and report; no network, about a second)")
+                                            "summary and report; no network)")
     rt.add_argument("--result", required=True, metavar="DIR", help="a folder 'run' or 'demo' wrote")
     rt.add_argument("--input", default=None, help="the analysed scan, if it moved since the run (default: the path "
                                                   "summary.json records)")
