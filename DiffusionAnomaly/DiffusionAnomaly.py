@@ -384,8 +384,10 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.roiSegmentSelector.setSelectedSegmentIDs([s for s in node.GetParameter("ROISegments").split(",") if s])
             self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(node.GetParameter("Model")))
             self.updateMethodSection(node)  # the chosen method's ranges before its values
-            # fraction of the map maximum: (0, 1]; absolute: map units (set before the value)
-            self.ui.thresholdSlider.maximum = 100.0 if node.GetParameter("ThresholdMethod") == "absolute" else 1.0
+            # fraction of the map maximum: (0, 1]; absolute: map units up to the current heat map's maximum (CT heat
+            # in HU runs to hundreds, PET in SUV to tens), set before the value
+            self.ui.thresholdSlider.maximum = (self.logic.heatMaximum() if node.GetParameter("ThresholdMethod") == "absolute"
+                                               else 1.0)
             for name, (widgetName, kind) in self.PARAMETER_WIDGETS.items():
                 widget, value = getattr(self.ui, widgetName), node.GetParameter(name)
                 if kind == "combo":

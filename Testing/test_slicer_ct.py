@@ -170,6 +170,9 @@ def test_the_lesion_table_has_the_ct_columns(env, ct_run, tmp_path):
         unit = "|HU difference|" if c.name == "max_heat" else c.unit
         assert table.GetColumnUnitLabel(c.name) == unit and table.GetColumnTitle(c.name) == c.title
     assert table.GetColumnName(1) == "organ" and table.GetCellText(0, 1) == env.logic.case.table[0]["organ"]
+    # the absolute-threshold slider reaches the heat map's maximum (|HU difference| runs past 100)
+    top = float(env.logic.case.heatmap.voxels.max())
+    assert env.logic.heatMaximum() == max(100.0, float(np.ceil(top)))
     row = env.logic.case.table[0]
     lesion = env.logic.case.labels == 1
     hu = np.asarray(env.ct.voxels, dtype=np.float64)[lesion]

@@ -411,6 +411,13 @@ class DiffusionAnomalyLogic:
             self.organRun.cancel()
 
     # ---- lesions from the cached heat map ------------------------------------------------------
+    def heatMaximum(self, default: float = 100.0) -> float:
+        """The largest value the absolute-threshold slider offers: the current case's heat-map maximum (rounded up),
+        ``default`` before any case (or for a map below it)."""
+        if self.case is None or not self.case.heatmap.voxels.size:
+            return default
+        return max(default, float(np.ceil(self.case.heatmap.voxels.max())))
+
     def caseFromScene(self, parameterNode) -> CaseResult | None:
         """The case held by the input's output nodes (a reopened scene): re-threshold without a re-run."""
         inputNode = parameterNode.GetNodeReference(settings.INPUT_REFERENCE)
