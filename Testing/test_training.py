@@ -75,3 +75,31 @@ def test_failed_state_write_keeps_the_previous_state(tiny_setup, monkeypatch):
         training._save_state(state, model, opt, 9, np.random.default_rng(0), {})
     assert state.read_bytes() == before
     assert not [p for p in out.iterdir() if "partial" in p.name]
+
+
+def test_healthy_only_training_draws_healthy_slices_and_says_so(tiny_setup, monkeypatch):
+    """``healthy_only``: every diffusion batch holds healthy slices only, and the card records it."""
+    card, data, out = tiny_setup
+    drawn = []
+    real = training._augmented
+
+    def spy(idx, train_x, aug, device):
+        drawn.extend(int(i) for i in idx)
+        return real(idx, train_x, aug, device)
+
+    monkeypatch.setattr(training, "_augmented", spy)
+    cfg = _cfg(out, 2)
+    cfg.healthy_only = True
+    best = train(cfg, card, data=data)
+    labels = data[0][1]
+    assert drawn and set(labels[drawn]) == {training.HEALTHY}
+    from DiffusionAnomalyLib.checkpoint import read_card
+
+    assert read_card(best)["provenance"]["training_slices"] == "healthy slices only"
+
+
+def test_healthy_only_is_refused_for_the_classifier(tmp_path, capsys):
+    from DiffusionAnomalyLib import cli
+
+    assert cli.main(["train", "--method", "classifier", "--healthy-only", "--out", str(tmp_path / "c")]) == 2
+    assert "--healthy-only" in capsys.readouterr().err and not (tmp_path / "c").exists()
