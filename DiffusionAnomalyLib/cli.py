@@ -259,7 +259,7 @@ def _cmd_run(args) -> int:
         model.resolve(**parameters)  # refused before TotalSegmentator runs
         roi = region = labels = None
         _print_plan(model, parameters, thresholding, selection)
-        extra: dict = {"input_path": str(Path(args.input).resolve()),
+        extra: dict = {"input_path": str(Path(args.input).resolve()), "subject": args.subject,
                        "input_read_as": {"modality": args.modality, "units": args.units, "suv_factor": args.suv_factor}}
         with tempfile.TemporaryDirectory(prefix="diffusion-anomaly-organs-") as work:
             if selection is not None:
@@ -293,7 +293,7 @@ def _cmd_run(args) -> int:
 
 
 #: what ``rethreshold`` keeps of a result's summary.json besides what it recomputes (the run's own records)
-_RUN_RECORDS = ("input_path", "input_read_as", "phantom_seed", "ground_truth_lesions")
+_RUN_RECORDS = ("input_path", "input_read_as", "subject", "phantom_seed", "ground_truth_lesions")
 #: the parameter record's thresholding keys (:meth:`.postprocessing.Thresholding.as_parameters`) -> its fields
 _THRESHOLD_RECORD = {"threshold_method": "method", "threshold_value": "value", "min_size_ml": "min_size_ml",
                      "opening": "opening", "min_size_voxels": "min_size_voxels", "min_inplane_mm": "min_inplane_mm"}
@@ -327,6 +327,7 @@ def _cmd_rethreshold(args) -> int:
     clock = time.perf_counter()
     folder = Path(args.result)
     record = _result_record(folder)
+    args.subject = args.subject or record.get("subject") or ""  # the run's pseudonym unless a new one is given
     with output_folder(folder, outputs=(*RESULT_FILES, *REPORT_FILES)) as out:
         heat = read_volume(out / "heatmap.nrrd", validate=False)  # this program's own file, read as written
         read_as = record.get("input_read_as") or {}
@@ -383,7 +384,7 @@ def _cmd_rethreshold(args) -> int:
                             classifier=record.get("classifier"), organs=organs,
                             network_evaluations=int(record.get("network_evaluations", 0)),
                             mtv_rule=args.mtv_rule or params.get("mtv_rule") or DEFAULT_MTV_RULE).threshold(roi=roi)
-        extra = {**{k: record[k] for k in _RUN_RECORDS if k in record},
+        extra = {**{k: record[k] for k in _RUN_RECORDS if k in record}, "subject": args.subject,
                  **({"input_path": str(Path(args.input).resolve())} if args.input else {}),
                  **({"organ_roi": roi_record} if roi_record is not None else {}),
                  "rethresholded_from": {k: record.get(k) for k in ("created", "command_line", "threshold",
@@ -662,7 +663,7 @@ def _demo(args, out: Path, names: tuple[str, ...] = DEMO_FILES) -> int:
     found = metrics.match_labels(result.labels, lesion_labels.voxels, DEMO_IOU, n_truth=len(lesions))
     matches = metrics.lesion_matches(result.labels, lesion_labels.voxels, DEMO_IOU, n_truth=len(lesions))
     heat_dsc, _ = metrics.optimal_dice(result.shown_heatmap.voxels, truth)
-    extra = {"phantom_seed": args.seed, "input_path": names[0], "ground_truth_lesions": lesions,
+    extra = {"phantom_seed": args.seed, "input_path": names[0], "subject": args.subject, "ground_truth_lesions": lesions,
              "organ_roi": {"segmentation": f"{names[3]}: {organs.source}", "organs_path": names[3],
                            **selection.as_parameters()},
              "dice_vs_ground_truth": dsc, "optimal_dice_of_heatmap": heat_dsc,

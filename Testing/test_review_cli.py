@@ -456,3 +456,14 @@ def test_bundled_model_cards_have_measured_performance_and_limits(capsys, modali
     assert cli.main(["card", path.stem]) == 0
     shown = capsys.readouterr().out
     assert f"Measured performance: {items['Measured performance']}" in shown and f"Limits: {items['Limits']}" in shown
+
+
+def test_rethreshold_keeps_the_runs_subject_unless_given_a_new_one(result, capsys, no_network):
+    """The pseudonym given to the run stays in the re-thresholded report and summary; a new --subject replaces it."""
+    record = summary_of(result)
+    record["subject"] = "P-017"
+    (result / "summary.json").write_text(json.dumps(record))
+    after, _ = rethreshold(capsys, result, "--threshold-absolute", 8)
+    assert after["subject"] == "P-017" and "P-017" in (result / "report.html").read_text()
+    after, _ = rethreshold(capsys, result, "--subject", "P-018")
+    assert after["subject"] == "P-018" and "P-018" in (result / "report.html").read_text()
