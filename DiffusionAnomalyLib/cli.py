@@ -46,7 +46,7 @@ from .methods import load_checkpoint
 from .networks import pick_device, save_checkpoint
 from .pipeline import RESULT_FILES, CaseResult, analyse, method_name, write_outputs
 from .measurements import DEFAULT_MTV_RULE, MTV_RULES, lesion_columns
-from .postprocessing import THRESHOLD_RULE_WORDS, Thresholding
+from .postprocessing import THRESHOLD_RECORD_KEYS, THRESHOLD_RULE_WORDS, Thresholding
 from .progress import Cancelled
 from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
 from .reference_import import add_import_arguments
@@ -294,9 +294,6 @@ def _cmd_run(args) -> int:
 
 #: what ``rethreshold`` keeps of a result's summary.json besides what it recomputes (the run's own records)
 _RUN_RECORDS = ("input_path", "input_read_as", "subject", "phantom_seed", "ground_truth_lesions")
-#: the parameter record's thresholding keys (:meth:`.postprocessing.Thresholding.as_parameters`) -> its fields
-_THRESHOLD_RECORD = {"threshold_method": "method", "threshold_value": "value", "min_size_ml": "min_size_ml",
-                     "opening": "opening", "min_size_voxels": "min_size_voxels", "min_inplane_mm": "min_inplane_mm"}
 
 
 def _result_record(folder: Path) -> dict:
@@ -344,8 +341,7 @@ def _cmd_rethreshold(args) -> int:
             raise ValueError(f"{checkpoint} holds model {card['id']}, but this result was made by "
                              f"{record['model']['id']}; give that model's checkpoint with --checkpoint.")
         params = record["parameters"]
-        old = Thresholding(**{field: params.get(key, getattr(Thresholding, field, None))
-                              for key, field in _THRESHOLD_RECORD.items()})
+        old = Thresholding.from_parameters(params)
         thresholding = Thresholding(**{**old.__dict__, **_threshold_rule(args),
                                        **({"min_size_ml": args.min_size_ml} if args.min_size_ml is not None else {})})
         thresholding.check()
@@ -378,7 +374,7 @@ def _cmd_rethreshold(args) -> int:
         # the counterfactual is rewritten (so read) only with the heat map of a new ROI; else both stay as they are
         counterfactual = (read_volume(out / "counterfactual.nrrd", validate=False)
                           if roi_changed and (out / "counterfactual.nrrd").is_file() else None)
-        method = {k: v for k, v in params.items() if k not in _THRESHOLD_RECORD and k != "mtv_rule"}
+        method = {k: v for k, v in params.items() if k not in THRESHOLD_RECORD_KEYS and k != "mtv_rule"}
         result = CaseResult(volume=volume, heatmap=heat, counterfactual=counterfactual, card=card, parameters=method,
                             thresholding=thresholding, checkpoint=str(checkpoint), method_name=record["model"]["method"],
                             classifier=record.get("classifier"), organs=organs,

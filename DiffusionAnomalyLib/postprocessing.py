@@ -40,6 +40,7 @@ __all__ = [
     "large_enough",
     "slice_axis",
     "THRESHOLD_METHODS",
+    "THRESHOLD_RECORD_KEYS",
     "THRESHOLD_RULE_WORDS",
     "segment",
     "suv_threshold_baseline",
@@ -80,6 +81,11 @@ THRESHOLD_RULE_WORDS = {
                 "CT), > 0",
     "otsu": "cut-off by Otsu's method on the heat map inside the ROI (no value; the cut-off it gives is reported)",
 }
+
+
+#: the keys of a thresholding's parameter record (:meth:`Thresholding.as_parameters`) -> its fields
+THRESHOLD_RECORD_KEYS = {"threshold_method": "method", "threshold_value": "value", "min_size_ml": "min_size_ml",
+                         **{key: key for key in _CHAIN_CHECKS}}
 
 
 @dataclass
@@ -211,6 +217,12 @@ class Thresholding:
         """
         record = {"threshold_method": self.method, "threshold_value": self.value, "min_size_ml": self.min_size_ml}
         return {**record, **self.chain_arguments()} if self.chain else record
+
+    @classmethod
+    def from_parameters(cls, record: dict[str, Any]) -> "Thresholding":
+        """The thresholding a parameter record (:meth:`as_parameters`, e.g. summary.json's) describes; a field the
+        record lacks takes its default."""
+        return cls(**{field: record[key] for key, field in THRESHOLD_RECORD_KEYS.items() if key in record})
 
 
 #: Connectivity (neighbours of a voxel) -> scikit-image ``connectivity`` argument for 3D arrays.
