@@ -5,7 +5,9 @@ Two case sets, always reported apart: held-out abdominal CT phantoms (:mod:`.ct_
 set (:func:`.ct_lesions.real_anatomy_set`: lesions inserted into the real CTs' TotalSegmentator kidneys and
 pancreas; never trained on). Each case's organ map stands in for TotalSegmentator; the model runs with its
 card's organs and margin (:meth:`.roi.OrganSelection.from_card`) and its default method and thresholding, as
-``diffusion-anomaly run`` would.
+``diffusion-anomaly run`` would. A phantom set also gets a ceiling row: the same cases and post-processing with
+each phantom's noise-free healthy twin as the counterfactual (:func:`ceiling_case`), so a reader sees how much of a
+shortfall is the model's and how much the post-processing's.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from .figures import froc_png
 from .files import atomic_path
 from .pipeline import analyse, method_name
 from .postprocessing import Thresholding, inside_roi, threshold_value
+from .preprocessing import model_units_to_input, normalise_intensity
 from .roi import OrganSelection
+from .volume import Volume
 
 #: the files ``evaluate`` writes for a CT model (one set per case set: phantoms, real anatomy)
 CT_EVALUATION_FILES = ("ct-metrics.json", "ct-metrics.md", "ct-froc.png", "ct-cases.csv")
@@ -39,6 +43,8 @@ CT_FP_LIMITS = (0.5, 1.0, 2.0, 4.0, 8.0)
 #: maximum heat (candidates of the operating point itself would cut the curve off at the operating point)
 FROC_THRESHOLD_FACTOR = 0.5
 BOOTSTRAP_RESAMPLES = 1000
+#: the ceiling rows' method: each phantom's own healthy twin as the counterfactual (:func:`ceiling_case`)
+CEILING_METHOD = "healthy twin (ceiling)"
 #: the issue's target at the default operating point on held-out phantoms: kidney-lesion recall and false candidates
 KIDNEY_RECALL_TARGET, FP_PER_SCAN_TARGET = 0.6, 2.0
 
@@ -53,33 +59,64 @@ def _candidate_scores(heat: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def evaluate_case(model, case: CtCase, thresholding: Thresholding | None = None,
                   parameters: dict[str, Any] | None = None) -> dict[str, Any]:
     """One case: the model at its defaults inside its card's organs, matched against the case's lesions."""
-    selection = OrganSelection.from_card(model.card)
-    roi, region = selection.masks(case.organs, grid=case.ct)
+    roi, region = OrganSelection.from_card(model.card).masks(case.organs, grid=case.ct)
     clock = time.perf_counter()
     result = analyse(model, case.ct, parameters=parameters, thresholding=thresholding, roi=roi, region=region)
     seconds = time.perf_counter() - clock
+    return {**_score(case, result.heatmap, result.thresholding, roi, seconds),
+            "network_evaluations": int(result.network_evaluations),
+            "method": method_name(model), "parameters": result.parameter_record()}
+
+
+def healthy_twin(case: CtCase) -> Volume | None:
+    """The phantom ``case`` without its lesions and without noise (same seed, phase and anatomy: the phantom's
+    streams are separate, :mod:`.ct_phantoms`), on its grid; None for a case that is not a default-grid phantom."""
+    if case.source != "phantom":
+        return None
+    twin = make_ct_phantom(case.seed, phase=case.phase, n_lesions=0, noise_sd_hu=0).ct
+    same = twin.voxels.shape == case.ct.voxels.shape and np.allclose(twin.ijk_to_ras, case.ct.ijk_to_ras)
+    return twin if same else None
+
+
+def ceiling_case(card: dict[str, Any], case: CtCase, thresholding: Thresholding) -> dict[str, Any] | None:
+    """One phantom case with its :func:`healthy_twin` as the counterfactual: |input - twin| in the card's intensity
+    window, through the same organs and post-processing as the model (None: no twin). The best any healthy
+    counterfactual could do (the noise stays in the input); what is left between it and the model is the model."""
+    twin = healthy_twin(case)
+    if twin is None:
+        return None
+    prep = card["preprocessing"]
+    roi, _ = OrganSelection.from_card(card).masks(case.organs, grid=case.ct)
+    clock = time.perf_counter()
+    diff = np.abs(normalise_intensity(case.ct.voxels, prep) - normalise_intensity(twin.voxels, prep))
+    heat = case.ct.with_voxels(model_units_to_input(diff, prep), units=f"|{case.ct.units} difference|")
+    return {**_score(case, heat, thresholding, roi, time.perf_counter() - clock),
+            "network_evaluations": 0, "method": CEILING_METHOD, "parameters": {}}
+
+
+def _score(case: CtCase, heat: Volume, thresholding: Thresholding, roi: np.ndarray, seconds: float) -> dict[str, Any]:
+    """The detection record of one heat map of ``case``: ``thresholding`` inside ``roi`` at the operating point,
+    and the FROC candidates at :data:`FROC_THRESHOLD_FACTOR` x its cut-off."""
     truth = np.asarray(case.lesion_labels.voxels)
     n_truth = len(case.lesions)
-    op = metrics.match_labels(result.labels, truth, CT_DETECTION_IOU, n_truth=n_truth)
-    shown = inside_roi(result.heatmap.voxels, roi)
-    applied = threshold_value(shown, result.thresholding.method, result.thresholding.value)
-    low = replace(result.thresholding, method="absolute", value=FROC_THRESHOLD_FACTOR * applied)
-    candidates = low.apply(result.heatmap, roi) if applied > 0 else np.zeros(truth.shape, np.int32)
+    labels = thresholding.apply(heat, roi)
+    op = metrics.match_labels(labels, truth, CT_DETECTION_IOU, n_truth=n_truth)
+    applied = threshold_value(inside_roi(heat.voxels, roi), thresholding.method, thresholding.value)
+    low = replace(thresholding, method="absolute", value=FROC_THRESHOLD_FACTOR * applied)
+    candidates = low.apply(heat, roi) if applied > 0 else np.zeros(truth.shape, np.int32)
     froc = metrics.match_labels(candidates, truth, CT_DETECTION_IOU, n_truth=n_truth)
     diameters = metrics.lesion_diameters_mm(truth, case.ct.ijk_to_ras, n=n_truth)
-    pred, true = result.labels > 0, truth > 0
+    pred, true = labels > 0, truth > 0
     dice = metrics.dice(pred, true) if true.any() else float("nan")
     return {
         "seed": case.seed, "source": case.source, "phase": case.phase, "lesions": n_truth,
         "tp": int(op["tp"]), "fp": int(op["fp"]), "fn": int(op["fn"]), "precision": float(op["precision"]),
         "recall": float(op["recall"]), "f1": float(op["f1"]), "dice": dice,
         "threshold": float(applied), "seconds": round(seconds, 2),
-        "network_evaluations": int(result.network_evaluations),
         "lesion_records": [{**les, "found": bool(found), "diameter_measured_mm": round(float(d), 1)}
                            for les, found, d in zip(case.lesions, op["found"], diameters)],
-        "froc_scores": _candidate_scores(result.heatmap.voxels, candidates).tolist(),
+        "froc_scores": _candidate_scores(heat.voxels, candidates).tolist(),
         "froc_hits": [bool(h) for h in froc["hit"]],
-        "method": method_name(model), "parameters": result.parameter_record(),
     }
 
 
@@ -137,15 +174,24 @@ def evaluate_ct(model, case_sets: dict[str, Iterable[CtCase]], out_dir: str | Pa
     a curve per set) into ``out_dir`` and returns the result."""
     out = Path(out_dir)
     sets, rows_of = {}, {}
+    chain = (thresholding or Thresholding.for_method(model.card, method_name(model))).check()
     for name, cases in case_sets.items():
-        rows = []
+        rows, ceiling = [], []
         for case in cases:
             rows.append(evaluate_case(model, case, thresholding, parameters))
             r = rows[-1]
             log(f"{name} {r['source']} seed {r['seed']} ({r['phase']}): {r['tp']}/{r['lesions']} lesions found, "
                 f"{r['fp']} false candidate(s), {r['seconds']:.0f} s")
+            c = ceiling_case(model.card, case, chain)
+            if c is not None:
+                ceiling.append(c)
+                log(f"  {CEILING_METHOD}: {c['tp']}/{c['lesions']} lesions found, {c['fp']} false candidate(s)")
         rows_of[name] = rows
         sets[name] = summarise(rows, name)
+        if ceiling and len(ceiling) == len(rows):  # a phantom set: the same cases, a perfect counterfactual
+            ceiling_name = f"{name}, {CEILING_METHOD}"
+            rows_of[ceiling_name] = ceiling
+            sets[ceiling_name] = summarise(ceiling, ceiling_name)
     result = {"checkpoint": model.card["id"], "method": method_name(model),
               "parameters": next((r["parameters"] for rows in rows_of.values() for r in rows), {}),
               "iou": CT_DETECTION_IOU, "sets": sets,
@@ -233,5 +279,5 @@ def phantom_cases(seeds: Sequence[int]) -> Iterable[CtCase]:
         yield make_ct_phantom(int(seed))
 
 
-__all__ = ["CT_DETECTION_IOU", "CT_EVALUATION_FILES", "CT_FP_LIMITS", "ct_markdown", "evaluate_case", "evaluate_ct",
-           "phantom_cases", "summarise"]
+__all__ = ["CEILING_METHOD", "CT_DETECTION_IOU", "CT_EVALUATION_FILES", "CT_FP_LIMITS", "ceiling_case", "ct_markdown",
+           "evaluate_case", "evaluate_ct", "healthy_twin", "phantom_cases", "summarise"]

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from DiffusionAnomalyLib.ct_evaluation import CT_EVALUATION_FILES
+from DiffusionAnomalyLib.ct_evaluation import CEILING_METHOD, CT_EVALUATION_FILES
 from DiffusionAnomalyLib.volume import read_volume, write_volume
 
 from conftest import REAL_CT, needs_real_ct, run_refused, snapshot
@@ -105,6 +105,9 @@ def test_evaluate_a_ct_model_on_phantoms_and_real_anatomy(tmp_path, capsys, tiny
         band = s["froc"]["read_at"]
         assert band["fp_limits"] == [0.5, 1.0, 2.0, 4.0, 8.0] and band["n_resamples"] == 1000
     assert "| held-out phantoms |" in stdout and "| real anatomy |" in stdout
+    ceiling = result["sets"][f"held-out phantoms, {CEILING_METHOD}"]  # the same phantoms with their healthy twins
+    assert ceiling["cases"] == 2 and ceiling["lesions"] == phantoms["lesions"]
+    assert f"| held-out phantoms, {CEILING_METHOD} |" in stdout and len(result["sets"]) == 3  # none for real anatomy
     assert "not clinical data" in (out / "ct-metrics.md").read_text()
 
 
