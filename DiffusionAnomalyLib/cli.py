@@ -9,6 +9,8 @@ a second run, and left as it was found when the run fails.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import shlex
 import sys
@@ -18,10 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from . import metrics, phantoms
 from .method_catalog import BASELINES, METHODS, default_method, method_spec, parameter_words, served_method, unknown_owner
 from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, card_items, check_margin_mm, check_threshold, classifier_card,
                    ct_card, default_card, fraction_from_text, organ_list,
@@ -29,31 +28,44 @@ from .card import (NOT_FOR_CLINICAL_USE_SHORT, STEPS_HELP, card_items, check_mar
                    parse_steps, real_number, whole_number)
 from .checkpoint import bundled_checkpoint, bundled_models, read_card
 from .version import __version__
-from . import evaluation
-from .ct_evaluation import CT_EVALUATION_FILES, ct_markdown, evaluate_ct, phantom_cases
-from .ct_lesions import REAL_CTS, real_anatomy_set
-from .ct_phantoms import make_ct_phantom
-from .evaluation import (EVALUATION_FILES, EVALUATION_SEEDS, SWEEP_FILES, card_with_best_defaults, check_held_out,
-                         card_with_threshold_defaults, evaluate, markdown_table, sweep, whole_volume_grid,
-                         phantom_seeds, whole_volume_sweep)
-from .dicom_seg import write_dicom_seg
 from .export import write_json, write_segmentation
 from .errors import REFUSALS, refusal_sentence
-from .figures import CT_WINDOW_HU, overview_png
+from .figures import CT_WINDOW_HU
 from .report import write_report
 from .files import OutputError, check_writable_dir, output_folder, staged
-from .methods import load_checkpoint
-from .networks import pick_device, save_checkpoint
 from .pipeline import RESULT_FILES, CaseResult, analyse, method_name, write_outputs
 from .measurements import DEFAULT_MTV_RULE, MTV_RULES, lesion_columns
 from .postprocessing import THRESHOLD_RECORD_KEYS, THRESHOLD_RULE_WORDS, Thresholding
 from .progress import Cancelled
 from .roi import OrganLabels, OrganSelection, organ_names, read_organ_labels
-from .reference_import import add_import_arguments
 from .totalsegmentator import DEVICES, ENV_VARIABLE, run_totalsegmentator, setup_environment
-from .training import TrainConfig, train, train_classifier
-from .preprocessing import mask_to_model_space
 from .volume import canonical_modality, read_volume, write_volume
+
+# torch, MONAI and the modules built on them (methods, networks, training, metrics, evaluation, the checkpoint
+# importer) are imported inside the verbs that use them, so that rethreshold, models, card and --version start
+# without them (seconds of start-up); the names tests replace (load_checkpoint, train, ...) stay on this module.
+
+
+def load_checkpoint(*args, **kwargs):
+    """:func:`.methods.load_checkpoint` (imported on first use: it brings torch)."""
+    from .methods import load_checkpoint as load
+
+    return load(*args, **kwargs)
+
+
+def train(*args, **kwargs):
+    """:func:`.training.train` (imported on first use: it brings torch)."""
+    from .training import train as run
+
+    return run(*args, **kwargs)
+
+
+def train_classifier(*args, **kwargs):
+    """:func:`.training.train_classifier` (imported on first use: it brings torch)."""
+    from .training import train_classifier as run
+
+    return run(*args, **kwargs)
+
 
 #: what ``train --method`` builds
 TRAIN_METHODS = ("igconda", "classifier")
@@ -64,6 +76,8 @@ ORGANS_FILE = "organs.nii.gz"
 
 
 def _cmd_phantom(args) -> int:
+    from . import phantoms
+
     ext = ".nrrd" if args.format == "nrrd" else ".nii.gz"
     stems = [f"phantom_{args.seed + n:06d}" for n in range(args.count)]
     tails = (f"_pet{ext}", f"_lesions{ext}", f"_ct{ext}", f"_organs{ext}", ".json")
@@ -85,8 +99,12 @@ def _cmd_phantom(args) -> int:
     return 0
 
 
-def _train_config(args) -> TrainConfig:
-    """The training run ``train`` asks for, every number checked before any work (one sentence each)."""
+def _train_config(args):
+    """The :class:`.training.TrainConfig` ``train`` asks for, every number checked before any work (one sentence
+    each)."""
+    from .networks import pick_device
+    from .training import TrainConfig
+
     steps = whole_number(args.steps, "--steps", 1)
     batch = whole_number(args.batch_size, "--batch-size", 2, why=" (half healthy, half unhealthy slices)")
     train_seed, val_seed = (whole_number(v, f"--{n}-seed", 0) for v, n in ((args.train_seed, "train"),
@@ -140,6 +158,8 @@ def _progress_bar(desc: str):
         lines = _progress_lines(desc)
         lines.close = lambda: None  # type: ignore[attr-defined]
         return lines
+    from tqdm import tqdm
+
     bar = tqdm(total=100, desc=desc, unit="%", disable=None, mininterval=1.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
     def update(fraction: float, message: str) -> None:
@@ -438,6 +458,10 @@ def _evaluation_methods(args, card: dict) -> tuple[list[str], list[str]]:
 def _cmd_evaluate_ct(args, card: dict) -> int:
     """``evaluate`` of a CT organ model: METHODS.md section 4 detection on held-out CT phantoms and, with --real-ct,
     on lesions inserted into the real CTs (reported apart)."""
+    from .ct_evaluation import CT_EVALUATION_FILES, ct_markdown, evaluate_ct, phantom_cases
+    from .ct_lesions import REAL_CTS, real_anatomy_set
+    from .evaluation import check_held_out, phantom_seeds
+
     if args.methods is not None:
         raise ValueError("--methods compares methods on PET phantoms; a CT organ model is evaluated one method at a "
                          "time: give it with --method.")
@@ -465,6 +489,8 @@ def _cmd_evaluate_ct(args, card: dict) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from .evaluation import EVALUATION_FILES, evaluate, markdown_table
+
     card = read_card(args.checkpoint or bundled_checkpoint())
     if card["modality"] == "CT":
         return _cmd_evaluate_ct(args, card)
@@ -501,6 +527,8 @@ def _options(args, names) -> str:
 
 def _sweep_grid(args, model):
     """The checked whole-volume grid of ``sweep --whole-volume`` (None for the (D, w) sweep); refusals before any work."""
+    from .evaluation import whole_volume_grid
+
     if not args.whole_volume:
         if _options(args, _WHOLE_VOLUME_OPTIONS):
             raise ValueError(f"{_options(args, _WHOLE_VOLUME_OPTIONS)} to a whole-volume sweep; add --whole-volume.")
@@ -522,6 +550,9 @@ def _sweep_grid(args, model):
 
 
 def _cmd_sweep(args) -> int:
+    from .evaluation import SWEEP_FILES, card_with_best_defaults, card_with_threshold_defaults, sweep, whole_volume_sweep
+    from .networks import save_checkpoint
+
     inputs = {"checkpoint": args.checkpoint, "--classifier": args.classifier,
               "--write-defaults file": args.write_defaults}
     with output_folder(args.out, outputs=SWEEP_FILES, inputs=inputs) as out:
@@ -602,6 +633,8 @@ def _report_files(result, args, organ_roi: dict | None = None) -> dict:
     files = {REPORT_FILES[0]: lambda path: write_report(path, result, subject=args.subject, pdf=pdf, say=print,
                                                         parameters=shown)}
     if result.volume.meta.get("format") == "dicom" and result.lesion_count:
+        from .dicom_seg import write_dicom_seg
+
         files[REPORT_FILES[2]] = lambda path: write_dicom_seg(result.labels, result.volume, path)
     return files
 
@@ -623,6 +656,9 @@ def _cmd_demo(args) -> int:
 
 def _demo_case(args):
     """(image, organs, lesion labels, lesion records, lesion names, words) of the demo's phantom."""
+    from . import phantoms
+    from .ct_phantoms import make_ct_phantom
+
     if args.modality == "CT":
         case = make_ct_phantom(args.seed, n_lesions=args.lesions)
         words = ", ".join(f"{les['kind']} {les['diameter_mm']:.0f} mm in {les['organ']}" for les in case.lesions)
@@ -635,6 +671,10 @@ def _demo_case(args):
 
 
 def _demo(args, out: Path, names: tuple[str, ...] = DEMO_FILES) -> int:
+    from . import metrics
+    from .figures import overview_png
+    from .preprocessing import mask_to_model_space
+
     t0 = time.perf_counter()
     model = _load_model(args, modality=args.modality)
     image, organs, lesion_labels, lesions, lesion_names, words = _demo_case(args)
@@ -845,7 +885,33 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the refusal format of every other error: the usage, then one ``error:`` line, exit 2."""
+    """argparse with the refusal format of every other error: the usage, then one ``error:`` line, exit 2.
+
+    ``arguments`` (a function of the parser) adds a verb's options when the verb is parsed or its help shown: the
+    option texts of evaluate, sweep and import-checkpoint come from modules that bring torch, which the other verbs
+    then never import.
+    """
+
+    def __init__(self, *args, arguments: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._arguments = arguments
+
+    def _complete(self) -> None:
+        if self._arguments is not None:
+            arguments, self._arguments = self._arguments, None
+            arguments(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
@@ -882,6 +948,66 @@ def _cmd_card(args) -> int:
     for label, text in card_items(read_card(path)):
         print(f"{label}: {text}")
     return 0
+
+
+def _evaluate_arguments(ev) -> None:
+    """The options of ``evaluate`` (their defaults come from :mod:`.evaluation`, which brings torch)."""
+    from .evaluation import EVALUATION_SEEDS
+
+    ev.add_argument("--phantoms", type=number_from_text, default=10, help="held-out phantoms to evaluate on")
+    ev.add_argument("--seed", type=number_from_text, default=EVALUATION_SEEDS[0], help="first held-out phantom seed (refused if the model was trained or tuned on it)")
+    ev.add_argument("--out", required=True, help="folder for metrics.json/.md, figures and tables")
+    ev.add_argument("--real-ct", default=None, metavar="DIR",
+                    help="a CT organ model: also evaluate on lesions inserted into the real CTs of this folder "
+                         "(shared/data/real-ct), reported apart from the phantoms")
+    ev.add_argument("--real-cases", type=number_from_text, default=10,
+                    help="--real-ct: insertion seeds 0..N-1 (each gives one case per real CT)")
+    _add_inference_args(ev, with_threshold=False, several=True)
+
+
+def _sweep_arguments(sw) -> None:
+    """The options of ``sweep`` (their defaults come from :mod:`.evaluation`, which brings torch)."""
+    from . import evaluation
+
+    sw.add_argument("--phantoms", type=number_from_text, default=3, help="tuning phantoms")
+    sw.add_argument("--seed", type=number_from_text, default=800_000,
+                    help="first tuning phantom seed (never a training, validation or evaluation seed)")
+    sw.add_argument("--noise-levels", default=None, help="comma-separated noise levels (default: "
+                    + "; ".join(f"{m} {_listed(evaluation.sweep_axes(m)[0])}" for m in METHODS) + ")")
+    sw.add_argument("--guidance-values", default=None, metavar="LIST",
+                    help="comma-separated values of the method's guidance parameter: "
+                         + "; ".join(f"{m}: {METHODS[m].parameter(METHODS[m].guidance).label} "
+                                     f"(default {_listed(evaluation.sweep_axes(m)[1])})" for m in METHODS))
+    sw.add_argument("--whole-volume", action="store_true",
+                    help="run the model once per phantom at the card's defaults and grid the thresholding and organ "
+                         "exclusion; best = highest lesion sensitivity with at most "
+                         f"{evaluation.MAX_FALSE_PER_VOLUME:g} false candidate per volume")
+    sw.add_argument("--threshold-methods", default=None, metavar="LIST",
+                    help=f"--whole-volume: threshold rules, comma-separated (default {_listed(evaluation.SWEEP_THRESHOLD_METHODS)})")
+    sw.add_argument("--fractions", default=None, metavar="LIST",
+                    help=f"--whole-volume: fractions of the heat map's maximum (default {_listed(evaluation.FROC_FRACTIONS)})")
+    sw.add_argument("--absolute-values", default=None, metavar="LIST",
+                    help=f"--whole-volume: absolute thresholds in heat-map units (default {_listed(evaluation.FROC_ABSOLUTE)})")
+    sw.add_argument("--min-sizes-ml", default=None, metavar="LIST",
+                    help=f"--whole-volume: minimum lesion sizes in ml (default {_listed(evaluation.SWEEP_MIN_SIZES_ML)})")
+    sw.add_argument("--organ-excludes", default=None, metavar="SETS",
+                    help="--whole-volume: organ exclusion sets separated by ';', each comma-separated names or groups, "
+                         f"'none' for no exclusion (default: {';'.join(evaluation.SWEEP_ORGAN_EXCLUDES)})")
+    sw.add_argument("--margins-mm", default=None, metavar="LIST",
+                    help=f"--whole-volume: margins (mm) around the excluded organs (default {_listed(evaluation.SWEEP_MARGINS_MM)})")
+    sw.add_argument("--out", required=True, help="folder for sweep.json and sweep.png")
+    sw.add_argument("--write-defaults", default=None, metavar="NEW.safetensors",
+                    help="also write a copy of the checkpoint with the sweep's best defaults (noise level, guidance "
+                         "scale and steps by mean DSC_opt; with --whole-volume threshold rule and value, minimum size, "
+                         "organ exclusion and margin), the sweep recorded in its provenance")
+    _add_inference_args(sw, with_threshold=False, parameters=("steps",))
+
+
+def _import_arguments(p) -> None:
+    """The options of ``import-checkpoint`` (:mod:`.reference_import`, which brings torch)."""
+    from .reference_import import add_import_arguments
+
+    add_import_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -985,56 +1111,17 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(func=_cmd_rethreshold)
 
     ev = sub.add_parser("evaluate", help="metrics of a model and the 41%% SUVmax baseline on held-out phantoms: "
-                                         "per-slice paper metrics, whole-volume FROC (froc.png) and operating points")
-    ev.add_argument("--phantoms", type=number_from_text, default=10, help="held-out phantoms to evaluate on")
-    ev.add_argument("--seed", type=number_from_text, default=EVALUATION_SEEDS[0], help="first held-out phantom seed (refused if the model was trained or tuned on it)")
-    ev.add_argument("--out", required=True, help="folder for metrics.json/.md, figures and tables")
-    ev.add_argument("--real-ct", default=None, metavar="DIR",
-                    help="a CT organ model: also evaluate on lesions inserted into the real CTs of this folder "
-                         "(shared/data/real-ct), reported apart from the phantoms")
-    ev.add_argument("--real-cases", type=number_from_text, default=10,
-                    help="--real-ct: insertion seeds 0..N-1 (each gives one case per real CT)")
-    _add_inference_args(ev, with_threshold=False, several=True)
+                                         "per-slice paper metrics, whole-volume FROC (froc.png) and operating points",
+                        arguments=_evaluate_arguments)
     ev.set_defaults(func=_cmd_evaluate)
 
     sw = sub.add_parser("sweep", help="DSC_opt over a grid of noise levels and guidance scales (unhealthy slices), "
                                       "or with --whole-volume the thresholding and organ exclusion by whole-volume "
-                                      "lesion detection")
-    sw.add_argument("--phantoms", type=number_from_text, default=3, help="tuning phantoms")
-    sw.add_argument("--seed", type=number_from_text, default=800_000,
-                    help="first tuning phantom seed (never a training, validation or evaluation seed)")
-    sw.add_argument("--noise-levels", default=None, help="comma-separated noise levels (default: "
-                    + "; ".join(f"{m} {_listed(evaluation.sweep_axes(m)[0])}" for m in METHODS) + ")")
-    sw.add_argument("--guidance-values", default=None, metavar="LIST",
-                    help="comma-separated values of the method's guidance parameter: "
-                         + "; ".join(f"{m}: {METHODS[m].parameter(METHODS[m].guidance).label} "
-                                     f"(default {_listed(evaluation.sweep_axes(m)[1])})" for m in METHODS))
-    sw.add_argument("--whole-volume", action="store_true",
-                    help="run the model once per phantom at the card's defaults and grid the thresholding and organ "
-                         "exclusion; best = highest lesion sensitivity with at most "
-                         f"{evaluation.MAX_FALSE_PER_VOLUME:g} false candidate per volume")
-    sw.add_argument("--threshold-methods", default=None, metavar="LIST",
-                    help=f"--whole-volume: threshold rules, comma-separated (default {_listed(evaluation.SWEEP_THRESHOLD_METHODS)})")
-    sw.add_argument("--fractions", default=None, metavar="LIST",
-                    help=f"--whole-volume: fractions of the heat map's maximum (default {_listed(evaluation.FROC_FRACTIONS)})")
-    sw.add_argument("--absolute-values", default=None, metavar="LIST",
-                    help=f"--whole-volume: absolute thresholds in heat-map units (default {_listed(evaluation.FROC_ABSOLUTE)})")
-    sw.add_argument("--min-sizes-ml", default=None, metavar="LIST",
-                    help=f"--whole-volume: minimum lesion sizes in ml (default {_listed(evaluation.SWEEP_MIN_SIZES_ML)})")
-    sw.add_argument("--organ-excludes", default=None, metavar="SETS",
-                    help="--whole-volume: organ exclusion sets separated by ';', each comma-separated names or groups, "
-                         f"'none' for no exclusion (default: {';'.join(evaluation.SWEEP_ORGAN_EXCLUDES)})")
-    sw.add_argument("--margins-mm", default=None, metavar="LIST",
-                    help=f"--whole-volume: margins (mm) around the excluded organs (default {_listed(evaluation.SWEEP_MARGINS_MM)})")
-    sw.add_argument("--out", required=True, help="folder for sweep.json and sweep.png")
-    sw.add_argument("--write-defaults", default=None, metavar="NEW.safetensors",
-                    help="also write a copy of the checkpoint with the sweep's best defaults (noise level, guidance "
-                         "scale and steps by mean DSC_opt; with --whole-volume threshold rule and value, minimum size, "
-                         "organ exclusion and margin), the sweep recorded in its provenance")
-    _add_inference_args(sw, with_threshold=False, parameters=("steps",))
+                                      "lesion detection", arguments=_sweep_arguments)
     sw.set_defaults(func=_cmd_sweep)
 
-    add_import_arguments(sub.add_parser("import-checkpoint", help="convert an IgCONDA-PET reference .pth to .safetensors"))
+    sub.add_parser("import-checkpoint", help="convert an IgCONDA-PET reference .pth to .safetensors",
+                   arguments=_import_arguments)
 
     ts = sub.add_parser("totalsegmentator",
                         help="segment the organs of a CT with TotalSegmentator (in an environment of its own)")
@@ -1107,25 +1194,43 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _gpu_out_of_memory(exc: BaseException) -> bool:
+    """True for torch's CUDA out-of-memory error (torch is asked only when a verb has imported it: a verb that did
+    not cannot have filled a GPU)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def _refusal(exc: BaseException) -> str:
     """The one sentence of an expected failure: :func:`.errors.refusal_sentence`, plus the GPU's out-of-memory."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    if _gpu_out_of_memory(exc):
         first = str(exc).split(".")[0]
         return (f"the GPU ran out of memory ({first}); close other GPU programs, use --device cpu "
                 "or a smaller input")
     return refusal_sentence(exc)
 
 
-#: what the CLI refuses with one sentence instead of a traceback: the package's refusals and a full GPU
-EXPECTED_ERRORS = (*REFUSALS, torch.cuda.OutOfMemoryError)
+def _expected(exc: BaseException) -> bool:
+    """What the CLI refuses with one sentence instead of a traceback: the package's refusals and a full GPU."""
+    return isinstance(exc, REFUSALS) or _gpu_out_of_memory(exc)
+
+
+def _command_process() -> None:
+    """This process is the command, and ends with its verb: what it imported and made is freed with the process,
+    so the garbage collector is told to leave those objects alone (:func:`gc.freeze`), now and at exit (at exit
+    Python's collections would walk every object matplotlib made: 0.15 s of a 2 s re-threshold)."""
+    gc.freeze()
+    atexit.register(gc.freeze)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a verb; every refusal (argument errors included) prints one ``error:`` sentence and returns 2.
 
-    No traceback for expected failures (:data:`EXPECTED_ERRORS`); Ctrl-C returns 130 after the
-    verb has left its output folder as it found it.
+    No traceback for expected failures (:func:`_expected`); Ctrl-C returns 130 after the
+    verb has left its output folder as it found it. Run as the command (``argv`` None), see :func:`_command_process`.
     """
+    if argv is None:
+        _command_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
@@ -1134,12 +1239,14 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = " ".join(["diffusion-anomaly"] + [shlex.quote(a) for a in argv])
     try:
         return int(args.func(args) or 0)
-    except EXPECTED_ERRORS as exc:
-        print(f"error: {_one_line(_refusal(exc))}", file=sys.stderr)
-        return 2
     except (KeyboardInterrupt, Cancelled):
         print("cancelled", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _expected(exc):
+            raise
+        print(f"error: {_one_line(_refusal(exc))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -117,8 +117,7 @@ def write_segmentation(
         )
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise ValueError(f"the label image must hold integers (0 = background), got dtype {labels.dtype}.")
-    ids = np.unique(labels)
-    ids = [int(v) for v in ids if v != 0]
+    ids = [int(v) for v in np.unique(labels[labels != 0])]  # the few labelled voxels: a whole-volume unique is slow
     if ids and ids[0] < 0:
         raise ValueError("the label image has negative values; use 0 for background and 1..n for lesions.")
     max_label = max(ids, default=0)

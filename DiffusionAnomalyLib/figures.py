@@ -52,10 +52,10 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
 
 
 def _png_bytes(fig, dpi: int) -> bytes:
-    """The figure as PNG bytes (fast zlib level: the report embeds them as base64)."""
+    """The figure (a :class:`matplotlib.figure.Figure` of :func:`_panels`, which pyplot does not hold: nothing to
+    close) as PNG bytes (fast zlib level: the report embeds them as base64)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format="png", pil_kwargs={"compress_level": 3})
-    _pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -203,9 +203,9 @@ def _panels(widths: Sequence[float], height: float, bars: Sequence[bool], dpi: i
         else:
             caxes.append(None)
         x += _GAP_IN
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    for ax in axes:  # no ticks, no labels: the axis is not drawn at all (the frame is), the same picture faster
+        ax.xaxis.set_visible(False)
+        ax.yaxis.set_visible(False)
     return fig, axes, caxes
 
 

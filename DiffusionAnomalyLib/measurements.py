@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy import signal
 from skimage import measure
 
 from .card import shown
@@ -266,6 +265,8 @@ def _sphere_kernel(ijk_to_ras: np.ndarray, radius_mm: float) -> np.ndarray:
 def _local_sum(arr: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Sum of ``arr`` over the kernel centred on each voxel, zero outside the array."""
     if kernel.sum() > _FFT_KERNEL_VOXELS:
+        from scipy import signal  # here: scipy.signal takes longer to import than a lesion table takes to make
+
         return signal.fftconvolve(arr, kernel.astype(np.float64), mode="same")  # kernel is symmetric
     return ndi.correlate(arr, kernel.astype(np.float64), mode="constant", cval=0.0)
 

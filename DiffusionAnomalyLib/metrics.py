@@ -38,14 +38,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import dice as _dice_dissimilarity
 from scipy.spatial.distance import pdist
 from skimage.measure import label as _label
 from skimage.measure import marching_cubes
-from sklearn.metrics import average_precision_score
 
 from .card import real_number, whole_number
 from .postprocessing import check_label_image
@@ -215,6 +213,8 @@ def hd95(
         return 0.0
     if has_p != has_t:
         return float("nan")
+    from monai.metrics import compute_hausdorff_distance  # here: MONAI takes seconds to import (torch, transforms)
+
     with warnings.catch_warnings():
         # MONAI 1.5-1.6 passes its own deprecated always_return_as_numpy argument internally.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
@@ -238,6 +238,8 @@ def auprc(anomaly_map: np.ndarray, truth: np.ndarray) -> float:
     y = _as_mask(t).ravel()
     if not y.any():
         return float("nan")
+    from sklearn.metrics import average_precision_score  # here: only this metric needs scikit-learn
+
     return float(average_precision_score(y, m.ravel().astype(np.float64)))
 
 

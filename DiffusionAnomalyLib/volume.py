@@ -519,8 +519,9 @@ def _check_nifti_complete(path: Path) -> None:
         )
 
 
-def _check_nrrd_gzip(path: Path) -> None:
-    """Verify a gzip-encoded NRRD's data stream (attached, or one detached data file without skips)."""
+def _nrrd_gzip_stream(path: Path) -> tuple[Path, int, str] | None:
+    """Where a gzip-encoded NRRD's data stream is, (file, offset, the header's ``endian``): attached, or one detached
+    data file without skips; None for any other NRRD."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     end = head.find(b"\n\n")
@@ -531,14 +532,41 @@ def _check_nrrd_gzip(path: Path) -> None:
             key, value = line.split(":", 1)
             fields[key.strip().replace(" ", "")] = value.strip()
     if fields.get("encoding", "").lower() not in ("gzip", "gz") or "lineskip" in fields or "byteskip" in fields:
-        return
+        return None
     data = fields.get("datafile")
+    endian = fields.get("endian", "").lower()
     if data is None and end >= 0 and _suffix(path) != ".nhdr":
-        _gzip_bytes(path, end + 2)
-    elif data and " " not in data and not data.startswith("LIST"):
+        return path, end + 2, endian
+    if data and " " not in data and not data.startswith("LIST"):
         target = (path.parent / data) if not Path(data).is_absolute() else Path(data)
         if target.is_file():
-            _gzip_bytes(target)
+            return target, 0, endian
+    return None
+
+
+def _decoded_as_stored(image: sitk.Image, stream: tuple[Path, int, str]) -> bool:
+    """True when the voxels ITK decompressed are the gzip stream's content: their CRC-32 and length are those of
+    the stream's trailer (its file's last 8 bytes).
+
+    ITK checks neither; this costs one pass over memory, where checking the stream itself (:func:`_gzip_bytes`)
+    decompresses it a second time. False (check the stream itself) when it cannot tell: another byte order than
+    this machine's, or a file that does not end with the stream's trailer.
+    """
+    import struct
+    import sys
+    import zlib
+
+    path, _, endian = stream
+    voxels = sitk.GetArrayViewFromImage(image)
+    if voxels.dtype.itemsize > 1 and (endian != sys.byteorder or not voxels.flags.c_contiguous):
+        return False
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 8:
+            return False
+        f.seek(-8, os.SEEK_END)
+        crc, size = struct.unpack("<II", f.read(8))
+    return size == voxels.nbytes & 0xFFFFFFFF and crc == zlib.crc32(voxels)
 
 
 def _read_sitk_file(
@@ -558,14 +586,19 @@ def _read_sitk_file(
     if reader.GetNumberOfComponents() != 1:
         raise VolumeError(f"{path} is a vector/colour image; expected a scalar (grey-value) volume.")
     _check_shape(tuple(reader.GetSize())[::-1], str(path), max_voxels)
+    stream = None
     if _suffix(path) in _NIFTI_SUFFIXES:
         _check_nifti_complete(path)
     elif _suffix(path) in _NRRD_SUFFIXES:
-        _check_nrrd_gzip(path)
+        stream = _nrrd_gzip_stream(path)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
+        if stream is not None:
+            _gzip_bytes(*stream[:2])  # a damaged stream is the more precise cause
         raise VolumeError(f"could not read {path}: {_reader_message(exc)}.") from None
+    if stream is not None and not _decoded_as_stored(image, stream):
+        _gzip_bytes(*stream[:2])  # the stream itself checked: a damaged one is refused, naming its damage
     keys = set(image.GetMetaDataKeys())
     file_modality = image.GetMetaData("modality").strip() if "modality" in keys else None
     file_units = image.GetMetaData("units").strip() if "units" in keys else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -495,3 +497,38 @@ def test_version_models_and_card(capsys, tmp_path, tiny_checkpoint):
     assert code == 2 and error_line(err).startswith("error: no bundled model 'no-such-model'")
     code, _, err = run_cli(capsys, "models", "--dir", tmp_path / "missing")
     assert code == 2 and "is not a folder" in error_line(err)
+
+
+def test_version_models_and_card_start_without_torch():
+    """The verbs that only read (--version, models, card, --help of a verb) import neither torch nor MONAI: they
+    start in about half a second instead of seconds (a fresh interpreter, since this one has torch)."""
+    code = ("import sys\n"
+            "from DiffusionAnomalyLib import cli\n"
+            "for argv in (['--version'], ['models'], ['card', 'igconda-pet-phantom-demo'], ['rethreshold', '--help']):\n"
+            "    assert cli.main(argv) == 0, argv\n"
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_full_gpu_is_one_error_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """torch's CUDA out-of-memory error is refused in one sentence (exit 2), as every refusal; an unexpected error
+    is not swallowed."""
+    import torch
+
+    def full(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "_cmd_models", full)
+    code, _, err = run_cli(capsys, "models")
+    assert code == 2
+    assert error_line(err) == ("error: the GPU ran out of memory (CUDA out of memory); close other GPU programs, use "
+                               "--device cpu or a smaller input")
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_models", bug)
+    with pytest.raises(KeyError):
+        cli.main(["models"])

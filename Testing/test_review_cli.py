@@ -16,6 +16,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -239,6 +241,19 @@ def test_rethreshold_mtv_rule(result, capsys, no_network):
     table = lesion_table(labels, read_volume(result / "input_pet.nrrd"), read_volume(result / "heatmap.nrrd"),
                          organs=read_organ_labels(result / "input_organs.nrrd"), mtv_rule="suv2.5")
     assert [float(r["mtv_ml"]) for r in rows] == pytest.approx([r["mtv_ml"] for r in table], rel=1e-3, abs=1e-3)
+
+
+def test_rethreshold_never_imports_torch(result):
+    """rethreshold works on the heat map alone: it imports neither torch nor MONAI (their seconds of start-up would
+    be most of its time). In a fresh interpreter, since this one has torch."""
+    code = ("import sys\n"
+            "from DiffusionAnomalyLib import cli\n"
+            f"assert cli.main(['rethreshold', '--result', {str(result)!r}, '--threshold-absolute', '8']) == 0\n"
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert summary_of(result)["threshold"]["applied_cut_off"] == 8.0  # it did re-threshold
 
 
 # =============================================================================================
