@@ -29,7 +29,7 @@ from .figures import froc_png
 from .files import atomic_path
 from .pipeline import analyse, method_name
 from .postprocessing import Thresholding, inside_roi, threshold_value
-from .preprocessing import model_units_to_input, normalise_intensity
+from .preprocessing import model_units_to_input, model_values_to_input, normalise_intensity
 from .roi import OrganSelection
 from .volume import Volume
 
@@ -57,15 +57,44 @@ def _candidate_scores(heat: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def evaluate_case(model, case: CtCase, thresholding: Thresholding | None = None,
-                  parameters: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One case: the model at its defaults inside its card's organs, matched against the case's lesions."""
+                  parameters: dict[str, Any] | None = None, twin: Volume | None = None) -> dict[str, Any]:
+    """One case: the model at its defaults inside its card's organs, matched against the case's lesions; with the
+    phantom's :func:`healthy_twin`, also how far the model's counterfactual is from it (:func:`counterfactual_error`)."""
     roi, region = OrganSelection.from_card(model.card).masks(case.organs, grid=case.ct)
     clock = time.perf_counter()
     result = analyse(model, case.ct, parameters=parameters, thresholding=thresholding, roi=roi, region=region)
     seconds = time.perf_counter() - clock
-    return {**_score(case, result.heatmap, result.thresholding, roi, seconds),
-            "network_evaluations": int(result.network_evaluations),
-            "method": method_name(model), "parameters": result.parameter_record()}
+    row = {**_score(case, result.heatmap, result.thresholding, roi, seconds),
+           "network_evaluations": int(result.network_evaluations),
+           "method": method_name(model), "parameters": result.parameter_record()}
+    if twin is not None and result.counterfactual is not None:
+        row["counterfactual_error"] = counterfactual_error(model.card, case, result.counterfactual, twin, roi)
+    return row
+
+
+def counterfactual_error(card: dict[str, Any], case: CtCase, counterfactual: Volume, twin: Volume,
+                         roi: np.ndarray) -> dict[str, Any]:
+    """How far a counterfactual is from the phantom's healthy twin, in the card's intensity window (HU): the median
+    and 90th percentile of |counterfactual - twin| in the card's organs (no margin), more than 2 voxels from any lesion
+    (a perfect healthy counterfactual: 0), and per lesion the share of its contrast (input - twin) the
+    counterfactual removed (1: healed, 0: copied)."""
+    prep = card["preprocessing"]
+    window = [model_values_to_input(normalise_intensity(v.voxels, prep), prep) for v in (case.ct, counterfactual, twin)]
+    x, cf, tw = window
+    lesions = np.asarray(case.lesion_labels.voxels)
+    organs = replace(OrganSelection.from_card(card), margin_mm=0.0).mask(case.organs, grid=case.ct).voxels
+    normal = (np.asarray(roi) != 0) & (np.asarray(organs) != 0)
+    normal &= ~ndimage.binary_dilation(lesions > 0, iterations=2)
+    error = np.abs(cf - tw)[normal]
+    healed = []
+    for n in range(1, len(case.lesions) + 1):
+        inside = lesions == n
+        contrast = float((x - tw)[inside].mean()) if inside.any() else 0.0
+        left = float((cf - tw)[inside].mean()) if inside.any() else 0.0
+        healed.append(round(1.0 - left / contrast, 2) if abs(contrast) >= 1.0 else None)
+    return {"normal_tissue_median_hu": round(float(np.median(error)), 1) if error.size else None,
+            "normal_tissue_p90_hu": round(float(np.percentile(error, 90)), 1) if error.size else None,
+            "lesion_contrast_removed": healed}
 
 
 def healthy_twin(case: CtCase) -> Volume | None:
@@ -78,11 +107,12 @@ def healthy_twin(case: CtCase) -> Volume | None:
     return twin if same else None
 
 
-def ceiling_case(card: dict[str, Any], case: CtCase, thresholding: Thresholding) -> dict[str, Any] | None:
+def ceiling_case(card: dict[str, Any], case: CtCase, thresholding: Thresholding,
+                 twin: Volume | None = None) -> dict[str, Any] | None:
     """One phantom case with its :func:`healthy_twin` as the counterfactual: |input - twin| in the card's intensity
-    window, through the same organs and post-processing as the model (None: no twin). The best any healthy
+    window, through the same organs and post-processing as the model (None: no twin; ``twin``: already made). The best any healthy
     counterfactual could do (the noise stays in the input); what is left between it and the model is the model."""
-    twin = healthy_twin(case)
+    twin = healthy_twin(case) if twin is None else twin
     if twin is None:
         return None
     prep = card["preprocessing"]
@@ -164,7 +194,20 @@ def summarise(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
                  "candidates": f"the default chain at {FROC_THRESHOLD_FACTOR:g} x the threshold applied, scored by "
                                "their maximum heat"},
         "seconds_per_case": float(np.mean([r["seconds"] for r in rows])) if rows else float("nan"),
+        **({"counterfactual_error": _pooled_error([r["counterfactual_error"] for r in rows])}
+           if rows and all("counterfactual_error" in r for r in rows) else {}),
     }
+
+
+def _pooled_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """A set's :func:`counterfactual_error`: the median over cases of each case's figures, the mean share removed."""
+    removed = [v for e in errors for v in e["lesion_contrast_removed"] if v is not None]
+    medians = [e["normal_tissue_median_hu"] for e in errors if e["normal_tissue_median_hu"] is not None]
+    p90s = [e["normal_tissue_p90_hu"] for e in errors if e["normal_tissue_p90_hu"] is not None]
+    return {"normal_tissue_median_hu": round(float(np.median(medians)), 1) if medians else None,
+            "normal_tissue_p90_hu": round(float(np.median(p90s)), 1) if p90s else None,
+            "lesion_contrast_removed_mean": round(float(np.mean(removed)), 2) if removed else None,
+            "lesions": len(removed)}
 
 
 def evaluate_ct(model, case_sets: dict[str, Iterable[CtCase]], out_dir: str | Path, *,
@@ -178,11 +221,17 @@ def evaluate_ct(model, case_sets: dict[str, Iterable[CtCase]], out_dir: str | Pa
     for name, cases in case_sets.items():
         rows, ceiling = [], []
         for case in cases:
-            rows.append(evaluate_case(model, case, thresholding, parameters))
+            twin = healthy_twin(case)
+            rows.append(evaluate_case(model, case, thresholding, parameters, twin=twin))
             r = rows[-1]
             log(f"{name} {r['source']} seed {r['seed']} ({r['phase']}): {r['tp']}/{r['lesions']} lesions found, "
                 f"{r['fp']} false candidate(s), {r['seconds']:.0f} s")
-            c = ceiling_case(model.card, case, chain)
+            if "counterfactual_error" in r:
+                e = r["counterfactual_error"]
+                log(f"  counterfactual vs healthy twin: |difference| in normal organ tissue median "
+                    f"{e['normal_tissue_median_hu']} HU, 90th percentile {e['normal_tissue_p90_hu']} HU; lesion "
+                    f"contrast removed {e['lesion_contrast_removed']}")
+            c = ceiling_case(model.card, case, chain, twin)
             if c is not None:
                 ceiling.append(c)
                 log(f"  {CEILING_METHOD}: {c['tp']}/{c['lesions']} lesions found, {c['fp']} false candidate(s)")
@@ -258,6 +307,16 @@ def ct_markdown(result: dict[str, Any]) -> str:
                      f"{_found(organ['kidney']) if 'kidney' in organ else 'none'} | "
                      f"{_found(organ['pancreas']) if 'pancreas' in organ else 'none'} | "
                      f"{_pct(op['per_case_mean']['dice'])} | {' / '.join(reads)} | {s['seconds_per_case']:.0f} |")
+    errors = [s for s in result["sets"].values() if "counterfactual_error" in s]
+    if errors:
+        lines += ["", "| set | counterfactual vs the phantom's healthy twin: \\|difference\\| in normal organ tissue, "
+                      "median / 90th percentile (HU, median over scans) | lesion contrast removed (mean; 1 = healed) |",
+                  "|---|---|---|"]
+        for s in errors:
+            e = s["counterfactual_error"]
+            lines.append(f"| {s['set']} | {e['normal_tissue_median_hu']} / {e['normal_tissue_p90_hu']} | "
+                         f"{_pct(e['lesion_contrast_removed_mean']) if e['lesion_contrast_removed_mean'] is not None else 'n/a'} "
+                         f"({e['lesions']} lesions) |")
     for title, key in (("kind", "by_kind"), ("phase", "by_phase")):
         lines += ["", f"| set | recall by lesion {title} |", "|---|---|"]
         for s in result["sets"].values():
@@ -279,5 +338,5 @@ def phantom_cases(seeds: Sequence[int]) -> Iterable[CtCase]:
         yield make_ct_phantom(int(seed))
 
 
-__all__ = ["CEILING_METHOD", "CT_DETECTION_IOU", "CT_EVALUATION_FILES", "CT_FP_LIMITS", "ceiling_case", "ct_markdown",
-           "evaluate_case", "evaluate_ct", "healthy_twin", "phantom_cases", "summarise"]
+__all__ = ["CEILING_METHOD", "CT_DETECTION_IOU", "CT_EVALUATION_FILES", "CT_FP_LIMITS", "ceiling_case",
+           "counterfactual_error", "ct_markdown", "evaluate_case", "evaluate_ct", "healthy_twin", "phantom_cases", "summarise"]

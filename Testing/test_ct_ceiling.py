@@ -1,5 +1,6 @@
 """The CT evaluation's ceiling rows: each phantom's noise-free healthy twin as the counterfactual, through the model's
-window, organs and post-processing (what a perfect healthy counterfactual would score)."""
+window, organs and post-processing (what a perfect healthy counterfactual would score), and how far a model's
+counterfactual is from that twin."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import numpy as np
 from scipy import ndimage
 
 from DiffusionAnomalyLib.card import ct_card
-from DiffusionAnomalyLib.ct_evaluation import CEILING_METHOD, ceiling_case, healthy_twin
+from DiffusionAnomalyLib.ct_evaluation import CEILING_METHOD, ceiling_case, counterfactual_error, healthy_twin
 from DiffusionAnomalyLib.ct_phantoms import make_ct_phantom
 from DiffusionAnomalyLib.postprocessing import Thresholding
+from DiffusionAnomalyLib.roi import OrganSelection
 
 SEED = 800003  # portal-venous, a 31 mm solid and a 23 mm necrotic kidney lesion
 
@@ -39,3 +41,17 @@ def test_the_ceiling_finds_clear_lesions_and_is_only_for_phantoms():
     assert row["threshold"] > 0 and len(row["froc_scores"]) == len(row["froc_hits"]) >= 2
     assert ceiling_case(card, dataclasses.replace(case, source="ct_abdomen_3mm.nii.gz"), chain) is None
     assert healthy_twin(dataclasses.replace(case, source="ct_abdomen_3mm.nii.gz")) is None
+
+
+def test_counterfactual_error_is_zero_for_the_twin_and_full_for_the_input():
+    card = ct_card()
+    case = make_ct_phantom(SEED)
+    twin = healthy_twin(case)
+    roi, _ = OrganSelection.from_card(card).masks(case.organs, grid=case.ct)
+    perfect = counterfactual_error(card, case, twin, twin, roi)
+    assert perfect["normal_tissue_median_hu"] == 0 and perfect["normal_tissue_p90_hu"] == 0
+    assert perfect["lesion_contrast_removed"] == [1.0, 1.0]
+    copied = counterfactual_error(card, case, case.ct, twin, roi)  # a model that returns its input
+    assert copied["lesion_contrast_removed"] == [0.0, 0.0]
+    noise = case.ct.meta["noise_hu"]  # what is left is the scan's noise: median |N(0, sd)| = 0.67 sd
+    assert 0.4 * noise < copied["normal_tissue_median_hu"] < 1.0 * noise

@@ -108,6 +108,9 @@ def test_evaluate_a_ct_model_on_phantoms_and_real_anatomy(tmp_path, capsys, tiny
     ceiling = result["sets"][f"held-out phantoms, {CEILING_METHOD}"]  # the same phantoms with their healthy twins
     assert ceiling["cases"] == 2 and ceiling["lesions"] == phantoms["lesions"]
     assert f"| held-out phantoms, {CEILING_METHOD} |" in stdout and len(result["sets"]) == 3  # none for real anatomy
+    error = phantoms["counterfactual_error"]  # the model's counterfactual against each phantom's healthy twin
+    assert error["normal_tissue_median_hu"] >= 0 and error["normal_tissue_p90_hu"] >= error["normal_tissue_median_hu"]
+    assert "counterfactual_error" not in real and "healthy twin" in (out / "ct-metrics.md").read_text()
     assert "not clinical data" in (out / "ct-metrics.md").read_text()
 
 
