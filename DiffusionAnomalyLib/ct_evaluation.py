@@ -61,7 +61,8 @@ def _candidate_scores(heat: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def evaluate_case(model, case: CtCase, thresholding: Thresholding | None = None,
                   parameters: dict[str, Any] | None = None, twin: Volume | None = None) -> dict[str, Any]:
     """One case: the model at its defaults inside its card's organs, matched against the case's lesions; with the
-    phantom's :func:`healthy_twin`, also how far the model's counterfactual is from it (:func:`counterfactual_error`)."""
+    phantom's :func:`healthy_twin`, also how far the model's counterfactual is from it
+    (:func:`counterfactual_error`)."""
     roi, region = OrganSelection.from_card(model.card).masks(case.organs, grid=case.ct)
     clock = time.perf_counter()
     result = analyse(model, case.ct, parameters=parameters, thresholding=thresholding, roi=roi, region=region)
@@ -77,8 +78,8 @@ def evaluate_case(model, case: CtCase, thresholding: Thresholding | None = None,
 def counterfactual_error(card: dict[str, Any], case: CtCase, counterfactual: Volume, twin: Volume,
                          roi: np.ndarray) -> dict[str, Any]:
     """How far a counterfactual is from the phantom's healthy twin, in the card's intensity window (HU): the median
-    and 90th percentile of |counterfactual - twin| in the card's organs (no margin), more than 2 voxels from any lesion
-    (a perfect healthy counterfactual: 0), and per lesion the share of its contrast (input - twin) the
+    and 90th percentile of |counterfactual - twin| in the card's organs (no margin) more than 2 voxels from any
+    lesion (a perfect healthy counterfactual: 0), and per lesion the share of its contrast (input - twin) the
     counterfactual removed (1: healed, 0: copied; None for a lesion of less than :data:`MIN_CONTRAST_HU` mean
     contrast, whose share would be noise)."""
     prep = card["preprocessing"]
@@ -112,9 +113,10 @@ def healthy_twin(case: CtCase) -> Volume | None:
 
 def ceiling_case(card: dict[str, Any], case: CtCase, thresholding: Thresholding,
                  twin: Volume | None = None) -> dict[str, Any] | None:
-    """One phantom case with its :func:`healthy_twin` as the counterfactual: |input - twin| in the card's intensity
-    window, through the same organs and post-processing as the model (None: no twin; ``twin``: already made). The best any healthy
-    counterfactual could do (the noise stays in the input); what is left between it and the model is the model."""
+    """One phantom case with its :func:`healthy_twin` (``twin`` when already made) as the counterfactual:
+    |input - twin| in the card's intensity window, through the same organs and post-processing as the model; None
+    without a twin. The best any healthy counterfactual could do (the input keeps its noise): what is left between
+    it and the model is the model's."""
     twin = healthy_twin(case) if twin is None else twin
     if twin is None:
         return None
@@ -314,7 +316,8 @@ def ct_markdown(result: dict[str, Any]) -> str:
     errors = [s for s in result["sets"].values() if "counterfactual_error" in s]
     if errors:
         lines += ["", "| set | counterfactual vs the phantom's healthy twin: \\|difference\\| in normal organ tissue, "
-                      "median / 90th percentile (HU, median over scans) | lesion contrast removed (median; 1 = healed) |",
+                      "median / 90th percentile (HU, median over scans) | "
+                      "lesion contrast removed (median; 1 = healed) |",
                   "|---|---|---|"]
         for s in errors:
             e = s["counterfactual_error"]
@@ -343,4 +346,5 @@ def phantom_cases(seeds: Sequence[int]) -> Iterable[CtCase]:
 
 
 __all__ = ["CEILING_METHOD", "CT_DETECTION_IOU", "CT_EVALUATION_FILES", "CT_FP_LIMITS", "ceiling_case",
-           "counterfactual_error", "ct_markdown", "evaluate_case", "evaluate_ct", "healthy_twin", "phantom_cases", "summarise"]
+           "counterfactual_error", "ct_markdown", "evaluate_case", "evaluate_ct", "healthy_twin", "phantom_cases",
+           "summarise"]
