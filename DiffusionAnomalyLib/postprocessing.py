@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import measure
 from skimage.filters import threshold_otsu
 
 from .method_catalog import default_method, method_spec
@@ -185,7 +184,7 @@ class Thresholding:
         """The absolute cut-off these settings apply to ``heat`` inside ``roi``, in the map's units: the value
         :meth:`apply` selects strictly above (:func:`threshold_value` of the map inside the ROI)."""
         arr = _as_voxels(heat, "the anomaly map")
-        if roi is not None:
+        if roi is not None and self.method != "absolute":  # an absolute cut-off is its value whatever the ROI
             arr = inside_roi(arr, _as_voxels(roi, "the ROI mask") != 0)
         return threshold_value(arr, self.method, self.value)
 
@@ -225,7 +224,8 @@ class Thresholding:
         return cls(**{field: record[key] for key, field in THRESHOLD_RECORD_KEYS.items() if key in record})
 
 
-#: Connectivity (neighbours of a voxel) -> scikit-image ``connectivity`` argument for 3D arrays.
+#: Connectivity (neighbours of a voxel) -> the rank of ``ndimage.generate_binary_structure(3, rank)``, the
+#: neighbourhood scikit-image's ``measure.label(connectivity=rank)`` builds (it calls ``ndimage.label`` with it).
 _CONNECTIVITY = {6: 1, 18: 2, 26: 3}
 
 #: Histogram bins of the Otsu threshold (scikit-image's default).
@@ -445,8 +445,9 @@ def segment(
     if box is None:
         return out
     mask, arr = mask[box], arr[box]
-    components = measure.label(mask, connectivity=_CONNECTIVITY[connectivity], background=0)
-    n = int(components.max())
+    # ndimage.label, as scikit-image's measure.label calls it for a boolean image (same numbering: raster order of
+    # each component's first voxel), without importing skimage.morphology and scipy.spatial (~0.08 s) for it
+    components, n = ndi.label(mask, structure=ndi.generate_binary_structure(3, _CONNECTIVITY[connectivity]))
 
     index = np.arange(1, n + 1)
     sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]

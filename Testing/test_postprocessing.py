@@ -527,3 +527,68 @@ def test_with_an_organ_roi_the_threshold_is_taken_from_the_map_inside_it():
     otsu = segment(vol, method="otsu", roi=roi)
     assert otsu[12:16, 12:16, 12:16].all() and not otsu[12:16, 2:6, 12:16].any() and not otsu[:8, :8, :8].any()
     assert np.array_equal(inside_roi(heat, roi), np.where(roi > 0, heat, 0)) and inside_roi(heat, None) is heat
+
+
+@pytest.mark.parametrize("connectivity, rank", [(6, 1), (18, 2), (26, 3)])
+def test_segment_numbers_components_as_scikit_image_labels_them(connectivity, rank):
+    """segment() labels with ndimage.label (not skimage.measure.label, whose import costs ~0.1 s): the same
+    components, numbered by descending max heat, ties by size, then by scikit-image's raster numbering of the
+    whole volume. Quantised heat makes many ties; an anisotropic, oblique grid and a size filter in ml."""
+    from skimage import measure as sk_measure
+
+    rng = np.random.default_rng(rank)
+    shape = (24, 30, 36)
+    # sparse voxels (below 26-neighbour percolation) touching by faces, edges and corners; four heat values: ties
+    arr = np.where(rng.random(shape) < 0.07, rng.integers(1, 5, shape) / 4, 0).astype(np.float32)
+    heat = Volume(arr, MATRIX.copy(), units="anomaly")
+    out = segment(heat, method="absolute", value=0.02, min_size_ml=2 * VOXEL_ML, connectivity=connectivity)
+    full = sk_measure.label(arr > 0.02, connectivity=rank, background=0)
+    sizes = np.bincount(full.ravel())
+    kept = [lab for lab in range(1, full.max() + 1) if sizes[lab] >= 2]
+    maxima = {lab: float(arr[full == lab].max()) for lab in kept}
+    assert len(set(maxima.values())) < len(kept)  # ties really occur
+    order = sorted(kept, key=lambda lab: (-maxima[lab], -sizes[lab], lab))
+    expected = np.zeros(arr.shape, np.int32)
+    for new, lab in enumerate(order, start=1):
+        expected[full == lab] = new
+    assert out.dtype == np.int32 and np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_region_measurements_are_scikit_images_regionprops_bit_for_bit(seed):
+    """The lesion table's per-lesion numbers (count, box, centroid, image max / mean / min, heat max) are those of
+    skimage.measure.regionprops_table, bit for bit, without importing it (it pulls scipy.spatial in)."""
+    from skimage import measure as sk_measure
+
+    from DiffusionAnomalyLib.measurements import _region_measurements
+
+    rng = np.random.default_rng(seed)
+    shape = (17, 23, 19)
+    labels, n = ndi.label(ndi.gaussian_filter(rng.standard_normal(shape), 1.0) > 0.3)
+    labels = np.where(labels % 3 == 1, 0, labels).astype([np.int32, np.uint16, np.int64][seed])  # gaps in the ids
+    labels[0, 0, 0] = labels[-1, -1, -1] = n + 5  # one lesion at two corners
+    image = (rng.gamma(2.0, 1.5, shape) * 10.0 ** seed).astype([np.float32, np.float64, np.int16][seed])
+    heat = rng.random(shape).astype(np.float32)
+    got = _region_measurements(labels, image, heat, with_min=True)
+    props = sk_measure.regionprops_table(labels, image.astype(np.float64), properties=(
+        "label", "area", "bbox", "centroid_local", "intensity_max", "intensity_mean", "intensity_min"))
+    heat_max = sk_measure.regionprops_table(labels, heat, properties=("intensity_max",))["intensity_max"]
+    start = np.stack([props[f"bbox-{a}"] for a in range(3)], axis=1)
+    expected = {"label": props["label"], "voxels": props["area"], "start": start,
+                "stop": np.stack([props[f"bbox-{a + 3}"] for a in range(3)], axis=1),
+                "centroid": np.stack([props[f"centroid_local-{a}"] for a in range(3)], axis=1) + start,
+                "image_max": props["intensity_max"], "image_mean": props["intensity_mean"],
+                "image_min": props["intensity_min"], "heat_max": heat_max}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and got[key].tobytes() == value.tobytes(), key
+    assert _region_measurements(np.zeros(shape, np.int32), image, heat) is None
+
+
+def test_absolute_cut_off_is_its_value_with_or_without_a_roi(heat):
+    roi = np.zeros(SHAPE, np.uint8)
+    roi[:8] = 1
+    rule = Thresholding(method="absolute", value=0.7, min_size_ml=None)
+    assert rule.cut_off(heat, roi) == rule.cut_off(heat) == 0.7
+    fraction = Thresholding(method="fraction", value=0.5, min_size_ml=None)
+    assert fraction.cut_off(heat, roi) == 0.5 * float(heat.voxels[:8].max()) != fraction.cut_off(heat)

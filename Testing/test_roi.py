@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from scipy import ndimage as ndi
 from scipy import spatial
 
 from DiffusionAnomalyLib import roi
@@ -329,6 +330,74 @@ def test_margin_is_physical_on_anisotropic_and_oblique_grids(spacing, direction)
         g = roi.dilate_mm(single, spacing, 6.0)
         assert np.flatnonzero(g[:, 7, 7]).tolist() == [3, 4, 5]
         assert np.flatnonzero(g[4, 7, :]).tolist() == list(range(1, 14))
+
+
+def whole_grid_dilation(mask: np.ndarray, spacing_ijk, margin_mm: float) -> np.ndarray:
+    """The straightforward margin: one distance transform of the whole grid."""
+    sampling = np.asarray(spacing_ijk, dtype=np.float64)[::-1]
+    return ndi.distance_transform_edt(~mask, sampling=sampling) <= margin_mm * (1.0 + 1e-9)
+
+
+@pytest.fixture(scope="module")
+def organ_maps(labels, ct, small_phantom_case) -> dict[str, roi.OrganLabels]:
+    """Organ maps on anisotropic grids: the real CT's labels on its own grid and carried onto a 2 x 3.5 x 5 mm
+    oblique PET-like grid, and the phantom's anatomy (8 x 8 x 12 mm) the demo's organ ROI comes from."""
+    pet = pet_grid(ct, (2.0, 3.5, 5.0), (450.0, 400.0, 200.0), direction=rotation((1.0, 0.5, 0.2), 17.0))
+    return {"real CT": labels, "real CT on a PET grid": labels.on_grid(pet), "phantom": small_phantom_case.organs}
+
+
+@pytest.mark.parametrize("source", ["real CT", "real CT on a PET grid", "phantom"])
+def test_margin_in_separate_boxes_equals_the_whole_grid_transform(organ_maps, source):
+    """dilate_mm transforms only boxes around the mask's parts: voxel for voxel the whole grid's result, for the
+    organ groups a ROI excludes, every organ at once, margins from under a voxel to several, on the grid's own
+    (anisotropic) spacing and on a more anisotropic one."""
+    organs = organ_maps[source]
+    grid = organs.volume
+    sets = [*[g for g in roi.ORGAN_GROUPS if set(roi.ORGAN_GROUPS[g]) & set(organs.present)], list(organs.present)]
+    for organ_set in sets:
+        mask = organs.mask(organ_set)
+        for spacing in (tuple(grid.spacing), (0.8, 1.7, 4.0)):
+            for margin in (0.5, 3.0, 5.0, 12.5, 30.0):
+                assert np.array_equal(roi.dilate_mm(mask, spacing, margin), whole_grid_dilation(mask, spacing, margin)), \
+                    (organ_set, spacing, margin)
+
+
+def test_separate_boxes_hold_whole_parts_and_every_voxel(organ_maps):
+    """Every connected part of the mask (26 neighbours) lies inside one box, the boxes hold every mask voxel and
+    nothing else of it twice; the physiological-uptake organs of the phantom fall into several boxes."""
+    organs = organ_maps["phantom"]
+    mask = organs.mask("physiological-uptake")
+    boxes = roi._separate_boxes(mask, np.array([1, 1, 1]))
+    assert len(boxes) > 1
+    parts, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    for part in ndi.find_objects(parts):
+        assert sum(all(b.start <= p.start and p.stop <= b.stop for p, b in zip(part, box)) for box in boxes) == 1
+    covered = np.zeros(mask.shape, int)
+    for box in boxes:
+        covered[box] += mask[box]
+    assert np.array_equal(covered, mask.astype(int))
+    assert roi._separate_boxes(np.zeros((3, 4, 5), bool), np.array([1, 1, 1])) == []
+
+
+def test_label_ids_are_nps_unique_without_background(labels, dicom_labels):
+    """The ids a label file holds, from chunked counts for uint8 / uint16, np.unique otherwise: the same ids."""
+    rng = np.random.default_rng(0)
+    arrays = [labels.volume.voxels, dicom_labels.volume.voxels,
+              rng.integers(0, 70000, (9, 11, 13)).astype(np.uint16) * (rng.random((9, 11, 13)) < 0.3),
+              rng.integers(0, 3, (70, 130, 120)).astype(np.uint8),  # more voxels than one counting chunk
+              np.asfortranarray(rng.integers(0, 200, (5, 6, 7)).astype(np.uint8)),
+              rng.integers(0, 10**6, (4, 5, 6)).astype(np.int64), np.zeros((3, 3, 3), np.uint8)]
+    for voxels in arrays:
+        expected = np.unique(voxels)
+        assert roi._label_ids(voxels).tolist() == expected[expected != 0].tolist()
+
+
+def test_organ_mask_is_nps_isin_of_the_organs_ids(labels):
+    """OrganLabels.mask compares a few ids one by one, more with np.isin: the same mask either way."""
+    present = list(labels.present)
+    for count in (0, 1, 2, 6, 7, len(present)):
+        wanted = [labels.ids[name] for name in present[:count]]
+        assert np.array_equal(labels.mask(present[:count]), np.isin(labels.volume.voxels, wanted)), count
 
 
 # =============================================================================================
