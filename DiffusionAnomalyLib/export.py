@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from .figures import OKABE_ITO, TOL_MUTED
 from .files import atomic_path
 from .measurements import lesion_columns
-from .postprocessing import bounding_box
+from .postprocessing import label_boxes
 from .volume import Volume, lps_ras_flip, write_volume
 
 __all__ = [
@@ -118,8 +117,7 @@ def write_segmentation(
         )
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise ValueError(f"the label image must hold integers (0 = background), got dtype {labels.dtype}.")
-    labelled = labels != 0
-    ids = [int(v) for v in np.unique(labels[labelled])]  # the few labelled voxels: a whole-volume unique is slow
+    ids = [int(v) for v in np.unique(labels[labels != 0])]  # the few labelled voxels: a whole-volume unique is slow
     if ids and ids[0] < 0:
         raise ValueError("the label image has negative values; use 0 for background and 1..n for lesions.")
     max_label = max(ids, default=0)
@@ -146,12 +144,10 @@ def write_segmentation(
                 raise ValueError(f"a segment colour must be 3 numbers (R, G, B) in [0, 1], got {rgb}.")
 
     voxels_ijk = np.asarray(labels.transpose(2, 1, 0), dtype=dtype)  # slicerio / NRRD: [i, j, k]
-    # every segment's extent from one pass over the box holding them all (a whole transposed volume is 3x slower)
-    around = bounding_box(labelled)
-    boxes = [] if around is None else ndi.find_objects(np.asarray(labels[around], dtype=dtype))
+    boxes = label_boxes(labels)  # every segment's extent ([k, j, i]) in one pass over the box holding them all
     segments = []
     for value, name, rgb in zip(ids, names, colors):
-        box = [slice(a.start + b.start, a.start + b.stop) for a, b in zip(around, boxes[value - 1])][::-1]  # i, j, k
+        box = boxes[value - 1][::-1]  # i, j, k
         segments.append(
             {
                 "id": f"lesion_{value}",

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from .postprocessing import bounding_box
+from .postprocessing import label_boxes
 from .volume import lps_ras_flip
 
 #: Okabe & Ito's colour-blind-safe palette: blue, orange, bluish green, reddish purple, sky blue, vermillion,
@@ -243,11 +242,7 @@ class CaseFigures:
         self.heat_high = top if top > 0 else 1.0
         self.colours = {int(k): tuple(float(c) for c in v) for k, v in colours.items()}
         self.cut_off, self.image_units, self.heat_units, self.dpi = cut_off, image_units, heat_units, dpi
-        # each candidate's box from one pass over the box around them all (a whole turned volume is slower)
-        around = bounding_box(self.labels > 0) if self.labels.size else None
-        objects = [] if around is None else ndi.find_objects(np.asarray(self.labels[around], dtype=np.int32))
-        self.boxes = {n + 1: tuple(slice(a.start + b.start, a.start + b.stop) for a, b in zip(around, box))
-                      for n, box in enumerate(objects) if box is not None}
+        self.boxes = {n + 1: box for n, box in enumerate(label_boxes(self.labels)) if box is not None}
 
     # -- helpers ---------------------------------------------------------------------------------
     def _colour_bar(self, fig, cax, mappable, label: str, cut_off: float | None = None) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "check_min_size_voxels",
     "check_opening",
     "inside_roi",
+    "label_boxes",
     "large_enough",
     "slice_axis",
     "THRESHOLD_METHODS",
@@ -485,6 +486,18 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
             return None
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
+
+
+def label_boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
+    """``ndimage.find_objects`` of a label image (entry n - 1: label n's box in the whole array, None if absent),
+    computed on the box around all labelled voxels: a few candidates in a whole volume cost their box, not the
+    volume."""
+    labels = np.asarray(labels)
+    around = bounding_box(labels != 0)
+    if around is None:
+        return []
+    return [None if box is None else tuple(slice(a.start + b.start, a.start + b.stop) for a, b in zip(around, box))
+            for box in ndi.find_objects(np.asarray(labels[around], dtype=np.int64))]
 
 
 # ---- baseline --------------------------------------------------------------------------------
