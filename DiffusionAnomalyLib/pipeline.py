@@ -33,6 +33,10 @@ CONFIDENCE_DEFINITION = ("p(unhealthy | slice) of the guidance classifier at t =
 
 #: the files of one case's result set, as :func:`write_outputs` writes them
 RESULT_FILES = ("heatmap.nrrd", "counterfactual.nrrd", "lesions.seg.nrrd", "lesions.csv", "summary.json")
+#: a heat map or counterfactual with a smaller share of zero voxels than this is written without gzip: a dense
+#: float map gains about 10 % from it (PET demo: 30 of 35 MB) and reads 4 times slower (0.12 against 0.03 s), which
+#: is a re-threshold's time; a map that is mostly zeros (an organ ROI) shrinks many times and stays compressed
+COMPRESS_ZERO_SHARE = 0.5
 
 
 @dataclass
@@ -259,6 +263,12 @@ def summary(result: CaseResult, extra: dict[str, Any] | None = None, command_lin
     }
 
 
+def _worth_compressing(volume: Volume) -> bool:
+    """Whether a map is written with gzip: when at least :data:`COMPRESS_ZERO_SHARE` of its voxels are 0."""
+    voxels = volume.voxels
+    return bool(voxels.size - np.count_nonzero(voxels) >= COMPRESS_ZERO_SHARE * voxels.size)
+
+
 def write_outputs(result: CaseResult, out_dir: str | Path,
                   extra_summary: dict[str, Any] | None = None, write_counterfactual: bool = True,
                   extra_files: dict[str, Callable[[Path], Any]] | None = None,
@@ -272,7 +282,8 @@ def write_outputs(result: CaseResult, out_dir: str | Path,
     when all of them succeeded, so a failure leaves no partial set; a counterfactual of an
     earlier run is removed when this set has none, so the folder always holds one run's set
     (``replaces``: more files of such a set, e.g. ``run --ct``'s organ segmentation). ``write_maps=False``
-    (re-thresholding) leaves the folder's heat map and counterfactual as they are.
+    (re-thresholding) leaves the folder's heat map and counterfactual as they are. The maps are gzipped only
+    where that pays (:data:`COMPRESS_ZERO_SHARE`).
     """
     maps = ("heatmap.nrrd", "counterfactual.nrrd")
     kept = () if write_maps else maps
@@ -280,9 +291,10 @@ def write_outputs(result: CaseResult, out_dir: str | Path,
         try:
             with staged(out, replaces=[n for n in (*RESULT_FILES, *replaces) if n not in kept]) as stage:
                 if write_maps:
-                    write_volume(result.shown_heatmap, stage / maps[0])
+                    write_volume(result.shown_heatmap, stage / maps[0], compress=_worth_compressing(result.shown_heatmap))
                     if write_counterfactual and result.counterfactual is not None:
-                        write_volume(result.counterfactual, stage / maps[1])
+                        write_volume(result.counterfactual, stage / maps[1],
+                                     compress=_worth_compressing(result.counterfactual))
                 write_segmentation(result.labels, result.volume, stage / "lesions.seg.nrrd")
                 write_table_csv(result.table, stage / "lesions.csv", modality=result.volume.modality,
                                 units=result.volume.units)

@@ -245,7 +245,8 @@ def _as_voxels(obj: Volume | np.ndarray, what: str) -> np.ndarray:
 def _check_finite(arr: np.ndarray, what: str) -> None:
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise ValueError(f"{what} must hold real numbers, got dtype {arr.dtype}.")
-    if np.issubdtype(arr.dtype, np.floating):
+    # NaN makes min and max NaN, +inf the max, -inf the min: two reductions find any of them without a mask
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite([arr.min(), arr.max()]).all():
         finite = np.isfinite(arr)
         if not finite.all():
             n_nan = int(np.isnan(arr).sum())
@@ -423,7 +424,8 @@ def segment(
         _check_same_shape(anomaly_map=arr, roi=roi_arr)
         roi_mask = roi_arr != 0
         _check_finite(arr, "the anomaly map")  # the whole map: a NaN outside the ROI is still a broken map
-        arr = inside_roi(arr, roi_mask)
+        if method != "absolute":  # an absolute cut-off does not depend on the map: no masked copy (slider speed)
+            arr = inside_roi(arr, roi_mask)
 
     threshold = threshold_value(arr, method, value)  # also rejects NaN / inf
     mask = arr > threshold

@@ -293,17 +293,17 @@ def validate_volume(volume: Volume, *, max_voxels: int = DEFAULT_MAX_VOXELS, all
     _check_shape(np.shape(volume.voxels), what, max_voxels)
     _check_geometry(volume.ijk_to_ras, what)
     voxels = volume.voxels
-    if np.issubdtype(voxels.dtype, np.inexact):
-        bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
-        if bad:
-            raise VolumeError(
-                f"{what} contains {bad:,} NaN/Inf voxels (of {voxels.size:,}); the image is corrupt or was "
-                "produced by a failed computation. Re-export it, or replace the invalid voxels before analysis."
-            )
-    elif not (np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_):
+    if not (np.issubdtype(voxels.dtype, np.inexact) or np.issubdtype(voxels.dtype, np.integer)
+            or voxels.dtype == np.bool_):
         raise VolumeError(f"{what} has unsupported voxel type {voxels.dtype}; expected numbers.")
+    lo, hi = voxels.min(), voxels.max()  # NaN makes both NaN, an infinity one of them: no mask needed to know
+    if np.issubdtype(voxels.dtype, np.inexact) and not np.isfinite([lo, hi]).all():
+        bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
+        raise VolumeError(
+            f"{what} contains {bad:,} NaN/Inf voxels (of {voxels.size:,}); the image is corrupt or was "
+            "produced by a failed computation. Re-export it, or replace the invalid voxels before analysis."
+        )
     if not allow_constant:
-        lo, hi = voxels.min(), voxels.max()
         if lo == hi:
             raise VolumeError(
                 f"{what} is constant (every voxel equals {lo}); it contains no image information. "
@@ -1272,7 +1272,7 @@ def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Pat
             _write_detached_nrrd(image, path, compress)
         else:
             with atomic_path(path, suffix=_suffix(path)) as tmp:
-                sitk.WriteImage(image, str(tmp), useCompression=compress)
+                sitk.WriteImage(image, str(tmp), useCompression=bool(compress))
     except OutputError:
         raise
     except (RuntimeError, OSError) as exc:  # SimpleITK reports unknown formats and I/O failures as RuntimeError
@@ -1288,7 +1288,7 @@ def _write_detached_nrrd(image: sitk.Image, path: Path, compress: bool) -> None:
     """
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        sitk.WriteImage(image, str(stage / path.name), useCompression=compress)
+        sitk.WriteImage(image, str(stage / path.name), useCompression=bool(compress))
         for f in sorted(stage.iterdir(), key=lambda p: p.name == path.name):  # header last
             os.replace(f, path.parent / f.name)
     finally:

@@ -5,6 +5,7 @@ all-or-nothing output writing."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -98,6 +99,29 @@ def test_write_outputs_round_trip_with_input_geometry(oblique_case, tmp_path):
     np.testing.assert_allclose(summary["input"]["ijk_to_ras"], volume.ijk_to_ras, atol=1e-4)
     assert summary["model"]["id"] == model.card["id"]
     assert summary["input_path"] == "oblique.nrrd"
+
+
+def nrrd_encoding(path: Path) -> str:
+    """The 'encoding' field of an attached NRRD header."""
+    with open(path, "rb") as f:
+        header = f.read(4096).split(b"\n\n", 1)[0].decode("latin-1")
+    return next(line.split(":", 1)[1].strip() for line in header.splitlines() if line.startswith("encoding:"))
+
+
+def test_dense_maps_are_written_raw_and_sparse_ones_gzipped(oblique_case, tmp_path):
+    """A dense float map gains little from gzip and reads several times slower with it (a re-threshold's time); a
+    map that is mostly zeros (an organ ROI) is compressed. Both read back bit for bit."""
+    _, volume, result = oblique_case
+    dense = result.heatmap.with_voxels(result.heatmap.voxels + 0.5)  # no zero voxel
+    sparse_voxels = np.zeros_like(result.heatmap.voxels)
+    sparse_voxels[:2] = 1.0
+    sparse = result.heatmap.with_voxels(sparse_voxels)
+    for name, heat, encoding in (("dense", dense, "raw"), ("sparse", sparse, "gzip")):
+        case = dataclasses.replace(result, heatmap=heat, counterfactual=heat, roi=None)
+        out = pipeline.write_outputs(case, tmp_path / name)["heatmap.nrrd"].parent
+        for map_name in ("heatmap.nrrd", "counterfactual.nrrd"):
+            assert nrrd_encoding(out / map_name) == encoding, (name, map_name)
+            np.testing.assert_array_equal(read_volume(out / map_name, validate=False).voxels, heat.voxels)
 
 
 def test_write_failure_leaves_no_files(oblique_case, tmp_path, monkeypatch):
