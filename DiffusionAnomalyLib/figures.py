@@ -6,16 +6,24 @@ Colours: the Okabe-Ito palette (:data:`OKABE_ITO`) for lines and contours, perce
 for values, so the figures read the same with colour-vision deficiency. Images of a volume are shown in the
 radiological convention whatever the order its voxels are stored in (:func:`display_orientation`): axial with
 the patient's right on the image's left and anterior up, coronal with superior up.
+
+The report's figures (:class:`CaseFigures`) are drawn with numpy and Pillow, without matplotlib: the report is
+rewritten at every threshold change, and matplotlib's import alone would cost 0.27 s. The other figures use
+matplotlib.
 """
 
 from __future__ import annotations
 
-import io
+import functools
+import struct
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from .postprocessing import label_boxes
 from .volume import lps_ras_flip
@@ -49,14 +57,6 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
     fig.savefig(path, dpi=dpi, format="png")
     _pyplot().close(fig)
     return path
-
-
-def _png_bytes(fig, dpi: int) -> bytes:
-    """The figure (a :class:`matplotlib.figure.Figure` of :func:`_panels`, which pyplot does not hold: nothing to
-    close) as PNG bytes (fast zlib level: the report embeds them as base64)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format="png", pil_kwargs={"compress_level": 3})
-    return buffer.getvalue()
 
 
 # ---- radiological display ------------------------------------------------------------------------
@@ -163,64 +163,348 @@ def _markers(ax, top: str, bottom: str, left: str = "R", right: str = "L") -> No
         ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, **style)
 
 
-def _outlined(width: float):
-    """Path effects drawing a line or text over a thin dark outline, so any colour reads on light and dark."""
-    from matplotlib import patheffects
+# ---- the report's figures, drawn with numpy and Pillow ------------------------------------------------------
+# The report is rewritten at every threshold change: matplotlib would cost 0.27 s to import and ~0.06 s a figure,
+# so the report's figures are drawn directly: numpy for the pixels and outlines, Pillow for lines and text.
 
-    return [patheffects.Stroke(linewidth=width, foreground="0.1"), patheffects.Normal()]
-
-
-def _contour_box(ax, mask: np.ndarray, origin: tuple[int, int], colour, width: float, style: str = "solid") -> None:
-    """The outline of a boolean 2-D ``mask`` whose element [0, 0] is image pixel ``origin`` (row, column)."""
-    padded = np.pad(mask, 1)
-    rows = np.arange(padded.shape[0]) + origin[0] - 1
-    cols = np.arange(padded.shape[1]) + origin[1] - 1
-    ax.contour(cols, rows, padded.astype(np.float32), levels=[0.5], colors=[colour], linewidths=width,
-               linestyles=style).set_path_effects(_outlined(width + 1.4))
+#: The background, and the dark line under coloured outlines and numbers (so any colour reads on light and dark).
+_WHITE, _DARK = (255, 255, 255), (26, 26, 26)
+#: Layout in inches (times the dpi: pixels): margins, gap between panels, colour bar width and its gap to its panel.
+_EDGE_IN, _GAP_IN, _BAR_IN, _BAR_GAP_IN = 0.06, 0.14, 0.12, 0.05
+#: The inferno colour table's file in the package (see :func:`inferno_rgb`).
+INFERNO_TABLE = "resources/inferno.csv"
 
 
-#: Figure layout in inches: colour bar width, room for its ticks and label, gap between panels, margins.
-_BAR_IN, _BAR_TEXT_IN, _GAP_IN, _TOP_IN, _EDGE_IN = 0.12, 0.78, 0.14, 0.24, 0.06
+@functools.lru_cache(maxsize=None)
+def inferno_rgb() -> np.ndarray:
+    """matplotlib's inferno colour map as 256 x 3 uint8 (read-only), read from :data:`INFERNO_TABLE`, so the report's
+    figures and the Slicer module's fallback colour table need no matplotlib. The file was written once by::
+
+        python -c "import numpy as np, matplotlib; np.savetxt('DiffusionAnomalyLib/resources/inferno.csv',
+            matplotlib.colormaps['inferno'](np.linspace(0, 1, 256), bytes=True)[:, :3], fmt='%d', delimiter=',',
+            header='# <where it comes from>\\nred,green,blue', comments='')"
+
+    and a test checks that it still equals matplotlib's."""
+    text = (resources.files(__package__) / INFERNO_TABLE).read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.strip() and not line.startswith("#")][1:]  # after the header
+    table = np.loadtxt(rows, delimiter=",", dtype=np.uint8, ndmin=2)
+    if table.shape != (256, 3):
+        raise ValueError(f"{INFERNO_TABLE} holds {table.shape[0]} x {table.shape[1]} values, not 256 x 3.")
+    table.setflags(write=False)
+    return table
 
 
-def _panels(widths: Sequence[float], height: float, bars: Sequence[bool], dpi: int):
-    """A figure of image panels side by side (``widths`` in inches, one ``height``), each followed by a colour
-    bar axes where ``bars`` says so; placed by hand, which renders twice as fast as a layout engine.
-    Returns (figure, panel axes, colour-bar axes or None per panel)."""
-    from matplotlib.figure import Figure
-
-    total = 2 * _EDGE_IN + sum(widths) + sum(_BAR_IN + _BAR_TEXT_IN for b in bars if b) + _GAP_IN * (len(widths) - 1)
-    full = height + _TOP_IN + _EDGE_IN
-    fig = Figure(figsize=(total, full), dpi=dpi)
-    axes, caxes, x = [], [], _EDGE_IN
-    for width, bar in zip(widths, bars):
-        axes.append(fig.add_axes((x / total, _EDGE_IN / full, width / total, height / full)))
-        x += width
-        if bar:
-            caxes.append(fig.add_axes(((x + 0.05) / total, (_EDGE_IN + 0.1 * height) / full, _BAR_IN / total,
-                                       0.8 * height / full)))
-            x += _BAR_IN + _BAR_TEXT_IN
-        else:
-            caxes.append(None)
-        x += _GAP_IN
-    for ax in axes:  # no ticks, no labels: the axis is not drawn at all (the frame is), the same picture faster
-        ax.xaxis.set_visible(False)
-        ax.yaxis.set_visible(False)
-    return fig, axes, caxes
+def _colour_table(name: str) -> np.ndarray:
+    """256 x 3 uint8 colours of a colour map the report's figures use: "gray", "gray_r" or "inferno"."""
+    if name == "inferno":
+        return inferno_rgb()
+    if name not in ("gray", "gray_r"):
+        raise ValueError(f"no colour table {name!r}.")
+    ramp = np.arange(256, dtype=np.uint8)
+    return np.repeat((ramp[::-1] if name == "gray_r" else ramp)[:, None], 3, axis=1)
 
 
-def _fit(height_mm: float, width_mm: float, height: float, width: float) -> tuple[float, float]:
-    """(width, height) in inches of a panel showing ``height_mm`` x ``width_mm`` at its true aspect, as large as fits
+def _colour_index(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The entry (uint8) of a 256-colour table of each of ``values`` shown from ``low`` to ``high``, clipped, NaN as
+    ``low``: matplotlib's quantisation of a colour map, hand-written because its Normalize would cost its import."""
+    scaled = (np.asarray(values, dtype=np.float64) - low) * (256.0 / (high - low))
+    np.nan_to_num(scaled, copy=False, nan=0.0)
+    return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _font(pixels: int):
+    """Pillow's bundled scalable font (FreeType, Pillow >= 10.1) ``pixels`` tall: no font file to find, the same
+    glyphs on every machine."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=pixels)
+
+
+def _nice_ticks(low: float, high: float, most: int = 8) -> tuple[list[float], int]:
+    """Colour-bar ticks: the multiples inside ``low``..``high`` of the smallest step 1, 2, 2.5 or 5 x 10^k that gives
+    at most ``most`` of them, and how many decimals write them; hand-written because matplotlib's locator would cost
+    its 0.27 s import."""
+    low, high = float(low), float(high)
+    span = high - low
+    if not (np.isfinite(span) and span > 0):
+        return ([low] if np.isfinite(low) else []), 0
+    exponent = int(np.floor(np.log10(span / max(most, 2))))
+    for mantissa in (1.0, 2.0, 2.5, 5.0, 10.0):
+        step = mantissa * 10.0 ** exponent
+        first, last = int(np.ceil(low / step - 1e-9)), int(np.floor(high / step + 1e-9))
+        if last - first < max(most, 2):
+            break
+    decimals = max(0, -exponent + (1 if mantissa == 2.5 else 0) - (1 if mantissa == 10.0 else 0))
+    ticks = [round(k * step, decimals) for k in range(first, last + 1)]
+    return [t for t in ticks if low <= t <= high], decimals
+
+
+def _tick_text(value: float, decimals: int) -> str:
+    """A tick value written with ``decimals`` decimals (no "-0")."""
+    text = f"{value:.{decimals}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _fit_pixels(height_mm: float, width_mm: float, height: float, width: float, dpi: int) -> tuple[int, int]:
+    """(width, height) in pixels of a panel showing ``height_mm`` x ``width_mm`` at its true aspect, as large as fits
     in ``width`` x ``height`` inches."""
-    scale = min(height / height_mm, width / width_mm)
-    return width_mm * scale, height_mm * scale
+    scale = min(height / height_mm, width / width_mm) * dpi
+    return max(1, round(width_mm * scale)), max(1, round(height_mm * scale))
+
+
+class _View:
+    """Which part of a 2-D array a panel shows, at which size in pixels, nearest-neighbour; hand-written (matplotlib's
+    imshow would cost its import): every voxel stays a block of whole pixels, so outlines can follow voxel edges.
+
+    Source coordinates put voxel ``v`` between ``v`` and ``v + 1``; ``rows``/``cols`` are the spans shown;
+    ``up``: source row 0 at the bottom (a coronal image, superior up). :attr:`rows`/:attr:`cols` hold the source
+    index of each pixel row/column (-1: outside the array)."""
+
+    def __init__(self, shape: Sequence[int], size: tuple[int, int], rows: tuple[float, float],
+                 cols: tuple[float, float], up: bool = False) -> None:
+        self.height, self.width = int(size[0]), int(size[1])
+        self.row_span, self.col_span, self.up = rows, cols, up
+        self.rows = self._axis(int(shape[0]), rows, self.height, up)
+        self.cols = self._axis(int(shape[1]), cols, self.width, False)
+
+    @staticmethod
+    def _axis(n: int, span: tuple[float, float], pixels: int, reverse: bool) -> np.ndarray:
+        start, stop = span
+        centres = (np.arange(pixels) + 0.5) * ((stop - start) / pixels)
+        at = np.floor(stop - centres if reverse else start + centres).astype(np.intp)
+        at[(at < 0) | (at >= n)] = -1
+        return at
+
+    def x(self, col: float) -> float:
+        """The pixel x of source column coordinate ``col``."""
+        start, stop = self.col_span
+        return (col - start) * self.width / (stop - start)
+
+    def y(self, row: float) -> float:
+        """The pixel y of source row coordinate ``row``."""
+        start, stop = self.row_span
+        return ((stop - row) if self.up else (row - start)) * self.height / (stop - start)
+
+    def pixels(self, index: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """RGB pixels (writable) of a 2-D array of colour ``index`` (:func:`_colour_index`) in ``table``; white
+        outside the array."""
+        out = _repeat(_repeat(table[index], self.rows, 0), self.cols, 1)
+        out[self.rows < 0] = _WHITE
+        out[:, self.cols < 0] = _WHITE
+        return out
+
+    def window(self, mask: np.ndarray, origin: tuple[int, int]) -> tuple[np.ndarray, int, int] | None:
+        """The pixels showing a boolean ``mask`` whose element [0, 0] is source voxel ``origin``: (pixel mask, its
+        first pixel row, first pixel column); None when none of it is in view."""
+        r = np.flatnonzero((self.rows >= origin[0]) & (self.rows < origin[0] + mask.shape[0]))
+        c = np.flatnonzero((self.cols >= origin[1]) & (self.cols < origin[1] + mask.shape[1]))
+        if not r.size or not c.size:
+            return None
+        # the source index is monotonic along each axis: the pixels showing the mask are one run
+        sub = mask[self.rows[r[0]:r[-1] + 1] - origin[0]][:, self.cols[c[0]:c[-1] + 1] - origin[1]]
+        return sub, int(r[0]), int(c[0])
+
+
+def _repeat(array: np.ndarray, at: np.ndarray, axis: int) -> np.ndarray:
+    """``array.take(at, axis)`` for monotonic ``at`` (-1 read as 0) as runs of repeats: several times faster."""
+    at = np.maximum(at, 0)
+    starts = np.flatnonzero(np.r_[True, at[1:] != at[:-1]])
+    return np.repeat(array.take(at[starts], axis=axis), np.diff(np.r_[starts, at.size]), axis=axis)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 array, every row "Up"-filtered, zlib level 3: hand-written because Pillow tries five
+    filters on every row (three times slower here), and voxels drawn as blocks repeat rows, which Up makes zeros."""
+    h, w = rgb.shape[:2]
+    flat = np.ascontiguousarray(rgb, dtype=np.uint8).reshape(h, w * 3)
+    raw = np.empty((h, w * 3 + 1), np.uint8)
+    raw[:, 0] = 2  # the filter of each row: Up (each byte minus the one above it)
+    raw[0, 1:] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=raw[1:, 1:])
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 3))
+            + chunk(b"IEND", b""))
+
+
+def _outline(canvas: np.ndarray, window: tuple[np.ndarray, int, int] | None, colour: tuple[int, int, int],
+             radius: int) -> None:
+    """Outline on ``canvas`` (a panel's RGB pixels) the True pixels of ``window`` (:meth:`_View.window`): ``2 *
+    radius`` pixels of ``colour`` straddling the voxel edges between one dark pixel on each side; hand-written,
+    matplotlib's contour (smooth, between voxel centres) would cost its import. Not along the panel's edges."""
+    if window is None:
+        return
+    mask, r0, c0 = window
+    pad, (h, w) = radius + 2, canvas.shape[:2]
+    top, left = max(r0 - pad, 0), max(c0 - pad, 0)
+    bottom, right = min(r0 + mask.shape[0] + pad, h), min(c0 + mask.shape[1] + pad, w)
+    area = np.zeros((bottom - top, right - left), np.uint8)
+    area[r0 - top:r0 - top + mask.shape[0], c0 - left:c0 - left + mask.shape[1]] = mask
+    part = canvas[top:bottom, left:right]
+    for k, paint in ((radius + 1, _DARK), (radius, colour)):
+        grown = ndimage.maximum_filter(area, size=2 * k + 1, mode="constant", cval=0)
+        shrunk = ndimage.minimum_filter(area, size=2 * k + 1, mode="nearest")  # a panel's edge draws no line
+        part[grown > shrunk] = paint
+
+
+def _rgb(colour: Sequence[float] | str) -> tuple[int, int, int]:
+    """8-bit RGB of a colour given as 0..1 floats or as "#rrggbb"."""
+    if isinstance(colour, str):
+        return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(round(float(c) * 255)) for c in colour[:3])
+
+
+@dataclass
+class _Bar:
+    """A colour bar beside a panel: its colour table, value range, units and a value marked on it (the cut-off)."""
+
+    table: np.ndarray
+    low: float
+    high: float
+    label: str
+    mark: float | None = None
+
+
+@dataclass
+class _Panel:
+    """One image panel of a figure: its RGB pixels (outlines drawn), title, orientation letters (top, bottom, left,
+    right), numbers written on it ((text, x, y, RGB, size in points), (x, y) the left end of the baseline in the
+    panel's pixels) and its colour bar."""
+
+    pixels: np.ndarray
+    title: str
+    letters: tuple[str, str, str, str]
+    numbers: list = field(default_factory=list)
+    bar: _Bar | None = None
+
+
+def _bold(draw, xy: tuple[float, float], text: str, font, fill, anchor: str, outline: int = 0) -> None:
+    """``text`` in bold (a one-pixel stroke of its own colour: the bundled font has no bold face), over a dark
+    outline ``outline`` pixels wide."""
+    if outline:
+        draw.text(xy, text, font=font, anchor=anchor, fill=_DARK, stroke_width=outline + 1, stroke_fill=_DARK)
+    draw.text(xy, text, font=font, anchor=anchor, fill=fill, stroke_width=1, stroke_fill=fill)
+
+
+def _compose(panels: Sequence[_Panel], row_height: int, dpi: int, title_pt: float) -> bytes:
+    """PNG (:func:`_png`) of image panels side by side, each centred in a row
+    ``row_height`` pixels tall (a flat one is letterboxed) and framed, titles above, colour bars with ticks and
+    units beside; laid out by hand."""
+    from PIL import Image, ImageDraw
+
+    pt = dpi / 72.0  # pixels per point
+
+    def px(inches: float) -> int:
+        return max(1, round(inches * dpi))
+
+    edge, gap, bar_w, bar_gap = px(_EDGE_IN), px(_GAP_IN), px(_BAR_IN), px(_BAR_GAP_IN)
+    line, tick, pad = max(1, round(0.8 * pt)), round(3.5 * pt), round(2 * pt)
+    title_font, small = _font(round(title_pt * pt)), _font(round(8 * pt))  # Aileron reads smaller than DejaVu
+    ascent, descent = title_font.getmetrics()
+    top = edge + ascent + descent + round(3 * pt) + line
+    small_height = sum(small.getmetrics())
+    bar_height = round(0.8 * row_height)
+    most_ticks = max(2, min(8, round(bar_height / (2.5 * small_height))))  # tick labels at least 2.5 lines apart
+
+    # columns: the panel, its colour bar with the ticks' text and the units, at least as wide as the title
+    ticks, columns = [], []
+    for panel in panels:
+        w = panel.pixels.shape[1] + 2 * line
+        if panel.bar is not None:
+            values, decimals = _nice_ticks(panel.bar.low, panel.bar.high, most_ticks)
+            texts = [_tick_text(v, decimals) for v in values]
+            ticks.append((values, texts))
+            w += bar_gap + bar_w + 2 * line + tick + pad + max((small.getlength(t) for t in texts), default=0)
+            w += 2 * pad + small_height
+        else:
+            ticks.append(None)
+        columns.append(max(round(w), round(title_font.getlength(panel.title))))
+    width = 2 * edge + sum(columns) + gap * (len(panels) - 1)
+    height = top + row_height + line + edge
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    places, x = [], edge
+    for panel, column in zip(panels, columns):
+        h, w = panel.pixels.shape[:2]
+        x0 = x + line + (0 if panel.bar is not None else (column - w - 2 * line) // 2)  # centred under a long title
+        y0 = top + (row_height - h) // 2
+        canvas[y0:y0 + h, x0:x0 + w] = panel.pixels
+        places.append((x0, y0, x, column))
+        if panel.bar is not None:  # the colour ramp, high at the top
+            bx, by = x0 + w + line + bar_gap + line, top + (row_height - bar_height) // 2
+            b = panel.bar
+            values = b.high - (np.arange(bar_height) + 0.5) * ((b.high - b.low) / bar_height)
+            canvas[by:by + bar_height, bx:bx + bar_w] = b.table[_colour_index(values, b.low, b.high)][:, None]
+        x += column + gap
+
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image, "RGBA")  # RGBA fills blend (the letters' boxes)
+    letter_font = _font(round(8.5 * pt))
+    for panel, (x0, y0, x, column), tick_set in zip(panels, places, ticks):
+        h, w = panel.pixels.shape[:2]
+        draw.rectangle((x0 - line, y0 - line, x0 + w + line - 1, y0 + h + line - 1), outline=(0, 0, 0), width=line)
+        for text, nx, ny, colour, size in panel.numbers:  # ids: moved inside the panel if they would stick out
+            font, outline = _font(round(size * pt)), max(1, round(0.6 * pt))
+            l, t, r, bt = draw.textbbox((x0 + nx, y0 + ny), text, font=font, anchor="ls", stroke_width=outline + 1)
+            dx = max(x0 - l, 0) - max(r - (x0 + w), 0)
+            dy = max(y0 - t, 0) - max(bt - (y0 + h), 0)
+            _bold(draw, (x0 + nx + dx, y0 + ny + dy), text, font, colour, "ls", outline)
+        inset, box_pad = max(2, round(0.015 * min(w, h))), round(0.3 * 8.5 * pt)
+        for letter, where in zip(panel.letters, ("top", "bottom", "left", "right")):
+            l, t, r, bt = draw.textbbox((0, 0), letter, font=letter_font, anchor="ls")
+            bw, bh = r - l + 2 * box_pad, bt - t + 2 * box_pad
+            bx = {"left": x0 + inset, "right": x0 + w - inset - bw}.get(where, x0 + (w - bw) // 2)
+            by = {"top": y0 + inset, "bottom": y0 + h - inset - bh}.get(where, y0 + (h - bh) // 2)
+            draw.rounded_rectangle((bx, by, bx + bw - 1, by + bh - 1), radius=box_pad, fill=(51, 51, 51, 204))
+            _bold(draw, (bx + box_pad - l, by + box_pad - t), letter, letter_font, _WHITE, "ls")
+        tw = title_font.getlength(panel.title)
+        tx = min(max(x0 + w / 2, x + tw / 2), x + column - tw / 2)  # over the panel, inside its column
+        draw.text((tx, y0 - line - round(3 * pt)), panel.title, font=title_font, fill=(0, 0, 0), anchor="md")
+        if panel.bar is None:
+            continue
+        b, (values, texts) = panel.bar, tick_set
+        bx, by = x0 + w + line + bar_gap + line, top + (row_height - bar_height) // 2
+        draw.rectangle((bx - line, by - line, bx + bar_w + line - 1, by + bar_height + line - 1), outline=(0, 0, 0),
+                       width=line)
+
+        def level(v: float) -> float:
+            return by + (b.high - v) / (b.high - b.low) * (bar_height - 1)
+
+        right = bx + bar_w + line
+        for v, text in zip(values, texts):
+            y = round(level(v))
+            draw.line((right, y, right + tick - 1, y), fill=(0, 0, 0), width=line)
+            draw.text((right + tick + pad, y), text, font=small, fill=(0, 0, 0), anchor="lm")
+        if b.mark is not None and np.isfinite(b.mark) and b.low <= b.mark <= b.high:
+            y = round(level(b.mark))
+            draw.line((bx - line, y, bx + bar_w + line - 1, y), fill=_rgb(OKABE_ITO[4]), width=round(2.5 * pt))
+        label_x = right + tick + pad + round(max((small.getlength(t) for t in texts), default=0)) + 2 * pad
+        _upwards(image, label_x, by + bar_height // 2, b.label, small)
+    return _png(np.asarray(image))
+
+
+def _upwards(image, x: int, y_centre: int, text: str, font) -> None:
+    """``text`` reading upwards (a colour bar's units), its top at ``x``, centred on ``y_centre``; Pillow writes
+    horizontally only, so it is drawn on a tile and turned."""
+    from PIL import Image, ImageDraw
+
+    ascent, descent = font.getmetrics()
+    tile = Image.new("L", (max(1, round(font.getlength(text))), ascent + descent))
+    ImageDraw.Draw(tile).text((0, 0), text, font=font, fill=255)
+    tile = tile.transpose(Image.Transpose.ROTATE_90)
+    y = y_centre - tile.height // 2
+    image.paste((0, 0, 0), (x, y, x + tile.width, y + tile.height), tile)
 
 
 class CaseFigures:
     """The report's figures of one case, drawn radiologically (:class:`DisplayOrientation`) from one turn of its
     arrays: a coronal overview (:meth:`coronal`: the image's MIP, or a CT's coronal slice, and the heat map's MIP)
     with every candidate, and one axial key image per candidate through its hottest voxel, each candidate outlined
-    and numbered in its own colour.
+    and numbered in its own colour. Drawn with numpy and Pillow (no matplotlib: the report is rewritten at every
+    threshold change), ``dpi`` pixels per inch, voxels as blocks of pixels (nearest neighbour).
 
     ``image``, ``heat``: Volumes on one grid; ``labels``: ``[k, j, i]`` lesion labels on it; ``colours``: label value
     -> RGB (the Slicer segments' colours); ``cut_off``: the applied threshold in heat-map units (marked on the heat
@@ -230,7 +514,7 @@ class CaseFigures:
 
     def __init__(self, image, heat, labels: np.ndarray, colours: dict[int, Sequence[float]],
                  cut_off: float | None = None, image_units: str = "", heat_units: str = "", ct: bool = False,
-                 zoom_mm: float = 80.0, dpi: int = 96) -> None:
+                 zoom_mm: float = 80.0, dpi: int = 192) -> None:
         self.orientation = display_orientation(image.ijk_to_ras)
         o = self.orientation
         self.stored_shape = tuple(image.voxels.shape[:3])
@@ -241,20 +525,13 @@ class CaseFigures:
         top = float(np.max(heat.voxels)) if heat.voxels.size else 0.0
         self.heat_high = top if top > 0 else 1.0
         self.colours = {int(k): tuple(float(c) for c in v) for k, v in colours.items()}
-        self.cut_off, self.image_units, self.heat_units, self.dpi = cut_off, image_units, heat_units, dpi
+        self.cut_off, self.image_units, self.heat_units, self.dpi = cut_off, image_units, heat_units, int(dpi)
         self.boxes = {n + 1: box for n, box in enumerate(label_boxes(self.labels)) if box is not None}
+        #: outline half-width in pixels: about 2 px lines at 192 dpi (twice that for a key image's own candidate)
+        self.line = max(1, round(self.dpi / 192))
 
-    # -- helpers ---------------------------------------------------------------------------------
-    def _colour_bar(self, fig, cax, mappable, label: str, cut_off: float | None = None) -> None:
-        bar = fig.colorbar(mappable, cax=cax)
-        bar.ax.tick_params(labelsize=7)
-        if cut_off is not None and np.isfinite(cut_off):
-            bar.ax.axhline(cut_off, color=OKABE_ITO[4], linewidth=2.5)
-        bar.set_label(label, fontsize=7)
-
-    def _label_text(self, ax, lesion: int, x: float, y: float, size: float = 9) -> None:
-        ax.text(x, y, str(lesion), color=self.colours.get(lesion, PREDICTED_COLOUR), fontsize=size,
-                fontweight="bold", ha="left", va="bottom", path_effects=_outlined(2.2), clip_on=True)
+    def _colour(self, lesion: int) -> tuple[int, int, int]:
+        return _rgb(self.colours.get(lesion, PREDICTED_COLOUR))
 
     # -- coronal overview --------------------------------------------------------------------------
     def coronal(self, height: float = 4.4, width: float = 3.2, min_height: float = 2.2) -> bytes:
@@ -262,7 +539,8 @@ class CaseFigures:
         projection (anterior to posterior) of the image, for CT (where bone would fill a projection) the coronal
         slice through candidate 1's maximum heat (the middle slice without candidates); beside it the heat map's
         MIP. Every candidate's projected outline and id in its colour on the image; colour bars in units, the
-        cut-off on the heat map's. A flat field of view is letterboxed in panels ``min_height`` inches tall."""
+        cut-off on the heat map's. Panels fit in ``width`` x ``height`` inches; a flat field of view is letterboxed
+        in a row ``min_height`` inches tall."""
         o = self.orientation
         if self.ct:
             p = self.hottest(min(self.boxes), "heat")[1] if self.boxes else self.image.shape[1] // 2
@@ -272,26 +550,23 @@ class CaseFigures:
         else:
             picture, title = self.image.max(axis=1), "image MIP, candidates outlined"  # [S, L]
         heat_mip = self.heat.max(axis=1)
-        width, height = _fit(picture.shape[0] * o.spacing[0], picture.shape[1] * o.spacing[2], height, width)
-        fig, axes, caxes = _panels([width, width], max(height, min_height), [True, True], self.dpi)
-        aspect = o.spacing[0] / o.spacing[2]
-        shown = axes[0].imshow(picture, cmap=self.cmap, vmin=self.low, vmax=self.high, origin="lower",
-                               aspect=aspect, interpolation="nearest")
+        w, h = _fit_pixels(picture.shape[0] * o.spacing[0], picture.shape[1] * o.spacing[2], height, width, self.dpi)
+        view = _View(picture.shape, (h, w), (0, picture.shape[0]), (0, picture.shape[1]), up=True)
+        table = _colour_table(self.cmap)
+        shown = view.pixels(_colour_index(picture, self.low, self.high), table)
+        numbers = []
         for lesion, box in self.boxes.items():
             mask = (self.labels[box] == lesion).any(axis=1)
-            _contour_box(axes[0], mask, (box[0].start, box[2].start), self.colours.get(lesion, PREDICTED_COLOUR), 1.3)
-            self._label_text(axes[0], lesion, box[2].stop - 0.2, box[0].stop - 0.2)
-        hot = axes[1].imshow(heat_mip, cmap="inferno", vmin=0.0, vmax=self.heat_high, origin="lower", aspect=aspect,
-                             interpolation="nearest")
+            colour = self._colour(lesion)
+            _outline(shown, view.window(mask, (box[0].start, box[2].start)), colour, self.line)
+            numbers.append((str(lesion), view.x(box[2].stop) + 1, view.y(box[0].stop) - 1, colour, 9))
+        hot = view.pixels(_colour_index(heat_mip, 0.0, self.heat_high), inferno_rgb())
         heat_title = "heat-map MIP" + ("" if self.cut_off is None else f"; cut-off {self.cut_off:.3g} (bar's line)")
-        for ax, text in zip(axes, (title, heat_title)):
-            ax.set_xlim(-0.5, picture.shape[1] - 0.5)  # an outline at the edge must not widen the view
-            ax.set_ylim(-0.5, picture.shape[0] - 0.5)
-            ax.set_title(text, fontsize=7.5, pad=3)
-            _markers(ax, "S", "I")
-        self._colour_bar(fig, caxes[0], shown, self.image_units or "image")
-        self._colour_bar(fig, caxes[1], hot, self.heat_units or "heat", self.cut_off)
-        return _png_bytes(fig, self.dpi)
+        panels = [_Panel(shown, title, ("S", "I", "R", "L"), numbers,
+                         _Bar(table, self.low, self.high, self.image_units or "image")),
+                  _Panel(hot, heat_title, ("S", "I", "R", "L"),
+                         bar=_Bar(inferno_rgb(), 0.0, self.heat_high, self.heat_units or "heat", self.cut_off))]
+        return _compose(panels, max(h, round(min_height * self.dpi)), self.dpi, 8.5)
 
     # -- key images -------------------------------------------------------------------------------
     def hottest(self, lesion: int, values: str = "image") -> tuple[int, int, int]:
@@ -310,8 +585,9 @@ class CaseFigures:
     def key_image(self, lesion: int, at: tuple[int, int, int] | None = None, height: float = 2.5,
                   width: float = 3.4) -> bytes:
         """PNG: the axial slice through ``at`` (display index; None: the candidate's hottest image voxel), whole
-        and zoomed to :attr:`zoom_mm` around the candidate, every candidate in the slice outlined in its colour with
-        its id (this one thicker); anterior up, patient right on the image's left; the image's colour bar."""
+        (fitting in ``width`` x ``height`` inches) and zoomed to :attr:`zoom_mm` around the candidate (``height``
+        inches square), every candidate in the slice outlined in its colour with its id (this one thicker, its id
+        bigger); anterior up, patient right on the image's left; the image's colour bar."""
         o, zoom_mm = self.orientation, self.zoom_mm
         s = (at if at is not None else self.hottest(lesion))[0]
         plane = self.image[s]
@@ -322,32 +598,33 @@ class CaseFigures:
         centre = ((box[1].start + inside[0].min() + box[1].start + inside[0].max()) / 2,
                   (box[2].start + inside[1].min() + box[2].start + inside[1].max()) / 2)
         half = (zoom_mm / 2 / o.spacing[1], zoom_mm / 2 / o.spacing[2])
-        aspect = o.spacing[1] / o.spacing[2]
-        whole, _ = _fit(plane.shape[0] * o.spacing[1], plane.shape[1] * o.spacing[2], height, width)
-        fig, axes, caxes = _panels([whole, height], height, [False, True], self.dpi)  # a flat slice is letterboxed
-        for n, ax in enumerate(axes):
-            shown = ax.imshow(plane, cmap=self.cmap, vmin=self.low, vmax=self.high, aspect=aspect,
-                              interpolation="nearest")
-            for other, obox in self.boxes.items():
-                if not obox[0].start <= s < obox[0].stop:
-                    continue
+        w, h = _fit_pixels(plane.shape[0] * o.spacing[1], plane.shape[1] * o.spacing[2], height, width, self.dpi)
+        side = round(height * self.dpi)
+        views = (_View(plane.shape, (h, w), (0, plane.shape[0]), (0, plane.shape[1])),
+                 _View(plane.shape, (side, side), (centre[0] + 0.5 - half[0], centre[0] + 0.5 + half[0]),
+                       (centre[1] + 0.5 - half[1], centre[1] + 0.5 + half[1])))
+        crossing = []
+        for other, obox in self.boxes.items():
+            if obox[0].start <= s < obox[0].stop:
                 mask = self.labels[s, obox[1], obox[2]] == other
-                if not mask.any():
-                    continue
-                colour = self.colours.get(other, PREDICTED_COLOUR)
-                _contour_box(ax, mask, (obox[1].start, obox[2].start), colour, 1.8 if other == lesion else 1.0)
+                if mask.any():
+                    crossing.append((other, obox, mask))
+        crossing.sort(key=lambda item: item[0] == lesion)  # this candidate last: on top
+        index, table = _colour_index(plane, self.low, self.high), _colour_table(self.cmap)
+        panels = []
+        for view, title in zip(views, ("axial", f"{zoom_mm:g} mm around candidate {lesion}")):
+            shown, numbers = view.pixels(index, table), []
+            for other, obox, mask in crossing:
+                own, colour = other == lesion, self._colour(other)
+                _outline(shown, view.window(mask, (obox[1].start, obox[2].start)), colour,
+                         2 * self.line if own else self.line)
                 rows, cols = np.nonzero(mask)
-                self._label_text(ax, other, obox[2].start + cols.max() + 0.6, obox[1].start + rows.min() - 0.6,
-                                 size=10 if other == lesion else 8)
-            _markers(ax, "A", "P")
-        axes[0].set_xlim(-0.5, plane.shape[1] - 0.5)  # an outline at the edge must not widen the view
-        axes[0].set_ylim(plane.shape[0] - 0.5, -0.5)
-        axes[0].set_title("axial", fontsize=8, pad=3)
-        axes[1].set_xlim(centre[1] - half[1], centre[1] + half[1])
-        axes[1].set_ylim(centre[0] + half[0], centre[0] - half[0])
-        axes[1].set_title(f"{zoom_mm:g} mm around candidate {lesion}", fontsize=8, pad=3)
-        self._colour_bar(fig, caxes[1], shown, self.image_units or "image")
-        return _png_bytes(fig, self.dpi)
+                x, y = view.x(obox[2].start + cols.max() + 1) + 2, view.y(obox[1].start + rows.min()) - 2
+                if own or (0 <= x < view.width and 0 <= y < view.height):
+                    numbers.append((str(other), x, y, colour, 10 if own else 8))
+            panels.append(_Panel(shown, title, ("A", "P", "R", "L"), numbers))
+        panels[1].bar = _Bar(table, self.low, self.high, self.image_units or "image")
+        return _compose(panels, side, self.dpi, 9)
 
 
 def key_slices(labels: np.ndarray, truth: np.ndarray | None = None, count: int = 4) -> list[int]:

@@ -69,6 +69,7 @@ table.lesions { font-size: 0.8em; } table.lesions th { vertical-align: bottom; }
 figure { margin: 0.8em 0; break-inside: avoid; page-break-inside: avoid; }
 figure img { max-width: 100%; display: block; } figcaption { font-size: 0.9em; margin-top: 0.2em; }
 figure.key { display: flex; align-items: center; gap: 0.8em; } figure.key img { max-width: 72%; }
+figure.mip img { max-height: 28em; } figure.key img { max-height: 17em; }
 dl.definitions dt { font-weight: 600; margin-top: 0.3em; } dl.definitions dd { margin-left: 1.5em; }
 .small { color: #555; font-size: 0.85em; }
 @page { size: A4; margin: 12mm; }

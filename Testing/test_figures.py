@@ -4,6 +4,8 @@ RAS-, LPS- and permuted-stored copies of one case, colour-blind-safe lesion colo
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +13,8 @@ from PIL import Image
 
 from conftest import REAL_CT, needs_real_ct
 from DiffusionAnomalyLib.export import LESION_PALETTE, lesion_colors
-from DiffusionAnomalyLib.figures import (OKABE_ITO, PREDICTED_COLOUR, TRUTH_COLOUR, CaseFigures, display_orientation,
-                                         overview_png)
+from DiffusionAnomalyLib.figures import (OKABE_ITO, PREDICTED_COLOUR, TRUTH_COLOUR, CaseFigures, _nice_ticks,
+                                         _outline, _tick_text, _View, display_orientation, inferno_rgb, overview_png)
 from DiffusionAnomalyLib.volume import Volume
 
 
@@ -162,6 +164,74 @@ def test_each_candidate_is_drawn_in_its_segment_colour_with_a_colour_bar(case):
     assert (np.abs(mip - cut).max(axis=-1) <= 12).sum() > 5
     with pytest.raises(ValueError, match="does not cross"):
         figs.key_image(1, at=(0, 0, 0))
+
+
+def test_the_report_figures_need_no_matplotlib():
+    """The report is rewritten at every threshold change: its figures must not pay matplotlib's import."""
+    code = """
+import sys
+import numpy as np
+from DiffusionAnomalyLib.figures import CaseFigures
+from DiffusionAnomalyLib.volume import Volume
+m = np.diag([-2.0, -2.0, 3.0, 1.0])
+image = np.zeros((20, 30, 30), np.float32)
+image[8:12, 10:14, 12:16] = 5.0
+labels = (image > 0).astype(np.int32)
+figures = CaseFigures(Volume(image, m), Volume(image * 0.5, m), labels, {1: (0.0, 0.45, 0.7)}, cut_off=1.0,
+                      image_units="SUVbw", heat_units="heat")
+assert figures.coronal().startswith(b"\\x89PNG") and figures.key_image(1).startswith(b"\\x89PNG")
+print(sorted(name for name in sys.modules if name.split(".")[0] == "matplotlib"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_inferno_table_is_matplotlibs():
+    matplotlib = pytest.importorskip("matplotlib")
+    table = inferno_rgb()
+    assert table.shape == (256, 3) and table.dtype == np.uint8 and not table.flags.writeable
+    assert np.array_equal(table, matplotlib.colormaps["inferno"](np.linspace(0, 1, 256), bytes=True)[:, :3])
+
+
+@pytest.mark.parametrize("low, high", [(0.0, 1.0), (0.0, 3.87), (0.0, 9.6), (-160.0, 240.0), (0.0, 37.83),
+                                       (0.0, 0.0123), (2.0, 2.5), (0.0, 25000.0), (-1.0, 1.0), (0.3, 0.31)])
+def test_colour_bar_ticks_are_nice_values_inside_the_bar(low, high):
+    ticks, decimals = _nice_ticks(low, high)
+    assert 2 <= len(ticks) <= 8
+    assert all(low <= t <= high for t in ticks)
+    steps = np.diff(ticks)
+    assert np.allclose(steps, steps[0], rtol=1e-9)
+    mantissa = steps[0] / 10.0 ** np.floor(np.log10(steps[0]))
+    assert any(np.isclose(mantissa, m) for m in (1.0, 2.0, 2.5, 5.0)), steps[0]
+    assert all(np.isclose(t / steps[0], round(t / steps[0])) for t in ticks)  # multiples of the step
+    texts = [_tick_text(t, decimals) for t in ticks]
+    assert len(set(texts)) == len(texts) and all(np.isclose(float(x), t) for x, t in zip(texts, ticks))
+    assert "-0" not in texts and "-0.0" not in texts
+
+
+def test_outlines_follow_the_voxel_edges():
+    """A 3 x 3 voxel candidate shown at 5 pixels a voxel: a 2-pixel line straddling its edges (pixels 15 and 30),
+    one dark pixel on each side, nothing else painted."""
+    mask = np.zeros((10, 10), bool)
+    mask[3:6, 3:6] = True
+    view = _View(mask.shape, (50, 50), (0, 10), (0, 10))
+    canvas = view.pixels(np.zeros(mask.shape, np.uint8), np.full((256, 3), 200, np.uint8))
+    _outline(canvas, view.window(mask, (0, 0)), (0, 114, 178), 1)
+    coloured = (canvas == (0, 114, 178)).all(axis=-1)
+    dark = (canvas == (26, 26, 26)).all(axis=-1)
+    square = np.zeros((50, 50), bool)
+    square[15:30, 15:30] = True
+
+    def ring(outside: int, inside: int) -> np.ndarray:
+        grown, shrunk = np.zeros_like(square), np.zeros_like(square)
+        grown[15 - outside:30 + outside, 15 - outside:30 + outside] = True
+        shrunk[15 + inside:30 - inside, 15 + inside:30 - inside] = True
+        return grown & ~shrunk
+
+    assert np.array_equal(coloured, ring(1, 1))
+    assert np.array_equal(dark, ring(2, 2) & ~ring(1, 1))
+    assert ((canvas == 200).all(axis=-1) | coloured | dark).all()
 
 
 @needs_real_ct

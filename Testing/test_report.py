@@ -249,7 +249,7 @@ def demo_sized(tiny_card):
 
 def test_the_demo_sized_report_is_fast(demo_sized):
     assert 3 <= len(demo_sized.table) <= 5
-    report_html(demo_sized)  # the first draws load matplotlib
+    report_html(demo_sized)  # the first draws load Pillow and its font
     seconds = min(_timed(lambda: report_html(demo_sized)) for _ in range(2))
     assert seconds < 1.0, f"report_html took {seconds:.2f} s"
 

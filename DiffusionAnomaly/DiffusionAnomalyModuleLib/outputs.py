@@ -113,7 +113,8 @@ def heatColorNode(scene):
     """Slicer's built-in Inferno colour table.
 
     Only where it does not exist (the MRML library without a Slicer application, which loads no
-    colour files) an equal table is built from matplotlib's inferno, the source of Slicer's.
+    colour files) an equal table is built from matplotlib's inferno, the source of Slicer's, as the
+    report's figures draw it (:func:`DiffusionAnomalyLib.figures.inferno_rgb`, 8 bits a channel).
     """
     node = scene.GetNodeByID(INFERNO_NODE_ID)
     if node is not None:
@@ -122,13 +123,13 @@ def heatColorNode(scene):
         node = scene.GetNthNodeByClass(n, "vtkMRMLColorTableNode")
         if node.GetName() == INFERNO_NAME:
             return node
-    from matplotlib import colormaps  # only this fallback needs it; a Slicer application never gets here
+    from DiffusionAnomalyLib.figures import inferno_rgb  # only this fallback needs it
 
     node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", INFERNO_NAME)
     node.SetTypeToUser()
     node.SetNumberOfColors(256)
-    for n, (r, g, b, a) in enumerate(colormaps["inferno"](np.linspace(0.0, 1.0, 256))):
-        node.SetColor(n, "", float(r), float(g), float(b), float(a))
+    for n, (r, g, b) in enumerate(inferno_rgb() / 255.0):
+        node.SetColor(n, "", float(r), float(g), float(b), 1.0)
     return node
 
 
