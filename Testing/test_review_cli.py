@@ -243,13 +243,14 @@ def test_rethreshold_mtv_rule(result, capsys, no_network):
     assert [float(r["mtv_ml"]) for r in rows] == pytest.approx([r["mtv_ml"] for r in table], rel=1e-3, abs=1e-3)
 
 
-def test_rethreshold_never_imports_torch(result):
+def test_rethreshold_never_imports_torch_or_matplotlib(result):
     """rethreshold works on the heat map alone: it imports neither torch nor MONAI (their seconds of start-up would
-    be most of its time). In a fresh interpreter, since this one has torch."""
+    be most of its time), nor matplotlib (the report's figures are drawn with Pillow: its import alone took a
+    quarter of the re-threshold's second). In a fresh interpreter, since this one has them."""
     code = ("import sys\n"
             "from DiffusionAnomalyLib import cli\n"
             f"assert cli.main(['rethreshold', '--result', {str(result)!r}, '--threshold-absolute', '8']) == 0\n"
-            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
+            "print(sorted(m for m in ('torch', 'monai', 'matplotlib') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
