@@ -61,7 +61,7 @@ _MTV_REGION = (f"connected (26 neighbours) to the candidate's SUVmax voxel, with
                "candidate and nearer to it than to any other candidate")
 #: The MTV rules by key (``--mtv-rule``): each one sentence saying which voxels make the metabolic tumour volume.
 MTV_RULES: dict[str, str] = {
-    "41pct": f"Voxels at or above 41 % of the candidate's SUVmax, {_MTV_REGION}.",
+    "41pct": f"Voxels at or above 41 % of the candidate's SUVmax, {_MTV_REGION}; none when the SUVmax is 0 or less.",
     "suv2.5": f"Voxels at or above SUV 2.5, {_MTV_REGION}.",
 }
 _MTV_FRACTION = 0.41
@@ -307,9 +307,14 @@ def _metabolic_volumes(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, b
     candidate, from two ``distance_transform_edt``). Distances use the grid's spacing along its axes (exact
     for any rotation; a sheared grid is measured as if orthogonal, as :func:`.roi.dilate_mm` does). Each
     candidate is measured in its box grown by twice the margin, which holds every candidate nearer than the
-    margin to any voxel within the margin of it.
+    margin to any voxel within the margin of it. Only the part of that box around the seed's connected region at or
+    above the cut (grown by the margin) is transformed: the MTV lies inside that region, and the candidate and
+    neighbour voxels nearest to any voxel of it within the margin lie inside the grown part, so the distances that
+    decide are the same (a candidate filling the body below a low cut costs its hot spot, not the body). A
+    candidate whose SUVmax is 0 or less has no metabolic volume.
     """
-    pad = np.ceil(2.0 * MTV_MARGIN_MM / spacing_kji).astype(int) + 1
+    margin = np.ceil(MTV_MARGIN_MM / spacing_kji).astype(int) + 1
+    pad = 2 * margin
     structure = ndi.generate_binary_structure(3, 3)
     out = []
     for lab, box in zip(ids, boxes):
@@ -318,15 +323,19 @@ def _metabolic_volumes(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, b
         mine = lab_crop == lab
         seed = np.unravel_index(np.argmax(np.where(mine, img, -np.inf)), img.shape)  # first SUVmax voxel
         cut = _MTV_FRACTION * img[seed] if rule == "41pct" else _MTV_SUV
+        if img[seed] <= 0 or img[seed] < cut:  # no uptake, or the SUVmax voxel below the rule's cut (SUVmax < 2.5)
+            out.append((0, 0.0))
+            continue
+        above, _ = ndi.label(img >= cut, structure)
+        part = _grown(bounding_box(above == above[seed]), margin, img.shape)
+        lab_crop, img, mine = lab_crop[part], img[part], mine[part]
+        seed = tuple(int(v) - s.start for v, s in zip(seed, part))
         distance = ndi.distance_transform_edt(~mine, sampling=spacing_kji)
         region = distance <= MTV_MARGIN_MM * (1.0 + _TIE)
         others = (lab_crop > 0) & ~mine
         if others.any():  # strictly nearer: a voxel as near to another candidate (within rounding) is neither's
             region &= distance < ndi.distance_transform_edt(~others, sampling=spacing_kji) * (1.0 - _TIE)
         components, _ = ndi.label(region & (img >= cut), structure)
-        if components[seed] == 0:  # the SUVmax voxel itself is below the rule's cut (SUVmax < 2.5, or <= 0)
-            out.append((0, 0.0))
-            continue
         volume = components == components[seed]
         out.append((int(volume.sum()), float(img[volume].sum())))
     return out

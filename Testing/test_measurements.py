@@ -295,6 +295,10 @@ def test_empty_mtv_when_the_suvmax_voxel_is_below_the_cut():
     negative = image.with_voxels(-img, modality=None, units=None)
     (row,) = lesion_table(labels, negative, flat_heat(negative))
     assert row["mtv_ml"] == 0.0 and row["tlg"] == 0.0
+    # no uptake at all (a candidate in the air around the body): 41 % of 0 would take every voxel within the margin
+    air = image.with_voxels(np.zeros_like(img))
+    (row,) = lesion_table(labels, air, flat_heat(image))
+    assert row["mtv_ml"] == 0.0 and row["tlg"] == 0.0 and row["suv_max"] == 0.0
 
 
 def test_random_tables_match_brute_force_on_oblique_grids():
