@@ -354,7 +354,9 @@ def _outline(canvas: np.ndarray, window: tuple[np.ndarray, int, int] | None, col
 def _rgb(colour: Sequence[float] | str) -> tuple[int, int, int]:
     """8-bit RGB of a colour given as 0..1 floats or as "#rrggbb"."""
     if isinstance(colour, str):
-        return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        from PIL import ImageColor
+
+        return ImageColor.getrgb(colour)[:3]
     return tuple(int(round(float(c) * 255)) for c in colour[:3])
 
 
